@@ -1,0 +1,40 @@
+# The single entry point. `make demo` and `make test` set the host up themselves (as root), so they are
+# the two commands a newcomer and CI run on a fresh Debian 12 machine.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PACKAGES := shadowplane agentd controller shadowctl
+
+.PHONY: setup demo test lint typecheck proto proto-check unit bench lock clean
+
+setup:
+	@bash scripts/setup-host.sh
+
+demo: setup
+	$(PY) -m shadowctl.cli demo
+
+test: setup lint typecheck proto-check
+	$(PY) -m pytest -q -ra tests
+
+lint:
+	$(VENV)/bin/ruff check $(PACKAGES) tests bench
+	$(VENV)/bin/ruff format --check $(PACKAGES) tests bench
+
+typecheck:
+	$(VENV)/bin/mypy
+
+proto:
+	@bash scripts/gen-proto.sh
+
+proto-check:
+	@bash scripts/gen-proto.sh --check
+
+bench: setup
+	$(PY) bench/agent_overhead.py
+
+# Re-pins every Python dependency to what is installed now (run after changing pyproject.toml).
+lock:
+	$(VENV)/bin/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

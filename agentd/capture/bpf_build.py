@@ -1,0 +1,75 @@
+"""Child process that compiles and attaches the capture program, then hands its descriptors to the agent.
+
+Run as `python -m agentd.capture.bpf_build SOCKET_FD JSON_OPTIONS`. It sends one message on the socket: a
+JSON manifest and, as SCM_RIGHTS, the descriptors of every map, program and attachment, then exits without
+running bcc's exit handlers (which would detach what the agent now holds).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import sys
+import traceback
+from importlib import resources
+from typing import Any
+
+MAPS = ("cgroup_slots", "generation", "sys_stats", "io_stats", "tcp_stats", "misses")
+
+
+def build(options: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    from bcc import BPF
+    from bcc.syscall import syscalls
+    from bcc.table import PerCpuArray, PerCpuHash
+
+    text = resources.files("agentd.capture").joinpath("bpf_program.c").read_text()
+    b = BPF(text=text, cflags=list(options["cflags"]))
+    manifest: dict[str, Any] = {
+        "maps": [],
+        "programs": [],
+        "attachments": 0,
+        "syscalls": {int(nr): name.decode() for nr, name in syscalls.items()},
+    }
+    fds: list[int] = []
+    for name in MAPS:
+        t = b[name]
+        percpu = isinstance(t, PerCpuArray | PerCpuHash)
+        leaf = t.sLeaf if percpu else t.Leaf
+        manifest["maps"].append(
+            {
+                "name": name,
+                "key_size": ctypes.sizeof(t.Key),
+                "value_size": ctypes.sizeof(leaf),
+                "percpu": percpu,
+            }
+        )
+        fds.append(t.map_fd)
+    for name, fn in b.funcs.items():
+        manifest["programs"].append(name.decode() if isinstance(name, bytes) else str(name))
+        fds.append(fn.fd)
+    attach = list(b.tracepoint_fds.values()) + list(b.raw_tracepoint_fds.values())
+    manifest["attachments"] = len(attach)
+    fds.extend(attach)
+    return manifest, fds
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    try:
+        manifest, fds = build(json.loads(sys.argv[2]))
+    except Exception as e:  # everything goes back to the agent as text; it decides what to log
+        msg = json.dumps({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]})
+        sock.sendall(msg.encode())
+        sys.stderr.flush()
+        os._exit(1)
+    socket.send_fds(sock, [json.dumps(manifest).encode()], fds)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # No atexit: bcc's cleanup would detach the tracepoints the agent now owns.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

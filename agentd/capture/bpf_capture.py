@@ -1,0 +1,269 @@
+"""The capture program's life in the agent: build it in a child, hold its descriptors, read its counters.
+
+`unavailable_reason()` says, in one sentence an operator can act on, why BPF capture cannot run here; the
+agent then runs on cgroup files alone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agentd.capture.bpf_syscall import BpfMap, possible_cpus, recursion_misses
+from agentd.capture.kernel_counters import (
+    LAT_BUCKETS,
+    NR_SYSCALLS,
+    BlockCounters,
+    KernelCounters,
+    SyscallCounters,
+    TcpCounters,
+)
+
+log = logging.getLogger(__name__)
+
+TRACEFS = Path("/sys/kernel/tracing")
+MISS_REASONS = ("task_storage_full", "block_inflight_table_full", "tcp_socket_table_full")
+
+
+class BpfLoadError(RuntimeError):
+    pass
+
+
+def unavailable_reason() -> str | None:
+    """Why BPF capture cannot run on this host (with the fix), or None when it can."""
+    if os.geteuid() != 0:
+        return (
+            "not running as root: BPF capture needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE); "
+            "run the agent as root or through its systemd unit"
+        )
+    if importlib.util.find_spec("bcc") is None:
+        return (
+            "the bcc Python module is not importable: apt-get install python3-bpfcc and run from a "
+            "venv that links Debian's bcc (make setup builds one)"
+        )
+    if not (TRACEFS / "events").is_dir():
+        return f"tracefs is not mounted at {TRACEFS}: mount -t tracefs tracefs {TRACEFS}"
+    kdir = Path("/lib/modules") / platform.release()
+    if not (kdir / "build" / "include").exists() and not Path("/sys/kernel/kheaders.tar.xz").exists():
+        return (
+            f"no kernel headers for {platform.release()} at {kdir}/build: "
+            "apt-get install linux-headers-amd64 "
+            "and link it there (scripts/setup-host.sh does both)"
+        )
+    if not Path("/sys/fs/cgroup/unified").is_dir() and not Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        return (
+            "no cgroup v2 hierarchy: BPF attributes events by cgroup v2 id; boot with the unified or hybrid "
+            "cgroup layout (systemd's default)"
+        )
+    return None
+
+
+def _tracepoint_exists(category: str, event: str) -> bool:
+    return (TRACEFS / "events" / category / event).is_dir()
+
+
+def _tracepoint_format(category: str, event: str) -> str:
+    try:
+        return (TRACEFS / "events" / category / event / "format").read_text()
+    except OSError:
+        return ""
+
+
+def program_cflags(max_slots: int, sample_every: int) -> list[str]:
+    """Compile-time settings, including which optional tracepoints this kernel has."""
+    cflags = [f"-DMAX_SLOTS={max_slots}", f"-DSAMPLE_EVERY={sample_every}"]
+    if _tracepoint_exists("sock", "sock_send_length") and _tracepoint_exists("sock", "sock_recv_length"):
+        cflags.append("-DHAVE_SOCK_LENGTH")
+    if _tracepoint_exists("block", "block_io_start"):
+        cflags.append("-DHAVE_BLOCK_IO_START")
+    if _tracepoint_exists("tcp", "tcp_destroy_sock"):
+        cflags.append("-DHAVE_TCP_DESTROY_SOCK")
+    headers_have_enum = (
+        Path("/lib/modules") / platform.release() / "source/include/net/rst_reason.h"
+    ).exists()
+    if "enum sk_rst_reason" in _tracepoint_format("tcp", "tcp_send_reset") and not headers_have_enum:
+        cflags.append("-DDECLARE_SK_RST_REASON")
+    return cflags
+
+
+@dataclass(frozen=True)
+class SlotAssignment:
+    workload: str
+    slot: int
+    cgroup_ids: tuple[int, ...]
+
+
+def _u64(v: int) -> bytes:
+    return int(v).to_bytes(8, "little")
+
+
+def _u32(v: int) -> bytes:
+    return int(v).to_bytes(4, "little")
+
+
+class BpfCapture:
+    """The loaded capture program. Not thread-safe: one reader, the agent's loop."""
+
+    def __init__(self, max_slots: int = 64, syscall_latency_sample_every: int = 8) -> None:
+        self.max_slots = max_slots
+        self.sample_every = syscall_latency_sample_every
+        self._ncpu = possible_cpus()
+        self._maps: dict[str, BpfMap] = {}
+        self._programs: dict[str, int] = {}
+        self._attachments: list[int] = []
+        self._assignments: dict[str, SlotAssignment] = {}
+        self.syscall_names: dict[int, str] = {}
+        self._load(program_cflags(max_slots, syscall_latency_sample_every))
+
+    def _load(self, cflags: list[str]) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with parent:
+            try:
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "agentd.capture.bpf_build",
+                        str(child.fileno()),
+                        json.dumps({"cflags": cflags}),
+                    ],
+                    pass_fds=[child.fileno()],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+            finally:
+                child.close()
+            msg, fds, _flags, _addr = socket.recv_fds(parent, 1 << 20, 1024)
+            _, stderr = proc.communicate(timeout=120)
+        reply: dict[str, Any] = json.loads(msg.decode() or "{}")
+        if proc.returncode != 0 or "error" in reply:
+            for fd in fds:
+                os.close(fd)
+            detail = reply.get("error") or "no reply"
+            compiler = stderr.decode(errors="replace").strip().splitlines()[-8:]
+            raise BpfLoadError(f"building the capture program failed: {detail}\n" + "\n".join(compiler))
+        it = iter(fds)
+        for m in reply["maps"]:
+            self._maps[m["name"]] = BpfMap(m["name"], next(it), m["key_size"], m["value_size"], m["percpu"])
+        for name in reply["programs"]:
+            self._programs[name] = next(it)
+        self._attachments = list(it)
+        self.syscall_names = {int(k): v for k, v in reply.get("syscalls", {}).items()}
+
+    # ---- workload -> slot mapping ----
+
+    def assign(self, workloads: dict[str, tuple[int, ...]]) -> dict[str, SlotAssignment]:
+        """Map each workload to a slot and its cgroup ids (the workload's v2 directory and descendants).
+
+        A workload keeps its slot while it exists, so its cumulative counters stay continuous; a freed slot is
+        zeroed before reuse.
+        """
+        if len(workloads) > self.max_slots:
+            raise ValueError(
+                f"{len(workloads)} workloads but capture.max_workloads is {self.max_slots}: raise it"
+            )
+        kept = {n: a for n, a in self._assignments.items() if n in workloads}
+        used = {a.slot for a in kept.values()}
+        free = (s for s in range(self.max_slots) if s not in used)
+        result: dict[str, SlotAssignment] = {}
+        for name, ids in workloads.items():
+            if name in kept:
+                slot = kept[name].slot
+            else:
+                slot = next(free)
+                self._zero_slot(slot)
+            result[name] = SlotAssignment(name, slot, ids)
+        if result != self._assignments:
+            self._write_cgroup_map(result)
+        self._assignments = result
+        return result
+
+    def _zero_slot(self, slot: int) -> None:
+        for name in ("sys_stats", "io_stats", "tcp_stats"):
+            m = self._maps[name]
+            m.update(_u32(slot), b"")
+
+    def _write_cgroup_map(self, assignments: dict[str, SlotAssignment]) -> None:
+        table = self._maps["cgroup_slots"]
+        want = {cg: a.slot for a in assignments.values() for cg in a.cgroup_ids}
+        for key in list(table.keys()):
+            if int.from_bytes(key, "little") not in want:
+                table.delete(key)
+        for cg, slot in want.items():
+            table.update(_u64(cg), _u32(slot))
+        # Tasks cache their slot; a new generation makes them look it up again.
+        gen_map = self._maps["generation"]
+        gen = int.from_bytes(gen_map.lookup(_u32(0)) or b"\0" * 4, "little")
+        gen_map.update(_u32(0), _u32(gen + 1))
+
+    # ---- reading ----
+
+    def _slot_u64s(self, name: str, slot: int) -> np.ndarray[Any, np.dtype[np.uint64]]:
+        raw = self._maps[name].lookup(_u32(slot))
+        if raw is None:
+            raise BpfLoadError(f"map {name} has no slot {slot}")
+        arr = np.frombuffer(raw, dtype=np.uint64).reshape(self._ncpu, -1)
+        total: np.ndarray[Any, np.dtype[np.uint64]] = arr.sum(axis=0, dtype=np.uint64)
+        return total
+
+    def read(self, slot: int) -> KernelCounters:
+        """Cumulative counters of one slot, summed over CPUs."""
+        sys_ = self._slot_u64s("sys_stats", slot)
+        io = self._slot_u64s("io_stats", slot)
+        tcp = self._slot_u64s("tcp_stats", slot)
+        lb = LAT_BUCKETS
+        return KernelCounters(
+            syscalls=SyscallCounters(
+                by_nr=sys_[:NR_SYSCALLS].tolist(), latency_ns=sys_[NR_SYSCALLS : NR_SYSCALLS + lb].tolist()
+            ),
+            block=BlockCounters(
+                read_ops=int(io[0]),
+                write_ops=int(io[1]),
+                read_bytes=int(io[2]),
+                write_bytes=int(io[3]),
+                discard_ops=int(io[4]),
+                discard_bytes=int(io[5]),
+                latency_us=io[6 : 6 + lb].tolist(),
+            ),
+            tcp=TcpCounters(
+                state=tcp[:16].tolist(),
+                srtt_us=tcp[16 : 16 + lb].tolist(),
+                retransmits=int(tcp[16 + lb]),
+                resets_sent=int(tcp[17 + lb]),
+                resets_received=int(tcp[18 + lb]),
+            ),
+        )
+
+    def dropped_events(self) -> dict[str, int]:
+        """Cumulative count of events the capture could not account, by reason."""
+        misses = self._maps["misses"]
+        out: dict[str, int] = {}
+        for i, reason in enumerate(MISS_REASONS):
+            raw = misses.lookup(_u32(i)) or b""
+            out[reason] = int(np.frombuffer(raw, dtype=np.uint64).sum()) if raw else 0
+        for name, fd in self._programs.items():
+            n = recursion_misses(fd)
+            if n:
+                out[f"program_skipped:{name}"] = n
+        return out
+
+    def close(self) -> None:
+        """Detach everything: closing the last descriptor of an attachment detaches it."""
+        for fd in self._attachments:
+            os.close(fd)
+        for fd in self._programs.values():
+            os.close(fd)
+        for m in self._maps.values():
+            m.close()
+        self._attachments, self._programs, self._maps = [], {}, {}

@@ -1,0 +1,326 @@
+// Shadowplane workload capture: kernel-side aggregation per workload cgroup, tracepoints only.
+//
+// User space maps each workload cgroup (by its cgroup v2 id, the inode of its directory in the unified
+// hierarchy) to a small slot number; every counter and log2 histogram lives in per-CPU arrays indexed by
+// slot, so the hot path is array lookups, never a per-event message to user space. User space reads the
+// cumulative values once per interval and ships deltas.
+//
+// Build-time constants (passed as -D by the loader): MAX_SLOTS, SAMPLE_EVERY, and HAVE_SOCK_LENGTH /
+// HAVE_BLOCK_IO_START / HAVE_TCP_DESTROY_SOCK for tracepoints that only newer kernels have.
+
+#include <uapi/linux/ptrace.h>
+
+#ifdef DECLARE_SK_RST_REASON
+// tcp:tcp_send_reset carries this enum on kernels newer than the headers bcc compiles against.
+enum sk_rst_reason { SK_RST_REASON_UNKNOWN_TO_HEADERS = 0 };
+#endif
+
+#define NR_SYSCALLS 512      // syscall numbers >= this are counted in the last entry
+#define LAT_BUCKETS 32
+#define NO_SLOT 0xffffffff
+
+// Why an event could not be accounted. Exported as dropped_events by reason.
+enum miss_reason {
+    MISS_TASK_STORAGE = 0,     // could not attach per-task state (allocation failed)
+    MISS_BLOCK_INFLIGHT = 1,   // in-flight block request table full: request not timed
+    MISS_TCP_SOCK_TABLE = 2,   // socket ownership table full: socket events not attributed
+    MISS_REASONS = 3,
+};
+
+struct sys_slot {
+    u64 count[NR_SYSCALLS];
+    u64 lat_ns[LAT_BUCKETS];   // log2 of nanoseconds, sampled
+};
+
+struct io_slot {
+    u64 read_ops;
+    u64 write_ops;
+    u64 read_bytes;
+    u64 write_bytes;
+    u64 discard_ops;
+    u64 discard_bytes;
+    u64 lat_us[LAT_BUCKETS];
+};
+
+struct tcp_slot {
+    u64 state[16];            // by new state (TCP_ESTABLISHED = 1 ... TCP_NEW_SYN_RECV = 12)
+    u64 srtt_us[LAT_BUCKETS];
+    u64 retransmits;
+    u64 resets_sent;
+    u64 resets_received;
+};
+
+// Per-task cache: which slot this task's cgroup maps to (valid while cgid and generation match), and the
+// entry timestamp of the syscall being timed, if any.
+struct task_cache {
+    u64 cgid;
+    u64 enter_ns;
+    u32 slot;
+    u32 gen;
+    u32 nr;
+    u32 sample_ctr;
+};
+
+BPF_HASH(cgroup_slots, u64, u32, 4096);          // cgroup v2 id -> slot (written by user space)
+BPF_ARRAY(generation, u32, 1);                   // bumped by user space when cgroup_slots changes
+BPF_TASK_STORAGE(task_state, struct task_cache);
+BPF_PERCPU_ARRAY(sys_stats, struct sys_slot, MAX_SLOTS);
+BPF_PERCPU_ARRAY(io_stats, struct io_slot, MAX_SLOTS);
+BPF_PERCPU_ARRAY(tcp_stats, struct tcp_slot, MAX_SLOTS);
+BPF_PERCPU_ARRAY(misses, u64, MISS_REASONS);
+
+static __always_inline void count_miss(u32 reason) {
+    u64 *m = misses.lookup(&reason);
+    if (m)
+        (*m)++;
+}
+
+static __always_inline u32 log2_bucket(u64 v) {
+    u32 b = bpf_log2l(v);
+    return b < LAT_BUCKETS ? b : LAT_BUCKETS - 1;
+}
+
+// Slot of the current task's cgroup, for events that are not on the syscall hot path.
+static __always_inline u32 current_slot(void) {
+    u64 cg = bpf_get_current_cgroup_id();
+    u32 *slot = cgroup_slots.lookup(&cg);
+    return slot ? *slot : NO_SLOT;
+}
+
+// ---- syscalls -----------------------------------------------------------------------------------
+
+RAW_TRACEPOINT_PROBE(sys_enter) {
+    u64 cg = bpf_get_current_cgroup_id();
+    struct task_cache *tc = task_state.task_storage_get(
+        (struct task_struct *)bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!tc) {
+        count_miss(MISS_TASK_STORAGE);
+        return 0;
+    }
+    u32 zero = 0;
+    u32 *gen = generation.lookup(&zero);
+    if (!gen)
+        return 0;
+    if (tc->cgid != cg || tc->gen != *gen) {
+        u32 *slot = cgroup_slots.lookup(&cg);
+        tc->cgid = cg;
+        tc->gen = *gen;
+        tc->slot = slot ? *slot : NO_SLOT;
+    }
+    u32 slot = tc->slot;
+    if (slot >= MAX_SLOTS)
+        return 0;
+    struct sys_slot *st = sys_stats.lookup(&slot);
+    if (!st)
+        return 0;
+    u32 nr = ctx->args[1];
+    if (nr >= NR_SYSCALLS)
+        nr = NR_SYSCALLS - 1;
+    st->count[nr & (NR_SYSCALLS - 1)]++;
+    // Reading the clock twice costs more than everything else here, so latency is timed on one call in
+    // SAMPLE_EVERY per thread; the counts above stay exact.
+    if (++tc->sample_ctr >= SAMPLE_EVERY) {
+        tc->sample_ctr = 0;
+        tc->enter_ns = bpf_ktime_get_ns();
+    }
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sys_exit) {
+    struct task_cache *tc = task_state.task_storage_get(
+        (struct task_struct *)bpf_get_current_task_btf(), 0, 0);
+    if (!tc || !tc->enter_ns)
+        return 0;
+    u64 delta = bpf_ktime_get_ns() - tc->enter_ns;
+    tc->enter_ns = 0;
+    u32 slot = tc->slot;
+    if (slot >= MAX_SLOTS)
+        return 0;
+    struct sys_slot *st = sys_stats.lookup(&slot);
+    if (st)
+        st->lat_ns[log2_bucket(delta)]++;
+    return 0;
+}
+
+// ---- block I/O ------------------------------------------------------------------------------------
+// Completions run in interrupt context, so the owner is recorded when the request starts, in the
+// submitting task's context, keyed by (device, sector).
+
+struct rq_key {
+    u32 dev;
+    u32 pad;
+    u64 sector;
+};
+
+struct rq_val {
+    u64 issue_ns;
+    u32 slot;
+    u32 pad;
+};
+
+BPF_HASH(inflight, struct rq_key, struct rq_val, 16384);
+
+static __always_inline void remember_request(u32 dev, u64 sector, u32 slot) {
+    struct rq_key key = {.dev = dev, .sector = sector};
+    struct rq_val val = {.issue_ns = 0, .slot = slot};
+    if (inflight.update(&key, &val) != 0)
+        count_miss(MISS_BLOCK_INFLIGHT);
+}
+
+#ifdef HAVE_BLOCK_IO_START
+TRACEPOINT_PROBE(block, block_io_start) {
+    u32 slot = current_slot();
+    if (slot != NO_SLOT)
+        remember_request(args->dev, args->sector, slot);
+    return 0;
+}
+#endif
+
+TRACEPOINT_PROBE(block, block_rq_issue) {
+    struct rq_key key = {.dev = args->dev, .sector = args->sector};
+    struct rq_val *val = inflight.lookup(&key);
+    if (!val) {
+        // No start event (older kernel, or a request started before we attached): the issuing task is the
+        // best owner we have.
+        u32 slot = current_slot();
+        if (slot == NO_SLOT)
+            return 0;
+        remember_request(args->dev, args->sector, slot);
+        val = inflight.lookup(&key);
+        if (!val)
+            return 0;
+    }
+    val->issue_ns = bpf_ktime_get_ns();
+    return 0;
+}
+
+TRACEPOINT_PROBE(block, block_rq_complete) {
+    struct rq_key key = {.dev = args->dev, .sector = args->sector};
+    struct rq_val *val = inflight.lookup(&key);
+    if (!val)
+        return 0;
+    u64 issued = val->issue_ns;
+    u32 slot = val->slot;
+    inflight.delete(&key);
+    if (!issued || slot >= MAX_SLOTS)
+        return 0;
+    struct io_slot *io = io_stats.lookup(&slot);
+    if (!io)
+        return 0;
+    u64 bytes = (u64)args->nr_sector << 9;
+    // rwbs: an optional leading 'F' (pre-flush), then the operation: R, W, D (discard), N (none)...
+    char op = args->rwbs[0] == 'F' ? args->rwbs[1] : args->rwbs[0];
+    if (op == 'W') {
+        io->write_ops++;
+        io->write_bytes += bytes;
+    } else if (op == 'R') {
+        io->read_ops++;
+        io->read_bytes += bytes;
+    } else if (op == 'D') {
+        io->discard_ops++;
+        io->discard_bytes += bytes;
+    } else {
+        return 0;  // flushes carry no data; their latency would skew the data requests'
+    }
+    io->lat_us[log2_bucket((bpf_ktime_get_ns() - issued) / 1000)]++;
+    return 0;
+}
+
+// ---- TCP --------------------------------------------------------------------------------------------
+// Most TCP events fire in softirq context, where the current task is whoever was interrupted. A socket is
+// attributed to the cgroup of the task that last touched it from process context (connect, listen,
+// send, receive) and every later event on that socket is counted there.
+
+BPF_HASH(sock_slots, u64, u32, 65536);
+
+static __always_inline void own_socket(u64 sk) {
+    u32 slot = current_slot();
+    if (slot == NO_SLOT)
+        return;
+    u32 *have = sock_slots.lookup(&sk);
+    if (have && *have == slot)
+        return;
+    if (sock_slots.update(&sk, &slot) != 0)
+        count_miss(MISS_TCP_SOCK_TABLE);
+}
+
+static __always_inline struct tcp_slot *socket_stats(u64 sk) {
+    u32 *slot = sock_slots.lookup(&sk);
+    if (!slot)
+        return 0;
+    u32 s = *slot;
+    if (s >= MAX_SLOTS)
+        return 0;
+    return tcp_stats.lookup(&s);
+}
+
+#define IPPROTO_TCP_ 6
+#define TCP_SYN_SENT_ 2
+#define TCP_CLOSE_ 7
+#define TCP_LISTEN_ 10
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state) {
+    if (args->protocol != IPPROTO_TCP_)
+        return 0;
+    u64 sk = (u64)args->skaddr;
+    int state = args->newstate;
+    // connect() and listen() run in the owner's context.
+    if (state == TCP_SYN_SENT_ || state == TCP_LISTEN_)
+        own_socket(sk);
+    struct tcp_slot *t = socket_stats(sk);
+    if (t)
+        t->state[state & 15]++;
+    if (state == TCP_CLOSE_)
+        sock_slots.delete(&sk);
+    return 0;
+}
+
+#ifdef HAVE_SOCK_LENGTH
+TRACEPOINT_PROBE(sock, sock_send_length) {
+    if (args->protocol == IPPROTO_TCP_)
+        own_socket((u64)args->sk);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_recv_length) {
+    if (args->protocol == IPPROTO_TCP_)
+        own_socket((u64)args->sk);
+    return 0;
+}
+#endif
+
+#ifdef HAVE_TCP_DESTROY_SOCK
+TRACEPOINT_PROBE(tcp, tcp_destroy_sock) {
+    u64 sk = (u64)args->skaddr;
+    sock_slots.delete(&sk);
+    return 0;
+}
+#endif
+
+TRACEPOINT_PROBE(tcp, tcp_probe) {
+    struct tcp_slot *t = socket_stats((u64)args->skaddr);
+    if (t)
+        t->srtt_us[log2_bucket(args->srtt)]++;
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
+    struct tcp_slot *t = socket_stats((u64)args->skaddr);
+    if (t)
+        t->retransmits++;
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_send_reset) {
+    struct tcp_slot *t = socket_stats((u64)args->skaddr);
+    if (t)
+        t->resets_sent++;
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
+    struct tcp_slot *t = socket_stats((u64)args->skaddr);
+    if (t)
+        t->resets_received++;
+    return 0;
+}

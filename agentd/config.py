@@ -1,0 +1,90 @@
+"""The agent's TOML configuration (/etc/shadowplane/agentd.toml)."""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from shadowplane.config import absolute_path, at_least, between, check, host_port, load, positive
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def valid_name(v: str) -> str | None:
+    return None if NAME_RE.match(v) else f"must be 1-63 of letters, digits, '_', '.', '-', got {v!r}"
+
+
+@dataclass
+class WorkloadConfig:
+    name: str = field(metadata=check(valid_name, doc="workload name, unique on this host"))
+    cgroup: str = field(
+        metadata=check(
+            absolute_path, doc="cgroup path, the same in every hierarchy (e.g. /shadowplane.slice/web)"
+        )
+    )
+    role: Literal["primary", "shadow"] = field(
+        metadata=check(doc="primary: serves; shadow: stands by for it")
+    )
+    service: str = field(metadata=check(valid_name, doc="the service this workload belongs to"))
+
+
+@dataclass
+class CaptureConfig:
+    bpf: bool = field(default=True, metadata=check(doc="capture with eBPF; false = cgroup files only"))
+    syscall_latency_sample_every: int = field(
+        default=8,
+        metadata=check(
+            between(1, 1024), doc="time 1 syscall in N per thread (counts stay exact); 1 = time all, costlier"
+        ),
+    )
+    max_workloads: int = field(default=64, metadata=check(between(1, 1024), doc="BPF slots for workloads"))
+    create_cgroups: bool = field(
+        default=True, metadata=check(doc="create a workload's missing cgroup directories at start")
+    )
+
+
+@dataclass
+class AgentConfig:
+    controller: str = field(default="127.0.0.1:7400", metadata=check(host_port, doc="controller HOST:PORT"))
+    host: str = field(default_factory=socket.gethostname, metadata=check(valid_name, doc="this host's name"))
+    zone: str = field(default="", metadata=check(doc="availability zone of this host"))
+    interval_seconds: float = field(
+        default=10.0, metadata=check(at_least(0.1), doc="seconds between telemetry samples")
+    )
+    heartbeat_interval_seconds: float = field(
+        default=1.0, metadata=check(positive, doc="seconds between heartbeats on the controller stream")
+    )
+    backlog_max_batches: int = field(
+        default=720,
+        metadata=check(
+            positive, doc="telemetry batches kept while the controller is away; oldest dropped first"
+        ),
+    )
+    reconnect_max_seconds: float = field(
+        default=5.0, metadata=check(positive, doc="longest wait between reconnect attempts")
+    )
+    cgroup_root: Path = field(
+        default=Path("/sys/fs/cgroup"), metadata=check(doc="where cgroup hierarchies are mounted")
+    )
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    workload: list[WorkloadConfig] = field(default_factory=list, metadata=check(doc="[[workload]] tables"))
+
+    def validate(self) -> str | None:
+        names = [w.name for w in self.workload]
+        for n in names:
+            if names.count(n) > 1:
+                return f"workload: name {n!r} is used twice; workload names must be unique"
+        cgroups = [w.cgroup for w in self.workload]
+        for c in cgroups:
+            if cgroups.count(c) > 1:
+                return f"workload: cgroup {c!r} is used by two workloads"
+        if len(self.workload) > self.capture.max_workloads:
+            return f"workload: {len(self.workload)} workloads exceed capture.max_workloads"
+        return None
+
+
+def load_agent_config(path: str | Path) -> AgentConfig:
+    return load(AgentConfig, path)

@@ -1,0 +1,133 @@
+"""The agent daemon: sample every interval, stream to the controller, apply what it asks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import signal
+import uuid
+
+import psutil
+
+from agentd.capture.bpf_capture import BpfCapture, BpfLoadError, unavailable_reason
+from agentd.capture.collector import ROLES, Collector
+from agentd.cgroupfs import CgroupLayout
+from agentd.config import AgentConfig
+from agentd.link import Backlog, ControllerLink
+from shadowplane import __version__
+from shadowplane.v1 import agent_pb2 as apb
+from shadowplane.v1 import telemetry_pb2 as tpb
+
+log = logging.getLogger(__name__)
+
+
+def start_capture(cfg: AgentConfig) -> tuple[BpfCapture | None, str]:
+    """The BPF capture, or None and the reason (said once, with the fix) why the agent runs without it."""
+    if not cfg.capture.bpf:
+        return None, "disabled by configuration (capture.bpf = false)"
+    reason = unavailable_reason()
+    if reason is None:
+        try:
+            return BpfCapture(cfg.capture.max_workloads, cfg.capture.syscall_latency_sample_every), ""
+        except BpfLoadError as e:
+            reason = str(e)
+    log.warning("BPF capture unavailable, continuing with cgroup files only: %s", reason)
+    return None, reason
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.layout = CgroupLayout.detect(cfg.cgroup_root)
+        if cfg.capture.create_cgroups:
+            for w in cfg.workload:
+                for d in self.layout.ensure(w.cgroup):
+                    log.info("workload %s: created cgroup directory %s", w.name, d)
+        self.bpf, self.bpf_reason = start_capture(cfg)
+        self.collector = Collector(self.layout, cfg.workload, self.bpf)
+        self.instance_id = uuid.uuid4().hex
+        self.seq = 0
+        self.link = ControllerLink(
+            cfg.controller,
+            self.hello,
+            Backlog(cfg.backlog_max_batches),
+            heartbeat_seconds=cfg.heartbeat_interval_seconds,
+            reconnect_max_seconds=cfg.reconnect_max_seconds,
+        )
+
+    def capture_status(self) -> tpb.CaptureStatus:
+        return tpb.CaptureStatus(
+            bpf_active=self.bpf is not None,
+            bpf_unavailable_reason=self.bpf_reason,
+            dropped_events=self.bpf.dropped_events() if self.bpf else {},
+            telemetry_batches_dropped=self.link.backlog.dropped_total,
+        )
+
+    def hello(self) -> apb.Hello:
+        return apb.Hello(
+            host=self.cfg.host,
+            agent_version=__version__,
+            instance_id=self.instance_id,
+            workloads=[
+                tpb.WorkloadInfo(name=w.name, cgroup=w.cgroup, role=ROLES[w.role], service=w.service)
+                for w in self.cfg.workload
+            ],
+            capture=self.capture_status(),
+            host_info=apb.HostInfo(
+                cpu_cores=os.cpu_count() or 1,
+                memory_bytes=psutil.virtual_memory().total,
+                zone=self.cfg.zone,
+                kernel=platform.release(),
+            ),
+            interval_ms=int(self.cfg.interval_seconds * 1000),
+        )
+
+    def sample(self) -> apb.TelemetryBatch:
+        self.seq += 1
+        return apb.TelemetryBatch(
+            seq=self.seq, samples=self.collector.collect(), capture=self.capture_status()
+        )
+
+    async def run(self) -> None:
+        link_task = asyncio.create_task(self.link.run())
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.cfg.interval_seconds
+        try:
+            while True:
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
+                next_at += self.cfg.interval_seconds
+                try:
+                    self.link.submit(self.sample())
+                except Exception:  # one bad sample must not stop the agent
+                    log.exception("sampling failed")
+        finally:
+            link_task.cancel()
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.close()
+
+
+async def serve(cfg: AgentConfig) -> None:
+    agent = Agent(cfg)
+    log.info(
+        "agent %s started: %d workloads, interval %.1fs, controller %s, BPF %s",
+        cfg.host,
+        len(cfg.workload),
+        cfg.interval_seconds,
+        cfg.controller,
+        "on" if agent.bpf else "off",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(agent.run())
+    try:
+        await stop.wait()
+        log.info("agent %s stopping", cfg.host)
+    finally:
+        task.cancel()
+        agent.close()

@@ -1,0 +1,199 @@
+"""The agent's one long-lived stream to the controller.
+
+Telemetry batches carry a sequence number per agent instance. Each batch stays in a bounded backlog until
+the controller acknowledges it (cumulatively) or rejects it, so a controller restart or a network cut loses
+nothing the backlog can hold, and the controller's `resume_after_seq` plus its own duplicate check mean
+nothing is stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from shadowplane.v1 import agent_pb2 as apb
+from shadowplane.v1 import agent_pb2_grpc as agrpc
+
+log = logging.getLogger(__name__)
+
+CommandHandler = Callable[[apb.Command], Awaitable[apb.CommandResult]]
+
+
+class Backlog:
+    """Unacknowledged telemetry batches, oldest first, at most `max_batches` of them."""
+
+    def __init__(self, max_batches: int) -> None:
+        self._q: collections.deque[apb.TelemetryBatch] = collections.deque()
+        self.max_batches = max_batches
+        self.dropped_total = 0
+
+    def add(self, batch: apb.TelemetryBatch) -> None:
+        self._q.append(batch)
+        while len(self._q) > self.max_batches:
+            self._q.popleft()
+            self.dropped_total += 1
+
+    def ack(self, seq: int) -> None:
+        while self._q and self._q[0].seq <= seq:
+            self._q.popleft()
+
+    def drop(self, seq: int) -> None:
+        """Forget one batch the controller will never take."""
+        self._q = collections.deque(b for b in self._q if b.seq != seq)
+
+    def after(self, seq: int) -> list[apb.TelemetryBatch]:
+        return [b for b in self._q if b.seq > seq]
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+
+@dataclass
+class LinkState:
+    connected: bool = False
+    sessions: int = 0
+    last_error: str = ""
+
+
+class ControllerLink:
+    def __init__(
+        self,
+        target: str,
+        hello: Callable[[], apb.Hello],
+        backlog: Backlog,
+        heartbeat_seconds: float = 1.0,
+        reconnect_max_seconds: float = 5.0,
+        on_command: CommandHandler | None = None,
+        channel_factory: Callable[[str], grpc.aio.Channel] | None = None,
+    ) -> None:
+        self.target = target
+        self.hello = hello
+        self.backlog = backlog
+        self.heartbeat_seconds = heartbeat_seconds
+        self.reconnect_max_seconds = reconnect_max_seconds
+        self.on_command = on_command
+        self.channel_factory = channel_factory or (
+            lambda t: grpc.aio.insecure_channel(t, options=CHANNEL_OPTIONS)
+        )
+        self.state = LinkState()
+        self._wake = asyncio.Event()
+        self._outbox: asyncio.Queue[apb.AgentMessage] = asyncio.Queue()
+        self._commands: set[asyncio.Task[None]] = set()
+
+    def submit(self, batch: apb.TelemetryBatch) -> None:
+        self.backlog.add(batch)
+        self._wake.set()
+
+    def send(self, msg: apb.AgentMessage) -> None:
+        """Queue a message for the current session (results, observations); dropped if none comes."""
+        self._outbox.put_nowait(msg)
+        self._wake.set()
+
+    async def run(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self._session()
+                delay = 0.2
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as e:
+                self.state.last_error = f"{e.code().name}: {e.details()}"
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(self.backlog):
+                    # The controller refuses a message this large: resending it would fail forever.
+                    head = self.backlog.after(0)[0]
+                    log.error("controller refused telemetry batch %d as too large; dropping it", head.seq)
+                    self.backlog.drop(head.seq)
+                    self.backlog.dropped_total += 1
+            except Exception as e:  # the link must survive anything one session throws
+                self.state.last_error = f"{type(e).__name__}: {e}"
+            if self.state.connected:
+                log.warning("lost controller %s: %s", self.target, self.state.last_error)
+            self.state.connected = False
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self.reconnect_max_seconds)
+
+    async def _session(self) -> None:
+        async with self.channel_factory(self.target) as channel:
+            stub = agrpc.AgentStreamStub(channel)
+            call = stub.Connect()
+            await call.write(apb.AgentMessage(hello=self.hello()))
+            first = await call.read()
+            if not isinstance(first, apb.ControllerMessage) or not first.HasField("welcome"):
+                raise ConnectionError("controller closed the stream without a welcome")
+            sent = first.welcome.resume_after_seq
+            self.backlog.ack(sent)
+            self.state.connected = True
+            self.state.sessions += 1
+            log.info("connected to controller %s (resuming after batch %d)", self.target, sent)
+            reader = asyncio.create_task(self._read(call))
+            try:
+                last_beat = 0.0
+                loop = asyncio.get_running_loop()
+                while not reader.done():
+                    for batch in self.backlog.after(sent):
+                        await call.write(apb.AgentMessage(telemetry=batch))
+                        sent = batch.seq
+                    while not self._outbox.empty():
+                        await call.write(self._outbox.get_nowait())
+                    if loop.time() - last_beat >= self.heartbeat_seconds:
+                        await call.write(
+                            apb.AgentMessage(heartbeat=apb.Heartbeat(unix_ms=int(1000 * time.time())))
+                        )
+                        last_beat = loop.time()
+                    self._wake.clear()
+                    waiter = asyncio.create_task(self._wake.wait())
+                    await asyncio.wait(
+                        {waiter, reader}, timeout=self.heartbeat_seconds, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    waiter.cancel()
+                await reader  # re-raises the reader's error
+            finally:
+                reader.cancel()
+                call.cancel()
+
+    async def _read(self, call: grpc.aio.StreamStreamCall[apb.AgentMessage, apb.ControllerMessage]) -> None:
+        while True:
+            msg = await call.read()
+            if not isinstance(msg, apb.ControllerMessage):
+                raise ConnectionError("controller ended the stream")
+            kind = msg.WhichOneof("body")
+            if kind == "ack":
+                self.backlog.ack(msg.ack.seq)
+            elif kind == "reject":
+                log.error(
+                    "controller rejected telemetry batch %d: %s: %s",
+                    msg.reject.seq,
+                    msg.reject.field,
+                    msg.reject.reason,
+                )
+                self.backlog.drop(msg.reject.seq)
+            elif kind == "command" and self.on_command is not None:
+                task = asyncio.create_task(self._run_command(msg.command))
+                self._commands.add(task)
+                task.add_done_callback(self._commands.discard)
+
+    async def _run_command(self, cmd: apb.Command) -> None:
+        assert self.on_command is not None
+        try:
+            result = await self.on_command(cmd)
+        except Exception as e:  # a failed command is a result, never a dead agent
+            log.exception("command %s failed", cmd.command_id)
+            result = apb.CommandResult(command_id=cmd.command_id, ok=False, error=f"{type(e).__name__}: {e}")
+        self.send(apb.AgentMessage(result=result))
+
+
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+]

@@ -1,0 +1,80 @@
+"""Assembles the controller: store, registry, gRPC services (agent stream, fleet, health, reflection)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controller.config import ControllerConfig
+from controller.fleet_api import FleetService
+from controller.ingest import AgentStreamService
+from controller.registry import AgentRegistry
+from controller.store import SqliteStore, Store
+from shadowplane.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, fleet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+PRUNE_EVERY_SECONDS = 300.0
+
+
+@dataclass
+class Controller:
+    cfg: ControllerConfig
+    store: Store
+    registry: AgentRegistry
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.store.close()
+
+
+async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller:
+    store = store or SqliteStore(cfg.store.path)
+    registry = AgentRegistry()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ]
+    )
+    agent_pb2_grpc.add_AgentStreamServicer_to_server(AgentStreamService(cfg, store, registry), server)
+    fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(cfg, store, registry), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = [
+        agent_pb2.DESCRIPTOR.services_by_name["AgentStream"].full_name,
+        fleet_pb2.DESCRIPTOR.services_by_name["Fleet"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ]
+    reflection.enable_server_reflection(services, server)
+    port = server.add_insecure_port(cfg.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {cfg.listen}")
+    await server.start()
+    for name in services[:2]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("controller listening on %s (port %d), store %s", cfg.listen, port, cfg.store.path)
+    return Controller(cfg, store, registry, server, port, health_servicer)
+
+
+async def prune_forever(c: Controller) -> None:
+    while True:
+        cutoff = int((time.time() - c.cfg.store.retention_hours * 3600) * 1000)
+        n = c.store.prune(cutoff)
+        if n:
+            log.info("retention: deleted %d samples older than %.0f h", n, c.cfg.store.retention_hours)
+        await asyncio.sleep(PRUNE_EVERY_SECONDS)

@@ -1,0 +1,183 @@
+"""SQLite store: one file, WAL, one writer (the controller's event loop)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from controller.store.base import AgentRecord
+from shadowplane.v1 import agent_pb2 as apb
+from shadowplane.v1 import telemetry_pb2 as tpb
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    host TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    hello BLOB NOT NULL,
+    peer TEXT NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    last_telemetry_ms INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (host, instance_id)
+);
+CREATE TABLE IF NOT EXISTS samples (
+    host TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    end_ms INTEGER NOT NULL,
+    start_ms INTEGER NOT NULL,
+    cgroup TEXT NOT NULL,
+    -- the series the prediction engine reads, without decoding blobs
+    cpu_cores REAL NOT NULL,
+    memory_bytes INTEGER NOT NULL,
+    io_bytes_per_second REAL NOT NULL,
+    syscalls_per_second REAL NOT NULL,
+    accepts_per_second REAL NOT NULL,
+    sample BLOB NOT NULL,
+    PRIMARY KEY (host, workload, end_ms)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS samples_by_time ON samples (end_ms);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+SCHEMA_VERSION = "1"
+
+
+def series_values(s: tpb.WorkloadSample) -> tuple[float, int, float, float, float]:
+    secs = max(1e-3, (s.end_unix_ms - s.start_unix_ms) / 1000)
+    r = s.resources
+    accepts = s.syscalls.by_name.get("accept", 0) + s.syscalls.by_name.get("accept4", 0)
+    return (
+        r.cpu_seconds / secs,
+        r.memory_bytes,
+        (r.io_read_bytes + r.io_write_bytes) / secs,
+        s.syscalls.total / secs,
+        accepts / secs,
+    )
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        have = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if have is None:
+            self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        elif have[0] != SCHEMA_VERSION:
+            raise RuntimeError(f"{path}: schema version {have[0]}, this controller needs {SCHEMA_VERSION}")
+
+    def register_agent(self, hello: apb.Hello, peer: str, now_ms: int) -> int:
+        self.db.execute(
+            """INSERT INTO agents (host, instance_id, hello, peer, first_seen_ms, last_seen_ms)
+               VALUES (?, ?, ?, ?, ?, ?)
+               ON CONFLICT (host, instance_id) DO UPDATE
+               SET hello = excluded.hello, peer = excluded.peer, last_seen_ms = excluded.last_seen_ms""",
+            (hello.host, hello.instance_id, hello.SerializeToString(), peer, now_ms, now_ms),
+        )
+        row = self.db.execute(
+            "SELECT last_seq FROM agents WHERE host = ? AND instance_id = ?", (hello.host, hello.instance_id)
+        ).fetchone()
+        return int(row[0])
+
+    def append_batch(self, host: str, instance_id: str, batch: apb.TelemetryBatch, now_ms: int) -> bool:
+        with self._tx():
+            row = self.db.execute(
+                "SELECT last_seq FROM agents WHERE host = ? AND instance_id = ?", (host, instance_id)
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"agent {host}/{instance_id} never said hello")
+            if batch.seq <= row[0]:
+                return False
+            self.db.executemany(
+                """INSERT OR IGNORE INTO samples
+                   (host, workload, end_ms, start_ms, cgroup, cpu_cores, memory_bytes, io_bytes_per_second,
+                    syscalls_per_second, accepts_per_second, sample)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [
+                    (
+                        host,
+                        s.workload,
+                        s.end_unix_ms,
+                        s.start_unix_ms,
+                        s.cgroup,
+                        *series_values(s),
+                        s.SerializeToString(),
+                    )
+                    for s in batch.samples
+                ],
+            )
+            self.db.execute(
+                """UPDATE agents SET last_seq = ?, last_seen_ms = ?, last_telemetry_ms = ?
+                   WHERE host = ? AND instance_id = ?""",
+                (batch.seq, now_ms, now_ms, host, instance_id),
+            )
+            return True
+
+    def skip_batch(self, host: str, instance_id: str, seq: int, now_ms: int) -> None:
+        self.db.execute(
+            """UPDATE agents SET last_seq = MAX(last_seq, ?), last_seen_ms = ?
+               WHERE host = ? AND instance_id = ?""",
+            (seq, now_ms, host, instance_id),
+        )
+
+    def touch_agent(self, host: str, instance_id: str, now_ms: int) -> None:
+        self.db.execute(
+            "UPDATE agents SET last_seen_ms = ? WHERE host = ? AND instance_id = ?",
+            (now_ms, host, instance_id),
+        )
+
+    def agents(self) -> list[AgentRecord]:
+        rows = self.db.execute(
+            """SELECT host, instance_id, hello, peer, last_seq, first_seen_ms, last_seen_ms, last_telemetry_ms
+               FROM agents a
+               WHERE first_seen_ms = (SELECT MAX(first_seen_ms) FROM agents b WHERE b.host = a.host)
+               ORDER BY host"""
+        ).fetchall()
+        return [
+            AgentRecord(r[0], r[1], apb.Hello.FromString(r[2]), r[3], r[4], r[5], r[6], r[7]) for r in rows
+        ]
+
+    def samples(
+        self, host: str, workload: str = "", cgroup: str = "", since_ms: int = 0, limit: int = 60
+    ) -> list[tuple[str, tpb.WorkloadSample]]:
+        where, args = ["host = ?", "end_ms >= ?"], [host, since_ms]
+        if workload:
+            where.append("workload = ?")
+            args.append(workload)
+        if cgroup:
+            where.append("cgroup = ?")
+            args.append(cgroup)
+        rows = self.db.execute(
+            f"""SELECT host, sample FROM (
+                  SELECT host, workload, end_ms, sample,
+                         ROW_NUMBER() OVER (PARTITION BY workload ORDER BY end_ms DESC) AS n
+                  FROM samples WHERE {" AND ".join(where)})
+                WHERE n <= ? ORDER BY end_ms, workload""",
+            (*args, limit),
+        ).fetchall()
+        return [(r[0], tpb.WorkloadSample.FromString(r[1])) for r in rows]
+
+    def prune(self, older_than_ms: int) -> int:
+        cur = self.db.execute("DELETE FROM samples WHERE end_ms < ?", (older_than_ms,))
+        return cur.rowcount
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self.db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")

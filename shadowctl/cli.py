@@ -1,0 +1,35 @@
+"""`shadowctl`: the operator's command line for a Shadowplane fleet."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shadowctl import demo, fleet_cmds
+from shadowplane import logs
+
+# Each command module adds its subcommands; they set `func(args) -> int`.
+COMMAND_MODULES = [fleet_cmds, demo]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shadowctl", description=__doc__)
+    p.add_argument(
+        "--controller", help="controller HOST:PORT (default: $SHADOWCTL_CONTROLLER or 127.0.0.1:7400)"
+    )
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the controller")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for m in COMMAND_MODULES:
+        m.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logs.setup(args.log_level)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
