@@ -17,8 +17,8 @@ test: setup lint typecheck proto-check
 	$(PY) -m pytest -q -ra tests
 
 lint:
-	$(VENV)/bin/ruff check $(PACKAGES) tests bench
-	$(VENV)/bin/ruff format --check $(PACKAGES) tests bench
+	$(VENV)/bin/ruff check $(PACKAGES) tests bench scripts
+	$(VENV)/bin/ruff format --check $(PACKAGES) tests bench scripts
 
 typecheck:
 	$(VENV)/bin/mypy

@@ -49,7 +49,10 @@ class CaptureConfig:
 @dataclass
 class AgentConfig:
     controller: str = field(default="127.0.0.1:7400", metadata=check(host_port, doc="controller HOST:PORT"))
-    host: str = field(default_factory=socket.gethostname, metadata=check(valid_name, doc="this host's name"))
+    host: str = field(
+        default_factory=socket.gethostname,
+        metadata=check(valid_name, doc="this host's name", default_doc="the system host name"),
+    )
     zone: str = field(default="", metadata=check(doc="availability zone of this host"))
     interval_seconds: float = field(
         default=10.0, metadata=check(at_least(0.1), doc="seconds between telemetry samples")

@@ -32,9 +32,10 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {field}: {problem}" if field else f"{source}: {problem}")
 
 
-def check(*checks: Check, doc: str = "") -> dict[str, Any]:
-    """Field metadata: validators (each returns an error text or None) and a one-line description."""
-    return {"checks": checks, "doc": doc}
+def check(*checks: Check, doc: str = "", default_doc: str = "") -> dict[str, Any]:
+    """Field metadata: validators (each returns an error text or None), a one-line description and, for
+    defaults computed at run time, how to describe them."""
+    return {"checks": checks, "doc": doc, "default_doc": default_doc}
 
 
 # ---- common validators ----
@@ -196,6 +197,19 @@ def load(cls: type[T], path: str | Path) -> T:
     return build(cls, data, src)
 
 
+def toml_value(v: Any) -> str:
+    """How a default looks when written in the TOML file."""
+    if isinstance(v, enum.Enum):
+        v = v.value
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str | Path):
+        return f'"{v}"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
 def reference(cls: type[Any], prefix: str = "") -> list[tuple[str, str, str]]:
     """(key, default, description) for every key: the README's config reference is made from this."""
     rows: list[tuple[str, str, str]] = []
@@ -207,10 +221,12 @@ def reference(cls: type[Any], prefix: str = "") -> list[tuple[str, str, str]]:
         if dataclasses.is_dataclass(sub):
             rows.extend(reference(typing.cast(type, sub), key))
             continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default) if not isinstance(f.default, enum.Enum) else repr(f.default.value)
+        if f.metadata.get("default_doc"):
+            default = f.metadata["default_doc"]
+        elif f.default is not dataclasses.MISSING:
+            default = toml_value(f.default)
         elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
+            default = toml_value(f.default_factory())
         else:
             default = "(required)"
         rows.append((key, default, f.metadata.get("doc", "")))

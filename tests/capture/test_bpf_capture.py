@@ -1,0 +1,177 @@
+"""Real eBPF capture against known workloads in their own cgroups (root + BPF)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from agentd.capture.bpf_capture import BpfCapture
+from agentd.capture.collector import Collector
+from agentd.config import WorkloadConfig
+from tests.support import Workload, need_bpf
+
+
+@pytest.fixture(scope="module")
+def capture() -> Iterator[BpfCapture]:
+    need_bpf()
+    c = BpfCapture(max_slots=8, syscall_latency_sample_every=8)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def collector_for(capture: BpfCapture, w: Workload) -> Collector:
+    wl = WorkloadConfig(name="t", cgroup=w.path, role="primary", service="t")
+    return Collector(w.layout, [wl], capture)
+
+
+def test_syscall_count_matches_known_workload(capture: BpfCapture, workload_cgroup: Workload) -> None:
+    n = 100_000
+    col = collector_for(capture, workload_cgroup)
+    workload_cgroup.run(["dd", "if=/dev/zero", "of=/dev/null", "bs=1", f"count={n}"])
+    # The same work outside the cgroup must not be counted.
+    subprocess.run(
+        ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", f"count={n}"], check=True, capture_output=True
+    )
+    (s,) = col.collect()
+    reads, writes = s.syscalls.by_name["read"], s.syscalls.by_name["write"]
+    assert n <= reads <= n * 1.02
+    assert n <= writes <= n * 1.02
+    # dd's own start-up adds a few hundred more; the unrelated dd would add 200,000
+    assert 2 * n <= s.syscalls.total <= 2 * n * 1.02
+    timed = sum(s.syscalls.latency.counts)
+    assert s.syscalls.latency_sample_every == 8
+    assert s.syscalls.total / 8 * 0.9 <= timed <= s.syscalls.total / 8 * 1.1
+    assert s.resources.cpu_seconds > 0
+
+
+def test_block_io_from_direct_writes(
+    capture: BpfCapture, workload_cgroup: Workload, tmp_path: object
+) -> None:
+    col = collector_for(capture, workload_cgroup)
+    target = f"/var/tmp/sp-blk-{workload_cgroup.path.strip('/')}"
+    try:
+        workload_cgroup.run(
+            [
+                "dd",
+                "if=/dev/zero",
+                f"of={target}",
+                "bs=64k",
+                "count=200",
+                "oflag=direct,dsync",
+                "conv=notrunc",
+            ]
+        )
+        workload_cgroup.run(["dd", f"if={target}", "of=/dev/null", "bs=64k", "count=200", "iflag=direct"])
+    finally:
+        subprocess.run(["rm", "-f", target])
+    (s,) = col.collect()
+    b = s.block_io
+    assert b.write_ops >= 200 and b.write_bytes >= 200 * 64 * 1024
+    assert b.read_ops >= 200 and b.read_bytes >= 200 * 64 * 1024
+    assert sum(b.latency.counts) >= b.read_ops + b.write_ops
+    assert b.latency.unit == "us"
+
+
+TCP_CLIENT = r"""
+import socket, sys
+port = int(sys.argv[1])
+c = socket.create_connection(("127.0.0.1", port))
+for _ in range(200):
+    c.sendall(b"x" * 65536)
+c.close()
+"""
+
+
+def test_tcp_transfer_is_attributed(capture: BpfCapture, workload_cgroup: Workload) -> None:
+    col = collector_for(capture, workload_cgroup)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    got = []
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            while data := conn.recv(1 << 20):
+                got.append(len(data))
+
+    t = threading.Thread(target=serve)
+    t.start()
+    workload_cgroup.run([sys.executable, "-c", TCP_CLIENT, str(srv.getsockname()[1])])
+    t.join(10)
+    srv.close()
+    assert sum(got) == 200 * 65536
+    (s,) = col.collect()
+    tcp = s.tcp
+    assert tcp.active_opens == 1
+    assert tcp.state_changes["SYN_SENT"] == 1
+    assert tcp.state_changes["ESTABLISHED"] >= 1
+    assert tcp.state_changes.get("FIN_WAIT1", 0) >= 1  # the client closed first
+    assert sum(tcp.srtt.counts) > 0, "RTT samples from tcp:tcp_probe on the client's socket"
+    assert s.syscalls.by_name.get("connect", 0) >= 1
+
+
+def test_probe_command_prints_json_profile(workload_cgroup: Workload) -> None:
+    need_bpf()
+    load = workload_cgroup.popen(["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=50000000"])
+    try:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agentd.cli",
+                "probe",
+                "--cgroup",
+                workload_cgroup.path,
+                "--seconds",
+                "1.5",
+                "--json",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        load.kill()
+        load.wait()
+    doc = json.loads(out.stdout)
+    assert doc["capture"]["bpf_active"] is True
+    by_name = doc["sample"]["syscalls"]["by_name"]
+    assert int(by_name["read"]) > 10_000 and int(by_name["write"]) > 10_000
+    assert doc["sample"]["resources"]["cpu_seconds"] > 0.3
+
+
+def test_probe_rejects_missing_cgroup() -> None:
+    need_bpf()
+    out = subprocess.run(
+        [sys.executable, "-m", "agentd.cli", "probe", "--cgroup", "/no-such-cgroup-here", "--seconds", "0.1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "--cgroup /no-such-cgroup-here: no such cgroup" in out.stderr
+
+
+def test_detaches_on_close(workload_cgroup: Workload) -> None:
+    need_bpf()
+    c = BpfCapture(max_slots=2)
+    col = collector_for(c, workload_cgroup)
+    slot = col._slots["t"]
+    c.close()
+    workload_cgroup.run(["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=1000"])
+    # the maps are gone with the descriptors; a fresh capture starts from zero
+    c2 = BpfCapture(max_slots=2)
+    try:
+        assert sum(c2.read(slot).syscalls.by_nr) == 0
+    finally:
+        c2.close()

@@ -1,0 +1,108 @@
+"""Test helpers: privilege checks and throwaway workload cgroups."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agentd.capture.bpf_capture import unavailable_reason
+from agentd.cgroupfs import CgroupLayout
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (cgroups, BPF, network namespaces); CI runs as root")
+
+
+def need_bpf() -> None:
+    need_root()
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"BPF capture unavailable: {reason}")
+
+
+class Workload:
+    """A cgroup made for one test, in every hierarchy; commands run inside it."""
+
+    def __init__(self, layout: CgroupLayout, path: str) -> None:
+        self.layout, self.path = layout, path
+
+    def procs_files(self) -> list[Path]:
+        return [d / "cgroup.procs" for d in self.layout.dirs(self.path)]
+
+    def run(self, argv: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
+        files = self.procs_files()
+
+        def enter() -> None:
+            for f in files:
+                f.write_text(str(os.getpid()))
+
+        return subprocess.run(argv, preexec_fn=enter, check=True, capture_output=True, **kw)  # type: ignore[call-overload, no-any-return]
+
+    def popen(self, argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
+        files = self.procs_files()
+
+        def enter() -> None:
+            for f in files:
+                f.write_text(str(os.getpid()))
+
+        return subprocess.Popen(argv, preexec_fn=enter, **kw)  # type: ignore[call-overload, no-any-return]
+
+    def kill_all(self) -> None:
+        for d in self.layout.dirs(self.path):
+            procs = d / "cgroup.procs"
+            if procs.exists():
+                for pid in procs.read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), 9)
+
+
+def python() -> str:
+    return sys.executable
+
+
+class Daemon:
+    """A Shadowplane daemon run as its own process, as an operator would run it."""
+
+    def __init__(self, module: str, config: Path, log: Path) -> None:
+        self.module, self.config, self.log = module, config, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        from shadowctl.procs import python_module, spawn
+
+        self.proc = spawn(python_module(self.module, "run", "--config", str(self.config)), self.log)
+        return self
+
+    def stop(self) -> None:
+        from shadowctl.procs import stop
+
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+def wait_until(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agentd.config import AgentConfig, load_agent_config
+from controller.config import load_controller_config
+from shadowplane.config import ConfigError, reference
+
+GOOD = """
+controller = "10.0.0.1:7400"
+host = "web-1"
+interval_seconds = 5
+[capture]
+syscall_latency_sample_every = 4
+[[workload]]
+name = "web"
+cgroup = "/shadowplane.slice/web"
+role = "primary"
+service = "web"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "agentd.toml"
+    p.write_text(text)
+    return p
+
+
+def test_good_config_loads_with_types(tmp_path: Path) -> None:
+    cfg = load_agent_config(write(tmp_path, GOOD))
+    assert cfg.interval_seconds == 5.0 and isinstance(cfg.interval_seconds, float)
+    assert cfg.capture.syscall_latency_sample_every == 4
+    assert cfg.capture.bpf is True  # default kept
+    assert cfg.workload[0].role == "primary"
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "words"),
+    [
+        (GOOD.replace('role = "primary"', 'role = "primay"'), "workload[0].role", "must be one of 'primary'"),
+        (
+            GOOD.replace("interval_seconds = 5", 'interval_seconds = "5s"'),
+            "interval_seconds",
+            "must be a number",
+        ),
+        (
+            GOOD.replace("interval_seconds = 5", "interval_secs = 5"),
+            "interval_secs",
+            "did you mean 'interval_seconds'",
+        ),
+        (GOOD.replace('controller = "10.0.0.1:7400"', 'controller = "10.0.0.1"'), "controller", "HOST:PORT"),
+        (
+            GOOD.replace('cgroup = "/shadowplane.slice/web"', 'cgroup = "web"'),
+            "workload[0].cgroup",
+            "absolute",
+        ),
+        (GOOD.replace('service = "web"\n', ""), "workload[0].service", "is required"),
+        (
+            GOOD.replace("syscall_latency_sample_every = 4", "syscall_latency_sample_every = 0"),
+            "capture.syscall_latency_sample_every",
+            "between 1 and 1024",
+        ),
+        (GOOD + GOOD[GOOD.index("[[workload]]") :], "workload", "used twice"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path: Path, text: str, field: str, words: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_agent_config(write(tmp_path, text))
+    assert e.value.field == field
+    assert words in str(e.value)
+    assert str(tmp_path / "agentd.toml") in str(e.value)
+
+
+def test_syntax_error_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_agent_config(write(tmp_path, "host = \n"))
+    with pytest.raises(ConfigError, match="file not found"):
+        load_agent_config(tmp_path / "nope.toml")
+
+
+def test_controller_config_checks_store_and_hosts(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[store]\nretention_hours = -1\n")
+    with pytest.raises(ConfigError) as e:
+        load_controller_config(p)
+    assert e.value.field == "store.retention_hours"
+    p.write_text('[[host]]\nname = "a"\n[[host]]\nname = "a"\n')
+    with pytest.raises(ConfigError, match="listed twice"):
+        load_controller_config(p)
+
+
+def test_reference_lists_every_key_with_default() -> None:
+    rows = {k: d for k, d, _ in reference(AgentConfig)}
+    assert rows["interval_seconds"] == "10.0"
+    assert rows["capture.syscall_latency_sample_every"] == "8"
+    assert rows["cgroup_root"] == '"/sys/fs/cgroup"' and rows["capture.bpf"] == "true"
+    assert rows["host"] == "the system host name"
+    assert rows["workload.role"] == "(required)"

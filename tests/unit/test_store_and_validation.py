@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from controller.config import ControllerConfig, HostEntry
+from controller.ingest import check_batch, check_hello
+from controller.store import SqliteStore
+from shadowplane.v1 import agent_pb2 as apb
+from shadowplane.v1 import telemetry_pb2 as tpb
+
+
+def hello(host: str = "h1", instance: str = "i1") -> apb.Hello:
+    return apb.Hello(
+        host=host,
+        instance_id=instance,
+        workloads=[tpb.WorkloadInfo(name="web", cgroup="/w")],
+        interval_ms=1000,
+    )
+
+
+def batch(seq: int, end_ms: int, workload: str = "web") -> apb.TelemetryBatch:
+    s = tpb.WorkloadSample(workload=workload, cgroup="/w", start_unix_ms=end_ms - 1000, end_unix_ms=end_ms)
+    s.resources.cpu_seconds = 0.5
+    s.syscalls.total = 1000
+    s.syscalls.by_name["accept4"] = 10
+    return apb.TelemetryBatch(seq=seq, samples=[s])
+
+
+def test_store_dedupes_and_resumes(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    st = SqliteStore(db)
+    assert st.register_agent(hello(), "peer", 1) == 0
+    assert st.append_batch("h1", "i1", batch(1, 10_000), 2)
+    assert st.append_batch("h1", "i1", batch(2, 11_000), 3)
+    assert not st.append_batch("h1", "i1", batch(2, 11_000), 4)  # resent after a reconnect
+    st.close()
+    st = SqliteStore(db)  # a controller restart
+    assert st.register_agent(hello(), "peer", 5) == 2
+    rows = st.samples("h1")
+    assert [s.end_unix_ms for _, s in rows] == [10_000, 11_000]
+    cpu, accepts = st.db.execute("SELECT cpu_cores, accepts_per_second FROM samples LIMIT 1").fetchone()
+    assert (cpu, accepts) == (0.5, 10.0)
+    # a new agent instance (restarted agent) starts its own sequence
+    assert st.register_agent(hello(instance="i2"), "peer", 6) == 0
+    assert [a.instance_id for a in st.agents()] == ["i2"]
+
+
+def test_store_limit_per_workload_and_prune(tmp_path: Path) -> None:
+    st = SqliteStore(tmp_path / "c.db")
+    st.register_agent(hello(), "p", 1)
+    for i in range(1, 11):
+        st.append_batch("h1", "i1", batch(i, i * 1000 + 5000), i)
+    assert [s.end_unix_ms for _, s in st.samples("h1", limit=3)] == [13_000, 14_000, 15_000]
+    assert len(st.samples("h1", workload="other")) == 0
+    assert st.prune(older_than_ms=10_000) == 4
+    assert len(st.samples("h1", limit=100)) == 6
+
+
+def test_skip_batch_advances_resume_point(tmp_path: Path) -> None:
+    st = SqliteStore(tmp_path / "c.db")
+    st.register_agent(hello(), "p", 1)
+    st.skip_batch("h1", "i1", 3, 2)
+    assert st.register_agent(hello(), "p", 3) == 3
+
+
+def test_check_batch_names_the_field() -> None:
+    h = hello()
+    assert check_batch(h, batch(1, 5000)) is None
+    assert check_batch(h, batch(0, 5000)) == ("seq", "must be >= 1")
+    field, reason = check_batch(h, batch(1, 5000, workload="db")) or ("", "")
+    assert field == "samples[0].workload" and "not one of the workloads" in reason
+    bad = batch(1, 5000)
+    bad.samples[0].end_unix_ms = bad.samples[0].start_unix_ms
+    assert (check_batch(h, bad) or ("",))[0] == "samples[0].end_unix_ms"
+    bad = batch(1, 5000)
+    bad.samples[0].block_io.latency.counts.extend([1] * 65)
+    assert (check_batch(h, bad) or ("",))[0] == "samples[0].block_io.latency"
+
+
+def test_check_hello_enforces_the_host_list() -> None:
+    cfg = ControllerConfig(host=[HostEntry(name="h1")])
+    assert check_hello(hello(), cfg) is None
+    problem = check_hello(hello(host="intruder"), cfg)
+    assert problem is not None and "not in the controller's [[host]] list" in problem
+    assert check_hello(hello(host=""), cfg) is not None
