@@ -29,6 +29,9 @@ class WorkloadConfig:
         metadata=check(doc="primary: serves; shadow: stands by for it")
     )
     service: str = field(metadata=check(valid_name, doc="the service this workload belongs to"))
+    interface: str = field(
+        default="", metadata=check(doc="network interface that carries the service's VIP on this host")
+    )
 
 
 @dataclass
@@ -68,6 +71,17 @@ class AgentConfig:
     )
     reconnect_max_seconds: float = field(
         default=5.0, metadata=check(positive, doc="longest wait between reconnect attempts")
+    )
+    peer_listen: str = field(
+        default="",
+        metadata=check(
+            lambda v: host_port(v) if v else None,
+            doc="HOST:PORT where this agent answers lease renewals from service owners (observers need it)",
+        ),
+    )
+    hooks_dir: Path = field(
+        default=Path("/etc/shadowplane/hooks"),
+        metadata=check(doc="transition hooks: <hooks_dir>/<service>/<phase> executables"),
     )
     cgroup_root: Path = field(
         default=Path("/sys/fs/cgroup"), metadata=check(doc="where cgroup hierarchies are mounted")

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from agentd.config import valid_name
-from shadowplane.config import at_least, between, check, host_port, load, positive
+from shadowplane.config import at_least, between, check, host_port, load, non_empty, non_negative, positive
+
+
+def ip_address(v: str) -> str | None:
+    if not v:
+        return None
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return f"must be an IP address, got {v!r}"
+    return None
+
+
+def ip_interface(v: str) -> str | None:
+    if "/" not in v:
+        return f"must be ADDRESS/PREFIX (e.g. 10.0.0.100/24), got {v!r}"
+    try:
+        ipaddress.ip_interface(v)
+    except ValueError:
+        return f"must be ADDRESS/PREFIX (e.g. 10.0.0.100/24), got {v!r}"
+    return None
 
 
 @dataclass
@@ -23,6 +45,145 @@ class StoreConfig:
 class HostEntry:
     name: str = field(metadata=check(valid_name, doc="host name, as its agent reports it"))
     zone: str = field(default="", metadata=check(doc="availability zone"))
+    address: str = field(
+        default="",
+        metadata=check(ip_address, doc="the host's address on the service network (health checks)"),
+    )
+
+
+@dataclass
+class HealthCheckConfig:
+    kind: Literal["tcp", "http", "exec"] = field(
+        default="tcp", metadata=check(doc="tcp: connect; http: GET with expected status; exec: a command")
+    )
+    port: int = field(default=80, metadata=check(between(1, 65535), doc="port of the service on its host"))
+    path: str = field(default="/", metadata=check(doc="http: the path to GET"))
+    expect_status: int = field(
+        default=200, metadata=check(between(100, 599), doc="http: the status that means up")
+    )
+    command: list[str] = field(
+        default_factory=list,
+        metadata=check(doc="exec: argv run by each observer; $SHADOWPLANE_TARGET_ADDRESS names the target"),
+    )
+    interval_seconds: float = field(default=1.0, metadata=check(at_least(0.01), doc="seconds between probes"))
+    timeout_seconds: float = field(
+        default=0.5, metadata=check(at_least(0.01), doc="a probe slower than this fails")
+    )
+    fall: int = field(
+        default=3, metadata=check(between(1, 100), doc="consecutive failures that make a target down")
+    )
+    rise: int = field(default=2, metadata=check(between(1, 100), doc="consecutive successes that make it up"))
+
+    def validate(self) -> str | None:
+        if self.kind == "exec" and not self.command:
+            return "command: an exec check needs a command"
+        return None
+
+
+@dataclass
+class DnsConfig:
+    server: str = field(
+        metadata=check(host_port, doc="authoritative DNS server HOST:PORT taking RFC 2136 updates")
+    )
+    zone: str = field(metadata=check(non_empty, doc="zone to update, e.g. lab.example."))
+    name: str = field(metadata=check(non_empty, doc="record to point at the owner, e.g. web.lab.example."))
+    ttl: int = field(default=30, metadata=check(between(0, 86400), doc="TTL of the record"))
+    tsig_name: str = field(default="", metadata=check(doc="TSIG key name (empty: unsigned updates)"))
+    tsig_secret: str = field(default="", metadata=check(doc="TSIG key, base64"))
+    tsig_algorithm: str = field(default="hmac-sha256", metadata=check(doc="TSIG algorithm"))
+    timeout_seconds: float = field(
+        default=2.0, metadata=check(positive, doc="seconds to wait for the server")
+    )
+
+
+@dataclass
+class ServiceConfig:
+    name: str = field(metadata=check(valid_name, doc="service name (workloads name it in `service`)"))
+    primary: str = field(metadata=check(valid_name, doc="host that owns the service when healthy"))
+    shadows: list[str] = field(default_factory=list, metadata=check(doc="hosts that take over, in order"))
+    observers: list[str] = field(
+        default_factory=list,
+        metadata=check(
+            doc='who votes on failure and leases: host names and/or "controller" (default: '
+            "the controller and every shadow)"
+        ),
+    )
+    vip: str = field(
+        default="", metadata=check(doc="virtual IP with prefix, e.g. 10.0.0.100/24 (empty: DNS only)")
+    )
+    garp_count: int = field(
+        default=3, metadata=check(between(0, 100), doc="gratuitous ARPs / NAs after a move")
+    )
+    garp_interval_seconds: float = field(
+        default=0.05, metadata=check(positive, doc="seconds between gratuitous ARPs / NAs")
+    )
+    failback: Literal["auto", "manual", "never"] = field(
+        default="auto",
+        metadata=check(doc="when the primary is healthy again: move back by itself, on request, never"),
+    )
+    failback_hold_seconds: float = field(
+        default=60.0,
+        metadata=check(non_negative, doc="the primary must be healthy this long before failback"),
+    )
+    flap_window_seconds: float = field(
+        default=300.0, metadata=check(non_negative, doc="at most one failover per window, unless forced")
+    )
+    hook_timeout_seconds: float = field(
+        default=30.0, metadata=check(positive, doc="a hook running longer fails")
+    )
+    hook_failure: Literal["abort", "continue"] = field(
+        default="abort",
+        metadata=check(doc="a failing before-hook aborts the transition, or is only reported"),
+    )
+    health: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    dns: DnsConfig | None = field(
+        default=None, metadata=check(doc="[service.dns]: RFC 2136 record switching")
+    )
+
+    def validate(self) -> str | None:
+        if not self.vip and self.dns is None:
+            return "vip: a service needs a vip, a [service.dns] section, or both"
+        if self.vip:
+            problem = ip_interface(self.vip)
+            if problem:
+                return f"vip: {problem}"
+        if not self.shadows:
+            return "shadows: list at least one shadow host"
+        if self.primary in self.shadows:
+            return f"shadows: the primary {self.primary!r} cannot be its own shadow"
+        return None
+
+    def observer_names(self) -> list[str]:
+        return self.observers or ["controller", *self.shadows]
+
+
+@dataclass
+class FailoverConfig:
+    lease_seconds: float = field(
+        default=2.0,
+        metadata=check(between(0.05, 600), doc="an owner that cannot renew for this long has lost the VIP"),
+    )
+    renew_interval_seconds: float = field(
+        default=0.25, metadata=check(positive, doc="how often an owner renews its lease with the observers")
+    )
+    drift_margin: float = field(
+        default=0.05,
+        metadata=check(
+            between(0, 0.5), doc="fraction of the lease an owner gives up early (clock rate, scheduling)"
+        ),
+    )
+    heartbeat_timeout_seconds: float = field(
+        default=3.0,
+        metadata=check(positive, doc="an agent silent this long counts as down for the controller"),
+    )
+    loop_interval_seconds: float = field(
+        default=0.05, metadata=check(positive, doc="how often the HA loop reads state and decides")
+    )
+
+    def validate(self) -> str | None:
+        if self.renew_interval_seconds * 2 > self.lease_seconds:
+            return "renew_interval_seconds: must be at most half of lease_seconds, to survive a lost renewal"
+        return None
 
 
 @dataclass
@@ -37,6 +198,8 @@ class ControllerConfig:
         metadata=check(at_least(1), doc="a host with no telemetry for this many intervals is stale"),
     )
     store: StoreConfig = field(default_factory=StoreConfig)
+    failover: FailoverConfig = field(default_factory=FailoverConfig)
+    service: list[ServiceConfig] = field(default_factory=list, metadata=check(doc="[[service]] tables"))
     host: list[HostEntry] = field(
         default_factory=list,
         metadata=check(doc="[[host]] tables: the fleet. Empty = accept any agent (development only)"),
@@ -47,7 +210,27 @@ class ControllerConfig:
         for n in names:
             if names.count(n) > 1:
                 return f"host: {n!r} is listed twice"
+        services = [s.name for s in self.service]
+        for n in services:
+            if services.count(n) > 1:
+                return f"service: {n!r} is defined twice"
+        known = set(names)
+        for i, svc in enumerate(self.service):
+            for role, h in [("primary", svc.primary)] + [("shadows", x) for x in svc.shadows]:
+                if h not in known:
+                    return f"service[{i}].{role}: host {h!r} is not in the [[host]] list"
+            for o in svc.observer_names():
+                if o != "controller" and o not in known:
+                    return f'service[{i}].observers: {o!r} is neither "controller" nor a [[host]]'
+            if not self.host_entry(svc.primary).address:
+                return f"service[{i}].primary: host {svc.primary!r} needs an address for health checks"
         return None
+
+    def host_entry(self, name: str) -> HostEntry:
+        return next(h for h in self.host if h.name == name)
+
+    def service_named(self, name: str) -> ServiceConfig | None:
+        return next((s for s in self.service if s.name == name), None)
 
 
 def load_controller_config(path: str | Path) -> ControllerConfig:
