@@ -26,7 +26,7 @@ def host_health(rec: AgentRecord, connected: bool, now_ms: int, stale_after_inte
     return int(fpb.HOST_HEALTH_HEALTHY)
 
 
-class FleetService(fgrpc.FleetServicer):
+class FleetService(_NotYet, fgrpc.FleetServicer):
     def __init__(self, cfg: ControllerConfig, store: Store, registry: AgentRegistry) -> None:
         self.cfg, self.store, self.registry = cfg, store, registry
 
@@ -60,6 +60,15 @@ class FleetService(fgrpc.FleetServicer):
             request.host, request.workload, request.cgroup, request.since_unix_ms, limit
         )
         return fpb.GetTelemetryResponse(samples=[fpb.StoredSample(host=h, sample=s) for h, s in rows])
+
+
+class _NotYet:
+    """Failover calls, answered UNIMPLEMENTED until the orchestrator is wired in."""
+
+    async def _unimplemented(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "failover orchestration is not wired in yet")
+
+    ListServices = Failover = Failback = ListEvents = WatchEvents = _unimplemented  # noqa: N815
 
 
 def _status(rec: AgentRecord, connected: bool, now: int, stale_after: float) -> fpb.HostStatus:

@@ -25,35 +25,65 @@ _sym_db = _symbol_database.Default()
 from shadowplane.v1 import telemetry_pb2 as shadowplane_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashadowplane/v1/agent.proto\x12\x0eshadowplane.v1\x1a\x1eshadowplane/v1/telemetry.proto\"Q\n\x08HostInfo\x12\x11\n\tcpu_cores\x18\x01 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0e\n\x06kernel\x18\x04 \x01(\t\"\xe4\x01\n\x05Hello\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12/\n\tworkloads\x18\x04 \x03(\x0b\x32\x1c.shadowplane.v1.WorkloadInfo\x12.\n\x07\x63\x61pture\x18\x05 \x01(\x0b\x32\x1d.shadowplane.v1.CaptureStatus\x12+\n\thost_info\x18\x06 \x01(\x0b\x32\x18.shadowplane.v1.HostInfo\x12\x13\n\x0binterval_ms\x18\x07 \x01(\r\"~\n\x0eTelemetryBatch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12/\n\x07samples\x18\x02 \x03(\x0b\x32\x1e.shadowplane.v1.WorkloadSample\x12.\n\x07\x63\x61pture\x18\x03 \x01(\x0b\x32\x1d.shadowplane.v1.CaptureStatus\"\x1c\n\tHeartbeat\x12\x0f\n\x07unix_ms\x18\x01 \x01(\x03\">\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xd4\x01\n\x0c\x41gentMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.shadowplane.v1.HelloH\x00\x12\x33\n\ttelemetry\x18\x02 \x01(\x0b\x32\x1e.shadowplane.v1.TelemetryBatchH\x00\x12.\n\theartbeat\x18\x03 \x01(\x0b\x32\x19.shadowplane.v1.HeartbeatH\x00\x12/\n\x06result\x18\x04 \x01(\x0b\x32\x1d.shadowplane.v1.CommandResultH\x00\x42\x06\n\x04\x62ody\"?\n\x07Welcome\x12\x1a\n\x12\x63ontroller_version\x18\x01 \x01(\t\x12\x18\n\x10resume_after_seq\x18\x02 \x01(\x04\"\x1b\n\x0cTelemetryAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"4\n\x06Reject\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1d\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\"\xca\x01\n\x11\x43ontrollerMessage\x12*\n\x07welcome\x18\x01 \x01(\x0b\x32\x17.shadowplane.v1.WelcomeH\x00\x12+\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1c.shadowplane.v1.TelemetryAckH\x00\x12*\n\x07\x63ommand\x18\x03 \x01(\x0b\x32\x17.shadowplane.v1.CommandH\x00\x12(\n\x06reject\x18\x04 \x01(\x0b\x32\x16.shadowplane.v1.RejectH\x00\x42\x06\n\x04\x62ody2]\n\x0b\x41gentStream\x12N\n\x07\x43onnect\x12\x1c.shadowplane.v1.AgentMessage\x1a!.shadowplane.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashadowplane/v1/agent.proto\x12\x0eshadowplane.v1\x1a\x1eshadowplane/v1/telemetry.proto\"Q\n\x08HostInfo\x12\x11\n\tcpu_cores\x18\x01 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\x0e\n\x06kernel\x18\x04 \x01(\t\"\xfa\x01\n\x05Hello\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12/\n\tworkloads\x18\x04 \x03(\x0b\x32\x1c.shadowplane.v1.WorkloadInfo\x12.\n\x07\x63\x61pture\x18\x05 \x01(\x0b\x32\x1d.shadowplane.v1.CaptureStatus\x12+\n\thost_info\x18\x06 \x01(\x0b\x32\x18.shadowplane.v1.HostInfo\x12\x13\n\x0binterval_ms\x18\x07 \x01(\r\x12\x14\n\x0cpeer_address\x18\x08 \x01(\t\"~\n\x0eTelemetryBatch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12/\n\x07samples\x18\x02 \x03(\x0b\x32\x1e.shadowplane.v1.WorkloadSample\x12.\n\x07\x63\x61pture\x18\x03 \x01(\x0b\x32\x1d.shadowplane.v1.CaptureStatus\"\x1c\n\tHeartbeat\x12\x0f\n\x07unix_ms\x18\x01 \x01(\x03\"\x81\x02\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12)\n\x04vote\x18\x04 \x01(\x0b\x32\x19.shadowplane.v1.VoteReplyH\x00\x12*\n\x04hook\x18\x05 \x01(\x0b\x32\x1a.shadowplane.v1.HookResultH\x00\x12/\n\x07\x61\x64\x64ress\x18\x06 \x01(\x0b\x32\x1c.shadowplane.v1.AddressStateH\x00\x12/\n\x06limits\x18\x07 \x01(\x0b\x32\x1d.shadowplane.v1.LimitsAppliedH\x00\x42\x08\n\x06\x64\x65tail\"a\n\x0bObservation\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\n\n\x02up\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x05 \x01(\x03\"[\n\nLeaseEvent\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x04\x12\x0c\n\x04what\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07unix_ms\x18\x05 \x01(\x03\"\xbb\x02\n\x0c\x41gentMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x15.shadowplane.v1.HelloH\x00\x12\x33\n\ttelemetry\x18\x02 \x01(\x0b\x32\x1e.shadowplane.v1.TelemetryBatchH\x00\x12.\n\theartbeat\x18\x03 \x01(\x0b\x32\x19.shadowplane.v1.HeartbeatH\x00\x12/\n\x06result\x18\x04 \x01(\x0b\x32\x1d.shadowplane.v1.CommandResultH\x00\x12\x32\n\x0bobservation\x18\x05 \x01(\x0b\x32\x1b.shadowplane.v1.ObservationH\x00\x12\x31\n\x0blease_event\x18\x06 \x01(\x0b\x32\x1a.shadowplane.v1.LeaseEventH\x00\x42\x06\n\x04\x62ody\"?\n\x07Welcome\x12\x1a\n\x12\x63ontroller_version\x18\x01 \x01(\t\x12\x18\n\x10resume_after_seq\x18\x02 \x01(\x04\"\x1b\n\x0cTelemetryAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"4\n\x06Reject\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xab\x02\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12&\n\x05watch\x18\x02 \x01(\x0b\x32\x15.shadowplane.v1.WatchH\x00\x12$\n\x04vote\x18\x03 \x01(\x0b\x32\x14.shadowplane.v1.VoteH\x00\x12*\n\x07\x61\x63quire\x18\x04 \x01(\x0b\x32\x17.shadowplane.v1.AcquireH\x00\x12*\n\x07release\x18\x05 \x01(\x0b\x32\x17.shadowplane.v1.ReleaseH\x00\x12+\n\x08run_hook\x18\x06 \x01(\x0b\x32\x17.shadowplane.v1.RunHookH\x00\x12/\n\nset_limits\x18\x07 \x01(\x0b\x32\x19.shadowplane.v1.SetLimitsH\x00\x42\x08\n\x06\x61\x63tion\"\xd6\x01\n\x0bHealthCheck\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0c\n\x04port\x18\x05 \x01(\r\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x15\n\rexpect_status\x18\x07 \x01(\r\x12\x0f\n\x07\x63ommand\x18\x08 \x03(\t\x12\x13\n\x0binterval_ms\x18\t \x01(\r\x12\x12\n\ntimeout_ms\x18\n \x01(\r\x12\x0c\n\x04\x66\x61ll\x18\x0b \x01(\r\x12\x0c\n\x04rise\x18\x0c \x01(\r\"a\n\x05Watch\x12+\n\x06\x63hecks\x18\x01 \x03(\x0b\x32\x1b.shadowplane.v1.HealthCheck\x12\x19\n\x11observed_services\x18\x02 \x03(\t\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\"9\n\x04Vote\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x04\x12\x11\n\tcandidate\x18\x03 \x01(\t\"E\n\tVoteReply\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\x12\x16\n\x0epromised_token\x18\x03 \x01(\x04\"\xcd\x01\n\x07\x41\x63quire\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x04\x12\x0b\n\x03vip\x18\x03 \x01(\t\x12\x11\n\tinterface\x18\x04 \x01(\t\x12\x11\n\tobservers\x18\x05 \x03(\t\x12\x10\n\x08lease_ms\x18\x06 \x01(\r\x12\x19\n\x11renew_interval_ms\x18\x07 \x01(\r\x12\x14\n\x0c\x64rift_margin\x18\x08 \x01(\x01\x12\x12\n\ngarp_count\x18\t \x01(\r\x12\x18\n\x10garp_interval_ms\x18\n \x01(\r\")\n\x07Release\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x04\"a\n\x0c\x41\x64\x64ressState\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x04\x12\x15\n\rholds_address\x18\x03 \x01(\x08\x12\x1a\n\x12\x61nnouncements_sent\x18\x04 \x01(\r\"\x98\x01\n\x07RunHook\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12-\n\x03\x65nv\x18\x03 \x03(\x0b\x32 .shadowplane.v1.RunHook.EnvEntry\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"z\n\nHookResult\x12\r\n\x05phase\x18\x01 \x01(\t\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x11\n\ttimed_out\x18\x04 \x01(\x08\x12\x13\n\x0boutput_tail\x18\x05 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\r\"Y\n\tSetLimits\x12\x10\n\x08workload\x18\x01 \x01(\t\x12\x11\n\tcpu_cores\x18\x02 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x11\n\tio_weight\x18\x04 \x01(\r\"z\n\rLimitsApplied\x12\x10\n\x08workload\x18\x01 \x01(\t\x12\x11\n\tcpu_cores\x18\x02 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x11\n\tio_weight\x18\x04 \x01(\r\x12\x1b\n\x13memory_in_use_bytes\x18\x05 \x01(\x04\"\xca\x01\n\x11\x43ontrollerMessage\x12*\n\x07welcome\x18\x01 \x01(\x0b\x32\x17.shadowplane.v1.WelcomeH\x00\x12+\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1c.shadowplane.v1.TelemetryAckH\x00\x12*\n\x07\x63ommand\x18\x03 \x01(\x0b\x32\x17.shadowplane.v1.CommandH\x00\x12(\n\x06reject\x18\x04 \x01(\x0b\x32\x16.shadowplane.v1.RejectH\x00\x42\x06\n\x04\x62ody2]\n\x0b\x41gentStream\x12N\n\x07\x43onnect\x12\x1c.shadowplane.v1.AgentMessage\x1a!.shadowplane.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shadowplane.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RUNHOOK_ENVENTRY']._loaded_options = None
+  _globals['_RUNHOOK_ENVENTRY']._serialized_options = b'8\001'
   _globals['_HOSTINFO']._serialized_start=78
   _globals['_HOSTINFO']._serialized_end=159
   _globals['_HELLO']._serialized_start=162
-  _globals['_HELLO']._serialized_end=390
-  _globals['_TELEMETRYBATCH']._serialized_start=392
-  _globals['_TELEMETRYBATCH']._serialized_end=518
-  _globals['_HEARTBEAT']._serialized_start=520
-  _globals['_HEARTBEAT']._serialized_end=548
-  _globals['_COMMANDRESULT']._serialized_start=550
-  _globals['_COMMANDRESULT']._serialized_end=612
-  _globals['_AGENTMESSAGE']._serialized_start=615
-  _globals['_AGENTMESSAGE']._serialized_end=827
-  _globals['_WELCOME']._serialized_start=829
-  _globals['_WELCOME']._serialized_end=892
-  _globals['_TELEMETRYACK']._serialized_start=894
-  _globals['_TELEMETRYACK']._serialized_end=921
-  _globals['_REJECT']._serialized_start=923
-  _globals['_REJECT']._serialized_end=975
-  _globals['_COMMAND']._serialized_start=977
-  _globals['_COMMAND']._serialized_end=1006
-  _globals['_CONTROLLERMESSAGE']._serialized_start=1009
-  _globals['_CONTROLLERMESSAGE']._serialized_end=1211
-  _globals['_AGENTSTREAM']._serialized_start=1213
-  _globals['_AGENTSTREAM']._serialized_end=1306
+  _globals['_HELLO']._serialized_end=412
+  _globals['_TELEMETRYBATCH']._serialized_start=414
+  _globals['_TELEMETRYBATCH']._serialized_end=540
+  _globals['_HEARTBEAT']._serialized_start=542
+  _globals['_HEARTBEAT']._serialized_end=570
+  _globals['_COMMANDRESULT']._serialized_start=573
+  _globals['_COMMANDRESULT']._serialized_end=830
+  _globals['_OBSERVATION']._serialized_start=832
+  _globals['_OBSERVATION']._serialized_end=929
+  _globals['_LEASEEVENT']._serialized_start=931
+  _globals['_LEASEEVENT']._serialized_end=1022
+  _globals['_AGENTMESSAGE']._serialized_start=1025
+  _globals['_AGENTMESSAGE']._serialized_end=1340
+  _globals['_WELCOME']._serialized_start=1342
+  _globals['_WELCOME']._serialized_end=1405
+  _globals['_TELEMETRYACK']._serialized_start=1407
+  _globals['_TELEMETRYACK']._serialized_end=1434
+  _globals['_REJECT']._serialized_start=1436
+  _globals['_REJECT']._serialized_end=1488
+  _globals['_COMMAND']._serialized_start=1491
+  _globals['_COMMAND']._serialized_end=1790
+  _globals['_HEALTHCHECK']._serialized_start=1793
+  _globals['_HEALTHCHECK']._serialized_end=2007
+  _globals['_WATCH']._serialized_start=2009
+  _globals['_WATCH']._serialized_end=2106
+  _globals['_VOTE']._serialized_start=2108
+  _globals['_VOTE']._serialized_end=2165
+  _globals['_VOTEREPLY']._serialized_start=2167
+  _globals['_VOTEREPLY']._serialized_end=2236
+  _globals['_ACQUIRE']._serialized_start=2239
+  _globals['_ACQUIRE']._serialized_end=2444
+  _globals['_RELEASE']._serialized_start=2446
+  _globals['_RELEASE']._serialized_end=2487
+  _globals['_ADDRESSSTATE']._serialized_start=2489
+  _globals['_ADDRESSSTATE']._serialized_end=2586
+  _globals['_RUNHOOK']._serialized_start=2589
+  _globals['_RUNHOOK']._serialized_end=2741
+  _globals['_RUNHOOK_ENVENTRY']._serialized_start=2699
+  _globals['_RUNHOOK_ENVENTRY']._serialized_end=2741
+  _globals['_HOOKRESULT']._serialized_start=2743
+  _globals['_HOOKRESULT']._serialized_end=2865
+  _globals['_SETLIMITS']._serialized_start=2867
+  _globals['_SETLIMITS']._serialized_end=2956
+  _globals['_LIMITSAPPLIED']._serialized_start=2958
+  _globals['_LIMITSAPPLIED']._serialized_end=3080
+  _globals['_CONTROLLERMESSAGE']._serialized_start=3083
+  _globals['_CONTROLLERMESSAGE']._serialized_end=3285
+  _globals['_AGENTSTREAM']._serialized_start=3287
+  _globals['_AGENTSTREAM']._serialized_end=3380
 # @@protoc_insertion_point(module_scope)

@@ -62,11 +62,14 @@ class Hello(_message.Message):
     CAPTURE_FIELD_NUMBER: _builtins.int
     HOST_INFO_FIELD_NUMBER: _builtins.int
     INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    PEER_ADDRESS_FIELD_NUMBER: _builtins.int
     host: _builtins.str
     agent_version: _builtins.str
     instance_id: _builtins.str
     """Random per agent process: with seq it names each telemetry batch uniquely."""
     interval_ms: _builtins.int
+    peer_address: _builtins.str
+    """HOST:PORT of this agent's Lease service (empty: not an observer)"""
     @_builtins.property
     def workloads(self) -> _containers.RepeatedCompositeFieldContainer[_telemetry_pb2.WorkloadInfo]: ...
     @_builtins.property
@@ -83,10 +86,11 @@ class Hello(_message.Message):
         capture: _telemetry_pb2.CaptureStatus | None = ...,
         host_info: Global___HostInfo | None = ...,
         interval_ms: _builtins.int = ...,
+        peer_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capture", b"capture", "host_info", b"host_info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "capture", b"capture", "host", b"host", "host_info", b"host_info", "instance_id", b"instance_id", "interval_ms", b"interval_ms", "workloads", b"workloads"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "capture", b"capture", "host", b"host", "host_info", b"host_info", "instance_id", b"instance_id", "interval_ms", b"interval_ms", "peer_address", b"peer_address", "workloads", b"workloads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -146,23 +150,110 @@ class CommandResult(_message.Message):
     COMMAND_ID_FIELD_NUMBER: _builtins.int
     OK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    VOTE_FIELD_NUMBER: _builtins.int
+    HOOK_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     ok: _builtins.bool
     error: _builtins.str
+    @_builtins.property
+    def vote(self) -> Global___VoteReply: ...
+    @_builtins.property
+    def hook(self) -> Global___HookResult: ...
+    @_builtins.property
+    def address(self) -> Global___AddressState: ...
+    @_builtins.property
+    def limits(self) -> Global___LimitsApplied: ...
     def __init__(
         self,
         *,
         command_id: _builtins.str = ...,
         ok: _builtins.bool = ...,
         error: _builtins.str = ...,
+        vote: Global___VoteReply | None = ...,
+        hook: Global___HookResult | None = ...,
+        address: Global___AddressState | None = ...,
+        limits: Global___LimitsApplied | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "detail", b"detail", "hook", b"hook", "limits", b"limits", "vote", b"vote"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "command_id", b"command_id", "detail", b"detail", "error", b"error", "hook", b"hook", "limits", b"limits", "ok", b"ok", "vote", b"vote"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_detail: _TypeAlias = _typing.Literal["vote", "hook", "address", "limits"]  # noqa: Y015
+    _WhichOneofArgType_detail: _TypeAlias = _typing.Literal["detail", b"detail"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_detail) -> _WhichOneofReturnType_detail | None: ...
+
+Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
+
+@_typing.final
+class Observation(_message.Message):
+    """An observer's view of one health-check target changed (and, at most once per second, a repeat)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    UP_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    target: _builtins.str
+    """host name checked"""
+    up: _builtins.bool
+    detail: _builtins.str
+    """e.g. "connect timeout after 100 ms", "HTTP 503" """
+    since_unix_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        target: _builtins.str = ...,
+        up: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+        since_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "error", b"error", "ok", b"ok"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "service", b"service", "since_unix_ms", b"since_unix_ms", "target", b"target", "up", b"up"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
+Global___Observation: _TypeAlias = Observation  # noqa: Y015
+
+@_typing.final
+class LeaseEvent(_message.Message):
+    """The agent's own report on a lease it held: lost (it removed the address) or released."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    WHAT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    token: _builtins.int
+    what: _builtins.str
+    """"lost", "released", "acquired" """
+    reason: _builtins.str
+    unix_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        token: _builtins.int = ...,
+        what: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "service", b"service", "token", b"token", "unix_ms", b"unix_ms", "what", b"what"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseEvent: _TypeAlias = LeaseEvent  # noqa: Y015
 
 @_typing.final
 class AgentMessage(_message.Message):
@@ -172,6 +263,8 @@ class AgentMessage(_message.Message):
     TELEMETRY_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    OBSERVATION_FIELD_NUMBER: _builtins.int
+    LEASE_EVENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -180,6 +273,10 @@ class AgentMessage(_message.Message):
     def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
     def result(self) -> Global___CommandResult: ...
+    @_builtins.property
+    def observation(self) -> Global___Observation: ...
+    @_builtins.property
+    def lease_event(self) -> Global___LeaseEvent: ...
     def __init__(
         self,
         *,
@@ -187,12 +284,14 @@ class AgentMessage(_message.Message):
         telemetry: Global___TelemetryBatch | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         result: Global___CommandResult | None = ...,
+        observation: Global___Observation | None = ...,
+        lease_event: Global___LeaseEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result", "telemetry", b"telemetry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "lease_event", b"lease_event", "observation", b"observation", "result", b"result", "telemetry", b"telemetry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result", "telemetry", b"telemetry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "lease_event", b"lease_event", "observation", b"observation", "result", b"result", "telemetry", b"telemetry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "telemetry", "heartbeat", "result"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "telemetry", "heartbeat", "result", "observation", "lease_event"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -274,19 +373,434 @@ class Command(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COMMAND_ID_FIELD_NUMBER: _builtins.int
+    WATCH_FIELD_NUMBER: _builtins.int
+    VOTE_FIELD_NUMBER: _builtins.int
+    ACQUIRE_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    RUN_HOOK_FIELD_NUMBER: _builtins.int
+    SET_LIMITS_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
+    @_builtins.property
+    def watch(self) -> Global___Watch: ...
+    @_builtins.property
+    def vote(self) -> Global___Vote: ...
+    @_builtins.property
+    def acquire(self) -> Global___Acquire: ...
+    @_builtins.property
+    def release(self) -> Global___Release: ...
+    @_builtins.property
+    def run_hook(self) -> Global___RunHook: ...
+    @_builtins.property
+    def set_limits(self) -> Global___SetLimits: ...
     def __init__(
         self,
         *,
         command_id: _builtins.str = ...,
+        watch: Global___Watch | None = ...,
+        vote: Global___Vote | None = ...,
+        acquire: Global___Acquire | None = ...,
+        release: Global___Release | None = ...,
+        run_hook: Global___RunHook | None = ...,
+        set_limits: Global___SetLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "action", b"action", "release", b"release", "run_hook", b"run_hook", "set_limits", b"set_limits", "vote", b"vote", "watch", b"watch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "action", b"action", "command_id", b"command_id", "release", b"release", "run_hook", b"run_hook", "set_limits", b"set_limits", "vote", b"vote", "watch", b"watch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["watch", "vote", "acquire", "release", "run_hook", "set_limits"]  # noqa: Y015
+    _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
+
+Global___Command: _TypeAlias = Command  # noqa: Y015
+
+@_typing.final
+class HealthCheck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    EXPECT_STATUS_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    FALL_FIELD_NUMBER: _builtins.int
+    RISE_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    target: _builtins.str
+    """host name"""
+    address: _builtins.str
+    """what to probe"""
+    kind: _builtins.str
+    """"tcp", "http", "exec" """
+    port: _builtins.int
+    path: _builtins.str
+    expect_status: _builtins.int
+    interval_ms: _builtins.int
+    timeout_ms: _builtins.int
+    fall: _builtins.int
+    rise: _builtins.int
+    @_builtins.property
+    def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        target: _builtins.str = ...,
+        address: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        port: _builtins.int = ...,
+        path: _builtins.str = ...,
+        expect_status: _builtins.int = ...,
+        command: _abc.Iterable[_builtins.str] | None = ...,
+        interval_ms: _builtins.int = ...,
+        timeout_ms: _builtins.int = ...,
+        fall: _builtins.int = ...,
+        rise: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "command", b"command", "expect_status", b"expect_status", "fall", b"fall", "interval_ms", b"interval_ms", "kind", b"kind", "path", b"path", "port", b"port", "rise", b"rise", "service", b"service", "target", b"target", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Command: _TypeAlias = Command  # noqa: Y015
+Global___HealthCheck: _TypeAlias = HealthCheck  # noqa: Y015
+
+@_typing.final
+class Watch(_message.Message):
+    """The full set of checks this agent runs and the services it observes (replaces any earlier Watch)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKS_FIELD_NUMBER: _builtins.int
+    OBSERVED_SERVICES_FIELD_NUMBER: _builtins.int
+    LEASE_MS_FIELD_NUMBER: _builtins.int
+    lease_ms: _builtins.int
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___HealthCheck]: ...
+    @_builtins.property
+    def observed_services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        checks: _abc.Iterable[Global___HealthCheck] | None = ...,
+        observed_services: _abc.Iterable[_builtins.str] | None = ...,
+        lease_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "lease_ms", b"lease_ms", "observed_services", b"observed_services"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Watch: _TypeAlias = Watch  # noqa: Y015
+
+@_typing.final
+class Vote(_message.Message):
+    """Coordinator -> observer: promise `token` to `candidate`; refuse renewals of older tokens from now on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    token: _builtins.int
+    candidate: _builtins.str
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        token: _builtins.int = ...,
+        candidate: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "service", b"service", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Vote: _TypeAlias = Vote  # noqa: Y015
+
+@_typing.final
+class VoteReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTED_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
+    PROMISED_TOKEN_FIELD_NUMBER: _builtins.int
+    granted: _builtins.bool
+    wait_ms: _builtins.int
+    """until every renewal this observer granted for an older token has expired"""
+    promised_token: _builtins.int
+    def __init__(
+        self,
+        *,
+        granted: _builtins.bool = ...,
+        wait_ms: _builtins.int = ...,
+        promised_token: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "promised_token", b"promised_token", "wait_ms", b"wait_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoteReply: _TypeAlias = VoteReply  # noqa: Y015
+
+@_typing.final
+class Acquire(_message.Message):
+    """Coordinator -> new owner: renew with a majority under `token`, then add the address and announce it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    VIP_FIELD_NUMBER: _builtins.int
+    INTERFACE_FIELD_NUMBER: _builtins.int
+    OBSERVERS_FIELD_NUMBER: _builtins.int
+    LEASE_MS_FIELD_NUMBER: _builtins.int
+    RENEW_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    DRIFT_MARGIN_FIELD_NUMBER: _builtins.int
+    GARP_COUNT_FIELD_NUMBER: _builtins.int
+    GARP_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    token: _builtins.int
+    vip: _builtins.str
+    """ADDRESS/PREFIX; empty for DNS-only services"""
+    interface: _builtins.str
+    lease_ms: _builtins.int
+    renew_interval_ms: _builtins.int
+    drift_margin: _builtins.float
+    garp_count: _builtins.int
+    garp_interval_ms: _builtins.int
+    @_builtins.property
+    def observers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Lease service addresses (HOST:PORT)"""
+
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        token: _builtins.int = ...,
+        vip: _builtins.str = ...,
+        interface: _builtins.str = ...,
+        observers: _abc.Iterable[_builtins.str] | None = ...,
+        lease_ms: _builtins.int = ...,
+        renew_interval_ms: _builtins.int = ...,
+        drift_margin: _builtins.float = ...,
+        garp_count: _builtins.int = ...,
+        garp_interval_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drift_margin", b"drift_margin", "garp_count", b"garp_count", "garp_interval_ms", b"garp_interval_ms", "interface", b"interface", "lease_ms", b"lease_ms", "observers", b"observers", "renew_interval_ms", b"renew_interval_ms", "service", b"service", "token", b"token", "vip", b"vip"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Acquire: _TypeAlias = Acquire  # noqa: Y015
+
+@_typing.final
+class Release(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    token: _builtins.int
+    """0: whatever token this agent holds for the service"""
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        token: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["service", b"service", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Release: _TypeAlias = Release  # noqa: Y015
+
+@_typing.final
+class AddressState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    HOLDS_ADDRESS_FIELD_NUMBER: _builtins.int
+    ANNOUNCEMENTS_SENT_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    token: _builtins.int
+    holds_address: _builtins.bool
+    announcements_sent: _builtins.int
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        token: _builtins.int = ...,
+        holds_address: _builtins.bool = ...,
+        announcements_sent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["announcements_sent", b"announcements_sent", "holds_address", b"holds_address", "service", b"service", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddressState: _TypeAlias = AddressState  # noqa: Y015
+
+@_typing.final
+class RunHook(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    phase: _builtins.str
+    """before-takeover, after-takeover, before-release, after-release"""
+    timeout_ms: _builtins.int
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        phase: _builtins.str = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "phase", b"phase", "service", b"service", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunHook: _TypeAlias = RunHook  # noqa: Y015
+
+@_typing.final
+class HookResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    FOUND_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    TIMED_OUT_FIELD_NUMBER: _builtins.int
+    OUTPUT_TAIL_FIELD_NUMBER: _builtins.int
+    DURATION_MS_FIELD_NUMBER: _builtins.int
+    phase: _builtins.str
+    found: _builtins.bool
+    """false: no hook installed for this phase (not a failure)"""
+    exit_code: _builtins.int
+    timed_out: _builtins.bool
+    output_tail: _builtins.str
+    duration_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        phase: _builtins.str = ...,
+        found: _builtins.bool = ...,
+        exit_code: _builtins.int = ...,
+        timed_out: _builtins.bool = ...,
+        output_tail: _builtins.str = ...,
+        duration_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_ms", b"duration_ms", "exit_code", b"exit_code", "found", b"found", "output_tail", b"output_tail", "phase", b"phase", "timed_out", b"timed_out"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HookResult: _TypeAlias = HookResult  # noqa: Y015
+
+@_typing.final
+class SetLimits(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_FIELD_NUMBER: _builtins.int
+    CPU_CORES_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    IO_WEIGHT_FIELD_NUMBER: _builtins.int
+    workload: _builtins.str
+    cpu_cores: _builtins.float
+    """0: unlimited"""
+    memory_bytes: _builtins.int
+    """0: unlimited"""
+    io_weight: _builtins.int
+    """0: leave as is"""
+    def __init__(
+        self,
+        *,
+        workload: _builtins.str = ...,
+        cpu_cores: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        io_weight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_cores", b"cpu_cores", "io_weight", b"io_weight", "memory_bytes", b"memory_bytes", "workload", b"workload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetLimits: _TypeAlias = SetLimits  # noqa: Y015
+
+@_typing.final
+class LimitsApplied(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_FIELD_NUMBER: _builtins.int
+    CPU_CORES_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    IO_WEIGHT_FIELD_NUMBER: _builtins.int
+    MEMORY_IN_USE_BYTES_FIELD_NUMBER: _builtins.int
+    workload: _builtins.str
+    cpu_cores: _builtins.float
+    """as the kernel now reports"""
+    memory_bytes: _builtins.int
+    io_weight: _builtins.int
+    memory_in_use_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        workload: _builtins.str = ...,
+        cpu_cores: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        io_weight: _builtins.int = ...,
+        memory_in_use_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_cores", b"cpu_cores", "io_weight", b"io_weight", "memory_bytes", b"memory_bytes", "memory_in_use_bytes", b"memory_in_use_bytes", "workload", b"workload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LimitsApplied: _TypeAlias = LimitsApplied  # noqa: Y015
 
 @_typing.final
 class ControllerMessage(_message.Message):

@@ -26,15 +26,17 @@ from shadowplane.v1 import agent_pb2 as shadowplane_dot_v1_dot_agent__pb2
 from shadowplane.v1 import telemetry_pb2 as shadowplane_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashadowplane/v1/fleet.proto\x12\x0eshadowplane.v1\x1a\x1ashadowplane/v1/agent.proto\x1a\x1eshadowplane/v1/telemetry.proto\"\xbc\x02\n\nHostStatus\x12\x0c\n\x04host\x18\x01 \x01(\t\x12*\n\x06health\x18\x02 \x01(\x0e\x32\x1a.shadowplane.v1.HostHealth\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x19\n\x11last_seen_unix_ms\x18\x04 \x01(\x03\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x0c\n\x04peer\x18\x06 \x01(\t\x12.\n\x07\x63\x61pture\x18\x07 \x01(\x0b\x32\x1d.shadowplane.v1.CaptureStatus\x12/\n\tworkloads\x18\x08 \x03(\x0b\x32\x1c.shadowplane.v1.WorkloadInfo\x12+\n\thost_info\x18\t \x01(\x0b\x32\x18.shadowplane.v1.HostInfo\x12\x13\n\x0binterval_ms\x18\n \x01(\r\"\x12\n\x10ListHostsRequest\">\n\x11ListHostsResponse\x12)\n\x05hosts\x18\x01 \x03(\x0b\x32\x1a.shadowplane.v1.HostStatus\"k\n\x13GetTelemetryRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x10\n\x08workload\x18\x02 \x01(\t\x12\x0e\n\x06\x63group\x18\x03 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x04 \x01(\x03\x12\r\n\x05limit\x18\x05 \x01(\r\"L\n\x0cStoredSample\x12\x0c\n\x04host\x18\x01 \x01(\t\x12.\n\x06sample\x18\x02 \x01(\x0b\x32\x1e.shadowplane.v1.WorkloadSample\"E\n\x14GetTelemetryResponse\x12-\n\x07samples\x18\x01 \x03(\x0b\x32\x1c.shadowplane.v1.StoredSample*o\n\nHostHealth\x12\x1b\n\x17HOST_HEALTH_UNSPECIFIED\x10\x00\x12\x17\n\x13HOST_HEALTH_HEALTHY\x10\x01\x12\x15\n\x11HOST_HEALTH_STALE\x10\x02\x12\x14\n\x10HOST_HEALTH_DOWN\x10\x03\x32\xb4\x01\n\x05\x46leet\x12P\n\tListHosts\x12 .shadowplane.v1.ListHostsRequest\x1a!.shadowplane.v1.ListHostsResponse\x12Y\n\x0cGetTelemetry\x12#.shadowplane.v1.GetTelemetryRequest\x1a$.shadowplane.v1.GetTelemetryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashadowplane/v1/fleet.proto\x12\x0eshadowplane.v1\x1a\x1ashadowplane/v1/agent.proto\x1a\x1eshadowplane/v1/telemetry.proto\"\xbc\x02\n\nHostStatus\x12\x0c\n\x04host\x18\x01 \x01(\t\x12*\n\x06health\x18\x02 \x01(\x0e\x32\x1a.shadowplane.v1.HostHealth\x12\x11\n\tconnected\x18\x03 \x01(\x08\x12\x19\n\x11last_seen_unix_ms\x18\x04 \x01(\x03\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x0c\n\x04peer\x18\x06 \x01(\t\x12.\n\x07\x63\x61pture\x18\x07 \x01(\x0b\x32\x1d.shadowplane.v1.CaptureStatus\x12/\n\tworkloads\x18\x08 \x03(\x0b\x32\x1c.shadowplane.v1.WorkloadInfo\x12+\n\thost_info\x18\t \x01(\x0b\x32\x18.shadowplane.v1.HostInfo\x12\x13\n\x0binterval_ms\x18\n \x01(\r\"\x12\n\x10ListHostsRequest\">\n\x11ListHostsResponse\x12)\n\x05hosts\x18\x01 \x03(\x0b\x32\x1a.shadowplane.v1.HostStatus\"k\n\x13GetTelemetryRequest\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x10\n\x08workload\x18\x02 \x01(\t\x12\x0e\n\x06\x63group\x18\x03 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x04 \x01(\x03\x12\r\n\x05limit\x18\x05 \x01(\r\"L\n\x0cStoredSample\x12\x0c\n\x04host\x18\x01 \x01(\t\x12.\n\x06sample\x18\x02 \x01(\x0b\x32\x1e.shadowplane.v1.WorkloadSample\"E\n\x14GetTelemetryResponse\x12-\n\x07samples\x18\x01 \x03(\x0b\x32\x1c.shadowplane.v1.StoredSample\"r\n\x0cObserverView\x12\x10\n\x08observer\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\n\n\x02up\x18\x03 \x01(\x08\x12\r\n\x05known\x18\x04 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x15\n\rsince_unix_ms\x18\x06 \x01(\x03\"\x93\x02\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03vip\x18\x02 \x01(\t\x12\x0f\n\x07primary\x18\x03 \x01(\t\x12\x0f\n\x07shadows\x18\x04 \x03(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\r\n\x05token\x18\x06 \x01(\x04\x12\r\n\x05phase\x18\x07 \x01(\t\x12/\n\tobservers\x18\x08 \x03(\x0b\x32\x1c.shadowplane.v1.ObserverView\x12.\n\x0flast_transition\x18\t \x01(\x0b\x32\x15.shadowplane.v1.Event\x12\x10\n\x08\x66\x61ilback\x18\n \x01(\t\x12%\n\x1dprimary_healthy_since_unix_ms\x18\x0b \x01(\x03\"&\n\x13ListServicesRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"G\n\x14ListServicesResponse\x12/\n\x08services\x18\x01 \x03(\x0b\x32\x1d.shadowplane.v1.ServiceStatus\"=\n\x0f\x46\x61iloverRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\"\n\x0f\x46\x61ilbackRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"Y\n\x0fTransitionReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12$\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x15.shadowplane.v1.Event\"\xc3\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07unix_ms\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x0c\n\x04host\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x31\n\x06\x64\x65tail\x18\x07 \x03(\x0b\x32!.shadowplane.v1.Event.DetailEntry\x1a-\n\x0b\x44\x65tailEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x11ListEventsRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08\x61\x66ter_id\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\";\n\x12ListEventsResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.shadowplane.v1.Event*o\n\nHostHealth\x12\x1b\n\x17HOST_HEALTH_UNSPECIFIED\x10\x00\x12\x17\n\x13HOST_HEALTH_HEALTHY\x10\x01\x12\x15\n\x11HOST_HEALTH_STALE\x10\x02\x12\x14\n\x10HOST_HEALTH_DOWN\x10\x03\x32\xcb\x04\n\x05\x46leet\x12P\n\tListHosts\x12 .shadowplane.v1.ListHostsRequest\x1a!.shadowplane.v1.ListHostsResponse\x12Y\n\x0cGetTelemetry\x12#.shadowplane.v1.GetTelemetryRequest\x1a$.shadowplane.v1.GetTelemetryResponse\x12Y\n\x0cListServices\x12#.shadowplane.v1.ListServicesRequest\x1a$.shadowplane.v1.ListServicesResponse\x12L\n\x08\x46\x61ilover\x12\x1f.shadowplane.v1.FailoverRequest\x1a\x1f.shadowplane.v1.TransitionReply\x12L\n\x08\x46\x61ilback\x12\x1f.shadowplane.v1.FailbackRequest\x1a\x1f.shadowplane.v1.TransitionReply\x12S\n\nListEvents\x12!.shadowplane.v1.ListEventsRequest\x1a\".shadowplane.v1.ListEventsResponse\x12I\n\x0bWatchEvents\x12!.shadowplane.v1.ListEventsRequest\x1a\x15.shadowplane.v1.Event0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shadowplane.v1.fleet_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HOSTHEALTH']._serialized_start=767
-  _globals['_HOSTHEALTH']._serialized_end=878
+  _globals['_EVENT_DETAILENTRY']._loaded_options = None
+  _globals['_EVENT_DETAILENTRY']._serialized_options = b'8\001'
+  _globals['_HOSTHEALTH']._serialized_start=1794
+  _globals['_HOSTHEALTH']._serialized_end=1905
   _globals['_HOSTSTATUS']._serialized_start=107
   _globals['_HOSTSTATUS']._serialized_end=423
   _globals['_LISTHOSTSREQUEST']._serialized_start=425
@@ -47,6 +49,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOREDSAMPLE']._serialized_end=694
   _globals['_GETTELEMETRYRESPONSE']._serialized_start=696
   _globals['_GETTELEMETRYRESPONSE']._serialized_end=765
-  _globals['_FLEET']._serialized_start=881
-  _globals['_FLEET']._serialized_end=1061
+  _globals['_OBSERVERVIEW']._serialized_start=767
+  _globals['_OBSERVERVIEW']._serialized_end=881
+  _globals['_SERVICESTATUS']._serialized_start=884
+  _globals['_SERVICESTATUS']._serialized_end=1159
+  _globals['_LISTSERVICESREQUEST']._serialized_start=1161
+  _globals['_LISTSERVICESREQUEST']._serialized_end=1199
+  _globals['_LISTSERVICESRESPONSE']._serialized_start=1201
+  _globals['_LISTSERVICESRESPONSE']._serialized_end=1272
+  _globals['_FAILOVERREQUEST']._serialized_start=1274
+  _globals['_FAILOVERREQUEST']._serialized_end=1335
+  _globals['_FAILBACKREQUEST']._serialized_start=1337
+  _globals['_FAILBACKREQUEST']._serialized_end=1371
+  _globals['_TRANSITIONREPLY']._serialized_start=1373
+  _globals['_TRANSITIONREPLY']._serialized_end=1462
+  _globals['_EVENT']._serialized_start=1465
+  _globals['_EVENT']._serialized_end=1660
+  _globals['_EVENT_DETAILENTRY']._serialized_start=1615
+  _globals['_EVENT_DETAILENTRY']._serialized_end=1660
+  _globals['_LISTEVENTSREQUEST']._serialized_start=1662
+  _globals['_LISTEVENTSREQUEST']._serialized_end=1731
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=1733
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=1792
+  _globals['_FLEET']._serialized_start=1908
+  _globals['_FLEET']._serialized_end=2495
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,31 @@ class FleetStub:
                 request_serializer=shadowplane_dot_v1_dot_fleet__pb2.GetTelemetryRequest.SerializeToString,
                 response_deserializer=shadowplane_dot_v1_dot_fleet__pb2.GetTelemetryResponse.FromString,
                 _registered_method=True)
+        self.ListServices = channel.unary_unary(
+                '/shadowplane.v1.Fleet/ListServices',
+                request_serializer=shadowplane_dot_v1_dot_fleet__pb2.ListServicesRequest.SerializeToString,
+                response_deserializer=shadowplane_dot_v1_dot_fleet__pb2.ListServicesResponse.FromString,
+                _registered_method=True)
+        self.Failover = channel.unary_unary(
+                '/shadowplane.v1.Fleet/Failover',
+                request_serializer=shadowplane_dot_v1_dot_fleet__pb2.FailoverRequest.SerializeToString,
+                response_deserializer=shadowplane_dot_v1_dot_fleet__pb2.TransitionReply.FromString,
+                _registered_method=True)
+        self.Failback = channel.unary_unary(
+                '/shadowplane.v1.Fleet/Failback',
+                request_serializer=shadowplane_dot_v1_dot_fleet__pb2.FailbackRequest.SerializeToString,
+                response_deserializer=shadowplane_dot_v1_dot_fleet__pb2.TransitionReply.FromString,
+                _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/shadowplane.v1.Fleet/ListEvents',
+                request_serializer=shadowplane_dot_v1_dot_fleet__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=shadowplane_dot_v1_dot_fleet__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/shadowplane.v1.Fleet/WatchEvents',
+                request_serializer=shadowplane_dot_v1_dot_fleet__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=shadowplane_dot_v1_dot_fleet__pb2.Event.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -61,6 +86,36 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListServices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Failover(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Failback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +128,31 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.GetTelemetry,
                     request_deserializer=shadowplane_dot_v1_dot_fleet__pb2.GetTelemetryRequest.FromString,
                     response_serializer=shadowplane_dot_v1_dot_fleet__pb2.GetTelemetryResponse.SerializeToString,
+            ),
+            'ListServices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListServices,
+                    request_deserializer=shadowplane_dot_v1_dot_fleet__pb2.ListServicesRequest.FromString,
+                    response_serializer=shadowplane_dot_v1_dot_fleet__pb2.ListServicesResponse.SerializeToString,
+            ),
+            'Failover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Failover,
+                    request_deserializer=shadowplane_dot_v1_dot_fleet__pb2.FailoverRequest.FromString,
+                    response_serializer=shadowplane_dot_v1_dot_fleet__pb2.TransitionReply.SerializeToString,
+            ),
+            'Failback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Failback,
+                    request_deserializer=shadowplane_dot_v1_dot_fleet__pb2.FailbackRequest.FromString,
+                    response_serializer=shadowplane_dot_v1_dot_fleet__pb2.TransitionReply.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=shadowplane_dot_v1_dot_fleet__pb2.ListEventsRequest.FromString,
+                    response_serializer=shadowplane_dot_v1_dot_fleet__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=shadowplane_dot_v1_dot_fleet__pb2.ListEventsRequest.FromString,
+                    response_serializer=shadowplane_dot_v1_dot_fleet__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +209,141 @@ class Fleet:
             '/shadowplane.v1.Fleet/GetTelemetry',
             shadowplane_dot_v1_dot_fleet__pb2.GetTelemetryRequest.SerializeToString,
             shadowplane_dot_v1_dot_fleet__pb2.GetTelemetryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListServices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shadowplane.v1.Fleet/ListServices',
+            shadowplane_dot_v1_dot_fleet__pb2.ListServicesRequest.SerializeToString,
+            shadowplane_dot_v1_dot_fleet__pb2.ListServicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Failover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shadowplane.v1.Fleet/Failover',
+            shadowplane_dot_v1_dot_fleet__pb2.FailoverRequest.SerializeToString,
+            shadowplane_dot_v1_dot_fleet__pb2.TransitionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Failback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shadowplane.v1.Fleet/Failback',
+            shadowplane_dot_v1_dot_fleet__pb2.FailbackRequest.SerializeToString,
+            shadowplane_dot_v1_dot_fleet__pb2.TransitionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shadowplane.v1.Fleet/ListEvents',
+            shadowplane_dot_v1_dot_fleet__pb2.ListEventsRequest.SerializeToString,
+            shadowplane_dot_v1_dot_fleet__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shadowplane.v1.Fleet/WatchEvents',
+            shadowplane_dot_v1_dot_fleet__pb2.ListEventsRequest.SerializeToString,
+            shadowplane_dot_v1_dot_fleet__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,12 +33,22 @@ class FleetStub:
     def __new__(cls, channel: _aio.Channel) -> FleetAsyncStub: ...
     ListHosts: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ListHostsRequest, _fleet_pb2.ListHostsResponse]
     GetTelemetry: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetTelemetryRequest, _fleet_pb2.GetTelemetryResponse]
+    ListServices: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ListServicesRequest, _fleet_pb2.ListServicesResponse]
+    Failover: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FailoverRequest, _fleet_pb2.TransitionReply]
+    Failback: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FailbackRequest, _fleet_pb2.TransitionReply]
+    ListEvents: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ListEventsRequest, _fleet_pb2.ListEventsResponse]
+    WatchEvents: _grpc.UnaryStreamMultiCallable[_fleet_pb2.ListEventsRequest, _fleet_pb2.Event]
 
 @_typing.type_check_only
 class FleetAsyncStub(FleetStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListHosts: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ListHostsRequest, _fleet_pb2.ListHostsResponse]  # type: ignore[assignment]
     GetTelemetry: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetTelemetryRequest, _fleet_pb2.GetTelemetryResponse]  # type: ignore[assignment]
+    ListServices: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ListServicesRequest, _fleet_pb2.ListServicesResponse]  # type: ignore[assignment]
+    Failover: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FailoverRequest, _fleet_pb2.TransitionReply]  # type: ignore[assignment]
+    Failback: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FailbackRequest, _fleet_pb2.TransitionReply]  # type: ignore[assignment]
+    ListEvents: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ListEventsRequest, _fleet_pb2.ListEventsResponse]  # type: ignore[assignment]
+    WatchEvents: _aio.UnaryStreamMultiCallable[_fleet_pb2.ListEventsRequest, _fleet_pb2.Event]  # type: ignore[assignment]
 
 class FleetServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -54,5 +64,40 @@ class FleetServicer(metaclass=_abc_1.ABCMeta):
         request: _fleet_pb2.GetTelemetryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.GetTelemetryResponse, _abc.Awaitable[_fleet_pb2.GetTelemetryResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListServices(
+        self,
+        request: _fleet_pb2.ListServicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.ListServicesResponse, _abc.Awaitable[_fleet_pb2.ListServicesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Failover(
+        self,
+        request: _fleet_pb2.FailoverRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.TransitionReply, _abc.Awaitable[_fleet_pb2.TransitionReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Failback(
+        self,
+        request: _fleet_pb2.FailbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.TransitionReply, _abc.Awaitable[_fleet_pb2.TransitionReply]]: ...
+
+    @_abc_1.abstractmethod
+    def ListEvents(
+        self,
+        request: _fleet_pb2.ListEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.ListEventsResponse, _abc.Awaitable[_fleet_pb2.ListEventsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchEvents(
+        self,
+        request: _fleet_pb2.ListEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_fleet_pb2.Event], _abc.AsyncIterator[_fleet_pb2.Event]]: ...
 
 def add_FleetServicer_to_server(servicer: FleetServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
