@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -26,7 +27,7 @@ def host_health(rec: AgentRecord, connected: bool, now_ms: int, stale_after_inte
     return int(fpb.HOST_HEALTH_HEALTHY)
 
 
-class FleetService(_NotYet, fgrpc.FleetServicer):
+class FleetService(fgrpc.FleetServicer):
     def __init__(self, cfg: ControllerConfig, store: Store, registry: AgentRegistry) -> None:
         self.cfg, self.store, self.registry = cfg, store, registry
 
@@ -61,14 +62,38 @@ class FleetService(_NotYet, fgrpc.FleetServicer):
         )
         return fpb.GetTelemetryResponse(samples=[fpb.StoredSample(host=h, sample=s) for h, s in rows])
 
-
-class _NotYet:
-    """Failover calls, answered UNIMPLEMENTED until the orchestrator is wired in."""
-
-    async def _unimplemented(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def _not_wired(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "failover orchestration is not wired in yet")
 
-    ListServices = Failover = Failback = ListEvents = WatchEvents = _unimplemented  # noqa: N815
+    async def ListServices(  # noqa: N802
+        self, request: fpb.ListServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fpb.ListServicesResponse:
+        await self._not_wired(context)
+        return fpb.ListServicesResponse()
+
+    async def Failover(  # noqa: N802
+        self, request: fpb.FailoverRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fpb.TransitionReply:
+        await self._not_wired(context)
+        return fpb.TransitionReply()
+
+    async def Failback(  # noqa: N802
+        self, request: fpb.FailbackRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fpb.TransitionReply:
+        await self._not_wired(context)
+        return fpb.TransitionReply()
+
+    async def ListEvents(  # noqa: N802
+        self, request: fpb.ListEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fpb.ListEventsResponse:
+        await self._not_wired(context)
+        return fpb.ListEventsResponse()
+
+    async def WatchEvents(  # type: ignore[override]  # noqa: N802
+        self, request: fpb.ListEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[fpb.Event]:
+        await self._not_wired(context)
+        yield fpb.Event()
 
 
 def _status(rec: AgentRecord, connected: bool, now: int, stale_after: float) -> fpb.HostStatus:
