@@ -89,7 +89,7 @@ class FleetService(fgrpc.FleetServicer):
         await self._not_wired(context)
         return fpb.ListEventsResponse()
 
-    async def WatchEvents(  # type: ignore[override]  # noqa: N802
+    async def WatchEvents(  # noqa: N802
         self, request: fpb.ListEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[fpb.Event]:
         await self._not_wired(context)
