@@ -11,6 +11,7 @@ import time
 
 from google.protobuf.json_format import MessageToDict
 
+from agentd.actuate.address import Addresses
 from agentd.capture.collector import Collector
 from agentd.cgroupfs import CgroupError, CgroupLayout
 from agentd.config import AgentConfig, CaptureConfig, WorkloadConfig, load_agent_config
@@ -31,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=DEFAULT_CONFIG)
     chk = sub.add_parser("check-config", help="validate a config file and exit")
     chk.add_argument("--config", default=DEFAULT_CONFIG)
+    sub.add_parser(
+        "release-all",
+        help="remove every service address this agent added (systemd runs it after the agent stops)",
+    )
     probe = sub.add_parser("probe", help="print one cgroup's workload profile over N seconds")
     probe.add_argument("--cgroup", required=True, help="cgroup path, e.g. /shadowplane.slice/web")
     probe.add_argument("--seconds", type=float, default=5.0)
@@ -125,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     cmd = args.cmd or "run"
     if cmd == "probe":
         return probe(args)
+    if cmd == "release-all":
+        addrs = Addresses()
+        try:
+            for a in addrs.remove_all_marked():
+                print(f"removed {a}")
+        finally:
+            addrs.close()
+        return 0
     config_path = getattr(args, "config", DEFAULT_CONFIG)
     try:
         cfg = load_agent_config(config_path)

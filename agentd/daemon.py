@@ -9,15 +9,20 @@ import platform
 import signal
 import uuid
 
+import grpc
 import psutil
 
+from agentd.actuate.address import Addresses
 from agentd.capture.bpf_capture import BpfCapture, BpfLoadError, unavailable_reason
 from agentd.capture.collector import ROLES, Collector
 from agentd.cgroupfs import CgroupLayout
+from agentd.commands import CommandHandler
 from agentd.config import AgentConfig
+from agentd.failover import LeaseService, ObserverRole
 from agentd.link import Backlog, ControllerLink
 from shadowplane import __version__
 from shadowplane.v1 import agent_pb2 as apb
+from shadowplane.v1 import lease_pb2_grpc as lgrpc
 from shadowplane.v1 import telemetry_pb2 as tpb
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,9 @@ class Agent:
             heartbeat_seconds=cfg.heartbeat_interval_seconds,
             reconnect_max_seconds=cfg.reconnect_max_seconds,
         )
+        self.observer = ObserverRole(cfg.host, self.link.send)
+        self.commands: CommandHandler | None = None
+        self.peer_server: grpc.aio.Server | None = None
 
     def capture_status(self) -> tpb.CaptureStatus:
         return tpb.CaptureStatus(
@@ -82,6 +90,7 @@ class Agent:
                 kernel=platform.release(),
             ),
             interval_ms=int(self.cfg.interval_seconds * 1000),
+            peer_address=self.cfg.peer_listen,
         )
 
     def sample(self) -> apb.TelemetryBatch:
@@ -90,7 +99,25 @@ class Agent:
             seq=self.seq, samples=self.collector.collect(), capture=self.capture_status()
         )
 
+    async def start_failover_roles(self) -> None:
+        """No address survives an agent that is not running: drop any we left behind, then serve."""
+        stale = Addresses()
+        try:
+            for address in stale.remove_all_marked():
+                log.warning("removed %s left by an earlier run: this agent holds no lease yet", address)
+        finally:
+            stale.close()
+        self.commands = CommandHandler(self.cfg, self.layout, self.observer, self.link.send)
+        self.link.on_command = self.commands
+        if self.cfg.peer_listen:
+            self.peer_server = grpc.aio.server()
+            lgrpc.add_LeaseServicer_to_server(LeaseService(self.observer), self.peer_server)
+            if self.peer_server.add_insecure_port(self.cfg.peer_listen) == 0:
+                raise OSError(f"peer_listen: cannot listen on {self.cfg.peer_listen}")
+            await self.peer_server.start()
+
     async def run(self) -> None:
+        await self.start_failover_roles()
         link_task = asyncio.create_task(self.link.run())
         loop = asyncio.get_running_loop()
         next_at = loop.time() + self.cfg.interval_seconds
@@ -105,7 +132,12 @@ class Agent:
         finally:
             link_task.cancel()
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        if self.commands is not None:
+            await self.commands.close()
+        await self.observer.close()
+        if self.peer_server is not None:
+            await self.peer_server.stop(0.2)
         if self.bpf is not None:
             self.bpf.close()
 
@@ -130,4 +162,4 @@ async def serve(cfg: AgentConfig) -> None:
         log.info("agent %s stopping", cfg.host)
     finally:
         task.cancel()
-        agent.close()
+        await agent.close()

@@ -84,7 +84,8 @@ class ControllerLink:
         )
         self.state = LinkState()
         self._wake = asyncio.Event()
-        self._outbox: asyncio.Queue[apb.AgentMessage] = asyncio.Queue()
+        # Results, observations and lease events: useful only to a live session, so bounded and lossy.
+        self._outbox: collections.deque[apb.AgentMessage] = collections.deque(maxlen=1000)
         self._commands: set[asyncio.Task[None]] = set()
 
     def submit(self, batch: apb.TelemetryBatch) -> None:
@@ -93,7 +94,7 @@ class ControllerLink:
 
     def send(self, msg: apb.AgentMessage) -> None:
         """Queue a message for the current session (results, observations); dropped if none comes."""
-        self._outbox.put_nowait(msg)
+        self._outbox.append(msg)
         self._wake.set()
 
     async def run(self) -> None:
@@ -141,8 +142,8 @@ class ControllerLink:
                     for batch in self.backlog.after(sent):
                         await call.write(apb.AgentMessage(telemetry=batch))
                         sent = batch.seq
-                    while not self._outbox.empty():
-                        await call.write(self._outbox.get_nowait())
+                    while self._outbox:
+                        await call.write(self._outbox.popleft())
                     if loop.time() - last_beat >= self.heartbeat_seconds:
                         await call.write(
                             apb.AgentMessage(heartbeat=apb.Heartbeat(unix_ms=int(1000 * time.time())))

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from controller.config import ControllerConfig, load_controller_config
-from controller.server import prune_forever, start
+from controller.server import start
 from shadowplane import logs
 from shadowplane.config import ConfigError
 
@@ -23,12 +23,10 @@ async def serve(cfg: ControllerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    pruner = asyncio.create_task(prune_forever(c))
     try:
         await stop.wait()
         log.info("controller stopping")
     finally:
-        pruner.cancel()
         await c.stop()
 
 

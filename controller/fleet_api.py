@@ -9,8 +9,11 @@ from typing import Any
 import grpc
 
 from controller.config import ControllerConfig
+from controller.events import EventLog
+from controller.failover.decide import Request
+from controller.failover.loop import FailoverLoop, ServiceRuntime
 from controller.registry import AgentRegistry
-from controller.store import AgentRecord, Store
+from controller.store import AgentRecord, EventRecord, Store
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import fleet_pb2_grpc as fgrpc
 
@@ -28,8 +31,21 @@ def host_health(rec: AgentRecord, connected: bool, now_ms: int, stale_after_inte
 
 
 class FleetService(fgrpc.FleetServicer):
-    def __init__(self, cfg: ControllerConfig, store: Store, registry: AgentRegistry) -> None:
-        self.cfg, self.store, self.registry = cfg, store, registry
+    def __init__(
+        self,
+        cfg: ControllerConfig,
+        store: Store,
+        registry: AgentRegistry,
+        events: EventLog,
+        failover: FailoverLoop,
+    ) -> None:
+        self.cfg, self.store, self.registry, self.events, self.failover = (
+            cfg,
+            store,
+            registry,
+            events,
+            failover,
+        )
 
     async def ListHosts(
         self, request: fpb.ListHostsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -62,38 +78,93 @@ class FleetService(fgrpc.FleetServicer):
         )
         return fpb.GetTelemetryResponse(samples=[fpb.StoredSample(host=h, sample=s) for h, s in rows])
 
-    async def _not_wired(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "failover orchestration is not wired in yet")
-
-    async def ListServices(  # noqa: N802
+    async def ListServices(
         self, request: fpb.ListServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.ListServicesResponse:
-        await self._not_wired(context)
-        return fpb.ListServicesResponse()
+        out = []
+        for name, rt in self.failover.services.items():
+            if request.service and name != request.service:
+                continue
+            out.append(self._service_status(rt))
+        if request.service and not out:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no service {request.service!r}")
+        return fpb.ListServicesResponse(services=out)
 
-    async def Failover(  # noqa: N802
+    def _service_status(self, rt: ServiceRuntime) -> fpb.ServiceStatus:
+        rec = self.failover.orchestrator.record(rt.cfg.name)
+        views = []
+        for target in rt.targets():
+            for observer, (up, detail) in self.failover.views(rt, target).items():
+                views.append(
+                    fpb.ObserverView(
+                        observer=observer, target=target, up=bool(up), known=up is not None, detail=detail
+                    )
+                )
+        last = self.store.events(rt.cfg.name, limit=50)
+        transitions = [e for e in last if e.kind.endswith("-complete") or e.kind == "takeover-aborted"]
+        phase = "transition" if rt.busy else rec.phase
+        st = fpb.ServiceStatus(
+            name=rt.cfg.name,
+            vip=rt.cfg.vip,
+            primary=rt.cfg.primary,
+            shadows=rt.cfg.shadows,
+            owner=rec.owner,
+            token=rec.token,
+            phase=phase,
+            observers=views,
+            failback=rt.cfg.failback,
+            primary_healthy_since_unix_ms=rt.primary_up_since_ms or 0,
+        )
+        if transitions:
+            st.last_transition.CopyFrom(event_message(transitions[-1]))
+        return st
+
+    async def Failover(
         self, request: fpb.FailoverRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.TransitionReply:
-        await self._not_wired(context)
-        return fpb.TransitionReply()
+        d = self.failover.request(request.service, Request("failover", request.to, request.force))
+        return fpb.TransitionReply(accepted=d.accepted, reason=d.reason)
 
-    async def Failback(  # noqa: N802
+    async def Failback(
         self, request: fpb.FailbackRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.TransitionReply:
-        await self._not_wired(context)
-        return fpb.TransitionReply()
+        d = self.failover.request(request.service, Request("failback"))
+        return fpb.TransitionReply(accepted=d.accepted, reason=d.reason)
 
-    async def ListEvents(  # noqa: N802
+    async def ListEvents(
         self, request: fpb.ListEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.ListEventsResponse:
-        await self._not_wired(context)
-        return fpb.ListEventsResponse()
+        limit = min(request.limit or 100, MAX_LIMIT)
+        evs = self.store.events(request.service, request.after_id, limit)
+        return fpb.ListEventsResponse(events=[event_message(e) for e in evs])
 
-    async def WatchEvents(  # noqa: N802
+    async def WatchEvents(
         self, request: fpb.ListEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[fpb.Event]:
-        await self._not_wired(context)
-        yield fpb.Event()
+        q = self.events.subscribe()
+        try:
+            for e in self.store.events(
+                request.service, request.after_id, min(request.limit or 20, MAX_LIMIT)
+            ):
+                yield event_message(e)
+            while True:
+                e = await q.get()
+                if not request.service or e.service == request.service:
+                    yield event_message(e)
+        finally:
+            self.events.unsubscribe(q)
+
+
+def event_message(e: EventRecord) -> fpb.Event:
+    return fpb.Event(
+        id=e.id,
+        unix_ms=e.unix_ms,
+        kind=e.kind,
+        service=e.service,
+        host=e.host,
+        reason=e.reason,
+        detail=e.detail,
+    )
 
 
 def _status(rec: AgentRecord, connected: bool, now: int, stale_after: float) -> fpb.HostStatus:

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import grpc
 
@@ -71,11 +72,26 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class StreamListener(Protocol):
+    """Who else wants to hear what agents say (the failover loop)."""
+
+    def on_observation(self, observer: str, o: apb.Observation) -> None: ...
+
+    def on_lease_event(self, host: str, e: apb.LeaseEvent) -> None: ...
+
+    def on_disconnect(self, host: str) -> None: ...
+
+
 class AgentStreamService(agrpc.AgentStreamServicer):
     def __init__(
-        self, cfg: ControllerConfig, store: Store, registry: AgentRegistry, clock: Callable[[], int] = _now_ms
+        self,
+        cfg: ControllerConfig,
+        store: Store,
+        registry: AgentRegistry,
+        listener: StreamListener | None = None,
+        clock: Callable[[], int] = _now_ms,
     ) -> None:
-        self.cfg, self.store, self.registry, self.clock = cfg, store, registry, clock
+        self.cfg, self.store, self.registry, self.listener, self.clock = cfg, store, registry, listener, clock
 
     async def Connect(
         self,
@@ -140,6 +156,8 @@ class AgentStreamService(agrpc.AgentStreamServicer):
         finally:
             pump_task.cancel()
             self.registry.detach(session)
+            if self.listener is not None and self.registry.get(session.host) is None:
+                self.listener.on_disconnect(session.host)
             log.info("agent %s disconnected", hello.host)
 
     def _handle(self, session: AgentSession, msg: apb.AgentMessage) -> apb.ControllerMessage | None:
@@ -158,6 +176,17 @@ class AgentStreamService(agrpc.AgentStreamServicer):
             session.capture = batch.capture
             return apb.ControllerMessage(ack=apb.TelemetryAck(seq=batch.seq))
         if kind == "heartbeat":
+            return None
+        if kind == "result":
+            session.resolve(msg.result)
+            return None
+        if kind == "observation":
+            if self.listener is not None:
+                self.listener.on_observation(session.host, msg.observation)
+            return None
+        if kind == "lease_event":
+            if self.listener is not None:
+                self.listener.on_lease_event(session.host, msg.lease_event)
             return None
         if kind == "hello":
             return apb.ControllerMessage(

@@ -1,8 +1,10 @@
-"""Assembles the controller: store, registry, gRPC services (agent stream, fleet, health, reflection)."""
+"""Assembles the controller: store, registry, the HA loop, and the gRPC services (agent stream, fleet,
+lease renewals, health, reflection)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -12,11 +14,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controller.config import ControllerConfig
+from controller.events import EventLog
+from controller.failover.loop import FailoverLoop
+from controller.failover.observer import ControllerObserver, LeaseService
+from controller.failover.orchestrator import Orchestrator
 from controller.fleet_api import FleetService
 from controller.ingest import AgentStreamService
 from controller.registry import AgentRegistry
 from controller.store import SqliteStore, Store
-from shadowplane.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, fleet_pb2_grpc
+from shadowplane.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, fleet_pb2_grpc, lease_pb2, lease_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +34,19 @@ class Controller:
     cfg: ControllerConfig
     store: Store
     registry: AgentRegistry
+    events: EventLog
+    failover: FailoverLoop
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    tasks: list[asyncio.Task[None]]
 
     async def stop(self, grace: float = 1.0) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         self.store.close()
@@ -41,6 +55,10 @@ class Controller:
 async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller:
     store = store or SqliteStore(cfg.store.path)
     registry = AgentRegistry()
+    events = EventLog(store)
+    observer = ControllerObserver(store, [s.name for s in cfg.service], cfg.failover.lease_seconds)
+    orchestrator = Orchestrator(cfg, store, registry, events, observer)
+    failover = FailoverLoop(cfg, store, registry, events, observer, orchestrator)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -49,13 +67,17 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ]
     )
-    agent_pb2_grpc.add_AgentStreamServicer_to_server(AgentStreamService(cfg, store, registry), server)
-    fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(cfg, store, registry), server)
+    agent_pb2_grpc.add_AgentStreamServicer_to_server(
+        AgentStreamService(cfg, store, registry, failover), server
+    )
+    fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(cfg, store, registry, events, failover), server)
+    lease_pb2_grpc.add_LeaseServicer_to_server(LeaseService(observer), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [
         agent_pb2.DESCRIPTOR.services_by_name["AgentStream"].full_name,
         fleet_pb2.DESCRIPTOR.services_by_name["Fleet"].full_name,
+        lease_pb2.DESCRIPTOR.services_by_name["Lease"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     ]
@@ -64,11 +86,20 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     if port == 0:
         raise OSError(f"cannot listen on {cfg.listen}")
     await server.start()
-    for name in services[:2]:
+    for name in services[:3]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("controller listening on %s (port %d), store %s", cfg.listen, port, cfg.store.path)
-    return Controller(cfg, store, registry, server, port, health_servicer)
+    log.info(
+        "controller listening on %s (port %d), store %s, %d services",
+        cfg.listen,
+        port,
+        cfg.store.path,
+        len(cfg.service),
+    )
+    c = Controller(cfg, store, registry, events, failover, server, port, health_servicer, [])
+    c.tasks.append(asyncio.create_task(failover.run()))
+    c.tasks.append(asyncio.create_task(prune_forever(c)))
+    return c
 
 
 async def prune_forever(c: Controller) -> None:

@@ -3,7 +3,7 @@ can replace SQLite without touching them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from shadowplane.v1 import agent_pb2 as apb
@@ -20,6 +20,30 @@ class AgentRecord:
     first_seen_ms: int
     last_seen_ms: int
     last_telemetry_ms: int
+
+
+@dataclass(frozen=True)
+class ServiceRecord:
+    """A service's ownership as the controller last decided it. The token only ever grows."""
+
+    name: str
+    owner: str = ""
+    token: int = 0
+    phase: str = "no-owner"
+    candidate: str = ""
+    last_failover_ms: int = 0
+    last_transition_ms: int = 0
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    kind: str
+    service: str
+    host: str
+    reason: str
+    unix_ms: int
+    detail: dict[str, str] = field(default_factory=dict)
+    id: int = 0
 
 
 class Store(Protocol):
@@ -49,6 +73,18 @@ class Store(Protocol):
 
     def prune(self, older_than_ms: int) -> int:
         """Delete telemetry older than the bound; return how many samples went."""
+        ...
+
+    def service_state(self, name: str) -> ServiceRecord | None: ...
+
+    def save_service_state(self, rec: ServiceRecord) -> None: ...
+
+    def add_event(self, ev: EventRecord) -> EventRecord:
+        """Append an event; returns it with its id."""
+        ...
+
+    def events(self, service: str = "", after_id: int = 0, limit: int = 100) -> list[EventRecord]:
+        """Events oldest first: the first `limit` after `after_id`, or the newest `limit` if after_id is 0."""
         ...
 
     def close(self) -> None: ...

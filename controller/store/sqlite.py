@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sqlite3
 from pathlib import Path
 
-from controller.store.base import AgentRecord
+from controller.store.base import AgentRecord, EventRecord, ServiceRecord
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import telemetry_pb2 as tpb
 
@@ -38,8 +40,28 @@ CREATE TABLE IF NOT EXISTS samples (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS samples_by_time ON samples (end_ms);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS service_state (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    token INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    candidate TEXT NOT NULL,
+    last_failover_ms INTEGER NOT NULL,
+    last_transition_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    unix_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    service TEXT NOT NULL,
+    host TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_service ON events (service, id);
 """
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+UPGRADABLE = {"1"}  # versions whose upgrade is only the CREATE ... IF NOT EXISTS above
 
 
 def series_values(s: tpb.WorkloadSample) -> tuple[float, int, float, float, float]:
@@ -67,6 +89,8 @@ class SqliteStore:
         have = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if have is None:
             self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        elif have[0] in UPGRADABLE:
+            self.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
         elif have[0] != SCHEMA_VERSION:
             raise RuntimeError(f"{path}: schema version {have[0]}, this controller needs {SCHEMA_VERSION}")
 
@@ -164,6 +188,53 @@ class SqliteStore:
     def prune(self, older_than_ms: int) -> int:
         cur = self.db.execute("DELETE FROM samples WHERE end_ms < ?", (older_than_ms,))
         return cur.rowcount
+
+    def service_state(self, name: str) -> ServiceRecord | None:
+        row = self.db.execute(
+            """SELECT name, owner, token, phase, candidate, last_failover_ms, last_transition_ms
+               FROM service_state WHERE name = ?""",
+            (name,),
+        ).fetchone()
+        return ServiceRecord(*row) if row else None
+
+    def save_service_state(self, rec: ServiceRecord) -> None:
+        have = self.service_state(rec.name)
+        if have is not None and rec.token < have.token:
+            raise ValueError(f"service {rec.name}: token would go back from {have.token} to {rec.token}")
+        self.db.execute(
+            "INSERT OR REPLACE INTO service_state VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                rec.name,
+                rec.owner,
+                rec.token,
+                rec.phase,
+                rec.candidate,
+                rec.last_failover_ms,
+                rec.last_transition_ms,
+            ),
+        )
+
+    def add_event(self, ev: EventRecord) -> EventRecord:
+        cur = self.db.execute(
+            "INSERT INTO events (unix_ms, kind, service, host, reason, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (ev.unix_ms, ev.kind, ev.service, ev.host, ev.reason, json.dumps(ev.detail, sort_keys=True)),
+        )
+        return dataclasses.replace(ev, id=int(cur.lastrowid or 0))
+
+    def events(self, service: str = "", after_id: int = 0, limit: int = 100) -> list[EventRecord]:
+        where: list[str] = ["id > ?"]
+        args: list[object] = [after_id]
+        if service:
+            where.append("service = ?")
+            args.append(service)
+        order = "ASC" if after_id else "DESC"
+        rows = self.db.execute(
+            f"""SELECT id, unix_ms, kind, service, host, reason, detail FROM events
+                WHERE {" AND ".join(where)} ORDER BY id {order} LIMIT ?""",
+            (*args, limit),
+        ).fetchall()
+        out = [EventRecord(r[2], r[3], r[4], r[5], r[1], json.loads(r[6]), r[0]) for r in rows]
+        return sorted(out, key=lambda e: e.id)
 
     def close(self) -> None:
         self.db.close()

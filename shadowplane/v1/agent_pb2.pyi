@@ -188,7 +188,10 @@ Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
 
 @_typing.final
 class Observation(_message.Message):
-    """An observer's view of one health-check target changed (and, at most once per second, a repeat)."""
+    """An observer's view changed (and, about once a second, a repeat so a restarted controller learns it):
+    kind "health": is `target`'s service up, by this observer's health check;
+    kind "lease": is `target` (the service's owner) still renewing its lease with this observer.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -197,13 +200,19 @@ class Observation(_message.Message):
     UP_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     target: _builtins.str
-    """host name checked"""
+    """host name"""
     up: _builtins.bool
     detail: _builtins.str
-    """e.g. "connect timeout after 100 ms", "HTTP 503" """
+    """e.g. "connect timeout after 100 ms", "HTTP 503", "no renewal for 412 ms" """
     since_unix_ms: _builtins.int
+    kind: _builtins.str
+    """"health" or "lease" """
+    token: _builtins.int
+    """kind "lease": the token being renewed"""
     def __init__(
         self,
         *,
@@ -212,10 +221,12 @@ class Observation(_message.Message):
         up: _builtins.bool = ...,
         detail: _builtins.str = ...,
         since_unix_ms: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        token: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "service", b"service", "since_unix_ms", b"since_unix_ms", "target", b"target", "up", b"up"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "kind", b"kind", "service", b"service", "since_unix_ms", b"since_unix_ms", "target", b"target", "token", b"token", "up", b"up"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,132 @@
+"""What the agent does when the controller asks: one handler per command, each returning a result.
+
+The agent is the only writer on its host: the controller asks, the agent applies and reports what the
+kernel now says.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from agentd.actuate.address import Addresses
+from agentd.actuate.hooks import run_hook
+from agentd.actuate.limits import LimitsError, apply_limits
+from agentd.cgroupfs import CgroupLayout
+from agentd.config import AgentConfig
+from agentd.failover import Channels, LeaseError, LeaseHolder, ObserverRole, Report
+from shadowplane.v1 import agent_pb2 as apb
+
+log = logging.getLogger(__name__)
+
+
+class CommandHandler:
+    def __init__(
+        self, cfg: AgentConfig, layout: CgroupLayout, observer: ObserverRole, report: Report
+    ) -> None:
+        self.cfg, self.layout, self.observer, self.report = cfg, layout, observer, report
+        self.addresses = Addresses()
+        self.channels = Channels()
+        self.holders: dict[str, LeaseHolder] = {}
+        self.newest_token: dict[str, int] = {}
+
+    async def __call__(self, cmd: apb.Command) -> apb.CommandResult:
+        kind = cmd.WhichOneof("action")
+        r = apb.CommandResult(command_id=cmd.command_id, ok=True)
+        if kind == "watch":
+            self.observer.watch(cmd.watch)
+        elif kind == "vote":
+            r.vote.CopyFrom(self.observer.vote(cmd.vote))
+        elif kind == "acquire":
+            try:
+                r.address.CopyFrom(await self.acquire(cmd.acquire))
+            except LeaseError as e:
+                r.ok, r.error = False, str(e)
+        elif kind == "release":
+            r.address.CopyFrom(await self.release(cmd.release))
+        elif kind == "run_hook":
+            h = cmd.run_hook
+            outcome = await run_hook(
+                Path(self.cfg.hooks_dir), h.service, h.phase, dict(h.env), h.timeout_ms / 1000
+            )
+            r.hook.CopyFrom(
+                apb.HookResult(
+                    phase=outcome.phase,
+                    found=outcome.found,
+                    exit_code=outcome.exit_code,
+                    timed_out=outcome.timed_out,
+                    output_tail=outcome.output_tail,
+                    duration_ms=int(outcome.seconds * 1000),
+                )
+            )
+            r.ok = outcome.ok
+            if not outcome.ok:
+                r.error = f"hook {h.phase} " + (
+                    "timed out" if outcome.timed_out else f"exited {outcome.exit_code}"
+                )
+        elif kind == "set_limits":
+            try:
+                r.limits.CopyFrom(self.set_limits(cmd.set_limits))
+            except LimitsError as e:
+                r.ok, r.error = False, str(e)
+        else:
+            r.ok, r.error = False, f"unknown command {kind!r}: is this agent older than the controller?"
+        return r
+
+    async def acquire(self, a: apb.Acquire) -> apb.AddressState:
+        if a.token <= self.newest_token.get(a.service, 0):
+            raise LeaseError(
+                f"token {a.token} is not newer than {self.newest_token[a.service]} for {a.service}"
+            )
+        self.newest_token[a.service] = a.token
+        old = self.holders.pop(a.service, None)
+        if old is not None:
+            await old.release(f"superseded by token {a.token}")
+        resolved = apb.Acquire()
+        resolved.CopyFrom(a)
+        del resolved.observers[:]
+        resolved.observers.extend(self.cfg.controller if o == "controller" else o for o in a.observers)
+        if resolved.vip and not resolved.interface:
+            resolved.interface = self._interface(a.service)
+        holder = LeaseHolder(self.cfg.host, resolved, self.addresses, self.channels, self.report)
+        try:
+            state = await holder.start()
+        except Exception as e:
+            holder.lose(f"acquire failed: {e}")
+            raise LeaseError(str(e)) from e
+        self.holders[a.service] = holder
+        log.info(
+            "service %s: acquired token %d%s",
+            a.service,
+            a.token,
+            f", {a.vip} on {a.interface}" if a.vip else "",
+        )
+        return state
+
+    def _interface(self, service: str) -> str:
+        for w in self.cfg.workload:
+            if w.service == service and w.interface:
+                return w.interface
+        raise LeaseError(
+            f"no workload of service {service!r} names an interface on this host: set `interface`"
+        )
+
+    async def release(self, rel: apb.Release) -> apb.AddressState:
+        holder = self.holders.get(rel.service)
+        if holder is None or (rel.token and holder.token != rel.token):
+            return apb.AddressState(service=rel.service, token=rel.token, holds_address=False)
+        del self.holders[rel.service]
+        return await holder.release("released on the controller's request")
+
+    def set_limits(self, s: apb.SetLimits) -> apb.LimitsApplied:
+        workload = next((w for w in self.cfg.workload if w.name == s.workload), None)
+        if workload is None:
+            raise LimitsError(f"no workload {s.workload!r} on this host")
+        return apply_limits(self.layout, workload.cgroup, s)
+
+    async def close(self) -> None:
+        for holder in list(self.holders.values()):
+            await holder.release("agent stopping")
+        self.holders = {}
+        await self.channels.close()
+        self.addresses.close()

@@ -1,0 +1,374 @@
+"""The agent's two failover roles.
+
+- Owner (`LeaseHolder`): holds a service's address only while a majority of the service's observers keep
+  renewing its lease; the moment the lease runs out (or a newer token shows up) it removes the address
+  itself. The deadline is a timer in the event loop, set from when each renewal round was *sent*.
+- Observer (`ObserverRole`): answers owners' renewals and the coordinator's votes (shadowplane.lease), runs
+  the health checks the controller asks for, and tells the controller what it sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from agentd.actuate.address import Addresses, Vip, announce
+from shadowplane import lease as leases
+from shadowplane.healthcheck import CheckSpec, Tracker, run_check
+from shadowplane.v1 import agent_pb2 as apb
+from shadowplane.v1 import lease_pb2 as lpb
+from shadowplane.v1 import lease_pb2_grpc as lgrpc
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[apb.AgentMessage], None]
+
+
+class LeaseError(RuntimeError):
+    pass
+
+
+class Channels:
+    """One gRPC channel per observer address, reused across renewals."""
+
+    def __init__(self) -> None:
+        self._stubs: dict[str, lgrpc.LeaseAsyncStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def stub(self, address: str) -> lgrpc.LeaseAsyncStub:
+        if address not in self._stubs:
+            ch = grpc.aio.insecure_channel(address, options=[("grpc.enable_retries", 0)])
+            self._channels.append(ch)
+            self._stubs[address] = lgrpc.LeaseStub(ch)
+        return self._stubs[address]
+
+    async def close(self) -> None:
+        for ch in self._channels:
+            await ch.close()
+        self._stubs, self._channels = {}, []
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class LeaseHolder:
+    """This host's ownership of one service under one token."""
+
+    host: str
+    acquire: apb.Acquire
+    addresses: Addresses
+    channels: Channels
+    report: Report
+    valid_until: float = float("-inf")  # loop time
+    vip: Vip | None = None
+    refusals: dict[str, str] = field(default_factory=dict)
+    _loop_task: asyncio.Task[None] | None = None
+    _guard: asyncio.TimerHandle | None = None
+    _lifetime_set_at: float = float("-inf")
+    lost: bool = False
+
+    @property
+    def service(self) -> str:
+        return self.acquire.service
+
+    @property
+    def token(self) -> int:
+        return self.acquire.token
+
+    @property
+    def lease(self) -> float:
+        return self.acquire.lease_ms / 1000
+
+    async def start(self) -> apb.AddressState:
+        """Renew once with a majority, then add and announce the address, then keep renewing."""
+        if self.acquire.vip:
+            self.vip = Vip.parse(self.acquire.vip, self.acquire.interface or "eth0")
+        if not await self._round():
+            detail = "; ".join(f"{k}: {v}" for k, v in sorted(self.refusals.items())) or "no replies"
+            n = len(self.acquire.observers)
+            raise LeaseError(f"token {self.token}: no majority of {n} observers renewed ({detail})")
+        sent = 0
+        if self.vip is not None:
+            self.addresses.hold(self.vip, leases.address_lifetime_seconds(self.lease))
+            self._lifetime_set_at = asyncio.get_running_loop().time()
+            ifindex = self.addresses.ifindex(self.vip.interface)
+            mac = self.addresses.mac(self.vip.interface)
+            sent = await asyncio.to_thread(
+                announce,
+                self.vip,
+                mac,
+                ifindex,
+                self.acquire.garp_count,
+                self.acquire.garp_interval_ms / 1000,
+            )
+        self._loop_task = asyncio.create_task(self._renew_forever())
+        self._event("acquired", f"token {self.token}, {sent} announcements")
+        return apb.AddressState(
+            service=self.service,
+            token=self.token,
+            holds_address=self.vip is not None,
+            announcements_sent=sent,
+        )
+
+    async def _renew_one(self, address: str) -> lpb.RenewReply | None:
+        try:
+            return await self.channels.stub(address).Renew(
+                lpb.RenewRequest(service=self.service, token=self.token, holder=self.host),
+                timeout=max(0.02, self.acquire.renew_interval_ms / 1000),
+            )
+        except grpc.aio.AioRpcError as e:
+            self.refusals[address] = e.code().name
+            return None
+
+    async def _round(self) -> bool:
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        replies = await asyncio.gather(*(self._renew_one(a) for a in self.acquire.observers))
+        granted = 0
+        for address, r in zip(self.acquire.observers, replies, strict=True):
+            if r is None:
+                continue
+            if r.granted:
+                granted += 1
+                self.refusals.pop(address, None)
+            else:
+                self.refusals[address] = f"refused (knows token {r.promised_token})"
+            if r.promised_token > self.token:
+                self.lose(f"superseded: observer {r.observer or address} knows token {r.promised_token}")
+                return False
+        if granted < leases.majority(len(self.acquire.observers)) or self.lost:
+            return False
+        self.valid_until = leases.owner_valid_until(sent_at, self.lease, self.acquire.drift_margin)
+        if self._guard is not None:
+            self._guard.cancel()
+        self._guard = loop.call_at(self.valid_until, self.lose, "lease ran out: no majority renewed in time")
+        if (
+            self.vip is not None
+            and loop.time() - self._lifetime_set_at > leases.address_lifetime_seconds(self.lease) / 2
+        ):
+            self.addresses.hold(self.vip, leases.address_lifetime_seconds(self.lease))
+            self._lifetime_set_at = loop.time()
+        return True
+
+    async def _renew_forever(self) -> None:
+        interval = self.acquire.renew_interval_ms / 1000
+        loop = asyncio.get_running_loop()
+        while not self.lost:
+            started = loop.time()
+            await self._round()
+            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
+
+    def lose(self, reason: str) -> None:
+        """Drop the address now. Synchronous on purpose: it runs from the deadline timer."""
+        if self.lost:
+            return
+        self.lost = True
+        if self._guard is not None:
+            self._guard.cancel()
+        removed = False
+        if self.vip is not None:
+            try:
+                removed = self.addresses.remove(self.vip)
+            except Exception:
+                log.exception("service %s: could not remove %s", self.service, self.vip.address)
+        if self._loop_task is not None and self._loop_task is not asyncio.current_task():
+            self._loop_task.cancel()
+        log.warning(
+            "service %s: lost lease %d (%s)%s",
+            self.service,
+            self.token,
+            reason,
+            f"; removed {self.vip.address}" if removed and self.vip else "",
+        )
+        self._event("lost", reason)
+
+    async def release(self, reason: str) -> apb.AddressState:
+        if not self.lost:
+            self.lost = True
+            if self._guard is not None:
+                self._guard.cancel()
+            if self._loop_task is not None:
+                self._loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._loop_task
+            if self.vip is not None:
+                self.addresses.remove(self.vip)
+            self._event("released", reason)
+        return apb.AddressState(service=self.service, token=self.token, holds_address=False)
+
+    def _event(self, what: str, reason: str) -> None:
+        self.report(
+            apb.AgentMessage(
+                lease_event=apb.LeaseEvent(
+                    service=self.service, token=self.token, what=what, reason=reason, unix_ms=_now_ms()
+                )
+            )
+        )
+
+
+class ObserverRole:
+    """Lease state and health checks of the services this agent observes."""
+
+    def __init__(self, host: str, report: Report) -> None:
+        self.host = host
+        self.report = report
+        self.started_at = time.monotonic()
+        self.lease_seconds = 2.0
+        self.observed: set[str] = set()
+        self.leases: dict[str, leases.ObserverLease] = {}
+        self._checks: dict[tuple[str, str], tuple[apb.HealthCheck, asyncio.Task[None]]] = {}
+        self._views: dict[tuple[str, str], apb.Observation] = {}
+        self._lease_fresh: dict[str, bool] = {}
+        self._monitor: asyncio.Task[None] | None = None
+
+    # ---- leases ----
+
+    def renew(self, req: lpb.RenewRequest) -> lpb.RenewReply:
+        if req.service not in self.observed:
+            return lpb.RenewReply(granted=False, observer=self.host)
+        state = self.leases.setdefault(req.service, leases.ObserverLease())
+        d = leases.renew(state, req.token, req.holder, time.monotonic(), self.started_at, self.lease_seconds)
+        return lpb.RenewReply(
+            granted=d.granted,
+            valid_for_ms=int(self.lease_seconds * 1000),
+            promised_token=d.promised,
+            observer=self.host,
+        )
+
+    def vote(self, v: apb.Vote) -> apb.VoteReply:
+        state = self.leases.setdefault(v.service, leases.ObserverLease())
+        d = leases.vote(state, v.token, v.candidate, time.monotonic(), self.started_at, self.lease_seconds)
+        log.info(
+            "service %s: vote for token %d (%s): %s, wait %.0f ms",
+            v.service,
+            v.token,
+            v.candidate,
+            d.reason,
+            d.wait * 1000,
+        )
+        return apb.VoteReply(granted=d.granted, wait_ms=int(d.wait * 1000 + 0.999), promised_token=d.promised)
+
+    # ---- what the controller asks us to watch ----
+
+    def watch(self, w: apb.Watch) -> None:
+        self.observed = set(w.observed_services)
+        if w.lease_ms:
+            self.lease_seconds = w.lease_ms / 1000
+        want = {(c.service, c.target): c for c in w.checks}
+        for key, (spec, task) in list(self._checks.items()):
+            if want.get(key) != spec:
+                task.cancel()
+                del self._checks[key]
+                self._views.pop(key, None)
+        for key, c in want.items():
+            if key not in self._checks:
+                self._checks[key] = (c, asyncio.create_task(run_check(_spec(c), self._on_probe)))
+        if self._monitor is None:
+            self._monitor = asyncio.create_task(self._monitor_leases())
+
+    def _on_probe(self, spec: CheckSpec, tracker: Tracker, changed: bool) -> None:
+        if tracker.up is None:
+            return
+        key = (spec.service, spec.target)
+        obs = apb.Observation(
+            service=spec.service,
+            target=spec.target,
+            up=tracker.up,
+            detail=tracker.detail,
+            since_unix_ms=int(tracker.since * 1000),
+            kind="health",
+        )
+        self._views[key] = obs
+        if changed:
+            log.info(
+                "service %s: %s is %s (%s)",
+                spec.service,
+                spec.target,
+                "up" if tracker.up else "DOWN",
+                tracker.detail,
+            )
+            self.report(apb.AgentMessage(observation=obs))
+
+    async def _monitor_leases(self) -> None:
+        """Tell the controller when an owner stops (or starts again) renewing with us; repeat every view
+        about once a second so a controller that restarted learns them."""
+        last_repeat = 0.0
+        while True:
+            now = time.monotonic()
+            for service in self.observed:
+                st = self.leases.get(service)
+                if st is None or not st.holder:
+                    continue
+                age = now - st.last_grant
+                fresh = age < self.lease_seconds
+                if self._lease_fresh.get(service) != fresh:
+                    self._lease_fresh[service] = fresh
+                    self.report(apb.AgentMessage(observation=self._lease_view(service, st, fresh, age)))
+            if now - last_repeat >= 1.0:
+                last_repeat = now
+                for obs in list(self._views.values()):
+                    self.report(apb.AgentMessage(observation=obs))
+                for service, fresh in self._lease_fresh.items():
+                    st = self.leases[service]
+                    self.report(
+                        apb.AgentMessage(
+                            observation=self._lease_view(service, st, fresh, now - st.last_grant)
+                        )
+                    )
+            await asyncio.sleep(min(0.05, self.lease_seconds / 4))
+
+    @staticmethod
+    def _lease_view(service: str, st: leases.ObserverLease, fresh: bool, age: float) -> apb.Observation:
+        detail = "renewing" if fresh else f"no renewal for {age * 1000:.0f} ms"
+        return apb.Observation(
+            service=service,
+            target=st.holder,
+            up=fresh,
+            detail=detail,
+            kind="lease",
+            token=st.promised,
+            since_unix_ms=_now_ms(),
+        )
+
+    async def close(self) -> None:
+        for _, task in self._checks.values():
+            task.cancel()
+        if self._monitor is not None:
+            self._monitor.cancel()
+
+
+def _spec(c: apb.HealthCheck) -> CheckSpec:
+    return CheckSpec(
+        service=c.service,
+        target=c.target,
+        address=c.address,
+        kind=c.kind,
+        port=c.port,
+        path=c.path or "/",
+        expect_status=c.expect_status or 200,
+        command=tuple(c.command),
+        interval=c.interval_ms / 1000,
+        timeout=c.timeout_ms / 1000,
+        fall=c.fall or 3,
+        rise=c.rise or 2,
+    )
+
+
+class LeaseService(lgrpc.LeaseServicer):
+    """The agent's peer port: owners renew here."""
+
+    def __init__(self, observer: ObserverRole) -> None:
+        self.observer = observer
+
+    async def Renew(
+        self, request: lpb.RenewRequest, context: grpc.aio.ServicerContext[lpb.RenewRequest, lpb.RenewReply]
+    ) -> lpb.RenewReply:
+        return self.observer.renew(request)

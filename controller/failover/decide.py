@@ -1,0 +1,194 @@
+"""The failover decision, as a pure function of one snapshot of a service. No I/O, no clock.
+
+Each decision carries its reason; the HA loop logs it and records it as an event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shadowplane.lease import majority
+
+Action = Literal["none", "place", "failover", "failback", "move", "reacquire"]
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Observers' votes on one question (is X up? is the owner renewing?). Unknown never counts."""
+
+    up: int = 0
+    down: int = 0
+    voters: int = 0
+    down_by: tuple[str, ...] = ()
+
+    @property
+    def majority_up(self) -> bool:
+        return self.voters > 0 and self.up >= majority(self.voters)
+
+    @property
+    def majority_down(self) -> bool:
+        return self.voters > 0 and self.down >= majority(self.voters)
+
+    def describe(self) -> str:
+        return f"{self.down} of {self.voters} observers say down, {self.up} up"
+
+
+def tally(observers: Sequence[str], views: Mapping[str, bool], exclude: str = "") -> Tally:
+    """Count the views of the configured observers (a host never votes on itself)."""
+    voters = [o for o in observers if o != exclude]
+    up = sum(1 for o in voters if views.get(o) is True)
+    down_by = tuple(o for o in voters if views.get(o) is False)
+    return Tally(up, len(down_by), len(voters), down_by)
+
+
+@dataclass(frozen=True)
+class Request:
+    kind: Literal["failover", "failback"]
+    to: str = ""
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    name: str
+    primary: str
+    shadows: tuple[str, ...]
+    failback: str
+    failback_hold_ms: int
+    flap_window_ms: int
+    owner: str
+    token: int
+    last_failover_ms: int
+    health: Mapping[str, Tally]  # per host: is its service up?
+    renewing: Tally  # is the owner still renewing its lease with the observers?
+    connected: frozenset[str]
+    primary_up_since_ms: int | None
+    now_ms: int
+    address_lifetime_ms: int
+    request: Request | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    target: str = ""
+    reason: str = ""
+    planned: bool = False  # the old owner's agent is reachable: release first, then no lease wait
+    extra_wait_ms: int = 0
+    damped: bool = False
+    detail: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> bool:
+        return self.action != "none"
+
+
+NONE = Decision("none")
+
+
+def ready(s: Snapshot, host: str) -> bool:
+    return host in s.connected and s.health.get(host, Tally()).majority_up
+
+
+def candidates(s: Snapshot, exclude: str) -> list[str]:
+    """Where the service may go, best first: back to the primary if it is fine, else shadows in order."""
+    order = [s.primary, *s.shadows] if exclude != s.primary else list(s.shadows)
+    return [h for h in order if h != exclude and ready(s, h)]
+
+
+def damped(s: Snapshot) -> bool:
+    return s.last_failover_ms > 0 and s.now_ms - s.last_failover_ms < s.flap_window_ms
+
+
+def decide(s: Snapshot) -> Decision:
+    if s.request is not None:
+        return _requested(s, s.request)
+    if not s.owner:
+        if ready(s, s.primary):
+            return Decision("place", s.primary, f"no owner; primary {s.primary} is up")
+        best = candidates(s, s.primary)
+        if best:
+            return Decision("place", best[0], f"no owner; primary {s.primary} is not ready, {best[0]} is")
+        return NONE
+    owner_health = s.health.get(s.owner, Tally())
+    if owner_health.majority_down:
+        best = candidates(s, s.owner)
+        why = f"owner {s.owner} is down ({owner_health.describe()}: {', '.join(owner_health.down_by)})"
+        if not best:
+            return Decision("none", "", f"{why}; no ready host to take over")
+        if damped(s):
+            ago = (s.now_ms - s.last_failover_ms) / 1000
+            return Decision(
+                "none",
+                best[0],
+                f"{why}; failover damped: the last one was {ago:.0f} s ago "
+                f"(flap window {s.flap_window_ms / 1000:.0f} s); shadowctl failover --force overrides",
+                damped=True,
+            )
+        return Decision("failover", best[0], why, planned=s.owner in s.connected)
+    if s.renewing.majority_down:
+        why = f"owner {s.owner} stopped renewing its lease ({s.renewing.describe()})"
+        if s.owner in s.connected:
+            return Decision(
+                "reacquire", s.owner, f"{why}; its agent is connected, so it takes a new token", planned=True
+            )
+        best = candidates(s, s.owner)
+        if not best:
+            return Decision("none", "", f"{why}; no ready host to take over")
+        # The owner's service may be fine but its agent is gone: only the kernel's address lifetime
+        # guarantees its VIP is gone, so wait that out too.
+        return Decision(
+            "failover",
+            best[0],
+            f"{why} and its agent is gone; waiting out the address lifetime",
+            extra_wait_ms=s.address_lifetime_ms,
+        )
+    if (
+        s.owner != s.primary
+        and s.failback == "auto"
+        and ready(s, s.primary)
+        and s.primary_up_since_ms is not None
+        and s.now_ms - s.primary_up_since_ms >= s.failback_hold_ms
+    ):
+        held = (s.now_ms - s.primary_up_since_ms) / 1000
+        return Decision(
+            "failback",
+            s.primary,
+            f"primary {s.primary} healthy for {held:.1f} s (hold {s.failback_hold_ms / 1000:.1f} s)",
+            planned=s.owner in s.connected,
+        )
+    return NONE
+
+
+def _requested(s: Snapshot, r: Request) -> Decision:
+    if r.kind == "failback":
+        if s.owner == s.primary:
+            return Decision("none", "", f"already on the primary {s.primary}")
+        if not ready(s, s.primary):
+            return Decision("none", "", f"primary {s.primary} is not ready (connected and up by a majority)")
+        return Decision(
+            "failback", s.primary, "failback requested by an operator", planned=s.owner in s.connected
+        )
+    if r.to:
+        if r.to not in (s.primary, *s.shadows):
+            return Decision("none", "", f"{r.to} is neither the primary nor a shadow of {s.name}")
+        if r.to == s.owner:
+            return Decision("none", "", f"{r.to} already owns {s.name}")
+        if not ready(s, r.to):
+            return Decision("none", "", f"{r.to} is not ready (connected and up by a majority)")
+        target = r.to
+    else:
+        best = candidates(s, s.owner)
+        if not best:
+            return Decision("none", "", "no ready host to move to")
+        target = best[0]
+    if damped(s) and not r.force:
+        return Decision("none", target, "failover damped (flap window); add --force to override", damped=True)
+    return Decision(
+        "move",
+        target,
+        "failover requested by an operator" + (" (forced)" if r.force else ""),
+        planned=s.owner in s.connected,
+    )

@@ -1,0 +1,311 @@
+"""The HA loop, as Patroni runs its: every tick, read a snapshot of each service, decide (a pure
+function), act (a transition task), and record each decision with its reason.
+
+It also keeps the observers fed: each observer agent gets the health checks it must run (a Watch), and the
+controller runs its own checks of every target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+from controller.config import ControllerConfig, ServiceConfig
+from controller.events import EventLog
+from controller.failover.board import ObservationBoard
+from controller.failover.decide import Decision, Request, Snapshot, Tally, decide, tally
+from controller.failover.observer import ControllerObserver
+from controller.failover.orchestrator import Orchestrator
+from controller.registry import AgentRegistry
+from controller.store import ServiceRecord, Store
+from shadowplane.healthcheck import CheckSpec, Tracker, run_check
+from shadowplane.lease import address_lifetime_seconds
+from shadowplane.v1 import agent_pb2 as apb
+
+log = logging.getLogger(__name__)
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class ServiceRuntime:
+    cfg: ServiceConfig
+    task: asyncio.Task[ServiceRecord] | None = None
+    primary_up_since_ms: int | None = None
+    stable_since: float = field(default_factory=time.monotonic)
+    last_noted: str = ""
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def targets(self) -> list[str]:
+        return [self.cfg.primary, *self.cfg.shadows]
+
+
+class FailoverLoop:
+    def __init__(
+        self,
+        cfg: ControllerConfig,
+        store: Store,
+        registry: AgentRegistry,
+        events: EventLog,
+        observer: ControllerObserver,
+        orchestrator: Orchestrator,
+    ) -> None:
+        self.cfg, self.store, self.registry, self.events = cfg, store, registry, events
+        self.observer, self.orchestrator = observer, orchestrator
+        self.board = ObservationBoard()
+        self.services = {s.name: ServiceRuntime(s) for s in cfg.service}
+        self._checks: dict[tuple[str, str], Tracker] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._watched: dict[str, str] = {}  # host -> instance id that got its Watch
+        for rt in self.services.values():
+            rec = self.orchestrator.record(rt.cfg.name)
+            if rec.phase == "acquiring":
+                # A transition was cut short by a restart: whoever it reached, ownership is unknown. The next
+                # placement uses a newer token, which fences whatever the interrupted one did.
+                self.store.save_service_state(replace(rec, owner="", phase="no-owner", candidate=""))
+                self.events.record(
+                    "recovered",
+                    rt.cfg.name,
+                    rec.candidate,
+                    f"controller restarted during a takeover (token {rec.token}); re-placing",
+                )
+
+    # ---- the loop ----
+
+    async def run(self) -> None:
+        for rt in self.services.values():
+            for target in rt.targets():
+                spec = self._check_spec(rt.cfg, target)
+                self._checks[(rt.cfg.name, target)] = Tracker(spec.fall, spec.rise)
+                self._tasks.append(asyncio.create_task(run_check(spec, self._on_controller_probe)))
+        try:
+            while True:
+                self.tick()
+                await asyncio.sleep(self.cfg.failover.loop_interval_seconds)
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            for rt in self.services.values():
+                if rt.task is not None:
+                    rt.task.cancel()
+
+    def tick(self) -> None:
+        self._push_watches()
+        now = _ms()
+        for rt in self.services.values():
+            primary = self._health(rt, rt.cfg.primary)
+            if primary.majority_up:
+                rt.primary_up_since_ms = rt.primary_up_since_ms or now
+            else:
+                rt.primary_up_since_ms = None
+            if rt.busy:
+                continue
+            d = decide(self.snapshot(rt))
+            if d.accepted:
+                self._start(rt, d)
+            elif d.reason and d.reason != rt.last_noted:
+                self.events.record("decision", rt.cfg.name, d.target, d.reason, damped=d.damped)
+            rt.last_noted = d.reason
+
+    def request(self, service: str, req: Request) -> Decision:
+        """An operator's failover or failback: decided now, carried out in the background."""
+        rt = self.services.get(service)
+        if rt is None:
+            return Decision("none", "", f"no service {service!r} (see shadowctl services)")
+        if rt.busy:
+            return Decision("none", "", "a transition of this service is already running")
+        d = decide(self.snapshot(rt, req))
+        if d.accepted:
+            self._start(rt, d)
+        else:
+            self.events.record("request-refused", service, d.target, d.reason, request=req.kind)
+        return d
+
+    def _start(self, rt: ServiceRuntime, d: Decision) -> None:
+        async def go() -> ServiceRecord:
+            try:
+                return await self.orchestrator.run(rt.cfg, d)
+            except Exception as e:  # a failed transition is an event; the loop goes on
+                log.exception("transition of %s failed", rt.cfg.name)
+                self.events.record("transition-error", rt.cfg.name, d.target, f"{type(e).__name__}: {e}")
+                raise
+            finally:
+                rt.stable_since = time.monotonic()
+
+        rt.task = asyncio.create_task(go())
+
+    # ---- the snapshot ----
+
+    def snapshot(self, rt: ServiceRuntime, request: Request | None = None) -> Snapshot:
+        svc = rt.cfg
+        rec = self.orchestrator.record(svc.name)
+        health = {h: self._health(rt, h) for h in rt.targets()}
+        return Snapshot(
+            name=svc.name,
+            primary=svc.primary,
+            shadows=tuple(svc.shadows),
+            failback=svc.failback,
+            failback_hold_ms=int(svc.failback_hold_seconds * 1000),
+            flap_window_ms=int(svc.flap_window_seconds * 1000),
+            owner=rec.owner,
+            token=rec.token,
+            last_failover_ms=rec.last_failover_ms,
+            health=health,
+            renewing=self._renewing(rt, rec),
+            connected=frozenset(self.registry.connected()),
+            primary_up_since_ms=rt.primary_up_since_ms,
+            now_ms=_ms(),
+            address_lifetime_ms=_address_lifetime_ms(self.cfg.failover.lease_seconds),
+            request=request,
+        )
+
+    def views(self, rt: ServiceRuntime, target: str) -> dict[str, tuple[bool | None, str]]:
+        """Each observer's view of `target`: (up, detail); up None = unknown."""
+        out: dict[str, tuple[bool | None, str]] = {}
+        for o in rt.cfg.observer_names():
+            if o == target:
+                continue
+            if o == "controller":
+                out[o] = self._controller_view(rt.cfg.name, target)
+            else:
+                v = self.board.health(rt.cfg.name, target).get(o)
+                out[o] = (
+                    (v.up, v.detail)
+                    if v is not None and o in self.registry.connected()
+                    else (None, "no report")
+                )
+        return out
+
+    def _health(self, rt: ServiceRuntime, target: str) -> Tally:
+        views = {o: up for o, (up, _) in self.views(rt, target).items() if up is not None}
+        return tally(rt.cfg.observer_names(), views, exclude=target)
+
+    def _controller_view(self, service: str, target: str) -> tuple[bool | None, str]:
+        """The controller's own view: its health check, and the target agent's heartbeats."""
+        tracker = self._checks.get((service, target))
+        if tracker is None or tracker.up is None:
+            return None, "no result yet"
+        session = self.registry.get(target)
+        silent_ms = _ms() - session.last_heard_ms if session else None
+        if silent_ms is None or silent_ms > self.cfg.failover.heartbeat_timeout_seconds * 1000:
+            return False, "agent not connected" if session is None else f"agent silent for {silent_ms} ms"
+        return tracker.up, tracker.detail
+
+    def _renewing(self, rt: ServiceRuntime, rec: ServiceRecord) -> Tally:
+        if not rec.owner or time.monotonic() - rt.stable_since < 2 * self.cfg.failover.lease_seconds:
+            return Tally()  # too early after a transition to judge
+        views: dict[str, bool] = {}
+        for o in rt.cfg.observer_names():
+            if o == "controller":
+                v = self.observer.renewing(rt.cfg.name, rec.owner, rec.token)
+                if v is not None:
+                    views[o] = v
+            elif o in self.registry.connected():
+                lv = self.board.lease(rt.cfg.name).get(o)
+                if lv is not None and lv.target == rec.owner and lv.token == rec.token:
+                    views[o] = lv.up
+        return tally(rt.cfg.observer_names(), views, exclude=rec.owner)
+
+    # ---- observers ----
+
+    def on_observation(self, observer: str, o: apb.Observation) -> None:
+        prev = self.board.put(observer, o)
+        if o.kind == "health" and (prev is None or prev.up != o.up):
+            self.events.record(
+                "health",
+                o.service,
+                o.target,
+                f"{observer} sees {o.target} {'up' if o.up else 'DOWN'}: {o.detail}",
+                observer=observer,
+            )
+
+    def on_lease_event(self, host: str, e: apb.LeaseEvent) -> None:
+        if e.what in ("lost", "released"):
+            self.events.record(f"lease-{e.what}", e.service, host, e.reason, token=e.token)
+
+    def on_disconnect(self, host: str) -> None:
+        self.board.forget_observer(host)
+        self._watched.pop(host, None)
+
+    def _on_controller_probe(self, spec: CheckSpec, tracker: Tracker, changed: bool) -> None:
+        self._checks[(spec.service, spec.target)] = tracker
+        if changed:
+            self.events.record(
+                "health",
+                spec.service,
+                spec.target,
+                f"controller sees {spec.target} {'up' if tracker.up else 'DOWN'}: {tracker.detail}",
+                observer="controller",
+            )
+
+    def _check_spec(self, svc: ServiceConfig, target: str) -> CheckSpec:
+        h = svc.health
+        return CheckSpec(
+            service=svc.name,
+            target=target,
+            address=self.cfg.host_entry(target).address,
+            kind=h.kind,
+            port=h.port,
+            path=h.path,
+            expect_status=h.expect_status,
+            command=tuple(h.command),
+            interval=h.interval_seconds,
+            timeout=h.timeout_seconds,
+            fall=h.fall,
+            rise=h.rise,
+        )
+
+    def watch_for(self, host: str) -> apb.Watch:
+        checks, observed = [], []
+        for rt in self.services.values():
+            if host not in rt.cfg.observer_names():
+                continue
+            observed.append(rt.cfg.name)
+            for target in rt.targets():
+                if target == host:
+                    continue
+                s = self._check_spec(rt.cfg, target)
+                checks.append(
+                    apb.HealthCheck(
+                        service=s.service,
+                        target=s.target,
+                        address=s.address,
+                        kind=s.kind,
+                        port=s.port,
+                        path=s.path,
+                        expect_status=s.expect_status,
+                        command=list(s.command),
+                        interval_ms=int(s.interval * 1000),
+                        timeout_ms=int(s.timeout * 1000),
+                        fall=s.fall,
+                        rise=s.rise,
+                    )
+                )
+        return apb.Watch(
+            checks=checks, observed_services=observed, lease_ms=int(self.cfg.failover.lease_seconds * 1000)
+        )
+
+    def _push_watches(self) -> None:
+        for host, session in self.registry.connected().items():
+            if self._watched.get(host) == session.instance_id:
+                continue
+            watch = self.watch_for(host)
+            if not watch.observed_services:
+                self._watched[host] = session.instance_id  # observes nothing: nothing to say
+                continue
+            with contextlib.suppress(Exception):
+                if self.registry.send(host, apb.Command(watch=watch)):
+                    self._watched[host] = session.instance_id
+
+
+def _address_lifetime_ms(lease_seconds: float) -> int:
+    # The kernel counts address lifetimes in whole seconds and checks them at most once a second.
+    return (address_lifetime_seconds(lease_seconds) + 1) * 1000

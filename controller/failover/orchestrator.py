@@ -1,0 +1,274 @@
+"""Carrying out one decision: the steps of a takeover, each recorded as it happens.
+
+Order (and why):
+1. before-takeover hook on the new owner: data sync happens while the old owner may still serve; a failing
+   hook aborts here, when nothing has changed yet (if the service's hook_failure is "abort").
+2. the new owner's resources are raised to the primary's forecast (the scaling controller's callback).
+3. a new fencing token is written to the store before anyone hears of it, so tokens never repeat.
+4. a planned move releases the old owner first (its agent confirms the address is gone), so no wait.
+5. a majority of observers vote for the new token; the new owner may add the address only after the
+   longest wait they report (their last renewal of the old token + one lease), unless step 4 confirmed.
+6. the new owner renews with a majority, adds the address and announces it (GARP / unsolicited NA).
+7. DNS record switch, after-hooks, the old owner's limits back to plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+from controller.config import ControllerConfig, ServiceConfig
+from controller.events import EventLog
+from controller.failover.decide import Decision
+from controller.failover.dns import point_record
+from controller.failover.observer import ControllerObserver
+from controller.registry import AgentRegistry, CommandError
+from controller.store import ServiceRecord, Store
+from shadowplane.lease import majority
+from shadowplane.v1 import agent_pb2 as apb
+
+log = logging.getLogger(__name__)
+
+ResourceHook = Callable[[ServiceConfig, str], Awaitable[None]]
+VOTE_SAFETY_MS = 5  # on top of the observers' waits: the time the vote replies spent on the wire
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Orchestrator:
+    cfg: ControllerConfig
+    store: Store
+    registry: AgentRegistry
+    events: EventLog
+    observer: ControllerObserver
+    on_takeover: ResourceHook | None = None  # raise the new owner's limits before it takes over
+    on_released: ResourceHook | None = None  # the old owner's limits go back to the plan
+
+    def _save(self, rec: ServiceRecord) -> ServiceRecord:
+        self.store.save_service_state(rec)
+        return rec
+
+    def record(self, name: str) -> ServiceRecord:
+        return self.store.service_state(name) or ServiceRecord(name)
+
+    async def run(self, svc: ServiceConfig, d: Decision) -> ServiceRecord:
+        """Carry out `d` for `svc`; return the service's record afterwards (also when aborted)."""
+        t0 = time.monotonic()
+        rec = self.record(svc.name)
+        old, old_token, new = rec.owner, rec.token, d.target
+        token = old_token + 1
+        env = {
+            "SHADOWPLANE_OLD_OWNER": old,
+            "SHADOWPLANE_NEW_OWNER": new,
+            "SHADOWPLANE_TOKEN": str(token),
+            "SHADOWPLANE_TRANSITION": d.action,
+            "SHADOWPLANE_VIP": svc.vip,
+        }
+        self.events.record(d.action, svc.name, new, d.reason, old_owner=old or "-", planned=d.planned)
+
+        if not await self._hook(svc, new, "before-takeover", env) and svc.hook_failure == "abort":
+            self.events.record(
+                "takeover-aborted",
+                svc.name,
+                new,
+                "before-takeover hook failed; nothing changed",
+                owner=old or "-",
+            )
+            return rec
+        if self.on_takeover is not None:
+            try:
+                await self.on_takeover(svc, new)
+            except Exception as e:  # resizing is best effort: the takeover matters more
+                self.events.record(
+                    "resize-failed", svc.name, new, f"could not raise limits before takeover: {e}"
+                )
+
+        rec = self._save(
+            replace(rec, token=token, phase="acquiring", candidate=new, last_transition_ms=_ms())
+        )
+        released = False
+        if d.planned and old:
+            if not await self._hook(svc, old, "before-release", env) and svc.hook_failure == "abort":
+                self.events.record(
+                    "takeover-aborted", svc.name, old, "before-release hook failed; old owner kept"
+                )
+                return self._save(replace(rec, phase="stable", candidate=""))
+            released = await self._release(svc, old, old_token)
+
+        granted, wait_ms, problems = await self._votes(svc, token, new)
+        needed = majority(len(svc.observer_names()))
+        if len(granted) < needed:
+            self.events.record(
+                "takeover-aborted",
+                svc.name,
+                new,
+                f"only {len(granted)} of {len(svc.observer_names())} observers voted for token {token} "
+                f"(need {needed}): " + "; ".join(f"{k}: {v}" for k, v in problems.items()),
+            )
+            # Some observers may have promised the new token and now refuse the old owner's renewals:
+            # ownership is unknown until the next placement.
+            return self._save(replace(rec, owner="", phase="no-owner", candidate=""))
+
+        wait = 0 if released else wait_ms
+        wait += d.extra_wait_ms
+        if wait:
+            await asyncio.sleep((wait + VOTE_SAFETY_MS) / 1000)
+
+        try:
+            result = await self.registry.call(
+                new, apb.Command(acquire=self._acquire_msg(svc, token)), timeout=5.0
+            )
+            ok, error = result.ok, result.error
+        except CommandError as e:
+            ok, error = False, str(e)
+        if not ok:
+            self.events.record("takeover-failed", svc.name, new, f"acquire failed: {error}", token=token)
+            return self._save(replace(rec, owner="", phase="no-owner", candidate=""))
+        now = _ms()
+        counts_as_failover = d.action in ("failover", "move")
+        rec = self._save(
+            replace(
+                rec,
+                owner=new,
+                phase="stable",
+                candidate="",
+                last_transition_ms=now,
+                last_failover_ms=now if counts_as_failover else rec.last_failover_ms,
+            )
+        )
+        took_ms = (time.monotonic() - t0) * 1000
+        detail: dict[str, object] = {
+            "token": token,
+            "old_owner": old or "-",
+            "waited_ms": wait,
+            "announcements": result.address.announcements_sent,
+        }
+
+        if svc.dns is not None:
+            addr = self.cfg.host_entry(new).address
+            res = await point_record(svc.dns, addr)
+            detail["dns"] = f"{svc.dns.name} -> {addr}: " + ("ok" if res.ok else res.detail)
+            if not res.ok:
+                self.events.record("dns-failed", svc.name, new, res.detail)
+
+        await self._hook(svc, new, "after-takeover", env)
+        if old and old != new:
+            if old in self.registry.connected():
+                if not released:
+                    await self._release(svc, old, old_token)
+                await self._hook(svc, old, "after-release", env)
+            if self.on_released is not None:
+                try:
+                    await self.on_released(svc, old)
+                except Exception as e:
+                    self.events.record("resize-failed", svc.name, old, f"could not restore limits: {e}")
+        self.events.record(
+            f"{d.action}-complete", svc.name, new, f"{old or 'nobody'} -> {new} in {took_ms:.0f} ms", **detail
+        )
+        return rec
+
+    def _acquire_msg(self, svc: ServiceConfig, token: int) -> apb.Acquire:
+        f = self.cfg.failover
+        return apb.Acquire(
+            service=svc.name,
+            token=token,
+            vip=svc.vip,
+            interface=self._interface(svc),
+            observers=[self._lease_address(o) for o in svc.observer_names()],
+            lease_ms=int(f.lease_seconds * 1000),
+            renew_interval_ms=int(f.renew_interval_seconds * 1000),
+            drift_margin=f.drift_margin,
+            garp_count=svc.garp_count,
+            garp_interval_ms=int(svc.garp_interval_seconds * 1000),
+        )
+
+    def _interface(self, svc: ServiceConfig) -> str:
+        return ""  # the agent takes the interface from its own workload config
+
+    def _lease_address(self, observer: str) -> str:
+        if observer == "controller":
+            return "controller"  # the agent renews with the controller address it dials
+        s = self.registry.get(observer)
+        if s is not None and s.hello.peer_address:
+            return s.hello.peer_address
+        for a in self.store.agents():
+            if a.host == observer and a.hello.peer_address:
+                return a.hello.peer_address
+        return f"unknown-peer-address-of-{observer}:0"
+
+    async def _votes(
+        self, svc: ServiceConfig, token: int, candidate: str
+    ) -> tuple[list[str], int, dict[str, str]]:
+        """Ask every observer; return as soon as a majority granted (their longest wait counts)."""
+        names = svc.observer_names()
+        needed = majority(len(names))
+        timeout = max(0.3, 4 * self.cfg.failover.renew_interval_seconds)
+
+        async def one(o: str) -> tuple[str, bool, int, str]:
+            if o == "controller":
+                d = self.observer.vote(svc.name, token, candidate)
+                return o, d.granted, int(d.wait * 1000 + 0.999), d.reason
+            try:
+                r = await self.registry.call(
+                    o, apb.Command(vote=apb.Vote(service=svc.name, token=token, candidate=candidate)), timeout
+                )
+            except CommandError as e:
+                return o, False, 0, str(e)
+            if not r.vote.granted:
+                return o, False, 0, f"refused: already promised token {r.vote.promised_token}"
+            return o, True, r.vote.wait_ms, "granted"
+
+        granted: list[str] = []
+        problems: dict[str, str] = {}
+        wait = 0
+        for fut in asyncio.as_completed([one(o) for o in names]):
+            o, ok, w, why = await fut
+            if ok:
+                granted.append(o)
+                wait = max(wait, w)
+                if len(granted) >= needed:
+                    break
+            else:
+                problems[o] = why
+        return granted, wait, problems
+
+    async def _release(self, svc: ServiceConfig, host: str, token: int) -> bool:
+        """Ask `host` to drop the address; True only if it confirms it holds none."""
+        try:
+            r = await self.registry.call(
+                host, apb.Command(release=apb.Release(service=svc.name, token=token)), 2.0
+            )
+        except CommandError as e:
+            self.events.record("release-failed", svc.name, host, str(e))
+            return False
+        return r.ok and not r.address.holds_address
+
+    async def _hook(self, svc: ServiceConfig, host: str, phase: str, env: dict[str, str]) -> bool:
+        """Run a hook on `host`; True if it passed or there is none."""
+        if host not in self.registry.connected():
+            if phase.startswith("after"):
+                self.events.record("hook-skipped", svc.name, host, f"{phase}: host unreachable")
+            return not phase.startswith("before") or host not in (svc.primary, *svc.shadows)
+        msg = apb.RunHook(
+            service=svc.name, phase=phase, env=env, timeout_ms=int(svc.hook_timeout_seconds * 1000)
+        )
+        try:
+            r = await self.registry.call(host, apb.Command(run_hook=msg), svc.hook_timeout_seconds + 2)
+        except CommandError as e:
+            self.events.record("hook-failed", svc.name, host, f"{phase}: {e}")
+            return False
+        if not r.hook.found:
+            return True
+        if not r.ok:
+            self.events.record(
+                "hook-failed", svc.name, host, f"{phase}: {r.error}", output=r.hook.output_tail[-300:].strip()
+            )
+            return False
+        self.events.record("hook", svc.name, host, f"{phase} ran in {r.hook.duration_ms} ms")
+        return True

@@ -1,0 +1,208 @@
+"""Service health checks (TCP connect, HTTP GET, exec), run by the controller and by observer agents.
+
+A probe answers one question once; `Tracker` turns a stream of probe results into up/down with rise/fall
+hysteresis, so one lost packet does not move a service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    service: str
+    target: str  # host name
+    address: str
+    kind: str  # tcp | http | exec
+    port: int = 80
+    path: str = "/"
+    expect_status: int = 200
+    command: tuple[str, ...] = ()
+    interval: float = 1.0
+    timeout: float = 0.5
+    fall: int = 3
+    rise: int = 2
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    detail: str
+    seconds: float
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+async def probe_tcp(spec: CheckSpec) -> ProbeResult:
+    t0 = time.monotonic()
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(spec.address, spec.port), spec.timeout)
+    except TimeoutError:
+        return ProbeResult(
+            False, f"connect timeout after {spec.timeout * 1000:.0f} ms", time.monotonic() - t0
+        )
+    except OSError as e:
+        return ProbeResult(False, f"connect failed: {e.strerror or e}", time.monotonic() - t0)
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return ProbeResult(True, "connected", time.monotonic() - t0)
+
+
+async def probe_http(spec: CheckSpec) -> ProbeResult:
+    t0 = time.monotonic()
+
+    async def get() -> int:
+        reader, writer = await asyncio.open_connection(spec.address, spec.port)
+        try:
+            host = _host(spec.address)
+            writer.write(
+                f"GET {spec.path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: shadowplane\r\n\r\n".encode()
+            )
+            await writer.drain()
+            status_line = await reader.readline()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        parts = status_line.decode(errors="replace").split()
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise ValueError(f"not an HTTP response: {status_line[:60]!r}")
+        return int(parts[1])
+
+    try:
+        status = await asyncio.wait_for(get(), spec.timeout)
+    except TimeoutError:
+        return ProbeResult(
+            False, f"no HTTP response within {spec.timeout * 1000:.0f} ms", time.monotonic() - t0
+        )
+    except (OSError, ValueError) as e:
+        return ProbeResult(False, f"HTTP failed: {e}", time.monotonic() - t0)
+    ok = status == spec.expect_status
+    return ProbeResult(
+        ok, f"HTTP {status}" + ("" if ok else f", want {spec.expect_status}"), time.monotonic() - t0
+    )
+
+
+async def probe_exec(spec: CheckSpec) -> ProbeResult:
+    t0 = time.monotonic()
+    env = dict(
+        os.environ,
+        SHADOWPLANE_SERVICE=spec.service,
+        SHADOWPLANE_TARGET_HOST=spec.target,
+        SHADOWPLANE_TARGET_ADDRESS=spec.address,
+        SHADOWPLANE_TARGET_PORT=str(spec.port),
+    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *spec.command,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as e:
+        return ProbeResult(False, f"cannot run {spec.command[0]}: {e.strerror}", time.monotonic() - t0)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), spec.timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        await proc.wait()
+        return ProbeResult(
+            False, f"check command timed out after {spec.timeout:.1f} s", time.monotonic() - t0
+        )
+    tail = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
+    ok = proc.returncode == 0
+    return ProbeResult(
+        ok, f"exit {proc.returncode}" + (f": {tail[0][:120]}" if tail[0] else ""), time.monotonic() - t0
+    )
+
+
+PROBES: dict[str, Callable[[CheckSpec], Coroutine[Any, Any, ProbeResult]]] = {
+    "tcp": probe_tcp,
+    "http": probe_http,
+    "exec": probe_exec,
+}
+
+
+@dataclass
+class Tracker:
+    """Up/down with hysteresis: `fall` failures in a row make a target down, `rise` successes up again.
+    Starts unknown; the first verdict needs `fall` or `rise` results."""
+
+    fall: int
+    rise: int
+    up: bool | None = None
+    streak_ok: int = 0
+    streak_fail: int = 0
+    since: float = field(default_factory=time.time)
+    detail: str = "no result yet"
+
+    def add(self, r: ProbeResult, now: float) -> bool:
+        """Record one result; True if the verdict changed."""
+        self.detail = r.detail
+        if r.ok:
+            self.streak_ok, self.streak_fail = self.streak_ok + 1, 0
+            flip = self.up is not True and self.streak_ok >= self.rise
+            new = True
+        else:
+            self.streak_fail, self.streak_ok = self.streak_fail + 1, 0
+            flip = self.up is not False and self.streak_fail >= self.fall
+            new = False
+        if flip:
+            self.up = new
+            self.since = now
+        return flip
+
+
+async def run_check(
+    spec: CheckSpec,
+    report: Callable[[CheckSpec, Tracker, bool], None],
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Probe forever at the spec's interval; call `report(spec, tracker, changed)` after every probe.
+
+    Probes start on a fixed cadence (not interval after the previous finished), so a slow failing probe
+    does not slow detection down.
+    """
+    tracker = Tracker(spec.fall, spec.rise)
+    probe = PROBES[spec.kind]
+    loop = asyncio.get_running_loop()
+    next_at = loop.time()
+    pending: set[asyncio.Task[ProbeResult]] = set()
+    results: asyncio.Queue[ProbeResult] = asyncio.Queue()
+
+    def done(t: asyncio.Task[ProbeResult]) -> None:
+        pending.discard(t)
+        if not t.cancelled() and t.exception() is None:
+            results.put_nowait(t.result())
+
+    try:
+        while True:
+            t = asyncio.create_task(probe(spec))
+            pending.add(t)
+            t.add_done_callback(done)
+            next_at += spec.interval
+            while True:
+                timeout = next_at - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    r = await asyncio.wait_for(results.get(), timeout)
+                except TimeoutError:
+                    break
+                changed = tracker.add(r, clock())
+                report(spec, tracker, changed)
+    finally:
+        for t in pending:
+            t.cancel()

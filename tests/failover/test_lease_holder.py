@@ -1,0 +1,106 @@
+"""An owner's lease against three real observer gRPC servers on loopback (no address: lease logic only)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from agentd.failover import Channels, LeaseHolder, LeaseService, ObserverRole
+from shadowctl.procs import free_port
+from shadowplane.v1 import agent_pb2 as apb
+from shadowplane.v1 import lease_pb2_grpc as lgrpc
+
+LEASE_MS = 300
+
+
+async def observers(n: int) -> tuple[list[ObserverRole], list[grpc.aio.Server], list[str]]:
+    roles, servers, addrs = [], [], []
+    for i in range(n):
+        role = ObserverRole(f"o{i}", report=lambda m: None)
+        role.started_at -= 10  # past the start-up grace
+        role.observed = {"web"}
+        role.lease_seconds = LEASE_MS / 1000
+        server = grpc.aio.server()
+        lgrpc.add_LeaseServicer_to_server(LeaseService(role), server)
+        port = free_port()
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        roles.append(role)
+        servers.append(server)
+        addrs.append(f"127.0.0.1:{port}")
+    return roles, servers, addrs
+
+
+def holder(addrs: list[str], events: list[apb.AgentMessage], token: int = 1) -> LeaseHolder:
+    acq = apb.Acquire(
+        service="web",
+        token=token,
+        observers=addrs,
+        lease_ms=LEASE_MS,
+        renew_interval_ms=50,
+        drift_margin=0.05,
+    )
+    return LeaseHolder("p1", acq, None, Channels(), events.append)  # type: ignore[arg-type]
+
+
+def test_lease_kept_while_a_majority_renews_and_lost_without() -> None:
+    async def scenario() -> tuple[bool, bool, float]:
+        _roles, servers, addrs = await observers(3)
+        events: list[apb.AgentMessage] = []
+        h = holder(addrs, events)
+        await h.start()
+        await servers[2].stop(0)  # one observer gone: a majority remains
+        await asyncio.sleep(1.0)
+        kept = not h.lost
+        t0 = time.monotonic()
+        await servers[1].stop(0)  # now only one of three
+        while not h.lost and time.monotonic() - t0 < 2:
+            await asyncio.sleep(0.005)
+        lost_after = time.monotonic() - t0
+        await servers[0].stop(0)
+        await h.channels.close()
+        return kept, h.lost, lost_after
+
+    kept, lost, lost_after = asyncio.run(scenario())
+    assert kept, "two of three observers are a majority"
+    assert lost
+    # it gives the lease up no later than one lease after its last good round started
+    assert lost_after <= LEASE_MS / 1000 + 0.03, lost_after
+
+
+def test_vote_for_a_newer_token_takes_the_lease_away_at_once() -> None:
+    async def scenario() -> tuple[bool, list[str]]:
+        roles, servers, addrs = await observers(3)
+        events: list[apb.AgentMessage] = []
+        h = holder(addrs, events)
+        await h.start()
+        for r in roles[:2]:
+            assert r.vote(apb.Vote(service="web", token=2, candidate="s1")).granted
+        await asyncio.sleep(0.15)
+        for s in servers:
+            await s.stop(0)
+        await h.channels.close()
+        return h.lost, [m.lease_event.what + ":" + m.lease_event.reason for m in events]
+
+    lost, evs = asyncio.run(scenario())
+    assert lost
+    assert evs[0].startswith("acquired") and "superseded" in evs[-1]
+
+
+def test_acquire_fails_without_a_majority() -> None:
+    async def scenario() -> str:
+        _roles, servers, addrs = await observers(1)
+        h = holder([addrs[0], "127.0.0.1:1", "127.0.0.1:2"], [])
+        try:
+            await h.start()
+        except Exception as e:
+            return str(e)
+        finally:
+            await servers[0].stop(0)
+            await h.channels.close()
+        return "acquired"
+
+    msg = asyncio.run(scenario())
+    assert "no majority of 3 observers renewed" in msg

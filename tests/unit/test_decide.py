@@ -1,0 +1,103 @@
+"""The failover decision: each rule, as a pure function of a snapshot."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from controller.failover.decide import Request, Snapshot, Tally, decide, tally
+
+OBS = ["controller", "s1", "s2"]
+UP = Tally(up=2, down=0, voters=2)
+DOWN = Tally(up=0, down=2, voters=2, down_by=("controller", "s1"))
+
+
+def snap(**kw: object) -> Snapshot:
+    base = Snapshot(
+        name="web",
+        primary="p1",
+        shadows=("s1", "s2"),
+        failback="auto",
+        failback_hold_ms=5000,
+        flap_window_ms=60_000,
+        owner="p1",
+        token=3,
+        last_failover_ms=0,
+        health={"p1": UP, "s1": UP, "s2": UP},
+        renewing=Tally(up=3, voters=3),
+        connected=frozenset({"p1", "s1", "s2"}),
+        primary_up_since_ms=0,
+        now_ms=1_000_000,
+        address_lifetime_ms=3000,
+    )
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_tally_excludes_the_target_and_ignores_unknown() -> None:
+    t = tally(OBS, {"controller": False, "s1": False, "s2": True}, exclude="s1")
+    assert (t.voters, t.down, t.up) == (2, 1, 1) and not t.majority_down
+    t = tally(OBS, {"controller": False}, exclude="p1")
+    assert t.down == 1 and not t.majority_down  # unknown is never a vote
+
+
+def test_stable_service_does_nothing() -> None:
+    assert decide(snap()).action == "none"
+
+
+def test_owner_down_fails_over_to_first_ready_shadow() -> None:
+    d = decide(snap(health={"p1": DOWN, "s1": UP, "s2": UP}, connected=frozenset({"s1", "s2"})))
+    assert (d.action, d.target, d.planned) == ("failover", "s1", False)
+    assert "owner p1 is down" in d.reason
+    d = decide(snap(health={"p1": DOWN, "s1": DOWN, "s2": UP}))
+    assert d.target == "s2" and d.planned  # p1's agent is connected: it can release first
+
+
+def test_partition_from_controller_alone_does_not_fail_over() -> None:
+    only_controller = Tally(up=1, down=1, voters=2, down_by=("controller",))
+    assert (
+        decide(
+            snap(health={"p1": only_controller, "s1": UP, "s2": UP}, connected=frozenset({"s1", "s2"}))
+        ).action
+        == "none"
+    )
+
+
+def test_damping_blocks_a_second_failover_but_force_does_not() -> None:
+    s = snap(health={"p1": DOWN, "s1": UP, "s2": UP}, last_failover_ms=990_000)
+    d = decide(s)
+    assert d.action == "none" and d.damped and "--force" in d.reason
+    assert decide(dataclasses.replace(s, request=Request("failover", force=True))).action == "move"
+    assert decide(dataclasses.replace(s, request=Request("failover"))).action == "none"
+
+
+def test_failback_after_hold_only_in_auto_mode() -> None:
+    s = snap(owner="s1", primary_up_since_ms=1_000_000 - 6000)
+    d = decide(s)
+    assert (d.action, d.target) == ("failback", "p1")
+    assert decide(dataclasses.replace(s, primary_up_since_ms=1_000_000 - 4000)).action == "none"
+    assert decide(dataclasses.replace(s, failback="manual")).action == "none"
+    assert decide(dataclasses.replace(s, failback="manual", request=Request("failback"))).action == "failback"
+
+
+def test_no_owner_places_on_primary_or_a_ready_shadow() -> None:
+    assert decide(snap(owner="")).target == "p1"
+    d = decide(snap(owner="", health={"p1": DOWN, "s1": UP, "s2": UP}))
+    assert (d.action, d.target) == ("place", "s1")
+    assert decide(snap(owner="", connected=frozenset())).action == "none"
+
+
+def test_lapsed_lease_reacquires_or_waits_out_the_address_lifetime() -> None:
+    lapsed = Tally(up=0, down=2, voters=3, down_by=("s1", "s2"))
+    d = decide(snap(renewing=lapsed))
+    assert (d.action, d.target) == ("reacquire", "p1")
+    d = decide(snap(renewing=lapsed, connected=frozenset({"s1", "s2"})))
+    assert (d.action, d.target, d.extra_wait_ms) == ("failover", "s1", 3000)
+
+
+def test_requests_are_checked() -> None:
+    assert (
+        "not ready" in decide(snap(request=Request("failover", to="s1"), connected=frozenset({"p1"}))).reason
+    )
+    assert "already owns" in decide(snap(request=Request("failover", to="p1"))).reason
+    assert "neither" in decide(snap(request=Request("failover", to="x9"))).reason
+    assert decide(snap(request=Request("failover", to="s2"))).target == "s2"
+    assert "already on the primary" in decide(snap(request=Request("failback"))).reason

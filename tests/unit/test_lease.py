@@ -1,0 +1,65 @@
+"""The lease protocol's safety: with any interleaving of renewals, votes and restarts, the old owner's
+lease has run out before the coordinator lets the new owner add the address."""
+
+from __future__ import annotations
+
+import random
+
+from shadowplane.lease import ObserverLease, majority, owner_valid_until, renew, vote
+
+LEASE = 0.3
+
+
+def test_renew_and_vote_basics() -> None:
+    st = ObserverLease()
+    assert not renew(st, 1, "p1", now=0.1, started_at=0.0, lease=LEASE).granted  # start-up grace
+    assert renew(st, 1, "p1", now=1.0, started_at=0.0, lease=LEASE).granted
+    assert not renew(st, 1, "s1", now=1.0, started_at=0.0, lease=LEASE).granted  # token belongs to p1
+    v = vote(st, 2, "s1", now=1.1, started_at=0.0, lease=LEASE)
+    assert v.granted and abs(v.wait - 0.2) < 1e-9  # p1's renewal at 1.0 runs until 1.3
+    d = renew(st, 1, "p1", now=1.15, started_at=0.0, lease=LEASE)
+    assert not d.granted and d.promised == 2  # after the vote the old token is refused
+    assert not vote(st, 2, "s2", now=1.2, started_at=0.0, lease=LEASE).granted  # token 2 is s1's
+    assert vote(st, 2, "s1", now=1.2, started_at=0.0, lease=LEASE).granted  # a repeat is fine
+    assert not vote(st, 1, "p1", now=1.2, started_at=0.0, lease=LEASE).granted
+    # an observer hearing a newer token in a renewal adopts it
+    assert renew(st, 5, "s2", now=2.0, started_at=0.0, lease=LEASE).granted and st.promised == 5
+
+
+def test_restarted_observer_waits_out_what_it_forgot() -> None:
+    st = ObserverLease()  # state lost in a restart at t=10
+    v = vote(st, 7, "s1", now=10.1, started_at=10.0, lease=LEASE)
+    assert v.granted and abs(v.wait - 0.2) < 1e-9
+
+
+def test_majority() -> None:
+    assert [majority(n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
+
+
+def test_no_two_owners_under_random_schedules() -> None:
+    """Simulate an owner renewing with 3 observers (some renewals lost), a coordinator voting a new token
+    at a random time via a random majority, and check the old owner's lease ends before the new owner may
+    add the address."""
+    rng = random.Random(7)
+    for _ in range(2000):
+        observers = [ObserverLease() for _ in range(3)]
+        started = [0.0, 0.0, rng.uniform(0, 2.0)]  # one observer may restart late
+        t, owner_valid = 1.0, float("-inf")
+        vote_at = rng.uniform(1.2, 3.0)
+        voters = rng.sample(range(3), 2)
+        new_owner_may_add = None
+        while t < 4.0:
+            if new_owner_may_add is None and t >= vote_at:
+                waits = [vote(observers[i], 2, "s1", t, started[i], LEASE) for i in voters]
+                assert all(w.granted for w in waits)
+                new_owner_may_add = t + max(w.wait for w in waits)
+            grants = sum(
+                renew(observers[i], 1, "p1", t + rng.uniform(0, 0.01), started[i], LEASE).granted
+                for i in range(3)
+                if rng.random() > 0.2  # lost renewals
+            )
+            if grants >= majority(3):
+                owner_valid = owner_valid_until(t, LEASE, 0.05)
+            t += 0.05
+        assert new_owner_may_add is not None
+        assert owner_valid < new_owner_may_add + 1e-9, "old owner still valid when the new one adds"
