@@ -26,7 +26,7 @@ class CommandHandler:
     ) -> None:
         self.cfg, self.layout, self.observer, self.report = cfg, layout, observer, report
         self.addresses = Addresses()
-        self.channels = Channels()
+        self.channels = Channels(cfg.tls, cfg.controller)
         self.holders: dict[str, LeaseHolder] = {}
         self.newest_token: dict[str, int] = {}
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from shadowplane.config import absolute_path, at_least, between, check, host_port, load, positive
+from shadowplane.tls import TlsConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -86,10 +87,14 @@ class AgentConfig:
     cgroup_root: Path = field(
         default=Path("/sys/fs/cgroup"), metadata=check(doc="where cgroup hierarchies are mounted")
     )
+    tls: TlsConfig = field(default_factory=TlsConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     workload: list[WorkloadConfig] = field(default_factory=list, metadata=check(doc="[[workload]] tables"))
 
     def validate(self) -> str | None:
+        tls_problem = self.tls.validate()
+        if tls_problem:
+            return f"tls.{tls_problem}"
         names = [w.name for w in self.workload]
         for n in names:
             if names.count(n) > 1:

@@ -19,8 +19,9 @@ from agentd.cgroupfs import CgroupLayout
 from agentd.commands import CommandHandler
 from agentd.config import AgentConfig
 from agentd.failover import LeaseService, ObserverRole
-from agentd.link import Backlog, ControllerLink
+from agentd.link import CHANNEL_OPTIONS, Backlog, ControllerLink
 from shadowplane import __version__
+from shadowplane.tls import add_port, aio_channel, warn_plaintext
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import lease_pb2_grpc as lgrpc
 from shadowplane.v1 import telemetry_pb2 as tpb
@@ -60,7 +61,10 @@ class Agent:
             Backlog(cfg.backlog_max_batches),
             heartbeat_seconds=cfg.heartbeat_interval_seconds,
             reconnect_max_seconds=cfg.reconnect_max_seconds,
+            channel_factory=lambda target: aio_channel(target, cfg.tls, "controller", CHANNEL_OPTIONS),
         )
+        if cfg.tls.plaintext:
+            warn_plaintext("the agent")
         self.observer = ObserverRole(cfg.host, self.link.send)
         self.commands: CommandHandler | None = None
         self.peer_server: grpc.aio.Server | None = None
@@ -112,7 +116,7 @@ class Agent:
         if self.cfg.peer_listen:
             self.peer_server = grpc.aio.server()
             lgrpc.add_LeaseServicer_to_server(LeaseService(self.observer), self.peer_server)
-            if self.peer_server.add_insecure_port(self.cfg.peer_listen) == 0:
+            if add_port(self.peer_server, self.cfg.peer_listen, self.cfg.tls) == 0:
                 raise OSError(f"peer_listen: cannot listen on {self.cfg.peer_listen}")
             await self.peer_server.start()
 

@@ -21,6 +21,7 @@ import grpc
 from agentd.actuate.address import Addresses, Vip, announce
 from shadowplane import lease as leases
 from shadowplane.healthcheck import CheckSpec, Tracker, run_check
+from shadowplane.tls import TlsConfig, aio_channel, check_renewer, peer_identity
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import lease_pb2 as lpb
 from shadowplane.v1 import lease_pb2_grpc as lgrpc
@@ -37,13 +38,15 @@ class LeaseError(RuntimeError):
 class Channels:
     """One gRPC channel per observer address, reused across renewals."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TlsConfig, controller: str) -> None:
+        self.tls, self.controller = tls, controller
         self._stubs: dict[str, lgrpc.LeaseAsyncStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
     def stub(self, address: str) -> lgrpc.LeaseAsyncStub:
         if address not in self._stubs:
-            ch = grpc.aio.insecure_channel(address, options=[("grpc.enable_retries", 0)])
+            role = "controller" if address == self.controller else "agent"
+            ch = aio_channel(address, self.tls, role, options=[("grpc.enable_retries", 0)])
             self._channels.append(ch)
             self._stubs[address] = lgrpc.LeaseStub(ch)
         return self._stubs[address]
@@ -371,4 +374,7 @@ class LeaseService(lgrpc.LeaseServicer):
     async def Renew(
         self, request: lpb.RenewRequest, context: grpc.aio.ServicerContext[lpb.RenewRequest, lpb.RenewReply]
     ) -> lpb.RenewReply:
+        problem = check_renewer(peer_identity(context), request.holder)
+        if problem:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
         return self.observer.renew(request)

@@ -31,6 +31,7 @@ from agentd.cgroupfs import CgroupLayout
 from shadowctl.procs import free_port, python_module, spawn, stop, wait_for_port
 
 COUNT = 2_000_000
+PLAINTEXT = "[tls]\nplaintext = true\n"  # loopback only
 SYSCALLS = 2 * COUNT
 
 
@@ -80,11 +81,12 @@ def with_agent(
     work: Path, cgroup: str, procs_files: list[Path], runs: int, sample_every: int
 ) -> dict[str, float]:
     port = free_port()
-    (work / "c.toml").write_text(f'listen = "127.0.0.1:{port}"\n[store]\npath = "{work}/c.db"\n')
+    (work / "c.toml").write_text(f'listen = "127.0.0.1:{port}"\n[store]\npath = "{work}/c.db"\n' + PLAINTEXT)
     (work / "a.toml").write_text(
         f'controller = "127.0.0.1:{port}"\nhost = "bench"\ninterval_seconds = 1.0\n'
         f"[capture]\nsyscall_latency_sample_every = {sample_every}\n"
         f'[[workload]]\nname = "storm"\ncgroup = "{cgroup}"\nrole = "primary"\nservice = "storm"\n'
+        + PLAINTEXT
     )
     ctl = spawn(python_module("controller.cli", "run", "--config", str(work / "c.toml")), work / "c.log")
     agent = spawn(python_module("agentd.cli", "run", "--config", str(work / "a.toml")), work / "a.log")

@@ -9,6 +9,7 @@ from typing import Literal
 
 from agentd.config import valid_name
 from shadowplane.config import at_least, between, check, host_port, load, non_empty, non_negative, positive
+from shadowplane.tls import TlsConfig
 
 
 def ip_address(v: str) -> str | None:
@@ -197,6 +198,7 @@ class ControllerConfig:
         default=3.0,
         metadata=check(at_least(1), doc="a host with no telemetry for this many intervals is stale"),
     )
+    tls: TlsConfig = field(default_factory=TlsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     failover: FailoverConfig = field(default_factory=FailoverConfig)
     service: list[ServiceConfig] = field(default_factory=list, metadata=check(doc="[[service]] tables"))
@@ -206,6 +208,9 @@ class ControllerConfig:
     )
 
     def validate(self) -> str | None:
+        tls_problem = self.tls.validate()
+        if tls_problem:
+            return f"tls.{tls_problem}"
         names = [h.name for h in self.host]
         for n in names:
             if names.count(n) > 1:

@@ -14,6 +14,7 @@ from controller.failover.decide import Request
 from controller.failover.loop import FailoverLoop, ServiceRuntime
 from controller.registry import AgentRegistry
 from controller.store import AgentRecord, EventRecord, Store
+from shadowplane.tls import peer_identity
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import fleet_pb2_grpc as fgrpc
 
@@ -122,12 +123,14 @@ class FleetService(fgrpc.FleetServicer):
     async def Failover(
         self, request: fpb.FailoverRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.TransitionReply:
+        await require_operator(context, "failover")
         d = self.failover.request(request.service, Request("failover", request.to, request.force))
         return fpb.TransitionReply(accepted=d.accepted, reason=d.reason)
 
     async def Failback(
         self, request: fpb.FailbackRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.TransitionReply:
+        await require_operator(context, "failback")
         d = self.failover.request(request.service, Request("failback"))
         return fpb.TransitionReply(accepted=d.accepted, reason=d.reason)
 
@@ -153,6 +156,17 @@ class FleetService(fgrpc.FleetServicer):
                     yield event_message(e)
         finally:
             self.events.unsubscribe(q)
+
+
+async def require_operator(context: grpc.aio.ServicerContext[Any, Any], what: str) -> None:
+    """Changes need an operator certificate; reading needs only one the fleet CA signed."""
+    who = peer_identity(context)
+    if who is not None and who.role != "operator":
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{what} needs an operator certificate; {who.name!r} presented a {who.role!r} certificate "
+            "(shadowctl certs issue NAME --role operator makes one)",
+        )
 
 
 def event_message(e: EventRecord) -> fpb.Event:

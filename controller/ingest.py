@@ -17,6 +17,8 @@ from controller.config import ControllerConfig
 from controller.registry import AgentRegistry, AgentSession
 from controller.store import Store
 from shadowplane import __version__
+from shadowplane.pki import Identity
+from shadowplane.tls import peer_identity
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import agent_pb2_grpc as agrpc
 
@@ -37,6 +39,17 @@ def check_hello(hello: apb.Hello, cfg: ControllerConfig) -> str | None:
     names = [w.name for w in hello.workloads]
     if len(set(names)) != len(names):
         return "hello.workloads: duplicate workload names"
+    return None
+
+
+def check_agent_identity(who: Identity | None, host: str) -> str | None:
+    """With TLS, an agent must present its own host's agent certificate."""
+    if who is None:
+        return None  # plaintext: nothing to check (the operator was warned)
+    if who.role != "agent":
+        return f"certificate of {who.name!r} has role {who.role!r}; agents need an agent certificate"
+    if who.name != host:
+        return f"certificate names host {who.name!r} but the agent says it is {host!r}"
     return None
 
 
@@ -105,7 +118,7 @@ class AgentStreamService(agrpc.AgentStreamServicer):
             )
             return
         hello = first.hello
-        problem = check_hello(hello, self.cfg)
+        problem = check_hello(hello, self.cfg) or check_agent_identity(peer_identity(context), hello.host)
         if problem:
             log.warning("refused agent from %s: %s", context.peer(), problem)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)

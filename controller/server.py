@@ -22,6 +22,7 @@ from controller.fleet_api import FleetService
 from controller.ingest import AgentStreamService
 from controller.registry import AgentRegistry
 from controller.store import SqliteStore, Store
+from shadowplane.tls import add_port, warn_plaintext
 from shadowplane.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, fleet_pb2_grpc, lease_pb2, lease_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,9 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
         reflection.SERVICE_NAME,
     ]
     reflection.enable_server_reflection(services, server)
-    port = server.add_insecure_port(cfg.listen)
+    if cfg.tls.plaintext:
+        warn_plaintext("the controller")
+    port = add_port(server, cfg.listen, cfg.tls)
     if port == 0:
         raise OSError(f"cannot listen on {cfg.listen}")
     await server.start()

@@ -5,18 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shadowctl import demo, fleet_cmds
+from shadowctl import certs_cmds, demo, failover_cmds, fleet_cmds
+from shadowctl.client import ClientError, add_arguments
 from shadowplane import logs
 
 # Each command module adds its subcommands; they set `func(args) -> int`.
-COMMAND_MODULES = [fleet_cmds, demo]
+COMMAND_MODULES = [fleet_cmds, failover_cmds, certs_cmds, demo]
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shadowctl", description=__doc__)
-    p.add_argument(
-        "--controller", help="controller HOST:PORT (default: $SHADOWCTL_CONTROLLER or 127.0.0.1:7400)"
-    )
+    add_arguments(p)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the controller")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -28,7 +27,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.setup(args.log_level)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ClientError as e:
+        print(f"shadowctl: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ from rich.console import Console
 from rich.live import Live
 
 from agentd.cgroupfs import CgroupLayout
-from shadowctl.client import fleet
 from shadowctl.fleet_cmds import _table, snapshot
 from shadowctl.procs import free_port, python_module, spawn, stop, wait_for_port
+from shadowplane.tls import TlsConfig, sync_channel
+from shadowplane.v1.fleet_pb2_grpc import FleetStub
 
 DEMO_CGROUP = "/shadowplane-demo/web"
+LOOPBACK_TLS = "[tls]\nplaintext = true\n"  # everything stays on 127.0.0.1 and ends with the demo
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,11 +44,12 @@ def run(args: argparse.Namespace) -> int:
     procs = []
     try:
         (work / "controller.toml").write_text(
-            f'listen = "127.0.0.1:{port}"\n[store]\npath = "{work}/controller.db"\n'
+            f'listen = "127.0.0.1:{port}"\n[store]\npath = "{work}/controller.db"\n{LOOPBACK_TLS}'
         )
         (work / "agentd.toml").write_text(
             f'controller = "127.0.0.1:{port}"\nhost = "demo-host"\ninterval_seconds = {args.interval}\n'
             f'[[workload]]\nname = "web"\ncgroup = "{DEMO_CGROUP}"\nrole = "primary"\nservice = "web"\n'
+            f"{LOOPBACK_TLS}"
         )
         console.print(f"[bold]starting controller[/] on 127.0.0.1:{port} (logs in {work})")
         ctl = spawn(
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
                 python_module("agentd.cli", "run", "--config", str(work / "agentd.toml")), work / "agentd.log"
             )
         )
-        channel, stub = fleet(f"127.0.0.1:{port}")
+        channel = sync_channel(f"127.0.0.1:{port}", TlsConfig(plaintext=True))
+        stub = FleetStub(channel)
         with channel, Live(_table([]), console=console, refresh_per_second=4) as live:
             end = time.monotonic() + args.seconds
             while time.monotonic() < end:

@@ -77,7 +77,7 @@ def _fail(e: grpc.RpcError, addr: str) -> int:
 
 def services(args: argparse.Namespace) -> int:
     addr = controller_address(args.controller)
-    channel, stub = fleet(addr)
+    channel, stub = fleet(args)
     with channel:
         try:
             resp = stub.ListServices(
@@ -118,7 +118,7 @@ def services(args: argparse.Namespace) -> int:
 
 def _transition(args: argparse.Namespace, call: str, req: Any) -> int:
     addr = controller_address(args.controller)
-    channel, stub = fleet(addr)
+    channel, stub = fleet(args)
     with channel:
         try:
             resp = getattr(stub, call)(req, timeout=args.timeout)
@@ -159,7 +159,7 @@ def _print_event(e: fpb.Event, as_json: bool) -> None:
 
 def events(args: argparse.Namespace) -> int:
     addr = controller_address(args.controller)
-    channel, stub = fleet(addr)
+    channel, stub = fleet(args)
     req = fpb.ListEventsRequest(service=args.service, limit=args.limit)
     with channel:
         try:

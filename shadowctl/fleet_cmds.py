@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def hosts(args: argparse.Namespace) -> int:
     addr = controller_address(args.controller)
-    channel, stub = fleet(addr)
+    channel, stub = fleet(args)
     with channel:
         try:
             resp = stub.ListHosts(fpb.ListHostsRequest(), timeout=args.timeout)
@@ -113,7 +113,7 @@ def _table(rows: list[dict[str, Any]]) -> Table:
 
 def top(args: argparse.Namespace) -> int:
     addr = controller_address(args.controller)
-    channel, stub = fleet(addr)
+    channel, stub = fleet(args)
     iterations = args.iterations or (1 if args.json else 0)
     n = 0
     with channel:

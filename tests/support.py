@@ -16,6 +16,7 @@ from agentd.capture.bpf_capture import unavailable_reason
 from agentd.cgroupfs import CgroupLayout
 
 ROOT = Path(__file__).resolve().parent.parent
+PLAINTEXT = "[tls]\nplaintext = true\n"  # tests on loopback run without TLS, and say so in their configs
 
 
 def need_root() -> None:

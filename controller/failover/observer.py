@@ -9,6 +9,7 @@ import grpc
 
 from controller.store import Store
 from shadowplane import lease as leases
+from shadowplane.tls import check_renewer, peer_identity
 from shadowplane.v1 import lease_pb2 as lpb
 from shadowplane.v1 import lease_pb2_grpc as lgrpc
 
@@ -64,4 +65,7 @@ class LeaseService(lgrpc.LeaseServicer):
     async def Renew(
         self, request: lpb.RenewRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> lpb.RenewReply:
+        problem = check_renewer(peer_identity(context), request.holder)
+        if problem:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
         return self.observer.renew(request)

@@ -71,6 +71,14 @@ class Store(Protocol):
         """(host, sample) pairs, the newest `limit` per workload, oldest first."""
         ...
 
+    def resource_series(
+        self, since_ms: int = 0, host: str = "", workload: str = ""
+    ) -> dict[tuple[str, str], dict[str, list[float]]]:
+        """Every workload's resource series since the bound, for the prediction engine: per (host, workload),
+        columns end_ms, cpu_cores, memory_bytes, io_bytes_per_second, syscalls_per_second,
+        accepts_per_second, oldest first. Empty host/workload = all."""
+        ...
+
     def prune(self, older_than_ms: int) -> int:
         """Delete telemetry older than the bound; return how many samples went."""
         ...

@@ -185,6 +185,35 @@ class SqliteStore:
         ).fetchall()
         return [(r[0], tpb.WorkloadSample.FromString(r[1])) for r in rows]
 
+    def resource_series(
+        self, since_ms: int = 0, host: str = "", workload: str = ""
+    ) -> dict[tuple[str, str], dict[str, list[float]]]:
+        where, args = ["end_ms >= ?"], list[object]([since_ms])
+        if host:
+            where.append("host = ?")
+            args.append(host)
+        if workload:
+            where.append("workload = ?")
+            args.append(workload)
+        cols = (
+            "end_ms",
+            "cpu_cores",
+            "memory_bytes",
+            "io_bytes_per_second",
+            "syscalls_per_second",
+            "accepts_per_second",
+        )
+        out: dict[tuple[str, str], dict[str, list[float]]] = {}
+        for row in self.db.execute(
+            f"""SELECT host, workload, {", ".join(cols)} FROM samples WHERE {" AND ".join(where)}
+                ORDER BY host, workload, end_ms""",
+            args,
+        ):
+            series = out.setdefault((row[0], row[1]), {c: [] for c in cols})
+            for c, v in zip(cols, row[2:], strict=True):
+                series[c].append(float(v))
+        return out
+
     def prune(self, older_than_ms: int) -> int:
         cur = self.db.execute("DELETE FROM samples WHERE end_ms < ?", (older_than_ms,))
         return cur.rowcount

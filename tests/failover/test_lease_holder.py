@@ -9,6 +9,7 @@ import grpc
 
 from agentd.failover import Channels, LeaseHolder, LeaseService, ObserverRole
 from shadowctl.procs import free_port
+from shadowplane.tls import TlsConfig
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import lease_pb2_grpc as lgrpc
 
@@ -42,7 +43,7 @@ def holder(addrs: list[str], events: list[apb.AgentMessage], token: int = 1) -> 
         renew_interval_ms=50,
         drift_margin=0.05,
     )
-    return LeaseHolder("p1", acq, None, Channels(), events.append)  # type: ignore[arg-type]
+    return LeaseHolder("p1", acq, None, Channels(TlsConfig(plaintext=True), ""), events.append)  # type: ignore[arg-type]
 
 
 def test_lease_kept_while_a_majority_renews_and_lost_without() -> None:

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from shadowctl.procs import free_port, wait_for_port
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import fleet_pb2_grpc as fgrpc
-from tests.support import Daemon, Workload, need_root, wait_until
+from tests.support import PLAINTEXT, Daemon, Workload, need_root, wait_until
 
 INTERVAL = 0.5
 
@@ -26,7 +26,7 @@ INTERVAL = 0.5
 def controller(tmp_path: Path) -> Iterator[tuple[Daemon, int]]:
     port = free_port()
     cfg = tmp_path / "controller.toml"
-    cfg.write_text(f'listen = "127.0.0.1:{port}"\n[store]\npath = "{tmp_path}/controller.db"\n')
+    cfg.write_text(f'listen = "127.0.0.1:{port}"\n[store]\npath = "{tmp_path}/controller.db"\n' + PLAINTEXT)
     d = Daemon("controller.cli", cfg, tmp_path / "controller.log").start()
     try:
         wait_for_port("127.0.0.1", port, 20, d.proc)
@@ -44,6 +44,7 @@ def agent(tmp_path: Path, controller: tuple[Daemon, int], workload_cgroup: Workl
         f'controller = "127.0.0.1:{port}"\nhost = "it-host"\ninterval_seconds = {INTERVAL}\n'
         f"reconnect_max_seconds = 0.5\n"
         f'[[workload]]\nname = "web"\ncgroup = "{workload_cgroup.path}"\nrole = "primary"\nservice = "web"\n'
+        + PLAINTEXT
     )
     d = Daemon("agentd.cli", cfg, tmp_path / "agentd.log").start()
     try:
@@ -97,7 +98,7 @@ def test_telemetry_survives_controller_restart_without_duplicates(
 def test_hosts_and_top_report_the_agent(controller: tuple[Daemon, int], agent: Daemon) -> None:
     _, port = controller
     wait_until(lambda: len(samples(port)) >= 2, 30, "samples")
-    env_cmd = [sys.executable, "-m", "shadowctl.cli", "--controller", f"127.0.0.1:{port}"]
+    env_cmd = [sys.executable, "-m", "shadowctl.cli", "--plaintext", "--controller", f"127.0.0.1:{port}"]
     out = subprocess.run([*env_cmd, "hosts", "--json"], capture_output=True, text=True, check=True)
     (host,) = json.loads(out.stdout)
     assert host["host"] == "it-host" and host["health"] == "healthy" and host["connected"]
@@ -128,20 +129,16 @@ def test_health_and_reflection_for_grpcurl(controller: tuple[Daemon, int]) -> No
     assert {"shadowplane.v1.Fleet", "shadowplane.v1.AgentStream", "grpc.health.v1.Health"} <= services
 
 
-def test_shadowctl_reports_unreachable_controller() -> None:
+def test_shadowctl_reports_unreachable_controller_and_missing_credentials() -> None:
     port = free_port()
+    base = [sys.executable, "-m", "shadowctl.cli", "--controller", f"127.0.0.1:{port}", "--timeout", "1"]
+    out = subprocess.run([*base, "--plaintext", "hosts"], capture_output=True, text=True)
+    assert out.returncode == 1 and "unreachable" in out.stderr
+    # without --plaintext, shadowctl insists on TLS credentials and says how to get them
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shadowctl.cli",
-            "--controller",
-            f"127.0.0.1:{port}",
-            "--timeout",
-            "1",
-            "hosts",
-        ],
+        [*base, "--ca", "/nonexistent/ca.pem", "hosts"],
         capture_output=True,
         text=True,
+        env={"PATH": "/usr/bin:/bin"},
     )
-    assert out.returncode == 1 and "unreachable" in out.stderr
+    assert out.returncode == 2 and "shadowctl certs issue" in out.stderr and "--plaintext" in out.stderr

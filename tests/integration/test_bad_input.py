@@ -15,7 +15,7 @@ import pytest
 from shadowctl.procs import free_port, wait_for_port
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import telemetry_pb2 as tpb
-from tests.support import Daemon
+from tests.support import PLAINTEXT, Daemon
 
 AGENT_STREAM = "/shadowplane.v1.AgentStream/Connect"
 
@@ -74,7 +74,7 @@ def controller(tmp_path: Path) -> Iterator[int]:
     cfg = tmp_path / "controller.toml"
     cfg.write_text(
         f'listen = "127.0.0.1:{port}"\nmax_message_bytes = 262144\n[store]\npath = "{tmp_path}/c.db"\n'
-        '[[host]]\nname = "good"\n[[host]]\nname = "bad"\n'
+        '[[host]]\nname = "good"\n[[host]]\nname = "bad"\n' + PLAINTEXT
     )
     d = Daemon("controller.cli", cfg, tmp_path / "controller.log").start()
     try:

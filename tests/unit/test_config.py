@@ -12,6 +12,8 @@ GOOD = """
 controller = "10.0.0.1:7400"
 host = "web-1"
 interval_seconds = 5
+[tls]
+plaintext = true
 [capture]
 syscall_latency_sample_every = 4
 [[workload]]
@@ -86,9 +88,18 @@ def test_controller_config_checks_store_and_hosts(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_controller_config(p)
     assert e.value.field == "store.retention_hours"
-    p.write_text('[[host]]\nname = "a"\n[[host]]\nname = "a"\n')
+    p.write_text('[tls]\nplaintext = true\n[[host]]\nname = "a"\n[[host]]\nname = "a"\n')
     with pytest.raises(ConfigError, match="listed twice"):
         load_controller_config(p)
+
+
+def test_tls_is_required_unless_plaintext_is_explicit(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_agent_config(write(tmp_path, GOOD.replace("[tls]\nplaintext = true\n", "")))
+    assert e.value.field == "tls.ca" and "shadowctl certs init" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_agent_config(write(tmp_path, GOOD.replace("plaintext = true", 'ca = "/x/ca.pem"')))
+    assert e.value.field == "tls.cert"
 
 
 def test_reference_lists_every_key_with_default() -> None:
