@@ -20,7 +20,7 @@ from agentd.commands import CommandHandler
 from agentd.config import AgentConfig
 from agentd.failover import LeaseService, ObserverRole
 from agentd.link import CHANNEL_OPTIONS, Backlog, ControllerLink
-from shadowplane import __version__
+from shadowplane import __version__, sdnotify
 from shadowplane.tls import add_port, aio_channel, warn_plaintext
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import lease_pb2_grpc as lgrpc
@@ -161,9 +161,36 @@ async def serve(cfg: AgentConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     task = asyncio.create_task(agent.run())
+    stopped = asyncio.create_task(stop.wait())
+
+    def status_line() -> str:
+        state = agent.link.state
+        link = "connected" if state.connected else "disconnected"
+        if not state.connected and state.last_error:  # e.g. a missing certificate: say it where admins look
+            link += f" ({state.last_error[:160]})"
+        return (
+            f"{len(cfg.workload)} workloads, controller {cfg.controller} {link}, "
+            f"BPF {'on' if agent.bpf else 'off'}, backlog {len(agent.link.backlog)} batches"
+        )
+
+    # systemd (Type=notify): ready once capture and cgroups are set up; the watchdog pings from this loop.
+    helpers = [
+        asyncio.create_task(sdnotify.watchdog_task()),
+        asyncio.create_task(sdnotify.status_task(status_line)),
+    ]
+    sdnotify.ready(status_line())
     try:
-        await stop.wait()
+        # If the agent itself dies (e.g. peer_listen cannot bind), exit with its error rather than idle on:
+        # a dead agent that keeps pinging the watchdog would never be restarted.
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        failure = task.exception() if task.done() and not task.cancelled() else None
+        if failure is not None:
+            log.error("agent %s failed: %s", cfg.host, failure)
+            raise failure
         log.info("agent %s stopping", cfg.host)
     finally:
+        sdnotify.stopping("stopping")
+        for t in (*helpers, stopped):
+            t.cancel()
         task.cancel()
         await agent.close()

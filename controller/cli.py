@@ -10,7 +10,7 @@ import sys
 
 from controller.config import ControllerConfig, load_controller_config
 from controller.server import start
-from shadowplane import logs
+from shadowplane import logs, sdnotify
 from shadowplane.config import ConfigError
 
 DEFAULT_CONFIG = "/etc/shadowplane/controller.toml"
@@ -23,10 +23,26 @@ async def serve(cfg: ControllerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def status_line() -> str:
+        return (
+            f"listening on {cfg.listen} (port {c.port}), {len(c.registry.connected())} agents connected, "
+            f"{len(cfg.service)} services"
+        )
+
+    # systemd (Type=notify): ready once the port listens; the watchdog pings from this loop.
+    helpers = [
+        asyncio.create_task(sdnotify.watchdog_task()),
+        asyncio.create_task(sdnotify.status_task(status_line)),
+    ]
+    sdnotify.ready(status_line())
     try:
         await stop.wait()
         log.info("controller stopping")
     finally:
+        sdnotify.stopping("stopping")
+        for t in helpers:
+            t.cancel()
         await c.stop()
 
 

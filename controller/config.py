@@ -177,6 +177,14 @@ class FailoverConfig:
         default=3.0,
         metadata=check(positive, doc="an agent silent this long counts as down for the controller"),
     )
+    placement_grace_seconds: float = field(
+        default=10.0,
+        metadata=check(
+            non_negative,
+            doc="after the controller starts, wait this long for primaries before "
+            "placing an unowned service on a shadow",
+        ),
+    )
     loop_interval_seconds: float = field(
         default=0.05, metadata=check(positive, doc="how often the HA loop reads state and decides")
     )
@@ -184,6 +192,54 @@ class FailoverConfig:
     def validate(self) -> str | None:
         if self.renew_interval_seconds * 2 > self.lease_seconds:
             return "renew_interval_seconds: must be at most half of lease_seconds, to survive a lost renewal"
+        return None
+
+
+@dataclass
+class ScalingConfig:
+    enabled: bool = field(default=True, metadata=check(doc="size shadows from the primaries' forecasts"))
+    interval_seconds: float = field(
+        default=60.0, metadata=check(between(1, 3600), doc="seconds between scaling cycles (1 s for demos)")
+    )
+    forecast_step_seconds: float = field(
+        default=0.0, metadata=check(non_negative, doc="history step fed to the forecaster (0: the interval)")
+    )
+    model: str = field(default="", metadata=check(doc="ONNX forecast model (empty: the packaged default)"))
+    target_coverage: float = field(
+        default=0.99,
+        metadata=check(between(0.51, 0.9999), doc="share of steps the forecast target should cover"),
+    )
+    up_threshold: float = field(
+        default=1.2, metadata=check(at_least(1), doc="predicted above allocation x this: add")
+    )
+    up_factor: float = field(default=1.5, metadata=check(positive, doc="add (predicted - allocation) x this"))
+    down_threshold: float = field(
+        default=0.8, metadata=check(between(0, 1), doc="predicted below allocation x this: remove")
+    )
+    down_factor: float = field(
+        default=0.5, metadata=check(between(0, 1), doc="remove (allocation - predicted) x this")
+    )
+    cpu_floor_cores: float = field(
+        default=0.1, metadata=check(non_negative, doc="never size a shadow below this")
+    )
+    cpu_ceiling_cores: float = field(
+        default=0.0, metadata=check(non_negative, doc="never above this (0: host cores)")
+    )
+    memory_floor_bytes: int = field(default=64 * 2**20, metadata=check(non_negative, doc="memory floor"))
+    memory_ceiling_bytes: int = field(
+        default=0, metadata=check(non_negative, doc="memory ceiling (0: the host's memory)")
+    )
+    io_weight: bool = field(default=True, metadata=check(doc="also set I/O weight where the kernel has it"))
+    command_timeout_seconds: float = field(
+        default=5.0,
+        metadata=check(positive, doc="an agent that does not apply limits within this is not ready"),
+    )
+
+    def validate(self) -> str | None:
+        if self.cpu_ceiling_cores and self.cpu_ceiling_cores < self.cpu_floor_cores:
+            return "cpu_ceiling_cores: must not be below cpu_floor_cores"
+        if self.memory_ceiling_bytes and self.memory_ceiling_bytes < self.memory_floor_bytes:
+            return "memory_ceiling_bytes: must not be below memory_floor_bytes"
         return None
 
 
@@ -201,6 +257,7 @@ class ControllerConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     failover: FailoverConfig = field(default_factory=FailoverConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
     service: list[ServiceConfig] = field(default_factory=list, metadata=check(doc="[[service]] tables"))
     host: list[HostEntry] = field(
         default_factory=list,

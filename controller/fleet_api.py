@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -13,6 +13,7 @@ from controller.events import EventLog
 from controller.failover.decide import Request
 from controller.failover.loop import FailoverLoop, ServiceRuntime
 from controller.registry import AgentRegistry
+from controller.scaling.loop import ScalingLoop
 from controller.store import AgentRecord, EventRecord, Store
 from shadowplane.tls import peer_identity
 from shadowplane.v1 import fleet_pb2 as fpb
@@ -39,14 +40,10 @@ class FleetService(fgrpc.FleetServicer):
         registry: AgentRegistry,
         events: EventLog,
         failover: FailoverLoop,
+        scaling: ScalingLoop | None = None,
     ) -> None:
-        self.cfg, self.store, self.registry, self.events, self.failover = (
-            cfg,
-            store,
-            registry,
-            events,
-            failover,
-        )
+        self.cfg, self.store, self.registry, self.events = cfg, store, registry, events
+        self.failover, self.scaling = failover, scaling
 
     async def ListHosts(
         self, request: fpb.ListHostsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -156,6 +153,102 @@ class FleetService(fgrpc.FleetServicer):
                     yield event_message(e)
         finally:
             self.events.unsubscribe(q)
+
+    async def GetPlan(
+        self, request: fpb.GetPlanRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fpb.GetPlanResponse:
+        if self.scaling is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "scaling is disabled ([scaling] enabled)"
+            )
+        assert self.scaling is not None
+        host, _, workload = request.workload.partition("/")
+        service = request.workload if request.workload and not workload else ""
+        if service and self.cfg.service_named(service) is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"{request.workload!r} is neither a service nor HOST/WORKLOAD"
+            )
+
+        def wanted(d_host: str, d_workload: str, d_service: str) -> bool:
+            if service:
+                return d_service == service
+            return not request.workload or (d_host == host and d_workload == workload)
+
+        nxt = [d for d in self.scaling.plan(int(time.time() * 1000)) if wanted(d.host, d.workload, d.service)]
+        last = [
+            d for d in self.store.decisions(last=request.last or 5) if wanted(d.host, d.workload, d.service)
+        ]
+        return fpb.GetPlanResponse(
+            next=nxt, last=last, shadows=self._shadows(wanted), next_cycle_unix_ms=self.scaling.next_cycle_ms
+        )
+
+    def _shadows(self, wanted: Callable[[str, str, str], bool]) -> list[fpb.ShadowState]:
+        assert self.scaling is not None
+        overrides = self.store.overrides()
+        out = []
+        for svc in self.cfg.service:
+            for h in svc.shadows:
+                w = self.scaling.workload_of(h, svc.name)
+                if not wanted(h, w, svc.name):
+                    continue
+                rd = self.scaling.readiness.get((h, w))
+                applied = self.scaling.applied.get((h, w))
+                st = fpb.ShadowState(
+                    service=svc.name,
+                    host=h,
+                    workload=w,
+                    ready=bool(rd and rd.ready),
+                    reason=rd.reason if rd else "not sized yet",
+                    cpu_cores=applied.cpu_cores if applied else 0.0,
+                    memory_bytes=applied.memory_bytes if applied else 0,
+                )
+                if (h, w) in overrides:
+                    st.override.CopyFrom(overrides[(h, w)])
+                out.append(st)
+        return out
+
+    async def SetOverride(
+        self, request: fpb.Override, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fpb.OverrideReply:
+        await require_operator(context, "changing a shadow's limits")
+        problem = check_override(
+            request, {(a.host, w.name) for a in self.store.agents() for w in a.hello.workloads}
+        )
+        if problem:
+            return fpb.OverrideReply(accepted=False, reason=problem)
+        o = fpb.Override()
+        o.CopyFrom(request)
+        who = peer_identity(context)
+        o.by = who.name if who else "plaintext client"
+        o.unix_ms = int(time.time() * 1000)
+        self.store.set_override(o)
+        self.events.record(
+            "override",
+            "",
+            o.host,
+            f"{o.workload}: {o.kind} by {o.by}" + (f": {o.reason}" if o.reason else ""),
+            cpu=o.cpu_cores or "-",
+            memory=o.memory_bytes or "-",
+        )
+        if self.scaling is not None:
+            self.scaling.wake.set()  # applied now; the next cycle honours it instead of undoing it
+        return fpb.OverrideReply(accepted=True, reason=f"{o.kind} recorded for {o.host}/{o.workload}")
+
+
+def check_override(o: fpb.Override, known: set[tuple[str, str]]) -> str | None:
+    if o.kind not in ("pin", "bound", "freeze", "clear"):
+        return f"kind must be pin, bound, freeze or clear, not {o.kind!r}"
+    if (o.host, o.workload) not in known:
+        return f"no workload {o.workload!r} on host {o.host!r} (see shadowctl plan)"
+    if o.kind == "pin" and o.cpu_cores <= 0 and o.memory_bytes == 0:
+        return "pin needs a CPU and/or a memory value"
+    if o.cpu_cores < 0 or o.cpu_min < 0 or o.cpu_max < 0:
+        return "CPU values must not be negative"
+    if o.kind == "bound" and o.cpu_max and o.cpu_min > o.cpu_max:
+        return "bound: the CPU minimum is above the maximum"
+    if o.kind == "bound" and o.memory_max and o.memory_min > o.memory_max:
+        return "bound: the memory minimum is above the maximum"
+    return None
 
 
 async def require_operator(context: grpc.aio.ServicerContext[Any, Any], what: str) -> None:

@@ -77,6 +77,11 @@ class AgentRegistry:
     def connected(self) -> dict[str, AgentSession]:
         return dict(self._sessions)
 
+    def alive(self, now_ms: int, silent_ms: int) -> frozenset[str]:
+        """Hosts whose stream is up AND that spoke within `silent_ms`: a cut-off host's stream can look
+        open for many seconds before TCP gives up on it."""
+        return frozenset(h for h, s in self._sessions.items() if now_ms - s.last_heard_ms <= silent_ms)
+
     async def call(self, host: str, cmd: apb.Command, timeout: float) -> apb.CommandResult:
         """Send a command on the host's stream and wait for its result."""
         s = self._sessions.get(host)

@@ -21,6 +21,7 @@ from controller.failover.orchestrator import Orchestrator
 from controller.fleet_api import FleetService
 from controller.ingest import AgentStreamService
 from controller.registry import AgentRegistry
+from controller.scaling.loop import ScalingLoop
 from controller.store import SqliteStore, Store
 from shadowplane.tls import add_port, warn_plaintext
 from shadowplane.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, fleet_pb2_grpc, lease_pb2, lease_pb2_grpc
@@ -37,6 +38,7 @@ class Controller:
     registry: AgentRegistry
     events: EventLog
     failover: FailoverLoop
+    scaling: ScalingLoop | None
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
@@ -58,7 +60,16 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     registry = AgentRegistry()
     events = EventLog(store)
     observer = ControllerObserver(store, [s.name for s in cfg.service], cfg.failover.lease_seconds)
-    orchestrator = Orchestrator(cfg, store, registry, events, observer)
+    scaling = ScalingLoop(cfg, store, registry, events) if cfg.scaling.enabled else None
+    orchestrator = Orchestrator(
+        cfg,
+        store,
+        registry,
+        events,
+        observer,
+        on_takeover=scaling.before_takeover if scaling else None,
+        on_released=scaling.after_release if scaling else None,
+    )
     failover = FailoverLoop(cfg, store, registry, events, observer, orchestrator)
     server = grpc.aio.server(
         options=[
@@ -71,7 +82,9 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     agent_pb2_grpc.add_AgentStreamServicer_to_server(
         AgentStreamService(cfg, store, registry, failover), server
     )
-    fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(cfg, store, registry, events, failover), server)
+    fleet_pb2_grpc.add_FleetServicer_to_server(
+        FleetService(cfg, store, registry, events, failover, scaling), server
+    )
     lease_pb2_grpc.add_LeaseServicer_to_server(LeaseService(observer), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -99,8 +112,10 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
         cfg.store.path,
         len(cfg.service),
     )
-    c = Controller(cfg, store, registry, events, failover, server, port, health_servicer, [])
+    c = Controller(cfg, store, registry, events, failover, scaling, server, port, health_servicer, [])
     c.tasks.append(asyncio.create_task(failover.run()))
+    if scaling is not None:
+        c.tasks.append(asyncio.create_task(scaling.run()))
     c.tasks.append(asyncio.create_task(prune_forever(c)))
     return c
 

@@ -67,6 +67,7 @@ class Snapshot:
     primary_up_since_ms: int | None
     now_ms: int
     address_lifetime_ms: int
+    primary_grace_over: bool = True  # the controller has waited long enough for primaries to connect
     request: Request | None = None
 
 
@@ -109,7 +110,7 @@ def decide(s: Snapshot) -> Decision:
         if ready(s, s.primary):
             return Decision("place", s.primary, f"no owner; primary {s.primary} is up")
         best = candidates(s, s.primary)
-        if best:
+        if best and s.primary_grace_over:
             return Decision("place", best[0], f"no owner; primary {s.primary} is not ready, {best[0]} is")
         return NONE
     owner_health = s.health.get(s.owner, Tally())

@@ -65,6 +65,7 @@ class FailoverLoop:
         self._checks: dict[tuple[str, str], Tracker] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._watched: dict[str, str] = {}  # host -> instance id that got its Watch
+        self.started = time.monotonic()
         for rt in self.services.values():
             rec = self.orchestrator.record(rt.cfg.name)
             if rec.phase == "acquiring":
@@ -160,12 +161,16 @@ class FailoverLoop:
             last_failover_ms=rec.last_failover_ms,
             health=health,
             renewing=self._renewing(rt, rec),
-            connected=frozenset(self.registry.connected()),
+            connected=self.alive(),
             primary_up_since_ms=rt.primary_up_since_ms,
             now_ms=_ms(),
             address_lifetime_ms=_address_lifetime_ms(self.cfg.failover.lease_seconds),
+            primary_grace_over=time.monotonic() - self.started > self.cfg.failover.placement_grace_seconds,
             request=request,
         )
+
+    def alive(self) -> frozenset[str]:
+        return self.registry.alive(_ms(), int(self.cfg.failover.heartbeat_timeout_seconds * 1000))
 
     def views(self, rt: ServiceRuntime, target: str) -> dict[str, tuple[bool | None, str]]:
         """Each observer's view of `target`: (up, detail); up None = unknown."""
@@ -177,11 +182,7 @@ class FailoverLoop:
                 out[o] = self._controller_view(rt.cfg.name, target)
             else:
                 v = self.board.health(rt.cfg.name, target).get(o)
-                out[o] = (
-                    (v.up, v.detail)
-                    if v is not None and o in self.registry.connected()
-                    else (None, "no report")
-                )
+                out[o] = (v.up, v.detail) if v is not None and o in self.alive() else (None, "no report")
         return out
 
     def _health(self, rt: ServiceRuntime, target: str) -> Tally:
@@ -208,7 +209,7 @@ class FailoverLoop:
                 v = self.observer.renewing(rt.cfg.name, rec.owner, rec.token)
                 if v is not None:
                     views[o] = v
-            elif o in self.registry.connected():
+            elif o in self.alive():
                 lv = self.board.lease(rt.cfg.name).get(o)
                 if lv is not None and lv.target == rec.owner and lv.token == rec.token:
                     views[o] = lv.up

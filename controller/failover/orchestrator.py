@@ -60,6 +60,7 @@ class Orchestrator:
     async def run(self, svc: ServiceConfig, d: Decision) -> ServiceRecord:
         """Carry out `d` for `svc`; return the service's record afterwards (also when aborted)."""
         t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
         rec = self.record(svc.name)
         old, old_token, new = rec.owner, rec.token, d.target
         token = old_token + 1
@@ -71,8 +72,11 @@ class Orchestrator:
             "SHADOWPLANE_VIP": svc.vip,
         }
         self.events.record(d.action, svc.name, new, d.reason, old_owner=old or "-", planned=d.planned)
-
-        if not await self._hook(svc, new, "before-takeover", env) and svc.hook_failure == "abort":
+        # A failing owner serves nobody: preparing the new owner runs alongside fencing the old one. A
+        # planned move changes nothing until the new owner is ready.
+        urgent = d.action == "failover"
+        prepare = asyncio.create_task(self._prepare(svc, new, env))
+        if not urgent and not await prepare and svc.hook_failure == "abort":
             self.events.record(
                 "takeover-aborted",
                 svc.name,
@@ -81,25 +85,21 @@ class Orchestrator:
                 owner=old or "-",
             )
             return rec
-        if self.on_takeover is not None:
-            try:
-                await self.on_takeover(svc, new)
-            except Exception as e:  # resizing is best effort: the takeover matters more
-                self.events.record(
-                    "resize-failed", svc.name, new, f"could not raise limits before takeover: {e}"
-                )
 
         rec = self._save(
             replace(rec, token=token, phase="acquiring", candidate=new, last_transition_ms=_ms())
         )
-        released = False
-        if d.planned and old:
+        release: asyncio.Task[bool] | None = None
+        if old and d.planned and not urgent:
             if not await self._hook(svc, old, "before-release", env) and svc.hook_failure == "abort":
                 self.events.record(
                     "takeover-aborted", svc.name, old, "before-release hook failed; old owner kept"
                 )
                 return self._save(replace(rec, phase="stable", candidate=""))
-            released = await self._release(svc, old, old_token)
+            release = asyncio.create_task(self._release(svc, old, old_token, 2.0))
+        elif old and old in self._alive():
+            # It may still hear us (its service died, its agent did not): a confirmed release saves the wait.
+            release = asyncio.create_task(self._release(svc, old, old_token, 0.5))
 
         granted, wait_ms, problems = await self._votes(svc, token, new)
         needed = majority(len(svc.observer_names()))
@@ -115,10 +115,22 @@ class Orchestrator:
             # ownership is unknown until the next placement.
             return self._save(replace(rec, owner="", phase="no-owner", candidate=""))
 
-        wait = 0 if released else wait_ms
-        wait += d.extra_wait_ms
-        if wait:
-            await asyncio.sleep((wait + VOTE_SAFETY_MS) / 1000)
+        wait_s = (wait_ms + d.extra_wait_ms + VOTE_SAFETY_MS) / 1000
+        deadline = loop.time() + wait_s
+        released = False
+        if release is not None:
+            await asyncio.wait({release}, timeout=wait_s)
+            released = release.done() and release.result()
+        if not released:
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+        if urgent and not await prepare and svc.hook_failure == "abort":
+            self.events.record(
+                "takeover-aborted",
+                svc.name,
+                new,
+                f"before-takeover hook failed; {old or 'nobody'} was fenced (token {token})",
+            )
+            return self._save(replace(rec, owner="", phase="no-owner", candidate=""))
 
         try:
             result = await self.registry.call(
@@ -146,32 +158,47 @@ class Orchestrator:
         detail: dict[str, object] = {
             "token": token,
             "old_owner": old or "-",
-            "waited_ms": wait,
+            "waited_ms": 0 if released else round(wait_s * 1000),
             "announcements": result.address.announcements_sent,
         }
+        self.events.record(
+            f"{d.action}-complete", svc.name, new, f"{old or 'nobody'} -> {new} in {took_ms:.0f} ms", **detail
+        )
 
         if svc.dns is not None:
             addr = self.cfg.host_entry(new).address
             res = await point_record(svc.dns, addr)
-            detail["dns"] = f"{svc.dns.name} -> {addr}: " + ("ok" if res.ok else res.detail)
-            if not res.ok:
+            if res.ok:
+                self.events.record(
+                    "dns", svc.name, new, f"{svc.dns.name} -> {addr} in {res.seconds * 1000:.0f} ms"
+                )
+            else:
                 self.events.record("dns-failed", svc.name, new, res.detail)
-
         await self._hook(svc, new, "after-takeover", env)
         if old and old != new:
-            if old in self.registry.connected():
-                if not released:
-                    await self._release(svc, old, old_token)
+            if released or (d.planned and not urgent):
                 await self._hook(svc, old, "after-release", env)
+            else:
+                self.events.record("hook-skipped", svc.name, old, "after-release: the old owner failed")
             if self.on_released is not None:
                 try:
                     await self.on_released(svc, old)
                 except Exception as e:
                     self.events.record("resize-failed", svc.name, old, f"could not restore limits: {e}")
-        self.events.record(
-            f"{d.action}-complete", svc.name, new, f"{old or 'nobody'} -> {new} in {took_ms:.0f} ms", **detail
-        )
         return rec
+
+    async def _prepare(self, svc: ServiceConfig, new: str, env: dict[str, str]) -> bool:
+        """The new owner's before-takeover hook, then its limits raised to the forecast."""
+        ok = await self._hook(svc, new, "before-takeover", env)
+        if (ok or svc.hook_failure == "continue") and self.on_takeover is not None:
+            try:
+                await self.on_takeover(svc, new)
+            except Exception as e:  # resizing is best effort: the takeover matters more
+                self.events.record("resize-failed", svc.name, new, f"could not raise limits: {e}")
+        return ok
+
+    def _alive(self) -> frozenset[str]:
+        return self.registry.alive(_ms(), int(self.cfg.failover.heartbeat_timeout_seconds * 1000))
 
     def _acquire_msg(self, svc: ServiceConfig, token: int) -> apb.Acquire:
         f = self.cfg.failover
@@ -238,11 +265,11 @@ class Orchestrator:
                 problems[o] = why
         return granted, wait, problems
 
-    async def _release(self, svc: ServiceConfig, host: str, token: int) -> bool:
+    async def _release(self, svc: ServiceConfig, host: str, token: int, timeout: float) -> bool:
         """Ask `host` to drop the address; True only if it confirms it holds none."""
         try:
             r = await self.registry.call(
-                host, apb.Command(release=apb.Release(service=svc.name, token=token)), 2.0
+                host, apb.Command(release=apb.Release(service=svc.name, token=token)), timeout
             )
         except CommandError as e:
             self.events.record("release-failed", svc.name, host, str(e))
@@ -251,7 +278,7 @@ class Orchestrator:
 
     async def _hook(self, svc: ServiceConfig, host: str, phase: str, env: dict[str, str]) -> bool:
         """Run a hook on `host`; True if it passed or there is none."""
-        if host not in self.registry.connected():
+        if host not in self._alive():
             if phase.startswith("after"):
                 self.events.record("hook-skipped", svc.name, host, f"{phase}: host unreachable")
             return not phase.startswith("before") or host not in (svc.primary, *svc.shadows)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from shadowplane.v1 import agent_pb2 as apb
+from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import telemetry_pb2 as tpb
 
 
@@ -94,5 +95,21 @@ class Store(Protocol):
     def events(self, service: str = "", after_id: int = 0, limit: int = 100) -> list[EventRecord]:
         """Events oldest first: the first `limit` after `after_id`, or the newest `limit` if after_id is 0."""
         ...
+
+    def add_decisions(self, decisions: list[fpb.ScalingDecision]) -> list[fpb.ScalingDecision]:
+        """Record scaling decisions; return them with their ids."""
+        ...
+
+    def decisions(
+        self, host: str = "", workload: str = "", service: str = "", last: int = 5
+    ) -> list[fpb.ScalingDecision]:
+        """The newest `last` decisions per (host, workload, resource), oldest first."""
+        ...
+
+    def set_override(self, o: fpb.Override) -> None:
+        """Store an operator's override; kind "clear" removes it."""
+        ...
+
+    def overrides(self) -> dict[tuple[str, str], fpb.Override]: ...
 
     def close(self) -> None: ...

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from controller.store.base import AgentRecord, EventRecord, ServiceRecord
 from shadowplane.v1 import agent_pb2 as apb
+from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import telemetry_pb2 as tpb
 
 SCHEMA = """
@@ -59,6 +60,22 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_service ON events (service, id);
+CREATE TABLE IF NOT EXISTS scaling_decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    unix_ms INTEGER NOT NULL,
+    service TEXT NOT NULL,
+    host TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    decision BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decisions_by_key ON scaling_decisions (host, workload, resource, id);
+CREATE TABLE IF NOT EXISTS scaling_overrides (
+    host TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    override BLOB NOT NULL,
+    PRIMARY KEY (host, workload)
+);
 """
 SCHEMA_VERSION = "2"
 UPGRADABLE = {"1"}  # versions whose upgrade is only the CREATE ... IF NOT EXISTS above
@@ -264,6 +281,59 @@ class SqliteStore:
         ).fetchall()
         out = [EventRecord(r[2], r[3], r[4], r[5], r[1], json.loads(r[6]), r[0]) for r in rows]
         return sorted(out, key=lambda e: e.id)
+
+    def add_decisions(self, decisions: list[fpb.ScalingDecision]) -> list[fpb.ScalingDecision]:
+        out = []
+        with self._tx():
+            for d in decisions:
+                cur = self.db.execute(
+                    """INSERT INTO scaling_decisions (unix_ms, service, host, workload, resource, decision)
+                       VALUES (?, ?, ?, ?, ?, ?)""",
+                    (d.unix_ms, d.service, d.host, d.workload, d.resource, b""),
+                )
+                stored = fpb.ScalingDecision()
+                stored.CopyFrom(d)
+                stored.id = int(cur.lastrowid or 0)
+                self.db.execute(
+                    "UPDATE scaling_decisions SET decision = ? WHERE id = ?",
+                    (stored.SerializeToString(), stored.id),
+                )
+                out.append(stored)
+        return out
+
+    def decisions(
+        self, host: str = "", workload: str = "", service: str = "", last: int = 5
+    ) -> list[fpb.ScalingDecision]:
+        where: list[str] = ["1 = 1"]
+        args: list[object] = []
+        for col, val in (("host", host), ("workload", workload), ("service", service)):
+            if val:
+                where.append(f"{col} = ?")
+                args.append(val)
+        rows = self.db.execute(
+            f"""SELECT decision FROM (
+                  SELECT id, decision,
+                         ROW_NUMBER() OVER (PARTITION BY host, workload, resource ORDER BY id DESC) n
+                  FROM scaling_decisions WHERE {" AND ".join(where)})
+                WHERE n <= ? ORDER BY id""",
+            (*args, last),
+        ).fetchall()
+        return [fpb.ScalingDecision.FromString(r[0]) for r in rows]
+
+    def set_override(self, o: fpb.Override) -> None:
+        if o.kind == "clear":
+            self.db.execute(
+                "DELETE FROM scaling_overrides WHERE host = ? AND workload = ?", (o.host, o.workload)
+            )
+        else:
+            self.db.execute(
+                "INSERT OR REPLACE INTO scaling_overrides VALUES (?, ?, ?)",
+                (o.host, o.workload, o.SerializeToString()),
+            )
+
+    def overrides(self) -> dict[tuple[str, str], fpb.Override]:
+        rows = self.db.execute("SELECT host, workload, override FROM scaling_overrides").fetchall()
+        return {(r[0], r[1]): fpb.Override.FromString(r[2]) for r in rows}
 
     def close(self) -> None:
         self.db.close()

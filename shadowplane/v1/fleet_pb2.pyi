@@ -517,3 +517,281 @@ class ListEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEventsResponse: _TypeAlias = ListEventsResponse  # noqa: Y015
+
+@_typing.final
+class ScalingDecision(_message.Message):
+    """One scaling decision for one resource of one shadow workload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ForecastEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    WORKLOAD_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    DEMAND_FROM_FIELD_NUMBER: _builtins.int
+    FORECAST_FIELD_NUMBER: _builtins.int
+    PREDICTED_FIELD_NUMBER: _builtins.int
+    OLD_FIELD_NUMBER: _builtins.int
+    NEW_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
+    CLAMPS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    FORECAST_SOURCE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """0 for a planned (not yet applied) decision"""
+    unix_ms: _builtins.int
+    service: _builtins.str
+    host: _builtins.str
+    """the shadow host"""
+    workload: _builtins.str
+    resource: _builtins.str
+    """"cpu" (cores), "memory" (bytes), "io" (weight)"""
+    demand_from: _builtins.str
+    """the workload whose forecast drives it, "host/workload" """
+    predicted: _builtins.float
+    """the target the rule compares with the allocation"""
+    old: _builtins.float
+    """allocation before"""
+    new: _builtins.float
+    """what the rule (and bounds, overrides) chose"""
+    branch: _builtins.str
+    """add, remove, hold, first, pinned, frozen"""
+    clamps: _builtins.str
+    """e.g. "floor", "ceiling", "in use", "bound" """
+    result: _builtins.str
+    """applied, unchanged, failed: ..., planned"""
+    applied: _builtins.float
+    """what the kernel reports afterwards"""
+    forecast_source: _builtins.str
+    """model or fallback (and why)"""
+    @_builtins.property
+    def forecast(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """the quantiles used, e.g. "q0.5", "q0.99", and "target" """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        unix_ms: _builtins.int = ...,
+        service: _builtins.str = ...,
+        host: _builtins.str = ...,
+        workload: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        demand_from: _builtins.str = ...,
+        forecast: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        predicted: _builtins.float = ...,
+        old: _builtins.float = ...,
+        new: _builtins.float = ...,
+        branch: _builtins.str = ...,
+        clamps: _builtins.str = ...,
+        result: _builtins.str = ...,
+        applied: _builtins.float = ...,
+        forecast_source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "branch", b"branch", "clamps", b"clamps", "demand_from", b"demand_from", "forecast", b"forecast", "forecast_source", b"forecast_source", "host", b"host", "id", b"id", "new", b"new", "old", b"old", "predicted", b"predicted", "resource", b"resource", "result", b"result", "service", b"service", "unix_ms", b"unix_ms", "workload", b"workload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScalingDecision: _TypeAlias = ScalingDecision  # noqa: Y015
+
+@_typing.final
+class GetPlanRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    workload: _builtins.str
+    """"host/workload", a service name, or empty for all"""
+    last: _builtins.int
+    """how many past decisions per workload and resource (default 5)"""
+    def __init__(
+        self,
+        *,
+        workload: _builtins.str = ...,
+        last: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last", b"last", "workload", b"workload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPlanRequest: _TypeAlias = GetPlanRequest  # noqa: Y015
+
+@_typing.final
+class ShadowState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    WORKLOAD_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CPU_CORES_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    OVERRIDE_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    host: _builtins.str
+    workload: _builtins.str
+    ready: _builtins.bool
+    reason: _builtins.str
+    cpu_cores: _builtins.float
+    memory_bytes: _builtins.int
+    @_builtins.property
+    def override(self) -> Global___Override: ...
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        host: _builtins.str = ...,
+        workload: _builtins.str = ...,
+        ready: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        cpu_cores: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        override: Global___Override | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["override", b"override"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_cores", b"cpu_cores", "host", b"host", "memory_bytes", b"memory_bytes", "override", b"override", "ready", b"ready", "reason", b"reason", "service", b"service", "workload", b"workload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowState: _TypeAlias = ShadowState  # noqa: Y015
+
+@_typing.final
+class GetPlanResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEXT_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    SHADOWS_FIELD_NUMBER: _builtins.int
+    NEXT_CYCLE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    next_cycle_unix_ms: _builtins.int
+    @_builtins.property
+    def next(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScalingDecision]: ...
+    @_builtins.property
+    def last(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScalingDecision]: ...
+    @_builtins.property
+    def shadows(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowState]: ...
+    def __init__(
+        self,
+        *,
+        next: _abc.Iterable[Global___ScalingDecision] | None = ...,
+        last: _abc.Iterable[Global___ScalingDecision] | None = ...,
+        shadows: _abc.Iterable[Global___ShadowState] | None = ...,
+        next_cycle_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last", b"last", "next", b"next", "next_cycle_unix_ms", b"next_cycle_unix_ms", "shadows", b"shadows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPlanResponse: _TypeAlias = GetPlanResponse  # noqa: Y015
+
+@_typing.final
+class Override(_message.Message):
+    """An operator's hold on one shadow workload: pin to values, bound to a range, freeze as is, or clear."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    WORKLOAD_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CPU_CORES_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    CPU_MIN_FIELD_NUMBER: _builtins.int
+    CPU_MAX_FIELD_NUMBER: _builtins.int
+    MEMORY_MIN_FIELD_NUMBER: _builtins.int
+    MEMORY_MAX_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    BY_FIELD_NUMBER: _builtins.int
+    UNIX_MS_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    workload: _builtins.str
+    kind: _builtins.str
+    """"pin", "bound", "freeze", "clear" """
+    cpu_cores: _builtins.float
+    """pin"""
+    memory_bytes: _builtins.int
+    """pin"""
+    cpu_min: _builtins.float
+    """bound (0: none)"""
+    cpu_max: _builtins.float
+    memory_min: _builtins.int
+    memory_max: _builtins.int
+    reason: _builtins.str
+    by: _builtins.str
+    """who set it (from the operator's certificate)"""
+    unix_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        workload: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        cpu_cores: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        cpu_min: _builtins.float = ...,
+        cpu_max: _builtins.float = ...,
+        memory_min: _builtins.int = ...,
+        memory_max: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        by: _builtins.str = ...,
+        unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by", b"by", "cpu_cores", b"cpu_cores", "cpu_max", b"cpu_max", "cpu_min", b"cpu_min", "host", b"host", "kind", b"kind", "memory_bytes", b"memory_bytes", "memory_max", b"memory_max", "memory_min", b"memory_min", "reason", b"reason", "unix_ms", b"unix_ms", "workload", b"workload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Override: _TypeAlias = Override  # noqa: Y015
+
+@_typing.final
+class OverrideReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.bool
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OverrideReply: _TypeAlias = OverrideReply  # noqa: Y015

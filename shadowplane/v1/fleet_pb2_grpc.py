@@ -69,6 +69,16 @@ class FleetStub:
                 request_serializer=shadowplane_dot_v1_dot_fleet__pb2.ListEventsRequest.SerializeToString,
                 response_deserializer=shadowplane_dot_v1_dot_fleet__pb2.Event.FromString,
                 _registered_method=True)
+        self.GetPlan = channel.unary_unary(
+                '/shadowplane.v1.Fleet/GetPlan',
+                request_serializer=shadowplane_dot_v1_dot_fleet__pb2.GetPlanRequest.SerializeToString,
+                response_deserializer=shadowplane_dot_v1_dot_fleet__pb2.GetPlanResponse.FromString,
+                _registered_method=True)
+        self.SetOverride = channel.unary_unary(
+                '/shadowplane.v1.Fleet/SetOverride',
+                request_serializer=shadowplane_dot_v1_dot_fleet__pb2.Override.SerializeToString,
+                response_deserializer=shadowplane_dot_v1_dot_fleet__pb2.OverrideReply.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -116,6 +126,18 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPlan(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetOverride(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +175,16 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=shadowplane_dot_v1_dot_fleet__pb2.ListEventsRequest.FromString,
                     response_serializer=shadowplane_dot_v1_dot_fleet__pb2.Event.SerializeToString,
+            ),
+            'GetPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlan,
+                    request_deserializer=shadowplane_dot_v1_dot_fleet__pb2.GetPlanRequest.FromString,
+                    response_serializer=shadowplane_dot_v1_dot_fleet__pb2.GetPlanResponse.SerializeToString,
+            ),
+            'SetOverride': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOverride,
+                    request_deserializer=shadowplane_dot_v1_dot_fleet__pb2.Override.FromString,
+                    response_serializer=shadowplane_dot_v1_dot_fleet__pb2.OverrideReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +376,60 @@ class Fleet:
             '/shadowplane.v1.Fleet/WatchEvents',
             shadowplane_dot_v1_dot_fleet__pb2.ListEventsRequest.SerializeToString,
             shadowplane_dot_v1_dot_fleet__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shadowplane.v1.Fleet/GetPlan',
+            shadowplane_dot_v1_dot_fleet__pb2.GetPlanRequest.SerializeToString,
+            shadowplane_dot_v1_dot_fleet__pb2.GetPlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOverride(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shadowplane.v1.Fleet/SetOverride',
+            shadowplane_dot_v1_dot_fleet__pb2.Override.SerializeToString,
+            shadowplane_dot_v1_dot_fleet__pb2.OverrideReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,8 @@ class FleetStub:
     Failback: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FailbackRequest, _fleet_pb2.TransitionReply]
     ListEvents: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ListEventsRequest, _fleet_pb2.ListEventsResponse]
     WatchEvents: _grpc.UnaryStreamMultiCallable[_fleet_pb2.ListEventsRequest, _fleet_pb2.Event]
+    GetPlan: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetPlanRequest, _fleet_pb2.GetPlanResponse]
+    SetOverride: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.Override, _fleet_pb2.OverrideReply]
 
 @_typing.type_check_only
 class FleetAsyncStub(FleetStub):
@@ -49,6 +51,8 @@ class FleetAsyncStub(FleetStub):
     Failback: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FailbackRequest, _fleet_pb2.TransitionReply]  # type: ignore[assignment]
     ListEvents: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ListEventsRequest, _fleet_pb2.ListEventsResponse]  # type: ignore[assignment]
     WatchEvents: _aio.UnaryStreamMultiCallable[_fleet_pb2.ListEventsRequest, _fleet_pb2.Event]  # type: ignore[assignment]
+    GetPlan: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetPlanRequest, _fleet_pb2.GetPlanResponse]  # type: ignore[assignment]
+    SetOverride: _aio.UnaryUnaryMultiCallable[_fleet_pb2.Override, _fleet_pb2.OverrideReply]  # type: ignore[assignment]
 
 class FleetServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -99,5 +103,19 @@ class FleetServicer(metaclass=_abc_1.ABCMeta):
         request: _fleet_pb2.ListEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_fleet_pb2.Event], _abc.AsyncIterator[_fleet_pb2.Event]]: ...
+
+    @_abc_1.abstractmethod
+    def GetPlan(
+        self,
+        request: _fleet_pb2.GetPlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.GetPlanResponse, _abc.Awaitable[_fleet_pb2.GetPlanResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetOverride(
+        self,
+        request: _fleet_pb2.Override,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.OverrideReply, _abc.Awaitable[_fleet_pb2.OverrideReply]]: ...
 
 def add_FleetServicer_to_server(servicer: FleetServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

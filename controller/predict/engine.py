@@ -1,0 +1,273 @@
+"""The controller's side of prediction: one object, one batched forecast per control-loop cycle.
+
+    engine = PredictionEngine()                       # the packaged model, or the fallback if unusable
+    batch = history_from_store(store, now_ms, engine.step_seconds, engine.history_steps)
+    fc = engine.forecast(batch)                       # curves (workloads, resources, horizon, quantiles)
+    fc.curve("host-a/web", "cpu")                     # (horizon, quantiles) in cores
+
+A model that is missing, corrupt or does not match this controller never stops the loop: the engine logs
+why and forecasts with the statistical fallback; `engine.source` and `engine.reason` say which is in use.
+A newly trained model replaces the running one only through `consider` (champion/challenger).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from controller.predict.events import ChampionDecision, decide_champion
+from controller.predict.fallback import StatisticalForecaster
+from controller.predict.features import SIGNALS, Periods, detect_periods, resample
+from controller.predict.model import DEFAULT_MODEL, Forecaster, ModelError, OnnxForecaster, load_model
+from controller.predict.train import STORE_RESOURCES, STORE_SIGNALS, TrainingSeries, recent_loss
+from controller.store.base import Store
+
+log = logging.getLogger(__name__)
+
+F64 = npt.NDArray[np.float64]
+RESOURCES = ("cpu", "memory", "io")
+DEFAULT_STEP_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class SeriesBatch:
+    """Every workload's recent history on one step grid: the input of one forecast cycle."""
+
+    keys: tuple[str, ...]  # one per workload, e.g. "host/workload"
+    origin_ts: F64  # (N,) unix seconds of each workload's latest step
+    step_seconds: int
+    values: F64  # (N, len(resources), steps), oldest first, NaN = unknown
+    signals: F64 | None = None  # (N, len(SIGNALS), steps) request-rate series, NaN = not captured
+    resources: tuple[str, ...] = RESOURCES
+
+    def __post_init__(self) -> None:
+        n = len(self.keys)
+        if self.values.ndim != 3 or self.values.shape[:2] != (n, len(self.resources)):
+            raise ValueError(
+                f"values must be (workloads, resources, steps) = ({n}, {len(self.resources)}, steps), "
+                f"got {self.values.shape}"
+            )
+        if self.origin_ts.shape != (n,):
+            raise ValueError(f"origin_ts must have one entry per workload ({n}), got {self.origin_ts.shape}")
+        if self.signals is not None and self.signals.shape != (n, len(SIGNALS), self.values.shape[2]):
+            raise ValueError(f"signals must be ({n}, {len(SIGNALS)}, steps), got {self.signals.shape}")
+
+
+@dataclass(frozen=True)
+class Forecast:
+    keys: tuple[str, ...]
+    resources: tuple[str, ...]
+    quantiles: tuple[float, ...]
+    step_seconds: int
+    origin_ts: F64
+    curves: F64  # (workloads, resources, horizon, quantiles), in each resource's own units
+    source: str  # "model" or "fallback"
+    model_version: str
+    reason: str  # why the fallback is in use ("" for the model)
+
+    def curve(self, key: str, resource: str) -> F64:
+        """(horizon, quantiles) for one workload's resource."""
+        return np.asarray(self.curves[self.keys.index(key), self.resources.index(resource)])
+
+    def at_quantile(self, q: float) -> F64:
+        """(workloads, resources, horizon) at one of the model's quantiles."""
+        if q not in self.quantiles:
+            raise KeyError(f"quantile {q} is not one of {list(self.quantiles)}")
+        return np.asarray(self.curves[..., self.quantiles.index(q)])
+
+
+class PredictionEngine:
+    def __init__(
+        self,
+        model_path: str | Path | None = DEFAULT_MODEL,
+        period_refresh_seconds: float = 3600.0,
+        threads: int = 0,
+    ) -> None:
+        self.fallback = StatisticalForecaster()
+        self.forecaster: Forecaster = self.fallback
+        self.source = "fallback"
+        self.reason = "no model loaded"
+        self.threads = threads
+        self.period_refresh_seconds = period_refresh_seconds
+        # (rows, computed at, lag, log error) of the last batch. Periods drift slowly and detecting them
+        # costs as much as the rest of featurisation, so they are refreshed hourly, not every cycle.
+        self._period_cache: tuple[list[tuple[str, str]], F64, npt.NDArray[np.int64], F64] | None = None
+        if model_path is not None:
+            self.load(model_path)
+
+    def load(self, path: str | Path) -> bool:
+        """Serve the model at `path`; if it is unusable, log why and serve the fallback. True if loaded."""
+        try:
+            model = load_model(path, self.threads)
+        except ModelError as e:
+            self._use_fallback(str(e))
+            return False
+        self._use(model)
+        return True
+
+    def _use(self, model: OnnxForecaster) -> None:
+        self.forecaster, self.source, self.reason = model, "model", ""
+        self._period_cache = None
+        log.info("forecasting with %s", model.info.describe())
+
+    def _use_fallback(self, reason: str) -> None:
+        self.forecaster, self.source, self.reason = self.fallback, "fallback", reason
+        log.warning("prediction model unusable: %s; forecasting with the statistical fallback", reason)
+
+    @property
+    def step_seconds(self) -> int:
+        """The step the model was trained at: resample stored series to it."""
+        if isinstance(self.forecaster, OnnxForecaster):
+            return self.forecaster.info.step_seconds
+        return DEFAULT_STEP_SECONDS
+
+    @property
+    def history_steps(self) -> int:
+        return self.forecaster.spec.history_steps(self.step_seconds)
+
+    @property
+    def model_version(self) -> str:
+        if isinstance(self.forecaster, OnnxForecaster):
+            return self.forecaster.info.version
+        return "fallback"
+
+    def _periods_for(self, batch: SeriesBatch, history: F64) -> Periods:
+        """Each row's cycle, from the cache where it is fresh; detected again for rows that are new or
+        older than `period_refresh_seconds`. The cache is arrays aligned with the last batch's rows, so a
+        fleet that has not changed costs no per-row Python work."""
+        rows = [(k, r) for k in batch.keys for r in batch.resources]
+        now = np.repeat(batch.origin_ts.astype(np.float64), len(batch.resources))
+        at, lag, err = np.full(len(rows), -np.inf), np.zeros(len(rows), np.int64), np.zeros(len(rows))
+        c = self._period_cache
+        if c is not None and c[0] == rows:
+            at, lag, err = c[1].copy(), c[2].copy(), c[3].copy()
+        elif c is not None:
+            where = {key: i for i, key in enumerate(c[0])}
+            for i, key in enumerate(rows):
+                j = where.get(key)
+                if j is not None:
+                    at[i], lag[i], err[i] = c[1][j], c[2][j], c[3][j]
+        stale = np.flatnonzero(now - at >= self.period_refresh_seconds)
+        if len(stale):
+            fresh = detect_periods(history[stale], self.forecaster.spec)
+            at[stale], lag[stale], err[stale] = now[stale], fresh.lag, fresh.log_error
+        self._period_cache = (rows, at, lag, err)
+        return Periods(lag, err)
+
+    def forecast(self, batch: SeriesBatch) -> Forecast:
+        """One batched forecast for every workload and resource in `batch`."""
+        n, r, steps = batch.values.shape
+        history = batch.values.reshape(n * r, steps)
+        ts = np.repeat(batch.origin_ts.astype(np.float64), r)
+        # the signal features use the latest `window` steps only: cut before repeating per resource
+        w = self.forecaster.spec.window
+        signals = None if batch.signals is None else np.repeat(batch.signals[:, :, -w:], r, axis=0)
+        source, reason, version = self.source, self.reason, self.model_version
+        try:
+            curves = self.forecaster.predict_rows(
+                history, ts, batch.step_seconds, signals, self._periods_for(batch, history)
+            )
+        except Exception as e:  # the loop must go on: any model failure falls back for this cycle
+            if self.forecaster is self.fallback:
+                raise
+            reason = f"model {version} failed this cycle: {type(e).__name__}: {e}"
+            log.error("%s; forecasting with the statistical fallback", reason)
+            curves = self.fallback.predict_rows(history, ts, batch.step_seconds, signals)
+            source, version = "fallback", "fallback"
+        fc = self.forecaster if source == "model" else self.fallback
+        h, q = fc.horizon, len(fc.quantiles)
+        return Forecast(
+            keys=batch.keys,
+            resources=batch.resources,
+            quantiles=fc.quantiles,
+            step_seconds=batch.step_seconds,
+            origin_ts=batch.origin_ts,
+            curves=curves.reshape(n, r, h, q),
+            source=source,
+            model_version=version,
+            reason=reason,
+        )
+
+    def consider(
+        self,
+        challenger_path: str | Path,
+        recent: list[TrainingSeries],
+        since_s: dict[str, float],
+        min_improvement: float = 0.01,
+    ) -> ChampionDecision:
+        """Champion/challenger: score the running model and the new one on the same recent data; swap only
+        if the new one is better by `min_improvement`. The decision is logged and returned."""
+        try:
+            challenger = load_model(challenger_path, self.threads)
+        except ModelError as e:
+            d = ChampionDecision(
+                False, f"challenger unusable: {e}", self.model_version, str(challenger_path), None, math.nan
+            )
+            log.warning("champion/challenger: %s", d.reason)
+            return d
+        champion_loss = recent_loss(self.forecaster, recent, since_s) if self.source == "model" else None
+        d = decide_champion(
+            self.model_version,
+            champion_loss,
+            challenger.info.version,
+            recent_loss(challenger, recent, since_s),
+            min_improvement,
+        )
+        log.info("champion/challenger: %s", d.reason)
+        if d.promote:
+            self._use(challenger)
+        return d
+
+
+def history_from_store(
+    store: Store,
+    now_ms: int,
+    step_seconds: int,
+    steps: int,
+    host: str = "",
+    resources: tuple[str, ...] = RESOURCES,
+) -> SeriesBatch:
+    """Every workload's last `steps` steps ending at now, from the store, resampled onto `step_seconds`
+    (mean per step; memory: max). Steps with no sample are NaN; the features treat them as unknown."""
+    since_ms = now_ms - steps * step_seconds * 1000
+    cols = store.resource_series(since_ms=since_ms, host=host)
+    by_resource = {res: (col, how) for col, (res, how) in STORE_RESOURCES.items()}
+    keys, values, signals = [], [], []
+    now_s = now_ms / 1000.0
+    for (h, w), c in sorted(cols.items()):
+        end_s = np.asarray(c["end_ms"], dtype=np.float64) / 1000.0
+        if len(end_s) == 0:
+            continue
+        rows = []
+        for res in resources:
+            col, how = by_resource[res]
+            rows.append(_grid(end_s, np.asarray(c[col]), step_seconds, now_s, steps, how))
+        keys.append(f"{h}/{w}")
+        values.append(rows)
+        signals.append(
+            [_grid(end_s, np.asarray(c[col]), step_seconds, now_s, steps, "mean") for col in STORE_SIGNALS]
+        )
+    n = len(keys)
+    origin = math.ceil(now_s / step_seconds) * float(step_seconds)
+    return SeriesBatch(
+        keys=tuple(keys),
+        origin_ts=np.full(n, origin),
+        step_seconds=step_seconds,
+        values=np.asarray(values, dtype=np.float64).reshape(n, len(resources), steps),
+        signals=np.asarray(signals, dtype=np.float64).reshape(n, len(SIGNALS), steps),
+        resources=resources,
+    )
+
+
+def _grid(end_s: F64, v: F64, step: int, now_s: float, steps: int, how: str) -> F64:
+    _, g = resample(end_s, v, step, until_s=now_s, how=how)
+    out = np.full(steps, np.nan)
+    k = min(steps, len(g))
+    if k:
+        out[-k:] = g[-k:]
+    return out

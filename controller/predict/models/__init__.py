@@ -1,0 +1,1 @@
+"""Packaged model files (a package only so that setuptools ships `default.onnx`)."""

@@ -1,0 +1,300 @@
+"""The scaling cycle: every interval, forecast every service's demand in one batch, plan each shadow's
+limits, send them to the shadows' agents, and record every decision with what the kernel then reports.
+
+An agent that cannot be reached keeps its last limits (the agent fails static); the controller marks that
+shadow not ready instead of pretending it was resized.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from controller.config import ControllerConfig, ServiceConfig
+from controller.events import EventLog
+from controller.predict.allocation import AllocationPolicy, AllocationState, allocate, observe
+from controller.predict.engine import PredictionEngine, history_from_store
+from controller.predict.model import DEFAULT_MODEL
+from controller.registry import AgentRegistry, CommandError
+from controller.scaling.planner import RESOURCES, ShadowNow, Target, changed, decide_resource, io_weight
+from controller.store import Store
+from shadowplane.v1 import agent_pb2 as apb
+from shadowplane.v1 import fleet_pb2 as fpb
+from shadowplane.v1 import telemetry_pb2 as tpb
+
+log = logging.getLogger(__name__)
+SHOWN_QUANTILES = (0.5, 0.9, 0.99)
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Readiness:
+    ready: bool
+    reason: str
+
+
+class ScalingLoop:
+    def __init__(
+        self,
+        cfg: ControllerConfig,
+        store: Store,
+        registry: AgentRegistry,
+        events: EventLog,
+        engine: PredictionEngine | None = None,
+    ) -> None:
+        self.cfg, self.store, self.registry, self.events = cfg, store, registry, events
+        self.engine = engine or PredictionEngine(cfg.scaling.model or DEFAULT_MODEL)
+        self.policy = AllocationPolicy(target_coverage=cfg.scaling.target_coverage)
+        self.states: dict[tuple[str, str], AllocationState] = {}
+        self.targets: dict[str, dict[str, Target]] = {}  # service -> resource -> target
+        self.demand: dict[str, str] = {}  # service -> "host/workload" whose forecast drives it
+        self.applied: dict[tuple[str, str], apb.LimitsApplied] = {}
+        self.readiness: dict[tuple[str, str], Readiness] = {}
+        self.next_cycle_ms = 0
+        self.wake = asyncio.Event()
+
+    @property
+    def step_seconds(self) -> int:
+        return max(1, round(self.cfg.scaling.forecast_step_seconds or self.cfg.scaling.interval_seconds))
+
+    # ---- the loop ----
+
+    async def run(self) -> None:
+        interval = self.cfg.scaling.interval_seconds
+        while True:
+            self.next_cycle_ms = _ms() + int(interval * 1000)
+            try:
+                await self.cycle()
+            except Exception:  # a bad cycle is logged; the next one starts from scratch
+                log.exception("scaling cycle failed")
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), max(0.0, (self.next_cycle_ms - _ms()) / 1000))
+
+    async def cycle(self) -> list[fpb.ScalingDecision]:
+        self.forecast(_ms())
+        decisions = self.plan(_ms())
+        by_shadow: dict[tuple[str, str], list[fpb.ScalingDecision]] = {}
+        for d in decisions:
+            by_shadow.setdefault((d.host, d.workload), []).append(d)
+        await asyncio.gather(*(self._apply(k, ds) for k, ds in by_shadow.items()))
+        stored = self.store.add_decisions(decisions)
+        for d in stored:
+            if d.result.startswith("failed") or (d.result == "applied" and changed(d)):
+                unit = "cores" if d.resource == "cpu" else "bytes"
+                self.events.record(
+                    "scale",
+                    d.service,
+                    d.host,
+                    f"{d.workload} {d.resource} {d.old:.6g} -> {d.new:.6g} {unit} ({d.branch}"
+                    f"{', ' + d.clamps if d.clamps else ''}; predicted {d.predicted:.6g}): {d.result}",
+                    decision=d.id,
+                )
+        return stored
+
+    # ---- forecasting ----
+
+    def forecast(self, now_ms: int) -> None:
+        """One batched forecast of every workload; keep each service's targets."""
+        self._pick_demand()
+        if not self.demand:
+            return
+        batch = history_from_store(self.store, now_ms, self.step_seconds, self.engine.history_steps)
+        if not batch.keys:
+            return
+        fc = self.engine.forecast(batch)
+        source = fc.source if not fc.reason else f"{fc.source} ({fc.reason})"
+        index = {k: i for i, k in enumerate(batch.keys)}
+        for service, key in self.demand.items():
+            if key not in index:
+                continue
+            targets: dict[str, Target] = {}
+            for r, resource in enumerate(batch.resources):
+                state = self.states.get((key, resource), AllocationState.initial(self.policy))
+                last = float(batch.values[index[key], r, -1])
+                if not np.isnan(last):
+                    state = observe(state, last, self.policy)
+                curve = fc.curve(key, resource)
+                a = allocate(curve, fc.quantiles, state, self.policy, first_step=0)
+                self.states[(key, resource)] = a.state
+                shown = {
+                    f"q{q:g}": float(curve[0, fc.quantiles.index(q)])
+                    for q in SHOWN_QUANTILES
+                    if q in fc.quantiles
+                }
+                shown["target"] = a.allocation
+                if not np.isnan(a.quantile):
+                    shown["target_quantile"] = a.quantile
+                targets[resource] = Target(a.allocation, shown, source)
+            self.targets[service] = targets
+
+    def _pick_demand(self) -> None:
+        """Whose demand sizes each service's shadows: the primary's, or the owner's while a shadow serves."""
+        self.demand = {}
+        for svc in self.cfg.service:
+            rec = self.store.service_state(svc.name)
+            host = rec.owner if rec is not None and rec.owner in svc.shadows else svc.primary
+            workload = self.workload_of(host, svc.name)
+            if workload:
+                self.demand[svc.name] = f"{host}/{workload}"
+
+    # ---- planning ----
+
+    def plan(self, now_ms: int) -> list[fpb.ScalingDecision]:
+        """Decisions for every shadow of every service, from the latest targets (nothing applied)."""
+        overrides = self.store.overrides()
+        out: list[fpb.ScalingDecision] = []
+        for svc in self.cfg.service:
+            targets = self.targets.get(svc.name)
+            if not targets:
+                continue
+            for host in svc.shadows:
+                s = self._shadow_now(svc, host)
+                if s is None:
+                    self.readiness[(host, "?")] = Readiness(
+                        False, f"no workload of service {svc.name} on {host}"
+                    )
+                    continue
+                for resource in RESOURCES:
+                    if resource in targets:
+                        out.append(
+                            decide_resource(
+                                self.cfg.scaling,
+                                s,
+                                resource,
+                                self.demand[svc.name],
+                                targets[resource],
+                                overrides.get((host, s.workload)),
+                                now_ms,
+                            )
+                        )
+        return out
+
+    def workload_of(self, host: str, service: str) -> str:
+        session = self.registry.get(host)
+        hellos = [session.hello] if session else [a.hello for a in self.store.agents() if a.host == host]
+        for hello in hellos:
+            for w in hello.workloads:
+                if w.service == service:
+                    return w.name
+        return ""
+
+    def _shadow_now(self, svc: ServiceConfig, host: str) -> ShadowNow | None:
+        workload = self.workload_of(host, svc.name)
+        if not workload:
+            return None
+        applied = self.applied.get((host, workload))
+        rows = self.store.samples(host, workload, limit=1)
+        sample = rows[-1][1] if rows else tpb.WorkloadSample()
+        session = self.registry.get(host)
+        info = (
+            session.hello.host_info
+            if session
+            else next((a.hello.host_info for a in self.store.agents() if a.host == host), apb.HostInfo())
+        )
+        if applied is not None:
+            cpu, mem, in_use = applied.cpu_cores, applied.memory_bytes, applied.memory_in_use_bytes
+        else:
+            r = sample.resources
+            cpu, mem, in_use = r.cpu_limit_cores, r.memory_limit_bytes, r.memory_bytes
+        return ShadowNow(
+            svc.name,
+            host,
+            workload,
+            cpu,
+            mem,
+            max(in_use, sample.resources.memory_bytes),
+            float(info.cpu_cores),
+            int(info.memory_bytes),
+        )
+
+    # ---- applying ----
+
+    async def _apply(self, key: tuple[str, str], ds: list[fpb.ScalingDecision]) -> None:
+        host, workload = key
+        if not any(changed(d) for d in ds) and key in self.applied:
+            for d in ds:
+                d.result, d.applied = "unchanged", d.old
+            self.readiness[key] = Readiness(True, "limits in place")
+            return
+        cpu = next((d.new for d in ds if d.resource == "cpu"), 0.0)
+        mem = next((d.new for d in ds if d.resource == "memory"), 0.0)
+        service = ds[0].service
+        io = self.targets.get(service, {}).get("io")
+        msg = apb.SetLimits(
+            workload=workload,
+            cpu_cores=cpu,
+            memory_bytes=int(mem),
+            io_weight=io_weight(io.predicted) if io is not None and self.cfg.scaling.io_weight else 0,
+        )
+        result = await self._send(host, msg)
+        for d in ds:
+            if isinstance(result, str):
+                d.result, d.applied = f"failed: {result}", d.old
+            else:
+                d.result = "applied"
+                d.applied = result.cpu_cores if d.resource == "cpu" else float(result.memory_bytes)
+
+    async def _send(self, host: str, msg: apb.SetLimits) -> apb.LimitsApplied | str:
+        key = (host, msg.workload)
+        try:
+            r = await self.registry.call(
+                host, apb.Command(set_limits=msg), self.cfg.scaling.command_timeout_seconds
+            )
+        except CommandError as e:
+            self._not_ready(key, f"agent unreachable, limits not applied: {e}")
+            return str(e)
+        if not r.ok:
+            self._not_ready(key, f"agent could not apply limits: {r.error}")
+            return r.error
+        self.applied[key] = r.limits
+        if not self.readiness.get(key, Readiness(True, "")).ready:
+            self.events.record("shadow-ready", "", host, f"{msg.workload}: limits applied again")
+        self.readiness[key] = Readiness(True, "limits in place")
+        return r.limits
+
+    def _not_ready(self, key: tuple[str, str], reason: str) -> None:
+        was = self.readiness.get(key)
+        self.readiness[key] = Readiness(False, reason)
+        if was is None or was.ready:
+            self.events.record("shadow-not-ready", "", key[0], f"{key[1]}: {reason}")
+
+    # ---- failover callbacks ----
+
+    async def before_takeover(self, svc: ServiceConfig, host: str) -> None:
+        """Raise the new owner's limits to the demand's forecast before it takes the traffic."""
+        targets = self.targets.get(svc.name)
+        s = self._shadow_now(svc, host)
+        if not targets or s is None:
+            self.events.record(
+                "scale", svc.name, host, "takeover without a forecast: limits left as they are"
+            )
+            return
+        cpu = max(s.cpu_cores, targets["cpu"].predicted) if "cpu" in targets else s.cpu_cores
+        mem = (
+            max(float(s.memory_bytes), targets["memory"].predicted) if "memory" in targets else s.memory_bytes
+        )
+        if not s.cpu_cores:
+            cpu = 0.0  # no limit stays no limit: raising means never lowering
+        result = await self._send(
+            host,
+            apb.SetLimits(workload=s.workload, cpu_cores=cpu, memory_bytes=int(mem) if s.memory_bytes else 0),
+        )
+        what = (
+            result
+            if isinstance(result, str)
+            else f"cpu {result.cpu_cores:.3g} cores, memory {result.memory_bytes}"
+        )
+        self.events.record("scale", svc.name, host, f"takeover: {s.workload} raised to the forecast: {what}")
+
+    async def after_release(self, svc: ServiceConfig, host: str) -> None:
+        """The old owner goes back to the plan: plan again now rather than at the next interval."""
+        self.wake.set()

@@ -1,0 +1,174 @@
+"""The lab's configuration files, as text, from its plan: pure functions, so tests can load them with the
+daemons' own loaders without building anything."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from shadowctl.lab.spec import DNS_ZONE, PEER_PORT, Plan, ServicePlan
+
+Value = str | int | float | bool | Sequence[str]
+
+
+def toml_value(v: Value | Path) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str | Path):
+        return json.dumps(str(v))  # a JSON string of printable text is a valid TOML basic string
+    return "[" + ", ".join(json.dumps(x) for x in v) + "]"
+
+
+def toml_table(header: str, values: Mapping[str, Value | Path]) -> str:
+    lines = [header] if header else []
+    lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def controller_toml(plan: Plan, workdir: Path, tsig_secret: str = "") -> str:
+    t = plan.spec.timings
+    out = [
+        "# Written by `shadowctl lab up`; rewritten each time the lab comes up.\n",
+        toml_table("", {"listen": plan.controller_address}),
+        # the lab's network exists only inside this machine's namespaces: no certificates to manage
+        toml_table("[tls]", {"plaintext": True}),
+        toml_table("[store]", {"path": workdir / "controller.db"}),
+        toml_table(
+            "[failover]",
+            {
+                "lease_seconds": t.lease_seconds,
+                "renew_interval_seconds": t.renew_interval_seconds,
+                "heartbeat_timeout_seconds": t.heartbeat_timeout_seconds,
+                "loop_interval_seconds": t.loop_interval_seconds,
+                "placement_grace_seconds": t.placement_grace_seconds,
+            },
+        ),
+    ]
+    for h in plan.fleet_hosts():
+        out.append(toml_table("[[host]]", {"name": h.name, "zone": h.zone, "address": h.ipv4}))
+    for s in plan.services:
+        out.append(_service(plan, s, tsig_secret))
+    return "\n".join(out)
+
+
+def _service(plan: Plan, s: ServicePlan, tsig_secret: str) -> str:
+    spec, t = plan.spec, plan.spec.timings
+    text = toml_table(
+        "[[service]]",
+        {
+            "name": s.name,
+            "primary": s.primary,
+            "shadows": list(s.shadows),
+            "vip": s.vip,
+            "garp_count": t.garp_count,
+            "garp_interval_seconds": t.garp_interval_seconds,
+            "failback": spec.failback,
+            "failback_hold_seconds": t.failback_hold_seconds,
+            "flap_window_seconds": t.flap_window_seconds,
+            "hook_timeout_seconds": t.hook_timeout_seconds,
+            "hook_failure": spec.hook_failure,
+        },
+    )
+    text += toml_table(
+        "[service.health]",
+        {
+            "kind": "http",
+            "port": spec.http_port,
+            "interval_seconds": t.health_interval_seconds,
+            "timeout_seconds": t.health_timeout_seconds,
+            "fall": t.health_fall,
+            "rise": t.health_rise,
+        },
+    )
+    if spec.dns:
+        text += toml_table(
+            "[service.dns]",
+            {
+                "server": f"{plan.host('dns').ipv4}:53",
+                "zone": DNS_ZONE,
+                "name": s.dns_name,
+                "ttl": 5,
+                "tsig_name": TSIG_NAME,
+                "tsig_secret": tsig_secret,
+            },
+        )
+    return text
+
+
+TSIG_NAME = "splab-key."
+
+
+def agent_toml(plan: Plan, host: str, workdir: Path) -> str:
+    h, t = plan.host(host), plan.spec.timings
+    out = [
+        "# Written by `shadowctl lab up`.\n",
+        toml_table(
+            "",
+            {
+                "controller": plan.controller_address,
+                "host": h.name,
+                "zone": h.zone,
+                "interval_seconds": t.agent_interval_seconds,
+                "heartbeat_interval_seconds": t.agent_heartbeat_interval_seconds,
+                "reconnect_max_seconds": t.agent_reconnect_max_seconds,
+                "peer_listen": f"{h.ipv4}:{PEER_PORT}",
+                "hooks_dir": hooks_dir(workdir, h.name),
+            },
+        ),
+        toml_table("[tls]", {"plaintext": True}),
+        toml_table("[capture]", {"bpf": plan.spec.agent_bpf, "create_cgroups": True}),
+    ]
+    for s, role in plan.workloads(host):
+        out.append(
+            toml_table(
+                "[[workload]]",
+                {
+                    "name": s.name,
+                    "cgroup": s.cgroup(host),
+                    "role": role,
+                    "service": s.name,
+                    "interface": "eth0",
+                },
+            )
+        )
+    return "\n".join(out)
+
+
+def hooks_dir(workdir: Path, host: str) -> Path:
+    return workdir / "hooks" / host
+
+
+def keepalived_conf(
+    plan: Plan, host: str, advert_int: float, priorities: Mapping[str, int] | None = None
+) -> str:
+    """A keepalived (VRRPv3) configuration for one lab host: one instance per service it serves, the
+    primary at priority 150 and the shadows at 100, 90, ... unless `priorities` says otherwise."""
+    lines = [
+        "# Written by the lab for comparison runs; VRRPv3 multicast on the lab bridge.",
+        "global_defs {",
+        f"  router_id {plan.host(host).namespace}",
+        "  vrrp_version 3",
+        "  enable_script_security",
+        "}",
+    ]
+    for s, role in plan.workloads(host):
+        prio = (priorities or {}).get(host)
+        if prio is None:
+            prio = 150 if role == "primary" else 100 - 10 * s.shadows.index(host)
+        vrid = 50 + plan.services.index(s) + 1
+        lines += [
+            f"vrrp_instance {s.name} {{",
+            f"  state {'MASTER' if role == 'primary' else 'BACKUP'}",
+            "  interface eth0",
+            f"  virtual_router_id {vrid}",
+            f"  priority {prio}",
+            f"  advert_int {advert_int:g}",
+            "  virtual_ipaddress {",
+            f"    {s.vip} dev eth0",
+            "  }",
+            "}",
+        ]
+    return "\n".join(lines) + "\n"

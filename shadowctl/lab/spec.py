@@ -1,0 +1,198 @@
+"""What a lab is made of: hosts, roles, addresses, services and timings, planned by pure functions.
+
+`Spec` is what a caller chooses (how many primaries and shadows, DNS or not, timings); `plan(spec)` turns it
+into every host's namespace, addresses and bridge port, and every service's VIP, primary and shadows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+PREFIX = "splab-"  # every namespace the lab creates starts with this; `lab down` sweeps by it
+SWITCH_NS = PREFIX + "sw"
+BRIDGE = "br0"
+NET4 = "10.77.0"
+NET6 = "fd77:"
+CONTROLLER_PORT = 7400
+PEER_PORT = 7401
+DNS_ZONE = "lab.example."
+CGROUP_ROOT = "/splab"
+
+Role = Literal["controller", "client", "primary", "shadow", "dns"]
+Failover = Literal["shadowplane", "none"]
+MAX_PRIMARIES = 9
+MAX_SHADOWS = 9
+
+
+class SpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Failure detection and movement timings. The defaults make a lab failover take a fraction of a
+    second; the config defaults (seconds) suit a real fleet."""
+
+    lease_seconds: float = 0.25
+    renew_interval_seconds: float = 0.05
+    heartbeat_timeout_seconds: float = 0.5
+    loop_interval_seconds: float = 0.02
+    placement_grace_seconds: float = 3.0  # primaries connect within a second or two in the lab
+    agent_interval_seconds: float = 1.0
+    agent_heartbeat_interval_seconds: float = 0.05
+    agent_reconnect_max_seconds: float = 0.5
+    failback_hold_seconds: float = 5.0
+    flap_window_seconds: float = 0.0
+    garp_count: int = 3
+    garp_interval_seconds: float = 0.02
+    health_interval_seconds: float = 0.05
+    health_timeout_seconds: float = 0.1
+    health_fall: int = 2
+    health_rise: int = 2
+    hook_timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class Spec:
+    primaries: int = 1
+    shadows: int = 2
+    dns: bool = False  # a BIND server in splab-dns taking the controller's RFC 2136 updates
+    ipv6_vips: bool = False  # VIPs fd77::101... instead of 10.77.0.101...
+    # "none": namespaces and web servers only, no controller or agents (e.g. to run keepalived instead)
+    failover: Failover = "shadowplane"
+    failback: Literal["auto", "manual", "never"] = "auto"
+    hook_failure: Literal["abort", "continue"] = "abort"
+    agent_bpf: bool = False  # BPF capture compiles per agent (seconds of CPU each); failover needs none
+    http_port: int = 8080
+    timings: Timings = field(default_factory=Timings)
+    workdir: Path | None = None  # None: a fresh directory under /run/shadowplane-lab
+    startup_timeout_seconds: float = 30.0
+
+    def validate(self) -> str | None:
+        if not 1 <= self.primaries <= MAX_PRIMARIES:
+            return f"primaries: must be 1..{MAX_PRIMARIES}, got {self.primaries}"
+        if not 1 <= self.shadows <= MAX_SHADOWS:
+            return f"shadows: must be 1..{MAX_SHADOWS}, got {self.shadows}"
+        if not 1 <= self.http_port <= 65535 or self.http_port in (CONTROLLER_PORT, PEER_PORT, 53):
+            return f"http_port: must be a free port 1..65535 (not 53, 7400, 7401), got {self.http_port}"
+        t = self.timings
+        if t.renew_interval_seconds * 2 > t.lease_seconds:
+            return "timings: renew_interval_seconds must be at most half of lease_seconds"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["workdir"] = str(self.workdir) if self.workdir else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Spec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        tknown = {f.name for f in dataclasses.fields(Timings)}
+        kw["timings"] = Timings(**{k: v for k, v in (d.get("timings") or {}).items() if k in tknown})
+        kw["workdir"] = Path(d["workdir"]) if d.get("workdir") else None
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    name: str
+    role: Role
+    namespace: str
+    ipv4: str
+    ipv6: str
+    bridge_port: str  # its veth peer in the switch namespace, attached to the bridge
+    zone: str = ""
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"{self.ipv4}/24", f"{self.ipv6}/64"]
+
+
+@dataclass(frozen=True)
+class ServicePlan:
+    name: str
+    vip: str  # with prefix, as the controller config wants it
+    primary: str
+    shadows: tuple[str, ...]
+
+    @property
+    def vip_ip(self) -> str:
+        return self.vip.split("/")[0]
+
+    @property
+    def dns_name(self) -> str:
+        return f"{self.name}.{DNS_ZONE}"
+
+    def cgroup(self, host: str) -> str:
+        return workload_cgroup(host, self.name)
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: Spec
+    hosts: tuple[HostPlan, ...]
+    services: tuple[ServicePlan, ...]
+
+    def host(self, name: str) -> HostPlan:
+        name = "ctl" if name == "controller" else name
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(f"no lab host {name!r}; hosts: {', '.join(h.name for h in self.hosts)}")
+
+    def service(self, name: str) -> ServicePlan:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(f"no lab service {name!r}; services: {', '.join(s.name for s in self.services)}")
+
+    @property
+    def controller_address(self) -> str:
+        return f"{self.host('ctl').ipv4}:{CONTROLLER_PORT}"
+
+    def fleet_hosts(self) -> list[HostPlan]:
+        """Hosts that run an agent and a web server: primaries and shadows."""
+        return [h for h in self.hosts if h.role in ("primary", "shadow")]
+
+    def workloads(self, host: str) -> list[tuple[ServicePlan, Literal["primary", "shadow"]]]:
+        out: list[tuple[ServicePlan, Literal["primary", "shadow"]]] = []
+        for s in self.services:
+            if s.primary == host:
+                out.append((s, "primary"))
+            elif host in s.shadows:
+                out.append((s, "shadow"))
+        return out
+
+
+def workload_cgroup(host: str, service: str) -> str:
+    return f"{CGROUP_ROOT}/{host}/{service}"
+
+
+def _host(name: str, role: Role, octet: int, zone: str = "") -> HostPlan:
+    # fd77::<octet> reuses the IPv4 octet's decimal digits, so 10.77.0.11 is fd77::11: easy to read
+    return HostPlan(name, role, PREFIX + name, f"{NET4}.{octet}", f"{NET6}:{octet}", f"{name}-port", zone)
+
+
+def plan(spec: Spec) -> Plan:
+    problem = spec.validate()
+    if problem:
+        raise SpecError(problem)
+    hosts = [_host("ctl", "controller", 2), _host("client", "client", 3)]
+    for i in range(1, spec.primaries + 1):
+        hosts.append(_host(f"p{i}", "primary", 10 + i, "az1" if i % 2 else "az2"))
+    for i in range(1, spec.shadows + 1):
+        hosts.append(_host(f"s{i}", "shadow", 20 + i, "az2" if i % 2 else "az1"))
+    if spec.dns:
+        hosts.append(_host("dns", "dns", 53))
+    shadows = tuple(f"s{i}" for i in range(1, spec.shadows + 1))
+    services = []
+    for i in range(1, spec.primaries + 1):
+        name = "web" if spec.primaries == 1 else f"web{i}"
+        vip = f"{NET6}:{100 + i}/64" if spec.ipv6_vips else f"{NET4}.{100 + i}/24"
+        services.append(ServicePlan(name, vip, f"p{i}", shadows))
+    return Plan(spec, tuple(hosts), tuple(services))

@@ -1,0 +1,154 @@
+"""`shadowctl lab up|down|status`: a Shadowplane fleet in network namespaces on this machine (root)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from shadowctl.lab.spec import MAX_PRIMARIES, MAX_SHADOWS, Spec, Timings
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("lab", help="a test fleet in network namespaces on this machine (root)")
+    lab_sub = p.add_subparsers(dest="lab_cmd", required=True, metavar="SUBCOMMAND")
+
+    up = lab_sub.add_parser("up", help="build the lab and start its controller, agents and web servers")
+    up.add_argument(
+        "--primaries", type=int, default=1, help=f"primary hosts, one service each (1-{MAX_PRIMARIES})"
+    )
+    up.add_argument(
+        "--shadows", type=int, default=2, help=f"shadow hosts, shared by every service (1-{MAX_SHADOWS})"
+    )
+    up.add_argument("--dns", action="store_true", help="add a DNS server host (BIND) taking RFC 2136 updates")
+    up.add_argument("--ipv6", action="store_true", help="IPv6 VIPs (fd77::101, ...) instead of IPv4")
+    up.add_argument("--no-failover", action="store_true", help="namespaces and web servers only")
+    up.add_argument("--failback-hold", type=float, default=Timings.failback_hold_seconds, metavar="SECONDS")
+    up.add_argument("--flap-window", type=float, default=Timings.flap_window_seconds, metavar="SECONDS")
+    up.add_argument(
+        "--agent-interval",
+        type=float,
+        default=Timings.agent_interval_seconds,
+        metavar="SECONDS",
+        help="agents' telemetry interval",
+    )
+    up.add_argument("--bpf", action="store_true", help="agents capture with BPF (slow to start)")
+    up.add_argument(
+        "--workdir", type=Path, help="configs and logs here (default: under /run/shadowplane-lab)"
+    )
+    up.add_argument("--no-wait", action="store_true", help="do not wait for the agents to connect")
+    up.add_argument("--json", action="store_true", help="print the status as JSON once up")
+    up.set_defaults(func=lab_up)
+
+    down = lab_sub.add_parser("down", help="stop and remove everything a lab made (also after a crash)")
+    down.add_argument("--keep-logs", action="store_true", help="keep the work directory (configs, logs)")
+    down.set_defaults(func=lab_down)
+
+    st = lab_sub.add_parser("status", help="hosts, processes, and who holds each VIP")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=lab_status)
+
+
+def _err(msg: str) -> int:
+    print(f"shadowctl lab: {msg}", file=sys.stderr)
+    return 1
+
+
+def lab_up(args: argparse.Namespace) -> int:
+    from shadowctl.lab.runner import Lab, LabError
+
+    timings = replace(
+        Timings(),
+        failback_hold_seconds=args.failback_hold,
+        flap_window_seconds=args.flap_window,
+        agent_interval_seconds=args.agent_interval,
+    )
+    spec = Spec(
+        primaries=args.primaries,
+        shadows=args.shadows,
+        dns=args.dns,
+        ipv6_vips=args.ipv6,
+        failover="none" if args.no_failover else "shadowplane",
+        agent_bpf=args.bpf,
+        timings=timings,
+        workdir=args.workdir,
+    )
+    try:
+        lab = Lab.up(spec, wait=not args.no_wait)
+        status = lab.status()
+    except LabError as e:
+        return _err(str(e))
+    except KeyboardInterrupt:
+        return _err("interrupted; everything made so far was removed")
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        _print_status(status)
+        print(f"\nlab is up; logs in {status['workdir']}/logs; remove it with `shadowctl lab down`")
+    return 0
+
+
+def lab_down(args: argparse.Namespace) -> int:
+    from shadowctl.lab.runner import LabError, down_all
+
+    try:
+        removed = down_all(keep_workdir=args.keep_logs)
+    except LabError as e:
+        return _err(str(e))
+    if not removed:
+        print("no lab found: nothing to remove")
+    for line in removed:
+        print(f"removed {line}")
+    return 0
+
+
+def lab_status(args: argparse.Namespace) -> int:
+    from shadowctl.lab.runner import Lab, LabError
+
+    try:
+        lab = Lab.attach()
+        try:
+            status = lab.status()
+        finally:
+            lab._close_grpc()
+    except LabError as e:
+        return _err(str(e))
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        _print_status(status)
+    return 0
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    # piped output keeps whole rows rather than wrapping at rich's default 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    t = Table("HOST", "ROLE", "NAMESPACE", "ADDRESSES", "PORT", "PROCESSES", "ALIVE", box=None)
+    for h in st["hosts"]:
+        procs = ", ".join(f"{k} {v}" for k, v in h["processes"].items()) or "-"
+        t.add_row(
+            h["name"],
+            h["role"],
+            h["namespace"],
+            " ".join(h["addresses"]),
+            h["bridge_port"],
+            procs,
+            "yes" if h["alive"] else "NO",
+        )
+    console.print(t)
+    s = Table("SERVICE", "VIP", "PRIMARY", "SHADOWS", "OWNER (addresses)", "CONTROLLER SAYS", box=None)
+    for svc in st["services"]:
+        owners = svc["owners"]
+        owner = "-" if not owners else owners[0] if len(owners) == 1 else "SPLIT: " + ", ".join(owners)
+        view = svc["controller_view"]
+        said = f"{view['owner'] or '-'} (token {view['token']}, {view['phase']})" if view else "-"
+        s.add_row(svc["name"], svc["vip"], svc["primary"], ", ".join(svc["shadows"]), owner, said)
+    console.print(s)
+    if st.get("controller_error"):
+        print(f"controller: {st['controller_error']}")

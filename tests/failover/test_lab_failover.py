@@ -1,0 +1,143 @@
+"""Failover end to end in the lab: namespaces, real agents, a real controller, a client polling the VIP,
+and a checker sampling every host's addresses every 10 ms for two owners of one VIP."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from shadowctl.lab.poller import Record, outages
+from shadowctl.lab.runner import Lab
+from shadowctl.lab.spec import Spec, Timings
+from shadowplane.v1 import fleet_pb2 as fpb
+from tests.support import need_root, wait_until
+
+
+def settled(lab: Lab, owner: str) -> None:
+    """The VIP is on `owner` and the controller has finished the transition that put it there."""
+    lab.wait_owner(None, owner, 30)
+
+    def done() -> bool:
+        (svc,) = lab.fleet().ListServices(fpb.ListServicesRequest(), timeout=5).services
+        return svc.owner == owner and svc.phase == "stable"
+
+    wait_until(done, 15, f"the service to settle on {owner}")
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    need_root()
+    with Lab.up(Spec(timings=Timings(failback_hold_seconds=2.0))) as lab:
+        settled(lab, "p1")
+        yield lab
+
+
+def event_kinds(lab: Lab, since_ms: int) -> list[str]:
+    evs = lab.fleet().ListEvents(fpb.ListEventsRequest(limit=500), timeout=5).events
+    return [e.kind for e in evs if e.unix_ms >= since_ms]
+
+
+def answered_by(records: list[Record]) -> list[str]:
+    """Who answered, in order, collapsing repeats."""
+    out: list[str] = []
+    for r in records:
+        if r.ok and (not out or out[-1] != r.responder):
+            out.append(r.responder)
+    return out
+
+
+def test_cut_primary_fails_over_then_back_after_hold(lab: Lab) -> None:
+    t0_ms = int(time.time() * 1000)
+    poller, checker = lab.poller().start(), lab.vipcheck().start()
+    try:
+        time.sleep(0.5)
+        lab.cut_link("p1")
+        assert lab.wait_owner(None, "s1", 10) == "s1"
+        time.sleep(0.5)
+        restored = time.monotonic()
+        lab.restore_link("p1")
+        lab.wait_owner(None, "p1", 20)
+        back_after = time.monotonic() - restored
+        time.sleep(0.5)
+    finally:
+        records, report = poller.stop(), checker.stop()
+    assert answered_by(records) == ["p1", "s1", "p1"], "the client saw the shadow answer, then the primary"
+    gaps = [o for o in outages(records) if o.duration is not None]
+    assert gaps and max(o.duration for o in gaps if o.duration is not None) < 2.0, gaps
+    assert records[-1].ok, "the client's outage ended"
+    assert report.samples > 300 and not report.split_brains, report.split_brains[:3]
+    assert back_after >= 2.0, "failback waited for the primary to be healthy for the hold time"
+    kinds = event_kinds(lab, t0_ms)
+    assert "failover-complete" in kinds and "failback-complete" in kinds
+
+
+def test_controller_partition_moves_nothing(lab: Lab) -> None:
+    t0_ms = int(time.time() * 1000)
+    poller, checker = lab.poller().start(), lab.vipcheck().start()
+    try:
+        time.sleep(0.3)
+        lab.partition("controller", "p1")
+        time.sleep(3.0)  # ten leases: the primary keeps renewing with the two shadow observers
+        assert lab.vip_holders(None) == ["p1"]
+        lab.heal("controller", "p1")
+        time.sleep(1.0)
+    finally:
+        records, report = poller.stop(), checker.stop()
+    assert answered_by(records) == ["p1"], "the primary served throughout"
+    assert not [o for o in outages(records) if o.failed > 2], outages(records)
+    assert not report.split_brains and {c.holders for c in report.changes} == {("p1",)}
+    assert "failover" not in event_kinds(lab, t0_ms)
+    svc = lab.fleet().ListServices(fpb.ListServicesRequest(), timeout=5).services[0]
+    assert svc.owner == "p1"
+
+
+def test_failing_hook_aborts_the_takeover(lab: Lab) -> None:
+    t0_ms = int(time.time() * 1000)
+    lab.install_hook("s1", "before-takeover", "#!/bin/sh\necho replica not in sync >&2\nexit 1\n")
+    reply = lab.fleet().Failover(fpb.FailoverRequest(service="web", to="s1"), timeout=5)
+    assert reply.accepted
+    wait_until(lambda: "takeover-aborted" in event_kinds(lab, t0_ms), 15, "the takeover to be aborted")
+    assert lab.vip_holders(None) == ["p1"], "nothing changed: the primary still holds the VIP"
+    evs = lab.fleet().ListEvents(fpb.ListEventsRequest(service="web", limit=50), timeout=5).events
+    failed = [e for e in evs if e.kind == "hook-failed" and e.unix_ms >= t0_ms]
+    assert failed and "replica not in sync" in failed[-1].detail["output"]
+
+
+def test_ipv6_vip_and_dns_follow_the_owner() -> None:
+    need_root()
+    with Lab.up(Spec(dns=True, ipv6_vips=True)) as lab:
+        settled(lab, "p1")
+        poller = lab.poller().start()
+        try:
+            time.sleep(0.3)
+            assert lab.fleet().Failover(fpb.FailoverRequest(service="web", to="s2"), timeout=5).accepted
+            lab.wait_owner(None, "s2", 15)
+            time.sleep(0.3)
+        finally:
+            records = poller.stop()
+        assert answered_by(records) == ["p1", "s2"], "the client followed the IPv6 VIP (unsolicited NA)"
+        dns_host = lab.host("dns")
+
+        def record() -> list[str]:
+            r = lab.run_in(
+                "client",
+                [
+                    sys.executable,
+                    "-c",
+                    (
+                        "import dns.message, dns.query, sys\n"
+                        "q = dns.message.make_query('web.lab.example.', 'A')\n"
+                        f"r = dns.query.tcp(q, '{dns_host.ipv4}', timeout=2)\n"
+                        "print(' '.join(rr.address for rrset in r.answer for rr in rrset))"
+                    ),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            return str(r.stdout).split()
+
+        wait_until(lambda: record() == [lab.host("s2").ipv4], 10, "web.lab.example to point at s2")

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.config import ScalingConfig
+from controller.scaling.planner import ShadowNow, Target, changed, decide_resource, io_weight
+from controller.store import SqliteStore
+from shadowplane.v1 import fleet_pb2 as fpb
+
+CFG = ScalingConfig(cpu_floor_cores=0.1, memory_floor_bytes=64 * 2**20)
+GIB = 2**30
+
+
+def shadow(
+    cpu: float = 1.0, mem: int = GIB, in_use: int = 0, host_cpu: float = 4, host_mem: int = 8 * GIB
+) -> ShadowNow:
+    return ShadowNow("web", "s1", "web", cpu, mem, in_use, host_cpu, host_mem)
+
+
+def target(v: float) -> Target:
+    return Target(v, {"q0.5": v / 2, "target": v}, "model")
+
+
+def test_rule_branches_are_recorded_with_the_forecast() -> None:
+    d = decide_resource(CFG, shadow(cpu=1.0), "cpu", "p1/web", target(2.0), None, 1000)
+    assert (d.old, d.new, d.branch, d.predicted) == (1.0, 2.5, "add", 2.0)
+    assert d.forecast["target"] == 2.0 and d.demand_from == "p1/web" and d.result == "planned"
+    d = decide_resource(CFG, shadow(cpu=1.0), "cpu", "p1/web", target(1.1), None, 1000)
+    assert d.branch == "hold" and not changed(d)
+
+
+def test_ceiling_is_the_host_capacity_and_memory_keeps_what_is_used() -> None:
+    d = decide_resource(CFG, shadow(cpu=3.0, host_cpu=4), "cpu", "p1/web", target(9.0), None, 0)
+    assert d.new == 4.0 and "ceiling" in d.clamps
+    d = decide_resource(
+        CFG, shadow(mem=4 * GIB, in_use=3 * GIB), "memory", "p1/web", target(GIB / 2), None, 0
+    )
+    assert d.branch == "remove" and d.new == 3 * GIB and "in use" in d.clamps
+    d = decide_resource(CFG, shadow(cpu=0.15), "cpu", "p1/web", target(0.0), None, 0)
+    assert d.new == pytest.approx(0.1) and "floor" in d.clamps
+
+
+def test_overrides_pin_bound_freeze() -> None:
+    pin = fpb.Override(kind="pin", cpu_cores=0.5)
+    d = decide_resource(CFG, shadow(cpu=2.0), "cpu", "p1/web", target(3.0), pin, 0)
+    assert (d.new, d.branch) == (0.5, "pinned")
+    # a pin without a memory value leaves memory to the forecast
+    d = decide_resource(CFG, shadow(mem=GIB), "memory", "p1/web", target(2 * GIB), pin, 0)
+    assert d.branch == "add"
+    d = decide_resource(CFG, shadow(cpu=1.0), "cpu", "p1/web", target(3.0), fpb.Override(kind="freeze"), 0)
+    assert (d.new, d.branch) == (1.0, "frozen")
+    bound = fpb.Override(kind="bound", cpu_min=0.5, cpu_max=1.5)
+    d = decide_resource(CFG, shadow(cpu=1.0), "cpu", "p1/web", target(3.0), bound, 0)
+    assert d.new == 1.5 and "bound" in d.clamps
+
+
+def test_io_weight_is_proportional_and_bounded() -> None:
+    assert io_weight(0) == 10 and io_weight(50 * 2**20) == 100 and io_weight(10**12) == 1000
+
+
+def test_store_keeps_decisions_and_overrides(tmp_path: Path) -> None:
+    st = SqliteStore(tmp_path / "c.db")
+    ds = [
+        decide_resource(CFG, shadow(cpu=c), "cpu", "p1/web", target(2.0), None, i)
+        for i, c in enumerate([1, 2, 3])
+    ]
+    stored = st.add_decisions(ds)
+    assert [d.id for d in stored] == [1, 2, 3]
+    assert [d.old for d in st.decisions(host="s1", last=2)] == [2.0, 3.0]
+    st.set_override(fpb.Override(host="s1", workload="web", kind="freeze", by="alice"))
+    assert st.overrides()[("s1", "web")].by == "alice"
+    st.set_override(fpb.Override(host="s1", workload="web", kind="clear"))
+    assert st.overrides() == {}
