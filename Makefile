@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PACKAGES := shadowplane agentd controller shadowctl
 
-.PHONY: setup demo test lint typecheck proto proto-check unit bench lock clean
+.PHONY: setup demo test lint typecheck proto proto-check unit bench lock clean package
 
 setup:
 	@bash scripts/setup-host.sh
@@ -31,6 +31,10 @@ proto-check:
 
 bench: setup
 	$(PY) bench/agent_overhead.py
+
+# The .deb and .rpm, into dist/ (packaging/build.sh --help for a release number or another directory).
+package: setup
+	@bash packaging/build.sh
 
 # Re-pins every Python dependency to what is installed now (run after changing pyproject.toml).
 lock:

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[bold]starting workload[/] in cgroup {DEMO_CGROUP}")
         procs.append(
             spawn(
-                python_module("shadowctl.loadgen", "--dir", str(work)),
+                python_module("shadowctl.loadgen", "mixed", "--dir", str(work)),
                 work / "loadgen.log",
                 cgroup_procs=[d / "cgroup.procs" for d in layout.dirs(DEMO_CGROUP)],
             )

@@ -54,6 +54,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=lab_status)
 
+    sc = lab_sub.add_parser("scenario", help="run a demand scenario on the lab that is up")
+    sc_sub = sc.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
+    step = sc_sub.add_parser(
+        "step-load",
+        help="primary CPU demand steps up, then down: timeline of demand, forecast, shadow limits",
+    )
+    step.add_argument("--baseline", type=float, default=0.1, help="cores before and after the step")
+    step.add_argument("--high", type=float, default=0.8, help="cores during the step")
+    step.add_argument("--before", type=float, default=20.0, help="seconds at baseline first")
+    step.add_argument("--during", type=float, default=30.0, help="seconds at the high level")
+    step.add_argument("--after", type=float, default=40.0, help="seconds at baseline afterwards")
+    step.add_argument("--sample", type=float, default=1.0, help="seconds between timeline rows")
+    step.add_argument("--json", action="store_true", help="one JSON object per row")
+    step.set_defaults(func=lab_step_load)
+
 
 def _err(msg: str) -> int:
     print(f"shadowctl lab: {msg}", file=sys.stderr)
@@ -91,6 +106,28 @@ def lab_up(args: argparse.Namespace) -> int:
     else:
         _print_status(status)
         print(f"\nlab is up; logs in {status['workdir']}/logs; remove it with `shadowctl lab down`")
+    return 0
+
+
+def lab_step_load(args: argparse.Namespace) -> int:
+    from shadowctl.lab.runner import Lab, LabError
+    from shadowctl.lab.scenario import HEADER, Row, row_dict, row_text, step_load
+
+    def show(r: Row) -> None:
+        print(json.dumps(row_dict(r)) if args.json else row_text(r), flush=True)
+
+    try:
+        lab = Lab.attach()
+        if not args.json:
+            print(f"shadow cgroup: {lab.service().cgroup(lab.service().shadows[0])}\n{HEADER}", flush=True)
+        try:
+            step_load(lab, args.baseline, args.high, args.before, args.during, args.after, args.sample, show)
+        finally:
+            lab._close_grpc()
+    except LabError as e:
+        return _err(str(e))
+    except KeyboardInterrupt:
+        return _err("interrupted")
     return 0
 
 

@@ -1,17 +1,24 @@
-"""A small synthetic workload for demos and tests: syscalls, disk writes and loopback TCP.
+"""Synthetic workloads for demos and tests.
 
-Run as `python -m shadowctl.loadgen [--seconds N]`; it does each kind of work in a steady loop so every
-part of the agent's profile (syscalls, block I/O, TCP) has something to show.
+    python -m shadowctl.loadgen mixed [--seconds N]      syscalls, disk writes and loopback TCP
+    python -m shadowctl.loadgen cpu --profile FILE       CPU demand that follows the number in FILE
+
+`cpu` keeps one worker per core it may need; worker k burns min(1, max(0, target - k)) of every 20 ms, so
+the total follows the target (in cores) that a scenario writes into FILE, re-read every 100 ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import socket
 import tempfile
 import threading
 import time
+from pathlib import Path
+
+PERIOD = 0.02
 
 
 def _tcp_echo_server(sock: socket.socket) -> None:
@@ -22,7 +29,7 @@ def _tcp_echo_server(sock: socket.socket) -> None:
                 conn.sendall(data)
 
 
-def run(seconds: float, directory: str) -> None:
+def mixed(seconds: float, directory: str) -> None:
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen()
@@ -52,12 +59,52 @@ def run(seconds: float, directory: str) -> None:
             os.unlink(path)
 
 
+def read_target(profile: Path) -> float:
+    try:
+        return max(0.0, float(profile.read_text().strip() or 0))
+    except (OSError, ValueError):
+        return 0.0
+
+
+def _cpu_worker(k: int, profile: str) -> None:
+    path = Path(profile)
+    share, checked = 0.0, 0.0
+    parent = os.getppid()
+    while os.getppid() == parent:  # never outlive the load generator
+        now = time.monotonic()
+        if now - checked > 0.1:
+            share, checked = min(1.0, max(0.0, read_target(path) - k)), now
+        busy_until = now + share * PERIOD
+        while time.monotonic() < busy_until:
+            pass
+        time.sleep(max(0.0, now + PERIOD - time.monotonic()))
+
+
+def cpu(profile: Path, max_cores: int) -> None:
+    workers = [
+        multiprocessing.Process(target=_cpu_worker, args=(k, str(profile)), daemon=True)
+        for k in range(max_cores)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--seconds", type=float, default=3600)
-    p.add_argument("--dir", default=tempfile.gettempdir(), help="where to write (must be on a block device)")
+    p = argparse.ArgumentParser(prog="python -m shadowctl.loadgen")
+    sub = p.add_subparsers(dest="mode")
+    m = sub.add_parser("mixed")
+    m.add_argument("--seconds", type=float, default=3600)
+    m.add_argument("--dir", default=tempfile.gettempdir(), help="where to write (must be on a block device)")
+    c = sub.add_parser("cpu")
+    c.add_argument("--profile", type=Path, required=True, help="file holding the target in cores")
+    c.add_argument("--max-cores", type=int, default=os.cpu_count() or 1)
     a = p.parse_args()
-    run(a.seconds, a.dir)
+    if a.mode == "cpu":
+        cpu(a.profile, a.max_cores)
+    else:
+        mixed(getattr(a, "seconds", 3600), getattr(a, "dir", tempfile.gettempdir()))
 
 
 if __name__ == "__main__":

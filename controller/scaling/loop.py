@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -123,17 +123,23 @@ class ScalingLoop:
                 if not np.isnan(last):
                     state = observe(state, last, self.policy)
                 curve = fc.curve(key, resource)
-                a = allocate(curve, fc.quantiles, state, self.policy, first_step=0)
+                # Slack is priced against the forecast's own median, not the slow running mean of usage: after
+                # a step in demand the running mean lags for hours and would make raising look too dear.
+                a = allocate(curve, fc.quantiles, replace(state, level=None), self.policy, first_step=0)
                 self.states[(key, resource)] = a.state
                 shown = {
                     f"q{q:g}": float(curve[0, fc.quantiles.index(q)])
                     for q in SHOWN_QUANTILES
                     if q in fc.quantiles
                 }
-                shown["target"] = a.allocation
+                # The priced policy may keep a low limit until misses have raised its price; a shadow that
+                # must be ready is never sized below what the forecast itself expects next.
+                median_next = float(np.interp(0.5, fc.quantiles, curve[0]))
+                target = max(a.allocation, median_next)
+                shown["target"] = target
                 if not np.isnan(a.quantile):
-                    shown["target_quantile"] = a.quantile
-                targets[resource] = Target(a.allocation, shown, source)
+                    shown["target_quantile"] = a.quantile if target == a.allocation else 0.5
+                targets[resource] = Target(target, shown, source)
             self.targets[service] = targets
 
     def _pick_demand(self) -> None:

@@ -41,6 +41,7 @@ class Timings:
     heartbeat_timeout_seconds: float = 0.5
     loop_interval_seconds: float = 0.02
     placement_grace_seconds: float = 3.0  # primaries connect within a second or two in the lab
+    scaling_interval_seconds: float = 2.0  # a lab minute is a couple of seconds
     agent_interval_seconds: float = 1.0
     agent_heartbeat_interval_seconds: float = 0.05
     agent_reconnect_max_seconds: float = 0.5
