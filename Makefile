@@ -11,7 +11,7 @@ setup:
 	@bash scripts/setup-host.sh
 
 demo: setup
-	$(PY) -m shadowctl.cli demo
+	$(PY) -m shadowctl.cli lab demo
 
 test: setup lint typecheck proto-check
 	$(PY) -m pytest -q -ra tests

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shadowctl import certs_cmds, demo, failover_cmds, fleet_cmds, lab_cmds, predict_cmds, scaling_cmds
+from shadowctl import certs_cmds, failover_cmds, fleet_cmds, lab_cmds, predict_cmds, scaling_cmds
 from shadowctl.client import ClientError, add_arguments
 from shadowplane import logs
 
 # Each command module adds its subcommands; they set `func(args) -> int`.
-COMMAND_MODULES = [fleet_cmds, failover_cmds, scaling_cmds, certs_cmds, demo, lab_cmds, predict_cmds]
+COMMAND_MODULES = [fleet_cmds, failover_cmds, scaling_cmds, certs_cmds, lab_cmds, predict_cmds]
 
 
 def parser() -> argparse.ArgumentParser:

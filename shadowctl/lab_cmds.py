@@ -54,6 +54,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=lab_status)
 
+    demo = lab_sub.add_parser(
+        "demo", help="the whole system in under 3 minutes: lab, daily demand, failover, failback, summary"
+    )
+    demo.add_argument("--day", type=float, default=75.0, help="seconds the compressed day of demand lasts")
+    demo.add_argument("--hold", type=float, default=5.0, help="failback hold time, seconds")
+    demo.add_argument("--json", action="store_true", help="also print the summary as JSON (last line)")
+    demo.set_defaults(func=lab_demo)
+
     sc = lab_sub.add_parser("scenario", help="run a demand scenario on the lab that is up")
     sc_sub = sc.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
     step = sc_sub.add_parser(
@@ -107,6 +115,21 @@ def lab_up(args: argparse.Namespace) -> int:
         _print_status(status)
         print(f"\nlab is up; logs in {status['workdir']}/logs; remove it with `shadowctl lab down`")
     return 0
+
+
+def lab_demo(args: argparse.Namespace) -> int:
+    from shadowctl.lab.demo import run_demo, summary_dict
+    from shadowctl.lab.runner import LabError
+
+    try:
+        summary = run_demo(args.day, args.hold)
+    except (LabError, TimeoutError) as e:
+        return _err(f"demo failed: {e} (everything it made was removed)")
+    except KeyboardInterrupt:
+        return _err("interrupted; everything the demo made was removed")
+    if args.json:
+        print(json.dumps(summary_dict(summary)))
+    return 0 if not summary.left_behind else 1
 
 
 def lab_step_load(args: argparse.Namespace) -> int:

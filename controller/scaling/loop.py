@@ -52,7 +52,10 @@ class ScalingLoop:
     ) -> None:
         self.cfg, self.store, self.registry, self.events = cfg, store, registry, events
         self.engine = engine or PredictionEngine(cfg.scaling.model or DEFAULT_MODEL)
-        self.policy = AllocationPolicy(target_coverage=cfg.scaling.target_coverage)
+        # A workload we have just met starts with misses priced high (conservative) and earns its way down as
+        # covered steps accumulate; the backtest's start price suits a day of warm-up nobody scores, not a
+        # shadow that may have to take over in its first hour.
+        self.policy = AllocationPolicy(target_coverage=cfg.scaling.target_coverage, initial_price=1.0)
         self.states: dict[tuple[str, str], AllocationState] = {}
         self.targets: dict[str, dict[str, Target]] = {}  # service -> resource -> target
         self.demand: dict[str, str] = {}  # service -> "host/workload" whose forecast drives it
