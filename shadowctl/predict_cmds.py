@@ -151,7 +151,12 @@ def train_cmd(args: argparse.Namespace) -> int:
             source = f"traces {args.traces}"
         else:
             series, source = _store_series(args)
-        events: list[Event] = load_events(args.events) if args.events else []
+        if args.events:
+            events: list[Event] = load_events(args.events)
+        elif args.store is not None:
+            events = _store_failovers(args.store)
+        else:
+            events = []
     except (TraceError, ValueError) as e:
         return _fail(str(e))
     if not series:
@@ -209,6 +214,20 @@ def train_cmd(args: argparse.Namespace) -> int:
     model.save(args.out)
     print(f"wrote {args.out}")
     return 0
+
+
+def _store_failovers(path: Path) -> list[Event]:
+    """The failovers the controller recorded: their windows weigh more in training."""
+    from controller.predict.events import failover_events_from_records
+    from controller.store.sqlite import SqliteStore
+
+    store = SqliteStore(path)
+    try:
+        rows = [(e.kind, e.service, e.unix_ms, e.detail) for e in store.events(limit=100_000)]
+        workloads = {(a.host, w.service): w.name for a in store.agents() for w in a.hello.workloads}
+    finally:
+        store.close()
+    return failover_events_from_records(rows, workloads)
 
 
 def _store_series(args: argparse.Namespace) -> tuple[list[TrainingSeries], str]:

@@ -163,3 +163,24 @@ def decide_champion(
         f"challenger {challenger} does not beat champion {champion} by {min_improvement:.0%} on recent data: "
         f"loss {challenger_loss:.5f} vs {champion_loss:.5f} ({gain:+.1%}); keeping the champion",
     )
+
+
+def failover_events_from_records(
+    records: list[tuple[str, str, int, dict[str, str]]], workload_of: dict[tuple[str, str], str]
+) -> list[Event]:
+    """Failover windows from the controller's event log: (kind, service, unix_ms, detail) rows. The series
+    is the failed owner's workload of that service (`workload_of[(host, service)]`), or every series when
+    that is unknown; the window is the takeover itself (its lead-in is added by `event_weights`)."""
+    out = []
+    for kind, service, unix_ms, detail in records:
+        if kind not in ("failover-complete", "move-complete"):
+            continue
+        old = detail.get("old_owner", "")
+        workload = workload_of.get((old, service), "")
+        t = unix_ms / 1000.0
+        if not workload:
+            out.append(Event("failover", "", t, t))
+            continue
+        # training series are named host/workload/resource (train.series_from_store)
+        out.extend(Event("failover", f"{old}/{workload}/{r}", t, t) for r in ("cpu", "memory", "io"))
+    return out

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from controller.events import EventLog
 from controller.predict.allocation import AllocationPolicy, AllocationState, allocate, observe
 from controller.predict.engine import PredictionEngine, history_from_store
 from controller.predict.model import DEFAULT_MODEL
+from controller.predict.train import series_from_store
 from controller.registry import AgentRegistry, CommandError
 from controller.scaling.planner import RESOURCES, ShadowNow, Target, changed, decide_resource, io_weight
 from controller.store import Store
@@ -62,6 +64,7 @@ class ScalingLoop:
         self.applied: dict[tuple[str, str], apb.LimitsApplied] = {}
         self.readiness: dict[tuple[str, str], Readiness] = {}
         self.next_cycle_ms = 0
+        self._model_mtime: float | None = None
         self.wake = asyncio.Event()
 
     @property
@@ -83,6 +86,7 @@ class ScalingLoop:
                 await asyncio.wait_for(self.wake.wait(), max(0.0, (self.next_cycle_ms - _ms()) / 1000))
 
     async def cycle(self) -> list[fpb.ScalingDecision]:
+        self.consider_new_model()
         self.forecast(_ms())
         decisions = self.plan(_ms())
         by_shadow: dict[tuple[str, str], list[fpb.ScalingDecision]] = {}
@@ -102,6 +106,25 @@ class ScalingLoop:
                     decision=d.id,
                 )
         return stored
+
+    # ---- the model ----
+
+    def consider_new_model(self) -> None:
+        """A model file that changed (e.g. `shadowctl train --store ... --out` onto it) is a challenger: it
+        replaces the running model only if it forecasts the last day of this fleet better."""
+        path = Path(self.cfg.scaling.model or DEFAULT_MODEL)
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return
+        if self._model_mtime is None or mtime == self._model_mtime:
+            self._model_mtime = mtime
+            return
+        self._model_mtime = mtime
+        since_ms = _ms() - 24 * 3600 * 1000
+        recent = series_from_store(self.store.resource_series(since_ms=since_ms), self.engine.step_seconds)
+        d = self.engine.consider(path, recent, {s.name: since_ms / 1000 for s in recent})
+        self.events.record("model", "", "", f"champion/challenger: {d.reason}", promoted=d.promote)
 
     # ---- forecasting ----
 

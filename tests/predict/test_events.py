@@ -109,3 +109,17 @@ def test_engine_swaps_only_for_a_better_challenger_and_logs_why(
     (tmp_path / "broken.onnx").write_bytes(b"nope")
     d = engine.consider(tmp_path / "broken.onnx", series, since)
     assert not d.promote and "challenger unusable" in d.reason and engine.source == "model"
+
+
+def test_failovers_in_the_controllers_event_log_become_training_windows() -> None:
+    from controller.predict.events import failover_events_from_records
+
+    rows = [
+        ("failover-complete", "web", 1_000_000, {"old_owner": "p1"}),
+        ("health", "web", 1_000_500, {}),
+        ("failback-complete", "web", 1_002_000, {"old_owner": "s1"}),
+        ("failover-complete", "db", 1_003_000, {"old_owner": "p9"}),
+    ]
+    evs = failover_events_from_records(rows, {("p1", "web"): "web"})
+    assert [e.series for e in evs] == ["p1/web/cpu", "p1/web/memory", "p1/web/io", ""]
+    assert all(e.kind == "failover" for e in evs) and evs[0].start_s == 1000.0
