@@ -20,7 +20,7 @@ import grpc
 
 from agentd.actuate.address import Addresses, Vip, announce
 from shadowplane import lease as leases
-from shadowplane.healthcheck import CheckSpec, Tracker, run_check
+from shadowplane.healthcheck import CheckSpec, Tracker, run_check, spec_from_proto
 from shadowplane.tls import TlsConfig, aio_channel, check_renewer, peer_identity
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import lease_pb2 as lpb
@@ -273,7 +273,7 @@ class ObserverRole:
                 self._views.pop(key, None)
         for key, c in want.items():
             if key not in self._checks:
-                self._checks[key] = (c, asyncio.create_task(run_check(_spec(c), self._on_probe)))
+                self._checks[key] = (c, asyncio.create_task(run_check(spec_from_proto(c), self._on_probe)))
         if self._monitor is None:
             self._monitor = asyncio.create_task(self._monitor_leases())
 
@@ -346,23 +346,6 @@ class ObserverRole:
             task.cancel()
         if self._monitor is not None:
             self._monitor.cancel()
-
-
-def _spec(c: apb.HealthCheck) -> CheckSpec:
-    return CheckSpec(
-        service=c.service,
-        target=c.target,
-        address=c.address,
-        kind=c.kind,
-        port=c.port,
-        path=c.path or "/",
-        expect_status=c.expect_status or 200,
-        command=tuple(c.command),
-        interval=c.interval_ms / 1000,
-        timeout=c.timeout_ms / 1000,
-        fall=c.fall or 3,
-        rise=c.rise or 2,
-    )
 
 
 class LeaseService(lgrpc.LeaseServicer):

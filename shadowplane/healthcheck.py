@@ -14,6 +14,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from shadowplane.v1 import agent_pb2 as apb
+
 
 @dataclass(frozen=True)
 class CheckSpec:
@@ -29,6 +31,41 @@ class CheckSpec:
     timeout: float = 0.5
     fall: int = 3
     rise: int = 2
+
+
+def spec_to_proto(s: CheckSpec) -> apb.HealthCheck:
+    """How the controller hands a check to an observer agent (Watch)."""
+    return apb.HealthCheck(
+        service=s.service,
+        target=s.target,
+        address=s.address,
+        kind=s.kind,
+        port=s.port,
+        path=s.path,
+        expect_status=s.expect_status,
+        command=list(s.command),
+        interval_ms=round(s.interval * 1000),
+        timeout_ms=round(s.timeout * 1000),
+        fall=s.fall,
+        rise=s.rise,
+    )
+
+
+def spec_from_proto(c: apb.HealthCheck) -> CheckSpec:
+    return CheckSpec(
+        service=c.service,
+        target=c.target,
+        address=c.address,
+        kind=c.kind,
+        port=c.port,
+        path=c.path or "/",
+        expect_status=c.expect_status or 200,
+        command=tuple(c.command),
+        interval=c.interval_ms / 1000,
+        timeout=c.timeout_ms / 1000,
+        fall=c.fall or 3,
+        rise=c.rise or 2,
+    )
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from controller.failover.observer import ControllerObserver
 from controller.failover.orchestrator import Orchestrator
 from controller.registry import AgentRegistry
 from controller.store import ServiceRecord, Store
-from shadowplane.healthcheck import CheckSpec, Tracker, run_check
+from shadowplane.healthcheck import CheckSpec, Tracker, run_check, spec_to_proto
 from shadowplane.lease import address_lifetime_seconds
 from shadowplane.v1 import agent_pb2 as apb
 
@@ -273,23 +273,7 @@ class FailoverLoop:
             for target in rt.targets():
                 if target == host:
                     continue
-                s = self._check_spec(rt.cfg, target)
-                checks.append(
-                    apb.HealthCheck(
-                        service=s.service,
-                        target=s.target,
-                        address=s.address,
-                        kind=s.kind,
-                        port=s.port,
-                        path=s.path,
-                        expect_status=s.expect_status,
-                        command=list(s.command),
-                        interval_ms=int(s.interval * 1000),
-                        timeout_ms=int(s.timeout * 1000),
-                        fall=s.fall,
-                        rise=s.rise,
-                    )
-                )
+                checks.append(spec_to_proto(self._check_spec(rt.cfg, target)))
         return apb.Watch(
             checks=checks, observed_services=observed, lease_ms=int(self.cfg.failover.lease_seconds * 1000)
         )

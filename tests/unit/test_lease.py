@@ -63,3 +63,10 @@ def test_no_two_owners_under_random_schedules() -> None:
             t += 0.05
         assert new_owner_may_add is not None
         assert owner_valid < new_owner_may_add + 1e-9, "old owner still valid when the new one adds"
+
+
+def test_health_check_specs_survive_the_trip_to_an_observer() -> None:
+    from shadowplane.healthcheck import CheckSpec, spec_from_proto, spec_to_proto
+
+    s = CheckSpec("web", "p1", "10.0.0.1", "exec", 8080, "/h", 204, ("check", "--fast"), 0.05, 0.1, 2, 3)
+    assert spec_from_proto(spec_to_proto(s)) == s
