@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from shadowplane.config import absolute_path, at_least, between, check, host_port, load, positive
+from shadowplane.metrics import MetricsConfig
 from shadowplane.tls import TlsConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -88,6 +89,7 @@ class AgentConfig:
         default=Path("/sys/fs/cgroup"), metadata=check(doc="where cgroup hierarchies are mounted")
     )
     tls: TlsConfig = field(default_factory=TlsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     workload: list[WorkloadConfig] = field(default_factory=list, metadata=check(doc="[[workload]] tables"))
 

@@ -11,6 +11,7 @@ import uuid
 
 import grpc
 import psutil
+from prometheus_client import CollectorRegistry
 
 from agentd.actuate.address import Addresses
 from agentd.capture.bpf_capture import BpfCapture, BpfLoadError, unavailable_reason
@@ -20,7 +21,8 @@ from agentd.commands import CommandHandler
 from agentd.config import AgentConfig
 from agentd.failover import LeaseService, ObserverRole
 from agentd.link import CHANNEL_OPTIONS, Backlog, ControllerLink
-from shadowplane import __version__, sdnotify
+from agentd.metrics import AgentCollector, Totals
+from shadowplane import __version__, metrics, sdnotify
 from shadowplane.tls import add_port, aio_channel, warn_plaintext
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import lease_pb2_grpc as lgrpc
@@ -55,6 +57,7 @@ class Agent:
         self.collector = Collector(self.layout, cfg.workload, self.bpf)
         self.instance_id = uuid.uuid4().hex
         self.seq = 0
+        self.totals = Totals()
         self.link = ControllerLink(
             cfg.controller,
             self.hello,
@@ -99,9 +102,11 @@ class Agent:
 
     def sample(self) -> apb.TelemetryBatch:
         self.seq += 1
-        return apb.TelemetryBatch(
+        batch = apb.TelemetryBatch(
             seq=self.seq, samples=self.collector.collect(), capture=self.capture_status()
         )
+        self.totals.add(batch)
+        return batch
 
     async def start_failover_roles(self) -> None:
         """No address survives an agent that is not running: drop any we left behind, then serve."""
@@ -148,6 +153,9 @@ class Agent:
 
 async def serve(cfg: AgentConfig) -> None:
     agent = Agent(cfg)
+    registry = CollectorRegistry()
+    registry.register(AgentCollector(agent))
+    metrics.serve(cfg.metrics, registry)
     log.info(
         "agent %s started: %d workloads, interval %.1fs, controller %s, BPF %s",
         cfg.host,

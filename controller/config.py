@@ -9,6 +9,7 @@ from typing import Literal
 
 from agentd.config import valid_name
 from shadowplane.config import at_least, between, check, host_port, load, non_empty, non_negative, positive
+from shadowplane.metrics import MetricsConfig
 from shadowplane.tls import TlsConfig
 
 
@@ -255,6 +256,7 @@ class ControllerConfig:
         metadata=check(at_least(1), doc="a host with no telemetry for this many intervals is stale"),
     )
     tls: TlsConfig = field(default_factory=TlsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     failover: FailoverConfig = field(default_factory=FailoverConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)

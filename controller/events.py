@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from controller.store import EventRecord, Store
 
@@ -15,6 +16,7 @@ class EventLog:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._subscribers: set[asyncio.Queue[EventRecord]] = set()
+        self.listeners: list[Callable[[EventRecord], None]] = []  # called in-line, e.g. metrics counters
 
     def record(self, kind: str, service: str, host: str, reason: str, **detail: object) -> EventRecord:
         ev = self.store.add_event(
@@ -30,6 +32,8 @@ class EventLog:
             reason,
             "".join(f" {k}={v}" for k, v in ev.detail.items()),
         )
+        for listener in self.listeners:
+            listener(ev)
         for q in list(self._subscribers):
             if q.full():
                 q.get_nowait()  # a slow watcher loses its oldest events, never blocks the controller

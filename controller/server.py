@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from controller.config import ControllerConfig
 from controller.events import EventLog
@@ -20,9 +21,11 @@ from controller.failover.observer import ControllerObserver, LeaseService
 from controller.failover.orchestrator import Orchestrator
 from controller.fleet_api import FleetService
 from controller.ingest import AgentStreamService
+from controller.metrics import ControllerCollector, EventCounters
 from controller.registry import AgentRegistry
 from controller.scaling.loop import ScalingLoop
 from controller.store import SqliteStore, Store
+from shadowplane import metrics
 from shadowplane.tls import add_port, warn_plaintext
 from shadowplane.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, fleet_pb2_grpc, lease_pb2, lease_pb2_grpc
 
@@ -113,6 +116,11 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
         len(cfg.service),
     )
     c = Controller(cfg, store, registry, events, failover, scaling, server, port, health_servicer, [])
+    counters = EventCounters()
+    events.listeners.append(counters)
+    prom = CollectorRegistry()
+    prom.register(ControllerCollector(c, counters))
+    metrics.serve(cfg.metrics, prom)
     c.tasks.append(asyncio.create_task(failover.run()))
     if scaling is not None:
         c.tasks.append(asyncio.create_task(scaling.run()))

@@ -156,6 +156,7 @@ class Orchestrator:
         )
         took_ms = (time.monotonic() - t0) * 1000
         detail: dict[str, object] = {
+            "took_ms": round(took_ms),
             "token": token,
             "old_owner": old or "-",
             "waited_ms": 0 if released else round(wait_s * 1000),

@@ -35,6 +35,7 @@ def controller_toml(plan: Plan, workdir: Path, tsig_secret: str = "") -> str:
         toml_table("", {"listen": plan.controller_address}),
         # the lab's network exists only inside this machine's namespaces: no certificates to manage
         toml_table("[tls]", {"plaintext": True}),
+        toml_table("[metrics]", {"listen": f"{plan.host('ctl').ipv4}:{METRICS_PORT}"}),
         toml_table("[store]", {"path": workdir / "controller.db"}),
         toml_table(
             "[failover]",
@@ -100,6 +101,7 @@ def _service(plan: Plan, s: ServicePlan, tsig_secret: str) -> str:
 
 
 TSIG_NAME = "splab-key."
+METRICS_PORT = 9464  # each host's /metrics, inside its own namespace
 
 
 def agent_toml(plan: Plan, host: str, workdir: Path) -> str:
@@ -120,6 +122,7 @@ def agent_toml(plan: Plan, host: str, workdir: Path) -> str:
             },
         ),
         toml_table("[tls]", {"plaintext": True}),
+        toml_table("[metrics]", {"listen": f"{h.ipv4}:{METRICS_PORT}"}),
         toml_table("[capture]", {"bpf": plan.spec.agent_bpf, "create_cgroups": True}),
     ]
     for s, role in plan.workloads(host):

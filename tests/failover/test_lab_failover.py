@@ -141,3 +141,47 @@ def test_ipv6_vip_and_dns_follow_the_owner() -> None:
             return str(r.stdout).split()
 
         wait_until(lambda: record() == [lab.host("s2").ipv4], 10, "web.lab.example to point at s2")
+
+
+def scrape(lab: Lab, host: str) -> str:
+    h = lab.host(host)
+    out = lab.run_in(
+        host,
+        [
+            sys.executable,
+            "-c",
+            (
+                "import urllib.request, sys\n"
+                f"r = urllib.request.urlopen('http://{h.ipv4}:9464/metrics', timeout=5)\n"
+                "sys.stdout.write(r.read().decode())"
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "no_proxy": "*"},
+    )
+    return str(out.stdout)
+
+
+def test_metrics_follow_a_move_and_pass_promtool(lab: Lab) -> None:
+    from tests.unit.test_metrics import promtool_check
+
+    assert lab.fleet().Failover(fpb.FailoverRequest(service="web", to="s1"), timeout=5).accepted
+    settled(lab, "s1")
+    ctl = scrape(lab, "ctl")
+    promtool_check(ctl)
+    assert 'shadowplane_service_owner_info{owner="s1",service="web"} 1.0' in ctl
+    assert 'shadowplane_service_transitions_total{kind="move",service="web"} 1.0' in ctl
+    assert 'shadowplane_service_transition_duration_seconds_count{service="web"}' in ctl
+    assert "shadowplane_controller_agents_connected 3.0" in ctl
+
+    def agent_with_samples() -> str:
+        text = scrape(lab, "s1")
+        return text if "cpu_seconds_total{" in text else ""
+
+    agent = str(wait_until(agent_with_samples, 10, "the agent's first telemetry batch"))
+    promtool_check(agent)
+    assert 'shadowplane_agent_lease_held{service="web"} 1.0' in agent
+    assert "shadowplane_agent_controller_connected 1.0" in agent
+    assert 'shadowplane_agent_cpu_seconds_total{workload="web"}' in agent
