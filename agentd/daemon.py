@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import platform
-import signal
 import uuid
 
 import grpc
@@ -164,12 +163,7 @@ async def serve(cfg: AgentConfig) -> None:
         cfg.controller,
         "on" if agent.bpf else "off",
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     task = asyncio.create_task(agent.run())
-    stopped = asyncio.create_task(stop.wait())
 
     def status_line() -> str:
         state = agent.link.state
@@ -181,24 +175,12 @@ async def serve(cfg: AgentConfig) -> None:
             f"BPF {'on' if agent.bpf else 'off'}, backlog {len(agent.link.backlog)} batches"
         )
 
-    # systemd (Type=notify): ready once capture and cgroups are set up; the watchdog pings from this loop.
-    helpers = [
-        asyncio.create_task(sdnotify.watchdog_task()),
-        asyncio.create_task(sdnotify.status_task(status_line)),
-    ]
-    sdnotify.ready(status_line())
     try:
-        # If the agent itself dies (e.g. peer_listen cannot bind), exit with its error rather than idle on:
-        # a dead agent that keeps pinging the watchdog would never be restarted.
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        failure = task.exception() if task.done() and not task.cancelled() else None
-        if failure is not None:
-            log.error("agent %s failed: %s", cfg.host, failure)
-            raise failure
+        await sdnotify.serve_until_stopped(status_line, task)
         log.info("agent %s stopping", cfg.host)
+    except Exception as e:
+        log.error("agent %s failed: %s", cfg.host, e)
+        raise
     finally:
-        sdnotify.stopping("stopping")
-        for t in (*helpers, stopped):
-            t.cancel()
         task.cancel()
         await agent.close()

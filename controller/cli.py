@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
 from controller.config import ControllerConfig, load_controller_config
@@ -19,10 +18,6 @@ log = logging.getLogger(__name__)
 
 async def serve(cfg: ControllerConfig) -> None:
     c = await start(cfg)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
     def status_line() -> str:
         return (
@@ -30,19 +25,10 @@ async def serve(cfg: ControllerConfig) -> None:
             f"{len(cfg.service)} services"
         )
 
-    # systemd (Type=notify): ready once the port listens; the watchdog pings from this loop.
-    helpers = [
-        asyncio.create_task(sdnotify.watchdog_task()),
-        asyncio.create_task(sdnotify.status_task(status_line)),
-    ]
-    sdnotify.ready(status_line())
     try:
-        await stop.wait()
+        await sdnotify.serve_until_stopped(status_line)
         log.info("controller stopping")
     finally:
-        sdnotify.stopping("stopping")
-        for t in helpers:
-            t.cancel()
         await c.stop()
 
 

@@ -16,9 +16,11 @@ import contextlib
 import importlib
 import logging
 import os
+import signal
 import socket
 from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -115,3 +117,26 @@ async def status_task(describe: Callable[[], str], every: float = 5.0) -> None:
                 status(text)
                 last = text
         await asyncio.sleep(every)
+
+
+async def serve_until_stopped(describe: Callable[[], str], work: asyncio.Task[None] | None = None) -> None:
+    """The daemons' main wait: READY with a status line, STATUS updates and watchdog pings from this event
+    loop, until SIGTERM/SIGINT, then STOPPING. If `work` ends first with an error, that error is raised: a
+    daemon whose work died must exit (and be restarted), not idle on pinging the watchdog."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.create_task(stop.wait())
+    helpers = [asyncio.create_task(watchdog_task()), asyncio.create_task(status_task(describe))]
+    ready(describe())
+    try:
+        waiting: set[asyncio.Task[Any]] = {stopped} if work is None else {stopped, work}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        failure = work.exception() if work is not None and work.done() and not work.cancelled() else None
+        if failure is not None:
+            raise failure
+    finally:
+        stopping("stopping")
+        for t in (*helpers, stopped):
+            t.cancel()
