@@ -20,6 +20,7 @@ import grpc
 
 from agentd.actuate.address import Addresses, Vip, announce
 from shadowplane import lease as leases
+from shadowplane.clock import now_ms
 from shadowplane.healthcheck import CheckSpec, Tracker, run_check, spec_from_proto
 from shadowplane.tls import TlsConfig, aio_channel, check_renewer, peer_identity
 from shadowplane.v1 import agent_pb2 as apb
@@ -55,10 +56,6 @@ class Channels:
         for ch in self._channels:
             await ch.close()
         self._stubs, self._channels = {}, []
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass
@@ -211,7 +208,7 @@ class LeaseHolder:
         self.report(
             apb.AgentMessage(
                 lease_event=apb.LeaseEvent(
-                    service=self.service, token=self.token, what=what, reason=reason, unix_ms=_now_ms()
+                    service=self.service, token=self.token, what=what, reason=reason, unix_ms=now_ms()
                 )
             )
         )
@@ -338,7 +335,7 @@ class ObserverRole:
             detail=detail,
             kind="lease",
             token=st.promised,
-            since_unix_ms=_now_ms(),
+            since_unix_ms=now_ms(),
         )
 
     async def close(self) -> None:

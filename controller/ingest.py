@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
@@ -17,6 +16,7 @@ from controller.config import ControllerConfig
 from controller.registry import AgentRegistry, AgentSession
 from controller.store import Store
 from shadowplane import __version__
+from shadowplane.clock import now_ms
 from shadowplane.pki import Identity
 from shadowplane.tls import peer_identity
 from shadowplane.v1 import agent_pb2 as apb
@@ -81,10 +81,6 @@ def check_batch(hello: apb.Hello, batch: apb.TelemetryBatch) -> tuple[str, str] 
     return None
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class StreamListener(Protocol):
     """Who else wants to hear what agents say (the failover loop)."""
 
@@ -102,7 +98,7 @@ class AgentStreamService(agrpc.AgentStreamServicer):
         store: Store,
         registry: AgentRegistry,
         listener: StreamListener | None = None,
-        clock: Callable[[], int] = _now_ms,
+        clock: Callable[[], int] = now_ms,
     ) -> None:
         self.cfg, self.store, self.registry, self.listener, self.clock = cfg, store, registry, listener, clock
 

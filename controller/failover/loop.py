@@ -21,15 +21,12 @@ from controller.failover.observer import ControllerObserver
 from controller.failover.orchestrator import Orchestrator
 from controller.registry import AgentRegistry
 from controller.store import ServiceRecord, Store
+from shadowplane.clock import now_ms
 from shadowplane.healthcheck import CheckSpec, Tracker, run_check, spec_to_proto
 from shadowplane.lease import address_lifetime_seconds
 from shadowplane.v1 import agent_pb2 as apb
 
 log = logging.getLogger(__name__)
-
-
-def _ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass
@@ -100,7 +97,7 @@ class FailoverLoop:
 
     def tick(self) -> None:
         self._push_watches()
-        now = _ms()
+        now = now_ms()
         for rt in self.services.values():
             primary = self._health(rt, rt.cfg.primary)
             if primary.majority_up:
@@ -163,14 +160,14 @@ class FailoverLoop:
             renewing=self._renewing(rt, rec),
             connected=self.alive(),
             primary_up_since_ms=rt.primary_up_since_ms,
-            now_ms=_ms(),
+            now_ms=now_ms(),
             address_lifetime_ms=_address_lifetime_ms(self.cfg.failover.lease_seconds),
             primary_grace_over=time.monotonic() - self.started > self.cfg.failover.placement_grace_seconds,
             request=request,
         )
 
     def alive(self) -> frozenset[str]:
-        return self.registry.alive(_ms(), int(self.cfg.failover.heartbeat_timeout_seconds * 1000))
+        return self.registry.alive(now_ms(), int(self.cfg.failover.heartbeat_timeout_seconds * 1000))
 
     def views(self, rt: ServiceRuntime, target: str) -> dict[str, tuple[bool | None, str]]:
         """Each observer's view of `target`: (up, detail); up None = unknown."""
@@ -195,7 +192,7 @@ class FailoverLoop:
         if tracker is None or tracker.up is None:
             return None, "no result yet"
         session = self.registry.get(target)
-        silent_ms = _ms() - session.last_heard_ms if session else None
+        silent_ms = now_ms() - session.last_heard_ms if session else None
         if silent_ms is None or silent_ms > self.cfg.failover.heartbeat_timeout_seconds * 1000:
             return False, "agent not connected" if session is None else f"agent silent for {silent_ms} ms"
         return tracker.up, tracker.detail

@@ -27,6 +27,7 @@ from controller.failover.dns import point_record
 from controller.failover.observer import ControllerObserver
 from controller.registry import AgentRegistry, CommandError
 from controller.store import ServiceRecord, Store
+from shadowplane.clock import now_ms
 from shadowplane.lease import majority
 from shadowplane.v1 import agent_pb2 as apb
 
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 
 ResourceHook = Callable[[ServiceConfig, str], Awaitable[None]]
 VOTE_SAFETY_MS = 5  # on top of the observers' waits: the time the vote replies spent on the wire
-
-
-def _ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass
@@ -87,7 +84,7 @@ class Orchestrator:
             return rec
 
         rec = self._save(
-            replace(rec, token=token, phase="acquiring", candidate=new, last_transition_ms=_ms())
+            replace(rec, token=token, phase="acquiring", candidate=new, last_transition_ms=now_ms())
         )
         release: asyncio.Task[bool] | None = None
         if old and d.planned and not urgent:
@@ -142,7 +139,7 @@ class Orchestrator:
         if not ok:
             self.events.record("takeover-failed", svc.name, new, f"acquire failed: {error}", token=token)
             return self._save(replace(rec, owner="", phase="no-owner", candidate=""))
-        now = _ms()
+        now = now_ms()
         counts_as_failover = d.action in ("failover", "move")
         rec = self._save(
             replace(
@@ -199,7 +196,7 @@ class Orchestrator:
         return ok
 
     def _alive(self) -> frozenset[str]:
-        return self.registry.alive(_ms(), int(self.cfg.failover.heartbeat_timeout_seconds * 1000))
+        return self.registry.alive(now_ms(), int(self.cfg.failover.heartbeat_timeout_seconds * 1000))
 
     def _acquire_msg(self, svc: ServiceConfig, token: int) -> apb.Acquire:
         f = self.cfg.failover

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,16 +24,13 @@ from controller.predict.train import series_from_store
 from controller.registry import AgentRegistry, CommandError
 from controller.scaling.planner import RESOURCES, ShadowNow, Target, changed, decide_resource, io_weight
 from controller.store import Store
+from shadowplane.clock import now_ms
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import telemetry_pb2 as tpb
 
 log = logging.getLogger(__name__)
 SHOWN_QUANTILES = (0.5, 0.9, 0.99)
-
-
-def _ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass
@@ -76,19 +72,19 @@ class ScalingLoop:
     async def run(self) -> None:
         interval = self.cfg.scaling.interval_seconds
         while True:
-            self.next_cycle_ms = _ms() + int(interval * 1000)
+            self.next_cycle_ms = now_ms() + int(interval * 1000)
             try:
                 await self.cycle()
             except Exception:  # a bad cycle is logged; the next one starts from scratch
                 log.exception("scaling cycle failed")
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), max(0.0, (self.next_cycle_ms - _ms()) / 1000))
+                await asyncio.wait_for(self.wake.wait(), max(0.0, (self.next_cycle_ms - now_ms()) / 1000))
 
     async def cycle(self) -> list[fpb.ScalingDecision]:
         self.consider_new_model()
-        self.forecast(_ms())
-        decisions = self.plan(_ms())
+        self.forecast(now_ms())
+        decisions = self.plan(now_ms())
         by_shadow: dict[tuple[str, str], list[fpb.ScalingDecision]] = {}
         for d in decisions:
             by_shadow.setdefault((d.host, d.workload), []).append(d)
@@ -121,7 +117,7 @@ class ScalingLoop:
             self._model_mtime = mtime
             return
         self._model_mtime = mtime
-        since_ms = _ms() - 24 * 3600 * 1000
+        since_ms = now_ms() - 24 * 3600 * 1000
         recent = series_from_store(self.store.resource_series(since_ms=since_ms), self.engine.step_seconds)
         d = self.engine.consider(path, recent, {s.name: since_ms / 1000 for s in recent})
         self.events.record("model", "", "", f"champion/challenger: {d.reason}", promoted=d.promote)
