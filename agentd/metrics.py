@@ -48,6 +48,7 @@ class WorkloadTotals:
     memory_bytes: int = 0
     cpu_limit_cores: float = 0.0
     memory_limit_bytes: int = 0
+    kernel: bool = False  # any sample had BPF profiles: without them, zeros would read as "no syscalls"
 
 
 class Totals:
@@ -57,6 +58,7 @@ class Totals:
     def add(self, batch: apb.TelemetryBatch) -> None:
         for s in batch.samples:
             w = self.workloads[s.workload]
+            w.kernel = w.kernel or s.HasField("syscalls")
             for name, n in s.syscalls.by_name.items():
                 w.syscalls[name] += n
             _add(w.syscall_latency, list(s.syscalls.latency.counts))
@@ -140,18 +142,19 @@ class AgentCollector(Collector):
             "shadowplane_agent_memory_limit_bytes", "Memory limit (0: none)", labels=["workload"]
         )
         for name, w in wl:
-            for sc, n in list(w.syscalls.items()):
-                sys_total.add_metric([name, sc], n)
-            add_log2(lat, [name], w.syscall_latency, 1e-9)
-            ratio.add_metric([name], 1 / w.sample_every)
-            for op in ("read", "write", "discard"):
-                bops.add_metric([name, op], w.block_ops[op])
-                bbytes.add_metric([name, op], w.block_bytes[op])
-            add_log2(blat, [name], w.block_latency, 1e-6)
-            add_log2(srtt, [name], w.tcp_srtt, 1e-6)
-            retrans.add_metric([name], w.tcp_retransmits)
-            for st, n in list(w.tcp_states.items()):
-                states.add_metric([name, st], n)
+            if w.kernel:
+                for sc, n in list(w.syscalls.items()):
+                    sys_total.add_metric([name, sc], n)
+                add_log2(lat, [name], w.syscall_latency, 1e-9)
+                ratio.add_metric([name], 1 / w.sample_every)
+                for op in ("read", "write", "discard"):
+                    bops.add_metric([name, op], w.block_ops[op])
+                    bbytes.add_metric([name, op], w.block_bytes[op])
+                add_log2(blat, [name], w.block_latency, 1e-6)
+                add_log2(srtt, [name], w.tcp_srtt, 1e-6)
+                retrans.add_metric([name], w.tcp_retransmits)
+                for st, n in list(w.tcp_states.items()):
+                    states.add_metric([name, st], n)
             cpu.add_metric([name], w.cpu_seconds)
             mem.add_metric([name], w.memory_bytes)
             cpu_lim.add_metric([name], w.cpu_limit_cores)
@@ -200,8 +203,13 @@ class AgentCollector(Collector):
             "shadowplane_agent_lease_held", "1 while this host owns the service", labels=["service"]
         )
         token = GaugeMetricFamily("shadowplane_agent_lease_token", "Fencing token held", labels=["service"])
-        for service, h in list((a.commands.holders if a.commands else {}).items()):
-            held.add_metric([service], int(not h.lost))
-            token.add_metric([service], h.token)
+        holders = a.commands.holders if a.commands else {}
+        # Every service this host serves or stands by for has a series (0 when not held), so a panel of
+        # lease_held by instance shows who holds it and who does not.
+        for service in sorted({w.service for w in a.cfg.workload} | set(holders)):
+            h = holders.get(service)
+            held.add_metric([service], int(h is not None and not h.lost))
+            if h is not None:
+                token.add_metric([service], h.token)
         yield held
         yield token

@@ -3,7 +3,6 @@ transitions, and the scaling loop's forecast vs actual demand and each shadow's 
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from controller.store import EventRecord
+from shadowplane.clock import now_ms
 
 if TYPE_CHECKING:
     from controller.server import Controller
@@ -53,7 +53,7 @@ class ControllerCollector(Collector):
         self.c, self.counters = c, counters
 
     def collect(self) -> Iterator[Metric]:
-        c, now_ms = self.c, int(time.time() * 1000)
+        c, now = self.c, now_ms()
         yield GaugeMetricFamily(
             "shadowplane_controller_agents_connected",
             "Agents with a live stream",
@@ -65,7 +65,7 @@ class ControllerCollector(Collector):
             labels=["host"],
         )
         for host, s in list(c.registry.connected().items()):
-            seen.add_metric([host], max(0.0, (now_ms - s.last_heard_ms) / 1000))
+            seen.add_metric([host], max(0.0, (now - s.last_heard_ms) / 1000))
         yield seen
         yield from self._services()
         yield from self._events()
@@ -119,15 +119,27 @@ class ControllerCollector(Collector):
     def _scaling(self) -> Iterator[Metric]:
         s = self.c.scaling
         assert s is not None
+        # The forecast's quantile is `q`, not `quantile`: Prometheus reserves that label for summaries
+        # (promtool rejects it on a gauge). The allocation target is no quantile: it has its own gauge.
         fc_cpu = GaugeMetricFamily(
             "shadowplane_forecast_cpu_cores",
-            "Forecast CPU demand of the next step",
-            labels=["service", "quantile"],
+            "Forecast CPU demand of the next step, by forecast quantile q",
+            labels=["service", "q"],
         )
         fc_mem = GaugeMetricFamily(
             "shadowplane_forecast_memory_bytes",
-            "Forecast memory demand of the next step",
-            labels=["service", "quantile"],
+            "Forecast memory demand of the next step, by forecast quantile q",
+            labels=["service", "q"],
+        )
+        tg_cpu = GaugeMetricFamily(
+            "shadowplane_forecast_target_cpu_cores",
+            "CPU the allocation policy chose from the forecast (what shadows are sized towards)",
+            labels=["service"],
+        )
+        tg_mem = GaugeMetricFamily(
+            "shadowplane_forecast_target_memory_bytes",
+            "Memory the allocation policy chose from the forecast (what shadows are sized towards)",
+            labels=["service"],
         )
         demand_cpu = GaugeMetricFamily(
             "shadowplane_demand_cpu_cores", "Actual CPU demand (latest sample)", labels=["service"]
@@ -136,23 +148,26 @@ class ControllerCollector(Collector):
             "shadowplane_demand_memory_bytes", "Actual memory (latest sample)", labels=["service"]
         )
         for service, targets in list(s.targets.items()):
-            for resource, fam in (("cpu", fc_cpu), ("memory", fc_mem)):
+            for resource, fam, target in (("cpu", fc_cpu, tg_cpu), ("memory", fc_mem, tg_mem)):
                 t = targets.get(resource)
                 if t is None:
                     continue
                 for q, v in t.forecast.items():
                     if q.startswith("q"):
                         fam.add_metric([service, q[1:]], v)
-                fam.add_metric([service, "target"], t.predicted)
+                target.add_metric([service], t.predicted)
             key = s.demand.get(service, "")
             host, _, workload = key.partition("/")
             rows = self.c.store.samples(host, workload, limit=1) if key else []
-            if rows:
-                smp = rows[-1][1]
-                secs = max(1e-3, (smp.end_unix_ms - smp.start_unix_ms) / 1000)
+            smp = rows[-1][1] if rows else None
+            interval_ms = smp.end_unix_ms - smp.start_unix_ms if smp else 0
+            # A silent agent's last sample is not today's demand: leave the series absent (Grafana shows
+            # the gap) once it is as stale as the fleet view calls a host.
+            if smp and now_ms() - smp.end_unix_ms <= self.c.cfg.stale_after_intervals * interval_ms:
+                secs = max(1e-3, interval_ms / 1000)
                 demand_cpu.add_metric([service], smp.resources.cpu_seconds / secs)
                 demand_mem.add_metric([service], smp.resources.memory_bytes)
-        yield from (fc_cpu, fc_mem, demand_cpu, demand_mem)
+        yield from (fc_cpu, fc_mem, tg_cpu, tg_mem, demand_cpu, demand_mem)
         cpu = GaugeMetricFamily(
             "shadowplane_shadow_cpu_limit_cores",
             "Shadow CPU limit as its agent reported it",

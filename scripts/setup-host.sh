@@ -26,6 +26,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d
+  # keepalived, named and prometheus are tools for tests and benchmarks here, not services of this host
+  if [ -d /run/systemd/system ]; then
+    systemctl disable --now keepalived named prometheus >/dev/null 2>&1 || true
+  fi
 fi
 
 # --- kernel headers for bcc ----------------------------------------------------------------------

@@ -1,37 +1,188 @@
+"""Both daemons' /metrics: collectors built against real controller parts (or a minimal agent), rendered with
+prometheus_client as a scrape would, checked for the important series and by `promtool check metrics`."""
+
 from __future__ import annotations
 
+import asyncio
+import gzip
+import re
 import shutil
+import socket
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from controller.metrics import EventCounters
-from controller.store import EventRecord
-from shadowplane.metrics import add_log2
+from agentd.config import AgentConfig, WorkloadConfig
+from agentd.daemon import Agent
+from agentd.link import Backlog, LinkState
+from agentd.metrics import AgentCollector, Totals
+from controller.config import ControllerConfig, HostEntry, ServiceConfig
+from controller.events import EventLog
+from controller.failover.loop import FailoverLoop
+from controller.failover.observer import ControllerObserver
+from controller.failover.orchestrator import Orchestrator
+from controller.metrics import ControllerCollector, EventCounters
+from controller.registry import AgentRegistry, AgentSession
+from controller.scaling.loop import Readiness, ScalingLoop
+from controller.scaling.planner import Target
+from controller.server import Controller
+from controller.store import EventRecord, ServiceRecord, SqliteStore
+from shadowctl.procs import free_port
+from shadowplane.clock import now_ms
+from shadowplane.metrics import MetricsConfig, add_log2, log2_buckets, serve
+from shadowplane.v1 import agent_pb2 as apb
+from shadowplane.v1 import telemetry_pb2 as tpb
+
+GIB = 2**30
 
 
 class One(Collector):
     def __init__(self, fam: HistogramMetricFamily) -> None:
         self.fam = fam
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         yield self.fam
+
+
+def render(collector: Collector) -> str:
+    reg = CollectorRegistry()
+    reg.register(collector)
+    return generate_latest(reg).decode()
+
+
+def value(text: str, series: str) -> float:
+    """The value of one exact series line (name{labels in exposition order})."""
+    m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    assert m, f"no series {series} in:\n{text}"
+    return float(m.group(1))
+
+
+def promtool_check(text: str) -> None:
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool missing: apt-get install prometheus (scripts/setup-host.sh does)")
+    out = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out.stdout + out.stderr
+
+
+# ---- log2 histograms ----
 
 
 def test_log2_buckets_become_a_cumulative_histogram_in_seconds() -> None:
     fam = HistogramMetricFamily("x_latency_seconds", "test", labels=["w"])
     add_log2(fam, ["web"], [2, 0, 3], 1e-6)  # 2 in [0,2) us, 3 in [4,8) us
-    reg = CollectorRegistry()
-    reg.register(One(fam))
-    text = generate_latest(reg).decode()
+    text = render(One(fam))
     assert 'x_latency_seconds_bucket{le="2e-06",w="web"} 2.0' in text
     assert 'x_latency_seconds_bucket{le="4e-06",w="web"} 2.0' in text
     assert 'x_latency_seconds_bucket{le="8e-06",w="web"} 5.0' in text
     assert 'x_latency_seconds_bucket{le="+Inf",w="web"} 5.0' in text
     assert 'x_latency_seconds_count{w="web"} 5.0' in text
+    # midpoints: 2 x 0.5 us + 3 x 6 us
+    assert value(text, 'x_latency_seconds_sum{w="web"}') == pytest.approx(19e-6)
+
+
+def test_log2_buckets_are_the_same_on_every_scrape_and_the_clamped_bucket_is_unbounded() -> None:
+    empty, _ = log2_buckets([], 1e-9)
+    busy, _ = log2_buckets([1] * 32, 1e-9)
+    assert [le for le, _ in empty] == [le for le, _ in busy]  # telemetry trims trailing zeros; we must not
+    assert len(busy) == 32 and busy[-1] == ("+Inf", 32.0)
+    # bucket 31 holds everything the kernel clamped (>= 2^31 ns): it has no finite upper bound
+    assert busy[-2] == (repr(2**31 * 1e-9), 31.0)
+
+
+# ---- the agent ----
+
+
+def sample(workload: str, cpu_seconds: float, kernel: bool = True) -> tpb.WorkloadSample:
+    s = tpb.WorkloadSample(workload=workload, cgroup=f"/{workload}", start_unix_ms=0, end_unix_ms=1000)
+    s.resources.cpu_seconds = cpu_seconds
+    s.resources.memory_bytes = 300 * 2**20
+    s.resources.cpu_limit_cores = 1.5
+    s.resources.memory_limit_bytes = GIB
+    if kernel:
+        s.syscalls.by_name["read"] = 100
+        s.syscalls.latency.counts.extend([0, 0, 0, 4])  # timed calls in [8, 16) ns
+        s.syscalls.latency_sample_every = 8
+        s.block_io.write_ops, s.block_io.write_bytes = 2, 8192
+        s.block_io.latency.counts.extend([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2])  # [1024, 2048) us
+        s.tcp.state_changes["ESTABLISHED"] = 1
+        s.tcp.retransmits = 1
+    return s
+
+
+def fake_agent(totals: Totals, *, bpf: bool, holding: bool) -> Agent:
+    """The parts of a running Agent the collector reads (a real one needs cgroups and the BPF loader)."""
+    cfg = AgentConfig(
+        host="h1",
+        workload=[
+            WorkloadConfig("web", "/web", "shadow", "web"),
+            WorkloadConfig("db", "/db", "primary", "db"),
+        ],
+    )
+    backlog = Backlog(720)
+    backlog.dropped_total = 3
+    holder = SimpleNamespace(token=7, lost=False)
+    return cast(
+        Agent,
+        SimpleNamespace(
+            cfg=cfg,
+            totals=totals,
+            bpf=SimpleNamespace(dropped_events=lambda: {"task_storage_full": 5}) if bpf else None,
+            link=SimpleNamespace(state=LinkState(connected=True), backlog=backlog),
+            commands=SimpleNamespace(holders={"web": holder} if holding else {}),
+        ),
+    )
+
+
+def test_agent_metrics_are_running_totals_of_the_shipped_deltas() -> None:
+    totals = Totals()
+    totals.add(apb.TelemetryBatch(seq=1, samples=[sample("web", 0.25)]))
+    totals.add(apb.TelemetryBatch(seq=2, samples=[sample("web", 0.5)]))
+    text = render(AgentCollector(fake_agent(totals, bpf=True, holding=True)))
+
+    assert value(text, 'shadowplane_agent_cpu_seconds_total{workload="web"}') == 0.75
+    assert value(text, 'shadowplane_agent_syscalls_total{syscall="read",workload="web"}') == 200
+    assert value(text, 'shadowplane_agent_syscall_latency_sample_ratio{workload="web"}') == 1 / 8
+    lat = "shadowplane_agent_syscall_latency_seconds_bucket"
+    assert value(text, f'{lat}{{le="8e-09",workload="web"}}') == 0
+    assert value(text, f'{lat}{{le="1.6e-08",workload="web"}}') == 8
+    assert value(text, f'{lat}{{le="+Inf",workload="web"}}') == 8
+    blat = "shadowplane_agent_block_io_latency_seconds_bucket"
+    assert value(text, f'{blat}{{le="0.001024",workload="web"}}') == 0
+    assert value(text, f'{blat}{{le="0.002048",workload="web"}}') == 4
+    assert value(text, 'shadowplane_agent_block_io_bytes_total{op="write",workload="web"}') == 16384
+    assert value(text, 'shadowplane_agent_tcp_state_changes_total{state="ESTABLISHED",workload="web"}') == 2
+    assert value(text, 'shadowplane_agent_tcp_retransmits_total{workload="web"}') == 2
+    assert value(text, 'shadowplane_agent_memory_limit_bytes{workload="web"}') == GIB
+    assert value(text, 'shadowplane_agent_dropped_events_total{reason="task_storage_full"}') == 5
+    assert value(text, "shadowplane_agent_bpf_active") == 1
+    assert value(text, "shadowplane_agent_controller_connected") == 1
+    assert value(text, "shadowplane_agent_telemetry_batches_dropped_total") == 3
+    assert value(text, 'shadowplane_agent_lease_held{service="web"}') == 1
+    assert value(text, 'shadowplane_agent_lease_token{service="web"}') == 7
+    assert value(text, 'shadowplane_agent_lease_held{service="db"}') == 0  # configured, not held
+    promtool_check(text)
+
+
+def test_agent_without_bpf_exports_no_kernel_zeros() -> None:
+    totals = Totals()
+    totals.add(apb.TelemetryBatch(seq=1, samples=[sample("web", 0.25, kernel=False)]))
+    text = render(AgentCollector(fake_agent(totals, bpf=False, holding=False)))
+    assert value(text, 'shadowplane_agent_cpu_seconds_total{workload="web"}') == 0.25
+    assert value(text, "shadowplane_agent_bpf_active") == 0
+    assert "shadowplane_agent_syscall_latency_seconds_bucket{" not in text  # absent, not "no syscalls"
+    assert "shadowplane_agent_block_io_bytes_total{" not in text
+    assert "shadowplane_agent_lease_token{" not in text
+    promtool_check(text)
+
+
+# ---- the controller ----
 
 
 def test_transition_events_are_counted_with_their_durations() -> None:
@@ -45,8 +196,151 @@ def test_transition_events_are_counted_with_their_durations() -> None:
     assert k.by_kind["health"] == 1
 
 
-def promtool_check(text: str) -> None:
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool missing: apt-get install prometheus (make setup does)")
-    out = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
-    assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out.stdout + out.stderr
+def controller_parts(tmp_path: Path) -> tuple[Controller, EventCounters]:
+    cfg = ControllerConfig(
+        host=[HostEntry("p1", address="127.0.0.1"), HostEntry("s1", address="127.0.0.1")],
+        service=[ServiceConfig("web", "p1", ["s1"], vip="10.0.0.100/24")],
+    )
+    store = SqliteStore(tmp_path / "c.db")
+    registry = AgentRegistry()
+    events = EventLog(store)
+    counters = EventCounters()
+    events.listeners.append(counters)
+    observer = ControllerObserver(store, ["web"], cfg.failover.lease_seconds)
+    scaling = ScalingLoop(cfg, store, registry, events)
+    orchestrator = Orchestrator(cfg, store, registry, events, observer)
+    failover = FailoverLoop(cfg, store, registry, events, observer, orchestrator)
+    parts = SimpleNamespace(cfg=cfg, store=store, registry=registry, failover=failover, scaling=scaling)
+    return cast(Controller, parts), counters
+
+
+def hello(host: str, role: tpb.Role.ValueType) -> apb.Hello:
+    return apb.Hello(
+        host=host,
+        instance_id=f"{host}-1",
+        workloads=[tpb.WorkloadInfo(name="web", cgroup="/web", role=role, service="web")],
+        interval_ms=1000,
+    )
+
+
+def test_controller_metrics_show_owner_transitions_forecast_demand_and_shadows(tmp_path: Path) -> None:
+    c, counters = controller_parts(tmp_path)
+    now = now_ms()
+    # p1 serves and has sent a sample: 0.5 CPU seconds over 1 s, 512 MiB
+    c.store.register_agent(hello("p1", tpb.ROLE_PRIMARY), "peer", now)
+    s = tpb.WorkloadSample(workload="web", cgroup="/web", start_unix_ms=now - 1000, end_unix_ms=now)
+    s.resources.cpu_seconds, s.resources.memory_bytes = 0.5, 512 * 2**20
+    c.store.append_batch("p1", "p1-1", apb.TelemetryBatch(seq=1, samples=[s]), now)
+    # s1 is connected and sees p1 down
+    c.registry.attach(AgentSession("s1", "s1-1", "peer", hello("s1", tpb.ROLE_SHADOW), now, now))
+    c.failover.on_observation("s1", apb.Observation(service="web", target="p1", up=False, kind="health"))
+    # a failover to s1 happened, as the orchestrator records it
+    c.store.save_service_state(ServiceRecord("web", owner="s1", token=4, phase="stable"))
+    c.failover.events.record("failover", "web", "s1", "p1 down")
+    c.failover.events.record("failover-complete", "web", "s1", "p1 -> s1 in 420 ms", took_ms=420)
+    # the scaling loop's latest forecast and what s1's agent applied
+    assert c.scaling is not None
+    c.scaling.demand["web"] = "p1/web"
+    c.scaling.targets["web"] = {
+        "cpu": Target(0.8, {"q0.5": 0.5, "q0.9": 0.7, "q0.99": 0.9}, "model"),
+        "memory": Target(GIB, {"q0.5": 600e6, "q0.99": 900e6}, "model"),
+    }
+    c.scaling.applied[("s1", "web")] = apb.LimitsApplied(cpu_cores=1.2, memory_bytes=2 * GIB)
+    c.scaling.readiness[("s1", "web")] = Readiness(True, "limits in place")
+
+    text = render(ControllerCollector(c, counters))
+    assert value(text, 'shadowplane_service_owner_info{owner="s1",service="web"}') == 1
+    assert value(text, 'shadowplane_service_fencing_token{service="web"}') == 4
+    assert value(text, 'shadowplane_service_transitions_total{kind="failover",service="web"}') == 1
+    dur = "shadowplane_service_transition_duration_seconds"
+    assert value(text, f'{dur}_bucket{{le="0.25",service="web"}}') == 0
+    assert value(text, f'{dur}_bucket{{le="0.5",service="web"}}') == 1
+    assert value(text, f'{dur}_sum{{service="web"}}') == pytest.approx(0.42)
+    assert value(text, 'shadowplane_events_total{kind="failover-complete"}') == 1
+    assert value(text, 'shadowplane_service_observer_up{observer="s1",service="web",target="p1"}') == 0
+    assert value(text, "shadowplane_controller_agents_connected") == 1
+    assert value(text, 'shadowplane_controller_agent_last_seen_seconds{host="s1"}') < 60
+    assert value(text, 'shadowplane_demand_cpu_cores{service="web"}') == pytest.approx(0.5)
+    assert value(text, 'shadowplane_demand_memory_bytes{service="web"}') == 512 * 2**20
+    assert value(text, 'shadowplane_forecast_cpu_cores{q="0.99",service="web"}') == 0.9
+    assert value(text, 'shadowplane_forecast_target_cpu_cores{service="web"}') == 0.8
+    assert value(text, 'shadowplane_forecast_memory_bytes{q="0.5",service="web"}') == 600e6
+    assert value(text, 'shadowplane_forecast_target_memory_bytes{service="web"}') == GIB
+    assert value(text, 'shadowplane_shadow_cpu_limit_cores{host="s1",service="web"}') == 1.2
+    assert value(text, 'shadowplane_shadow_memory_limit_bytes{host="s1",service="web"}') == 2 * GIB
+    assert value(text, 'shadowplane_shadow_ready{host="s1",service="web"}') == 1
+    assert re.search(
+        r'^shadowplane_forecast_model_info\{source="(model|fallback)",version=".+"\} 1\.0$', text, re.M
+    )
+    promtool_check(text)
+
+
+def test_demand_of_a_silent_primary_is_absent_not_stale(tmp_path: Path) -> None:
+    c, counters = controller_parts(tmp_path)
+    then = now_ms() - 3_600_000  # its last sample is an hour old
+    c.store.register_agent(hello("p1", tpb.ROLE_PRIMARY), "peer", then)
+    s = tpb.WorkloadSample(workload="web", cgroup="/web", start_unix_ms=then - 1000, end_unix_ms=then)
+    s.resources.cpu_seconds = 0.5
+    c.store.append_batch("p1", "p1-1", apb.TelemetryBatch(seq=1, samples=[s]), then)
+    assert c.scaling is not None
+    c.scaling.demand["web"] = "p1/web"
+    text = render(ControllerCollector(c, counters))
+    assert "shadowplane_demand_cpu_cores{" not in text
+    assert value(text, 'shadowplane_service_owner_info{owner="none",service="web"}') == 1
+    promtool_check(text)
+
+
+# ---- the endpoint ----
+
+
+async def http(port: int, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return status, headers, body
+
+
+def test_endpoint_serves_metrics_from_the_event_loop() -> None:
+    class Loopy(Collector):
+        """Records which thread collects: the daemon's state belongs to the event loop's."""
+
+        def collect(self) -> Iterator[Metric]:
+            asyncio.get_running_loop()  # raises outside the loop's thread
+            yield HistogramMetricFamily("x_seconds", "test", buckets=[("+Inf", 1.0)], sum_value=0.5)
+
+    reg = CollectorRegistry()
+    reg.register(Loopy())
+    port = free_port()
+
+    async def main() -> None:
+        serve(MetricsConfig(f"127.0.0.1:{port}"), reg)
+        status, headers, body = await http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == "HTTP/1.1 200 OK" and headers["content-type"].startswith("text/plain")
+        assert b"x_seconds_count 1.0" in body
+        status, headers, body = await http(port, b"GET /metrics HTTP/1.1\r\nAccept-Encoding: gzip\r\n\r\n")
+        assert headers["content-encoding"] == "gzip" and b"x_seconds_count" in gzip.decompress(body)
+        status, _, body = await http(port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+        assert status.endswith("200 OK") and body == b""
+        assert (await http(port, b"GET /nope HTTP/1.1\r\n\r\n"))[0].endswith("404 Not Found")
+        assert (await http(port, b"POST /metrics HTTP/1.1\r\n\r\n"))[0].endswith("405 Method Not Allowed")
+        # a port already taken fails the daemon's start, naming the key
+        with pytest.raises(OSError, match=r"metrics\.listen: cannot listen on"):
+            serve(MetricsConfig(f"127.0.0.1:{port}"), reg)
+
+    asyncio.run(main())
+    with socket.socket() as s:  # the loop's end closed the listening socket (REUSEADDR: the closed
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections linger in TIME_WAIT)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
+def test_endpoint_off_when_not_configured() -> None:
+    async def main() -> None:
+        serve(MetricsConfig(), CollectorRegistry())
+
+    asyncio.run(main())
