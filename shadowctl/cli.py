@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+import grpc
+
 from shadowctl import certs_cmds, failover_cmds, fleet_cmds, lab_cmds, predict_cmds, scaling_cmds
-from shadowctl.client import ClientError, add_arguments
+from shadowctl.client import ClientError, add_arguments, controller_address, describe_rpc_error
 from shadowplane import logs
 
 # Each command module adds its subcommands; they set `func(args) -> int`.
@@ -32,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as e:
         print(f"shadowctl: {e}", file=sys.stderr)
         return 2
+    except grpc.RpcError as e:  # every command talks to the controller: one place says what went wrong
+        print(f"shadowctl: {describe_rpc_error(e, controller_address(args.controller))}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
-import grpc
 from rich.console import Console
 from rich.table import Table
 
-from shadowctl.client import controller_address, describe_rpc_error, fleet
+from shadowctl.client import fleet
 from shadowplane.v1 import fleet_pb2 as fpb
 
 
@@ -70,21 +68,10 @@ def event_dict(e: fpb.Event) -> dict[str, Any]:
     }
 
 
-def _fail(e: grpc.RpcError, addr: str) -> int:
-    print(f"shadowctl: {describe_rpc_error(e, addr)}", file=sys.stderr)
-    return 1
-
-
 def services(args: argparse.Namespace) -> int:
-    addr = controller_address(args.controller)
     channel, stub = fleet(args)
     with channel:
-        try:
-            resp = stub.ListServices(
-                fpb.ListServicesRequest(service=args.service or ""), timeout=args.timeout
-            )
-        except grpc.RpcError as e:
-            return _fail(e, addr)
+        resp = stub.ListServices(fpb.ListServicesRequest(service=args.service or ""), timeout=args.timeout)
     rows = [service_dict(s) for s in resp.services]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -117,13 +104,9 @@ def services(args: argparse.Namespace) -> int:
 
 
 def _transition(args: argparse.Namespace, call: str, req: Any) -> int:
-    addr = controller_address(args.controller)
     channel, stub = fleet(args)
     with channel:
-        try:
-            resp = getattr(stub, call)(req, timeout=args.timeout)
-        except grpc.RpcError as e:
-            return _fail(e, addr)
+        resp = getattr(stub, call)(req, timeout=args.timeout)
     if args.json:
         print(json.dumps({"accepted": resp.accepted, "reason": resp.reason}))
     else:
@@ -158,7 +141,6 @@ def _print_event(e: fpb.Event, as_json: bool) -> None:
 
 
 def events(args: argparse.Namespace) -> int:
-    addr = controller_address(args.controller)
     channel, stub = fleet(args)
     req = fpb.ListEventsRequest(service=args.service, limit=args.limit)
     with channel:
@@ -169,8 +151,6 @@ def events(args: argparse.Namespace) -> int:
             else:
                 for ev in stub.ListEvents(req, timeout=args.timeout).events:
                     _print_event(ev, args.json)
-        except grpc.RpcError as e:
-            return _fail(e, addr)
         except KeyboardInterrupt:
             return 0
     return 0

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
-import grpc
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from shadowctl.client import controller_address, describe_rpc_error, fleet
+from shadowctl.client import fleet
 from shadowctl.fleet_view import ROLE, fmt_bytes, fmt_seconds, host_row, sample_row
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import fleet_pb2_grpc as fgrpc
@@ -34,14 +32,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def hosts(args: argparse.Namespace) -> int:
-    addr = controller_address(args.controller)
     channel, stub = fleet(args)
     with channel:
-        try:
-            resp = stub.ListHosts(fpb.ListHostsRequest(), timeout=args.timeout)
-        except grpc.RpcError as e:
-            print(f"shadowctl: {describe_rpc_error(e, addr)}", file=sys.stderr)
-            return 1
+        resp = stub.ListHosts(fpb.ListHostsRequest(), timeout=args.timeout)
     rows = [host_row(h) for h in resp.hosts]
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -112,7 +105,6 @@ def _table(rows: list[dict[str, Any]]) -> Table:
 
 
 def top(args: argparse.Namespace) -> int:
-    addr = controller_address(args.controller)
     channel, stub = fleet(args)
     iterations = args.iterations or (1 if args.json else 0)
     n = 0
@@ -132,8 +124,5 @@ def top(args: argparse.Namespace) -> int:
                     if iterations and n >= iterations:
                         return 0
                     time.sleep(args.interval)
-        except grpc.RpcError as e:
-            print(f"shadowctl: {describe_rpc_error(e, addr)}", file=sys.stderr)
-            return 1
         except KeyboardInterrupt:
             return 0

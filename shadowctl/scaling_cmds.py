@@ -8,12 +8,11 @@ import sys
 import time
 from typing import Any
 
-import grpc
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
-from shadowctl.client import controller_address, describe_rpc_error, fleet
+from shadowctl.client import fleet
 from shadowctl.fleet_view import fmt_bytes
 from shadowplane.v1 import fleet_pb2 as fpb
 
@@ -69,16 +68,9 @@ def _when(ms: int) -> str:
 
 
 def plan(args: argparse.Namespace) -> int:
-    addr = controller_address(args.controller)
     channel, stub = fleet(args)
     with channel:
-        try:
-            resp = stub.GetPlan(
-                fpb.GetPlanRequest(workload=args.workload, last=args.last), timeout=args.timeout
-            )
-        except grpc.RpcError as e:
-            print(f"shadowctl: {describe_rpc_error(e, addr)}", file=sys.stderr)
-            return 1
+        resp = stub.GetPlan(fpb.GetPlanRequest(workload=args.workload, last=args.last), timeout=args.timeout)
     if args.json:
         doc: dict[str, Any] = MessageToDict(resp, preserving_proto_field_name=True)
         print(json.dumps(doc, indent=2))
@@ -153,13 +145,8 @@ def override(args: argparse.Namespace) -> int:
             args.memory_min,
             args.memory_max,
         )
-    addr = controller_address(args.controller)
     channel, stub = fleet(args)
     with channel:
-        try:
-            r = stub.SetOverride(o, timeout=args.timeout)
-        except grpc.RpcError as e:
-            print(f"shadowctl: {describe_rpc_error(e, addr)}", file=sys.stderr)
-            return 1
+        r = stub.SetOverride(o, timeout=args.timeout)
     print(("accepted: " if r.accepted else "refused: ") + r.reason)
     return 0 if r.accepted else 3
