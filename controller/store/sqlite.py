@@ -185,18 +185,12 @@ class SqliteStore:
     def samples(
         self, host: str, workload: str = "", cgroup: str = "", since_ms: int = 0, limit: int = 60
     ) -> list[tuple[str, tpb.WorkloadSample]]:
-        where, args = ["host = ?", "end_ms >= ?"], [host, since_ms]
-        if workload:
-            where.append("workload = ?")
-            args.append(workload)
-        if cgroup:
-            where.append("cgroup = ?")
-            args.append(cgroup)
+        where, args = _where(["host = ?", "end_ms >= ?"], [host, since_ms], workload=workload, cgroup=cgroup)
         rows = self.db.execute(
             f"""SELECT host, sample FROM (
                   SELECT host, workload, end_ms, sample,
                          ROW_NUMBER() OVER (PARTITION BY workload ORDER BY end_ms DESC) AS n
-                  FROM samples WHERE {" AND ".join(where)})
+                  FROM samples WHERE {where})
                 WHERE n <= ? ORDER BY end_ms, workload""",
             (*args, limit),
         ).fetchall()
@@ -205,13 +199,7 @@ class SqliteStore:
     def resource_series(
         self, since_ms: int = 0, host: str = "", workload: str = ""
     ) -> dict[tuple[str, str], dict[str, list[float]]]:
-        where, args = ["end_ms >= ?"], list[object]([since_ms])
-        if host:
-            where.append("host = ?")
-            args.append(host)
-        if workload:
-            where.append("workload = ?")
-            args.append(workload)
+        where, args = _where(["end_ms >= ?"], [since_ms], host=host, workload=workload)
         cols = (
             "end_ms",
             "cpu_cores",
@@ -222,7 +210,7 @@ class SqliteStore:
         )
         out: dict[tuple[str, str], dict[str, list[float]]] = {}
         for row in self.db.execute(
-            f"""SELECT host, workload, {", ".join(cols)} FROM samples WHERE {" AND ".join(where)}
+            f"""SELECT host, workload, {", ".join(cols)} FROM samples WHERE {where}
                 ORDER BY host, workload, end_ms""",
             args,
         ):
@@ -268,15 +256,11 @@ class SqliteStore:
         return dataclasses.replace(ev, id=int(cur.lastrowid or 0))
 
     def events(self, service: str = "", after_id: int = 0, limit: int = 100) -> list[EventRecord]:
-        where: list[str] = ["id > ?"]
-        args: list[object] = [after_id]
-        if service:
-            where.append("service = ?")
-            args.append(service)
+        where, args = _where(["id > ?"], [after_id], service=service)
         order = "ASC" if after_id else "DESC"
         rows = self.db.execute(
             f"""SELECT id, unix_ms, kind, service, host, reason, detail FROM events
-                WHERE {" AND ".join(where)} ORDER BY id {order} LIMIT ?""",
+                WHERE {where} ORDER BY id {order} LIMIT ?""",
             (*args, limit),
         ).fetchall()
         out = [EventRecord(r[2], r[3], r[4], r[5], r[1], json.loads(r[6]), r[0]) for r in rows]
@@ -304,17 +288,12 @@ class SqliteStore:
     def decisions(
         self, host: str = "", workload: str = "", service: str = "", last: int = 5
     ) -> list[fpb.ScalingDecision]:
-        where: list[str] = ["1 = 1"]
-        args: list[object] = []
-        for col, val in (("host", host), ("workload", workload), ("service", service)):
-            if val:
-                where.append(f"{col} = ?")
-                args.append(val)
+        where, args = _where(["1 = 1"], [], host=host, workload=workload, service=service)
         rows = self.db.execute(
             f"""SELECT decision FROM (
                   SELECT id, decision,
                          ROW_NUMBER() OVER (PARTITION BY host, workload, resource ORDER BY id DESC) n
-                  FROM scaling_decisions WHERE {" AND ".join(where)})
+                  FROM scaling_decisions WHERE {where})
                 WHERE n <= ? ORDER BY id""",
             (*args, last),
         ).fetchall()
@@ -340,6 +319,17 @@ class SqliteStore:
 
     def _tx(self) -> _Transaction:
         return _Transaction(self.db)
+
+
+def _where(fixed: list[str], args: list[object], **equal: str) -> tuple[str, list[object]]:
+    """A WHERE clause: the fixed conditions, plus `column = ?` for each filter given (empty: no filter).
+    Column names come from our own keywords, never from input."""
+    clauses, values = list(fixed), list(args)
+    for column, value in equal.items():
+        if value:
+            clauses.append(f"{column} = ?")
+            values.append(value)
+    return " AND ".join(clauses), values
 
 
 class _Transaction:
