@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,3 +77,14 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[b
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def run_until_stopped(seconds: float = 0.0) -> None:
+    """Block until SIGTERM, SIGINT or `seconds` (0: no limit): the life of a lab tool run as a process."""
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    end = time.monotonic() + seconds if seconds else float("inf")
+    with contextlib.suppress(KeyboardInterrupt):
+        while not done.wait(0.1) and time.monotonic() < end:
+            pass

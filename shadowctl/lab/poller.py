@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import signal
 import socket
 import sys
 import threading
@@ -27,6 +25,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from shadowctl.procs import run_until_stopped
 
 
 @dataclass(frozen=True)
@@ -255,13 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 out.write(json.dumps(asdict(r)) + "\n")
 
     poller = Poller(args.url, args.interval, args.timeout, on_record=write).start()
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    end = time.monotonic() + args.seconds if args.seconds else float("inf")
-    with contextlib.suppress(KeyboardInterrupt):
-        while not done.wait(0.1) and time.monotonic() < end:
-            pass
+    run_until_stopped(args.seconds)
     records = poller.stop()
     if out is not None:
         out.close()

@@ -17,10 +17,8 @@ runs from the root namespace (it opens a socket in each lab namespace) and print
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ipaddress
 import json
-import signal
 import socket
 import struct
 import sys
@@ -28,6 +26,8 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+
+from shadowctl.procs import run_until_stopped
 
 NETLINK_ROUTE = 0
 RTM_NEWADDR, RTM_GETADDR = 20, 22
@@ -257,13 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     namespaces = dict(h.split("=", 1) for h in args.host)
     checker = VipChecker(namespaces, args.vip, args.interval).start()
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    end = time.monotonic() + args.seconds if args.seconds else float("inf")
-    with contextlib.suppress(KeyboardInterrupt):
-        while not done.wait(0.1) and time.monotonic() < end:
-            pass
+    run_until_stopped(args.seconds)
     print(json.dumps(report_json(checker.stop()), indent=2))
     return 0
 
