@@ -172,14 +172,15 @@ class FailoverLoop:
     def views(self, rt: ServiceRuntime, target: str) -> dict[str, tuple[bool | None, str]]:
         """Each observer's view of `target`: (up, detail); up None = unknown."""
         out: dict[str, tuple[bool | None, str]] = {}
+        alive, reports = self.alive(), self.board.health(rt.cfg.name, target)
         for o in rt.cfg.observer_names():
             if o == target:
                 continue
             if o == "controller":
                 out[o] = self._controller_view(rt.cfg.name, target)
             else:
-                v = self.board.health(rt.cfg.name, target).get(o)
-                out[o] = (v.up, v.detail) if v is not None and o in self.alive() else (None, "no report")
+                v = reports.get(o)
+                out[o] = (v.up, v.detail) if v is not None and o in alive else (None, "no report")
         return out
 
     def _health(self, rt: ServiceRuntime, target: str) -> Tally:
@@ -201,12 +202,13 @@ class FailoverLoop:
         if not rec.owner or time.monotonic() - rt.stable_since < 2 * self.cfg.failover.lease_seconds:
             return Tally()  # too early after a transition to judge
         views: dict[str, bool] = {}
+        alive = self.alive()
         for o in rt.cfg.observer_names():
             if o == "controller":
                 v = self.observer.renewing(rt.cfg.name, rec.owner, rec.token)
                 if v is not None:
                     views[o] = v
-            elif o in self.alive():
+            elif o in alive:
                 lv = self.board.lease(rt.cfg.name).get(o)
                 if lv is not None and lv.target == rec.owner and lv.token == rec.token:
                     views[o] = lv.up
