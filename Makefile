@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-PACKAGES := shadowplane agentd controller shadowctl
+PACKAGES := shadowplane agentd controller shadowctl training
 
 .PHONY: setup demo test lint typecheck proto proto-check unit bench lock clean package
 

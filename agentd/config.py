@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from shadowplane.config import absolute_path, at_least, between, check, host_port, load, positive
-from shadowplane.metrics import MetricsConfig
+from shadowplane.prometheus import MetricsConfig
 from shadowplane.tls import TlsConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")

@@ -18,10 +18,12 @@ from agentd.capture.collector import ROLES, Collector
 from agentd.cgroupfs import CgroupLayout
 from agentd.commands import CommandHandler
 from agentd.config import AgentConfig
-from agentd.failover import LeaseService, ObserverRole
+from agentd.failover import ObserverRole
 from agentd.link import CHANNEL_OPTIONS, Backlog, ControllerLink
-from agentd.metrics import AgentCollector, Totals
-from shadowplane import __version__, metrics, sdnotify
+from agentd.prometheus_collector import AgentCollector
+from agentd.status import AgentStatus, CaptureView, LeaseView, LinkView, Totals
+from shadowplane import __version__, prometheus, sdnotify
+from shadowplane.lease_observer import LeaseServicer
 from shadowplane.tls import add_port, aio_channel, warn_plaintext
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import lease_pb2_grpc as lgrpc
@@ -71,11 +73,44 @@ class Agent:
         self.commands: CommandHandler | None = None
         self.peer_server: grpc.aio.Server | None = None
 
+    def status(self) -> AgentStatus:
+        """The read model: what /metrics and systemd's status line render."""
+        holders = self.commands.holders if self.commands else {}
+        services = sorted({w.service for w in self.cfg.workload} | set(holders))
+        return AgentStatus(
+            host=self.cfg.host,
+            workloads=len(self.cfg.workload),
+            capture=CaptureView(
+                bpf_active=self.bpf is not None,
+                unavailable_reason=self.bpf_reason,
+                dropped_events=self.bpf.dropped_events() if self.bpf else {},
+                histogram_buckets=self.bpf.histogram_buckets() if self.bpf else {},
+            ),
+            link=LinkView(
+                controller=self.cfg.controller,
+                connected=self.link.state.connected,
+                last_error=self.link.state.last_error,
+                backlog_batches=len(self.link.backlog),
+                batches_dropped=self.link.backlog.dropped_total,
+            ),
+            leases=tuple(
+                LeaseView(
+                    s,
+                    held=s in holders and not holders[s].lost,
+                    token=holders[s].token if s in holders else None,
+                )
+                for s in services
+            ),
+            totals=self.totals.workloads,
+        )
+
     def capture_status(self) -> tpb.CaptureStatus:
+        """What the controller hears of this agent's capture (with every hello and batch)."""
+        c = self.status().capture
         return tpb.CaptureStatus(
-            bpf_active=self.bpf is not None,
-            bpf_unavailable_reason=self.bpf_reason,
-            dropped_events=self.bpf.dropped_events() if self.bpf else {},
+            bpf_active=c.bpf_active,
+            bpf_unavailable_reason=c.unavailable_reason,
+            dropped_events=dict(c.dropped_events),
             telemetry_batches_dropped=self.link.backlog.dropped_total,
         )
 
@@ -119,7 +154,7 @@ class Agent:
         self.link.on_command = self.commands
         if self.cfg.peer_listen:
             self.peer_server = grpc.aio.server()
-            lgrpc.add_LeaseServicer_to_server(LeaseService(self.observer), self.peer_server)
+            lgrpc.add_LeaseServicer_to_server(LeaseServicer(self.observer.leases), self.peer_server)
             if add_port(self.peer_server, self.cfg.peer_listen, self.cfg.tls) == 0:
                 raise OSError(f"peer_listen: cannot listen on {self.cfg.peer_listen}")
             await self.peer_server.start()
@@ -153,8 +188,8 @@ class Agent:
 async def serve(cfg: AgentConfig) -> None:
     agent = Agent(cfg)
     registry = CollectorRegistry()
-    registry.register(AgentCollector(agent))
-    metrics.serve(cfg.metrics, registry)
+    registry.register(AgentCollector(agent.status))
+    prometheus.serve(cfg.metrics, registry)
     log.info(
         "agent %s started: %d workloads, interval %.1fs, controller %s, BPF %s",
         cfg.host,
@@ -165,18 +200,8 @@ async def serve(cfg: AgentConfig) -> None:
     )
     task = asyncio.create_task(agent.run())
 
-    def status_line() -> str:
-        state = agent.link.state
-        link = "connected" if state.connected else "disconnected"
-        if not state.connected and state.last_error:  # e.g. a missing certificate: say it where admins look
-            link += f" ({state.last_error[:160]})"
-        return (
-            f"{len(cfg.workload)} workloads, controller {cfg.controller} {link}, "
-            f"BPF {'on' if agent.bpf else 'off'}, backlog {len(agent.link.backlog)} batches"
-        )
-
     try:
-        await sdnotify.serve_until_stopped(status_line, task)
+        await sdnotify.serve_until_stopped(lambda: agent.status().line(), task)
         log.info("agent %s stopping", cfg.host)
     except Exception as e:
         log.error("agent %s failed: %s", cfg.host, e)

@@ -3,8 +3,9 @@
 - Owner (`LeaseHolder`): holds a service's address only while a majority of the service's observers keep
   renewing its lease; the moment the lease runs out (or a newer token shows up) it removes the address
   itself. The deadline is a timer in the event loop, set from when each renewal round was *sent*.
-- Observer (`ObserverRole`): answers owners' renewals and the coordinator's votes (shadowplane.lease), runs
-  the health checks the controller asks for, and tells the controller what it sees.
+- Observer (`ObserverRole`): keeps the leases of the services it observes (shadowplane.lease_observer, the
+  same observer the controller runs), answers the coordinator's votes, runs the health checks the controller
+  asks for, and tells the controller what it sees.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from agentd.actuate.address import Addresses, Vip, announce
 from shadowplane import lease as leases
 from shadowplane.clock import now_ms
 from shadowplane.healthcheck import CheckSpec, Tracker, run_check, spec_from_proto
-from shadowplane.tls import TlsConfig, aio_channel, check_renewer, peer_identity
+from shadowplane.lease_observer import LeaseObserver
+from shadowplane.tls import TlsConfig, aio_channel
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import lease_pb2 as lpb
 from shadowplane.v1 import lease_pb2_grpc as lgrpc
@@ -215,15 +217,13 @@ class LeaseHolder:
 
 
 class ObserverRole:
-    """Lease state and health checks of the services this agent observes."""
+    """The services this agent observes: their leases (the shared `LeaseObserver`, which the peer port's
+    `LeaseServicer` answers renewals from), the health checks the controller asks for, and reports of both."""
 
     def __init__(self, host: str, report: Report) -> None:
         self.host = host
         self.report = report
-        self.started_at = time.monotonic()
-        self.lease_seconds = 2.0
-        self.observed: set[str] = set()
-        self.leases: dict[str, leases.ObserverLease] = {}
+        self.leases = LeaseObserver(host, lease_seconds=2.0)  # the controller's Watch sets the real length
         self._checks: dict[tuple[str, str], tuple[apb.HealthCheck, asyncio.Task[None]]] = {}
         self._views: dict[tuple[str, str], apb.Observation] = {}
         self._lease_fresh: dict[str, bool] = {}
@@ -231,21 +231,8 @@ class ObserverRole:
 
     # ---- leases ----
 
-    def renew(self, req: lpb.RenewRequest) -> lpb.RenewReply:
-        if req.service not in self.observed:
-            return lpb.RenewReply(granted=False, observer=self.host)
-        state = self.leases.setdefault(req.service, leases.ObserverLease())
-        d = leases.renew(state, req.token, req.holder, time.monotonic(), self.started_at, self.lease_seconds)
-        return lpb.RenewReply(
-            granted=d.granted,
-            valid_for_ms=int(self.lease_seconds * 1000),
-            promised_token=d.promised,
-            observer=self.host,
-        )
-
     def vote(self, v: apb.Vote) -> apb.VoteReply:
-        state = self.leases.setdefault(v.service, leases.ObserverLease())
-        d = leases.vote(state, v.token, v.candidate, time.monotonic(), self.started_at, self.lease_seconds)
+        d = self.leases.vote(v.service, v.token, v.candidate)
         log.info(
             "service %s: vote for token %d (%s): %s, wait %.0f ms",
             v.service,
@@ -259,9 +246,7 @@ class ObserverRole:
     # ---- what the controller asks us to watch ----
 
     def watch(self, w: apb.Watch) -> None:
-        self.observed = set(w.observed_services)
-        if w.lease_ms:
-            self.lease_seconds = w.lease_ms / 1000
+        self.leases.observe(w.observed_services, w.lease_ms / 1000 if w.lease_ms else None)
         want = {(c.service, c.target): c for c in w.checks}
         for key, (spec, task) in list(self._checks.items()):
             if want.get(key) != spec:
@@ -303,31 +288,36 @@ class ObserverRole:
         last_repeat = 0.0
         while True:
             now = time.monotonic()
-            for service in self.observed:
-                st = self.leases.get(service)
-                if st is None or not st.holder:
-                    continue
-                age = now - st.last_grant
-                fresh = age < self.lease_seconds
-                if self._lease_fresh.get(service) != fresh:
-                    self._lease_fresh[service] = fresh
-                    self.report(apb.AgentMessage(observation=self._lease_view(service, st, fresh, age)))
+            for service in self.leases.observed:
+                view = self._lease_view(service)
+                if view is not None and self._lease_fresh.get(service) != view.up:
+                    self._lease_fresh[service] = view.up
+                    self.report(apb.AgentMessage(observation=view))
             if now - last_repeat >= 1.0:
                 last_repeat = now
                 for obs in list(self._views.values()):
                     self.report(apb.AgentMessage(observation=obs))
-                for service, fresh in self._lease_fresh.items():
-                    st = self.leases[service]
-                    self.report(
-                        apb.AgentMessage(
-                            observation=self._lease_view(service, st, fresh, now - st.last_grant)
-                        )
-                    )
-            await asyncio.sleep(min(0.05, self.lease_seconds / 4))
+                for service in list(self._lease_fresh):
+                    view = self._lease_view(service)
+                    if view is not None:
+                        self.report(apb.AgentMessage(observation=view))
+            await asyncio.sleep(min(0.05, self.leases.lease_seconds / 4))
 
-    @staticmethod
-    def _lease_view(service: str, st: leases.ObserverLease, fresh: bool, age: float) -> apb.Observation:
-        detail = "renewing" if fresh else f"no renewal for {age * 1000:.0f} ms"
+    def _lease_view(self, service: str) -> apb.Observation | None:
+        """Whether the holder of the newest token we know is renewing it with us; None while there is no
+        holder or we cannot tell yet (just started)."""
+        st = self.leases.state(service)
+        if st is None or not st.holder:
+            return None
+        fresh = self.leases.renewing(service, st.holder, st.promised)
+        if fresh is None:
+            return None
+        if fresh:
+            detail = "renewing"
+        elif st.granted_token == st.promised:
+            detail = f"no renewal for {self.leases.since_grant(service) * 1000:.0f} ms"
+        else:
+            detail = f"token {st.promised} not renewed yet"
         return apb.Observation(
             service=service,
             target=st.holder,
@@ -343,18 +333,3 @@ class ObserverRole:
             task.cancel()
         if self._monitor is not None:
             self._monitor.cancel()
-
-
-class LeaseService(lgrpc.LeaseServicer):
-    """The agent's peer port: owners renew here."""
-
-    def __init__(self, observer: ObserverRole) -> None:
-        self.observer = observer
-
-    async def Renew(
-        self, request: lpb.RenewRequest, context: grpc.aio.ServicerContext[lpb.RenewRequest, lpb.RenewReply]
-    ) -> lpb.RenewReply:
-        problem = check_renewer(peer_identity(context), request.holder)
-        if problem:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
-        return self.observer.renew(request)

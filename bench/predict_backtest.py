@@ -18,12 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from controller.predict.backtest import BacktestReport, run_backtest
 from controller.predict.fallback import StatisticalForecaster
 from controller.predict.model import load_model
-from controller.predict.synthetic import synthetic_traces
-from controller.predict.traces import load_trace_dir
-from controller.predict.train import series_from_trace, train_model, weight_by_events
+from training.backtest import BacktestReport, run_backtest
+from training.synthetic import synthetic_traces
+from training.traces import load_trace_dir
+from training.train import series_from_trace, train_model, weight_by_events
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_COVERAGE, TARGET_RATIO = 0.99, 0.6

@@ -18,9 +18,11 @@ import time
 
 import numpy as np
 
-from controller.predict.engine import PredictionEngine, SeriesBatch
-from controller.predict.features import SIGNALS, build_features, detect_periods
+from controller.predict.engine import PredictionEngine
+from controller.predict.features import build_features, detect_periods
 from controller.predict.model import DEFAULT_MODEL, OnnxForecaster
+from controller.predict.series import SeriesBatch
+from controller.telemetry_schema import SIGNALS
 
 
 def synthetic_batch(n: int, steps: int, step: int, seed: int = 0) -> SeriesBatch:

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Literal
 
 from agentd.config import valid_name
+from controller.scaling.rule import RuleParams
 from shadowplane.config import at_least, between, check, host_port, load, non_empty, non_negative, positive
-from shadowplane.metrics import MetricsConfig
+from shadowplane.prometheus import MetricsConfig
 from shadowplane.tls import TlsConfig
 
 
@@ -210,15 +211,21 @@ class ScalingConfig:
         default=0.99,
         metadata=check(between(0.51, 0.9999), doc="share of steps the forecast target should cover"),
     )
+    # The seed rule's parameters; their defaults are the rule's own (controller/scaling/rule.py).
     up_threshold: float = field(
-        default=1.2, metadata=check(at_least(1), doc="predicted above allocation x this: add")
+        default=RuleParams.up_threshold,
+        metadata=check(at_least(1), doc="predicted above allocation x this: add"),
     )
-    up_factor: float = field(default=1.5, metadata=check(positive, doc="add (predicted - allocation) x this"))
+    up_factor: float = field(
+        default=RuleParams.up_factor, metadata=check(positive, doc="add (predicted - allocation) x this")
+    )
     down_threshold: float = field(
-        default=0.8, metadata=check(between(0, 1), doc="predicted below allocation x this: remove")
+        default=RuleParams.down_threshold,
+        metadata=check(between(0, 1), doc="predicted below allocation x this: remove"),
     )
     down_factor: float = field(
-        default=0.5, metadata=check(between(0, 1), doc="remove (allocation - predicted) x this")
+        default=RuleParams.down_factor,
+        metadata=check(between(0, 1), doc="remove (allocation - predicted) x this"),
     )
     cpu_floor_cores: float = field(
         default=0.1, metadata=check(non_negative, doc="never size a shadow below this")
@@ -235,6 +242,10 @@ class ScalingConfig:
         default=5.0,
         metadata=check(positive, doc="an agent that does not apply limits within this is not ready"),
     )
+
+    def rule_params(self) -> RuleParams:
+        """The seed rule as configured: what the scaling loop runs and the backtest replays."""
+        return RuleParams(self.up_threshold, self.up_factor, self.down_threshold, self.down_factor)
 
     def validate(self) -> str | None:
         if self.cpu_ceiling_cores and self.cpu_ceiling_cores < self.cpu_floor_cores:

@@ -8,6 +8,7 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 
+from controller.status import AgentView, CaptureView
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import telemetry_pb2 as tpb
 
@@ -76,6 +77,23 @@ class AgentRegistry:
 
     def connected(self) -> dict[str, AgentSession]:
         return dict(self._sessions)
+
+    def views(self) -> tuple[AgentView, ...]:
+        """The connected agents for the status view: when each was last heard, what it says of its capture."""
+        return tuple(
+            AgentView(
+                s.host,
+                s.instance_id,
+                s.last_heard_ms,
+                CaptureView(
+                    s.capture.bpf_active,
+                    s.capture.bpf_unavailable_reason,
+                    dict(s.capture.dropped_events),
+                    s.capture.telemetry_batches_dropped,
+                ),
+            )
+            for s in self._sessions.values()
+        )
 
     def alive(self, now_ms: int, silent_ms: int) -> frozenset[str]:
         """Hosts whose stream is up AND that spoke within `silent_ms`: a cut-off host's stream can look

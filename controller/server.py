@@ -15,17 +15,21 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from controller.config import ControllerConfig
-from controller.events import EventLog
-from controller.failover.loop import FailoverLoop
-from controller.failover.observer import ControllerObserver, LeaseService
+from controller.event_log import EventLog
+from controller.failover.decide import Decision, Request
+from controller.failover.loop import FailoverLoop, controller_lease_observer
 from controller.failover.orchestrator import Orchestrator
 from controller.fleet_api import FleetService
 from controller.ingest import AgentStreamService
-from controller.metrics import ControllerCollector, EventCounters
+from controller.prometheus_collector import ControllerCollector, EventCounters
 from controller.registry import AgentRegistry
+from controller.scaling.decision import ScalingDecision
 from controller.scaling.loop import ScalingLoop
+from controller.status import ControllerStatus
 from controller.store import SqliteStore, Store
-from shadowplane import metrics
+from shadowplane import prometheus
+from shadowplane.clock import now_ms
+from shadowplane.lease_observer import LeaseServicer
 from shadowplane.tls import add_port, warn_plaintext
 from shadowplane.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, fleet_pb2_grpc, lease_pb2, lease_pb2_grpc
 
@@ -47,6 +51,27 @@ class Controller:
     health: health.aio.HealthServicer
     tasks: list[asyncio.Task[None]]
 
+    # ---- the read model, and what the Fleet API may ask (fleet_api.Operations) ----
+
+    def status(self) -> ControllerStatus:
+        now = now_ms()
+        return ControllerStatus(
+            now_ms=now,
+            agents=self.registry.views(),
+            services=self.failover.service_views(),
+            scaling=self.scaling.status(now) if self.scaling is not None else None,
+        )
+
+    def request(self, service: str, req: Request) -> Decision:
+        return self.failover.request(service, req)
+
+    def plan(self, now_ms: int) -> list[ScalingDecision] | None:
+        return self.scaling.plan(now_ms) if self.scaling is not None else None
+
+    def override_changed(self) -> None:
+        if self.scaling is not None:
+            self.scaling.wake.set()
+
     async def stop(self, grace: float = 1.0) -> None:
         for t in self.tasks:
             t.cancel()
@@ -62,7 +87,7 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     store = store or SqliteStore(cfg.store.path)
     registry = AgentRegistry()
     events = EventLog(store)
-    observer = ControllerObserver(store, [s.name for s in cfg.service], cfg.failover.lease_seconds)
+    observer = controller_lease_observer(cfg, store)
     scaling = ScalingLoop(cfg, store, registry, events) if cfg.scaling.enabled else None
     orchestrator = Orchestrator(
         cfg,
@@ -82,14 +107,13 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ]
     )
+    health_servicer = health.aio.HealthServicer()
+    c = Controller(cfg, store, registry, events, failover, scaling, server, 0, health_servicer, [])
     agent_pb2_grpc.add_AgentStreamServicer_to_server(
         AgentStreamService(cfg, store, registry, failover), server
     )
-    fleet_pb2_grpc.add_FleetServicer_to_server(
-        FleetService(cfg, store, registry, events, failover, scaling), server
-    )
-    lease_pb2_grpc.add_LeaseServicer_to_server(LeaseService(observer), server)
-    health_servicer = health.aio.HealthServicer()
+    fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(cfg, store, events, c), server)
+    lease_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(observer), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [
         agent_pb2.DESCRIPTOR.services_by_name["AgentStream"].full_name,
@@ -101,8 +125,8 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     reflection.enable_server_reflection(services, server)
     if cfg.tls.plaintext:
         warn_plaintext("the controller")
-    port = add_port(server, cfg.listen, cfg.tls)
-    if port == 0:
+    c.port = add_port(server, cfg.listen, cfg.tls)
+    if c.port == 0:
         raise OSError(f"cannot listen on {cfg.listen}")
     await server.start()
     for name in services[:3]:
@@ -111,16 +135,15 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     log.info(
         "controller listening on %s (port %d), store %s, %d services",
         cfg.listen,
-        port,
+        c.port,
         cfg.store.path,
         len(cfg.service),
     )
-    c = Controller(cfg, store, registry, events, failover, scaling, server, port, health_servicer, [])
     counters = EventCounters()
     events.listeners.append(counters)
     prom = CollectorRegistry()
-    prom.register(ControllerCollector(c, counters))
-    metrics.serve(cfg.metrics, prom)
+    prom.register(ControllerCollector(c.status, counters))
+    prometheus.serve(cfg.metrics, prom)
     c.tasks.append(asyncio.create_task(failover.run()))
     if scaling is not None:
         c.tasks.append(asyncio.create_task(scaling.run()))

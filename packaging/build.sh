@@ -58,7 +58,7 @@ SVENV=$STAGE$VENV
 # What the venv is made from, and (a superset) what the packages are made from.
 venv_hash() {
   {
-    find shadowplane agentd controller shadowctl -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \
+    find shadowplane agentd controller shadowctl training -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \
       | LC_ALL=C sort -z | xargs -0 sha256sum
     sha256sum pyproject.toml requirements.lock packaging/build.sh
     "$PY" -c 'import sys; print(sys.version)'

@@ -14,6 +14,8 @@ Every observer of a service (the controller and observer agents) keeps one `Obse
   nothing and reports a wait that covers anything it might have granted before.
 - Tokens are unique to one candidate (the coordinator hands each out once), so an observer may adopt a
   higher token it hears about in a renewal: that can only make it refuse older ones.
+- An owner is *renewing* with an observer while that observer's last grant of its token is less than one
+  lease old (`renewing`): the one freshness rule every observer reports and the HA loop counts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ObserverLease:
     promised: int = 0  # the newest token this observer knows
     holder: str = ""  # who holds `promised`
     last_grant: float = float("-inf")  # when this observer last granted any renewal (monotonic seconds)
+    granted_token: int = 0  # the token of that grant (a vote moves `promised` on without granting anything)
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ def renew(
     if token == state.promised and holder != state.holder:
         return RenewDecision(False, state.promised, f"token {token} belongs to {state.holder}, not {holder}")
     state.promised, state.holder = token, holder
-    state.last_grant = now
+    state.last_grant, state.granted_token = now, token
     return RenewDecision(True, token, "granted")
 
 
@@ -71,6 +74,16 @@ def vote(
     latest_unknown = max(state.last_grant, started_at)
     wait = max(0.0, latest_unknown + lease - now)
     return VoteDecision(True, wait, token, "granted")
+
+
+def renewing(
+    state: ObserverLease, holder: str, token: int, now: float, started_at: float, lease: float
+) -> bool | None:
+    """Is `holder` keeping `token` alive with this observer? None (unknown) for two leases after the
+    observer started: it grants nothing for the first one, and the owner needs a round to be heard again."""
+    if now - started_at < 2 * lease:
+        return None
+    return state.holder == holder and state.granted_token == token and now - state.last_grant < lease
 
 
 def address_lifetime_seconds(lease: float) -> int:

@@ -1,15 +1,20 @@
-"""Shared fixtures."""
+"""Shared fixtures: throwaway workload cgroups; small NAB slices and a tiny model trained once per session
+(the Prediction Engine and training tests)."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from agentd.cgroupfs import CgroupLayout
 from tests.support import Workload, need_root
+from training.net import TrainSettings
+from training.traces import Trace, load_trace, load_trace_dir
+from training.train import TrainedModel, series_from_trace, train_model
 
 
 @pytest.fixture
@@ -29,3 +34,40 @@ def workload_cgroup() -> Iterator[Workload]:
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+DATA = Path(__file__).resolve().parent / "data"
+# Tiny but real: enough to learn something, fast enough for CI.
+TINY = TrainSettings(hidden=8, epochs=2, batch=256, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> TrainSettings:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def traces() -> list[Trace]:
+    return load_trace_dir(DATA)
+
+
+@pytest.fixture(scope="session")
+def periodic_trace() -> Trace:
+    return load_trace(DATA / "nab_ec2_cpu_5f5533_3d.csv")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(traces: list[Trace]) -> TrainedModel:
+    return train_model([series_from_trace(t) for t in traces], "tests/data", settings=TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tiny_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
+    tiny_model.save(path)
+    return path

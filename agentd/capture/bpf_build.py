@@ -1,7 +1,8 @@
 """Child process that compiles and attaches the capture program, then hands its descriptors to the agent.
 
 Run as `python -m agentd.capture.bpf_build SOCKET_FD JSON_OPTIONS`. It sends one message on the socket: a
-JSON manifest and, as SCM_RIGHTS, the descriptors of every map, program and attachment, then exits without
+JSON manifest (with each map's value layout, read from the C structs) and, as SCM_RIGHTS, the descriptors of
+every map, program and attachment, then exits without
 running bcc's exit handlers (which would detach what the agent now holds).
 """
 
@@ -24,6 +25,8 @@ def build(options: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     from bcc.syscall import syscalls
     from bcc.table import PerCpuArray, PerCpuHash
 
+    from agentd.capture.map_layout import MapLayout, describe_ctype
+
     text = resources.files("agentd.capture").joinpath("bpf_program.c").read_text()
     b = BPF(text=text, cflags=list(options["cflags"]))
     manifest: dict[str, Any] = {
@@ -37,14 +40,8 @@ def build(options: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         t = b[name]
         percpu = isinstance(t, PerCpuArray | PerCpuHash)
         leaf = t.sLeaf if percpu else t.Leaf
-        manifest["maps"].append(
-            {
-                "name": name,
-                "key_size": ctypes.sizeof(t.Key),
-                "value_size": ctypes.sizeof(leaf),
-                "percpu": percpu,
-            }
-        )
+        layout = MapLayout(name, ctypes.sizeof(t.Key), ctypes.sizeof(leaf), percpu, describe_ctype(leaf))
+        manifest["maps"].append(layout.to_manifest())
         fds.append(t.map_fd)
     for name, fn in b.funcs.items():
         manifest["programs"].append(name.decode() if isinstance(name, bytes) else str(name))

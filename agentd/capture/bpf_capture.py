@@ -21,19 +21,26 @@ from typing import Any
 import numpy as np
 
 from agentd.capture.bpf_syscall import BpfMap, possible_cpus, recursion_misses
-from agentd.capture.kernel_counters import (
-    LAT_BUCKETS,
-    NR_SYSCALLS,
-    BlockCounters,
-    KernelCounters,
-    SyscallCounters,
-    TcpCounters,
-)
+from agentd.capture.kernel_counters import BlockCounters, KernelCounters, SyscallCounters, TcpCounters
+from agentd.capture.map_layout import LayoutError, MapLayout
 
 log = logging.getLogger(__name__)
 
 TRACEFS = Path("/sys/kernel/tracing")
-MISS_REASONS = ("task_storage_full", "block_inflight_table_full", "tcp_socket_table_full")
+# The fields the agent reads from each counter map's value struct (bpf_program.c), checked at load.
+READS = {
+    "sys_stats": ("count", "lat_ns"),
+    "io_stats": (
+        "read_ops",
+        "write_ops",
+        "read_bytes",
+        "write_bytes",
+        "discard_ops",
+        "discard_bytes",
+        "lat_us",
+    ),
+    "tcp_stats": ("state", "srtt_us", "retransmits", "resets_sent", "resets_received"),
+}
 
 
 class BpfLoadError(RuntimeError):
@@ -120,6 +127,7 @@ class BpfCapture:
         self.sample_every = syscall_latency_sample_every
         self._ncpu = possible_cpus()
         self._maps: dict[str, BpfMap] = {}
+        self._layouts: dict[str, MapLayout] = {}
         self._programs: dict[str, int] = {}
         self._attachments: list[int] = []
         self._assignments: dict[str, SlotAssignment] = {}
@@ -155,11 +163,29 @@ class BpfCapture:
             raise BpfLoadError(f"building the capture program failed: {detail}\n" + "\n".join(compiler))
         it = iter(fds)
         for m in reply["maps"]:
-            self._maps[m["name"]] = BpfMap(m["name"], next(it), m["key_size"], m["value_size"], m["percpu"])
+            layout = MapLayout.from_manifest(m)
+            self._layouts[layout.name] = layout
+            self._maps[layout.name] = BpfMap(
+                layout.name, next(it), layout.key_size, layout.value_size, layout.percpu
+            )
         for name in reply["programs"]:
             self._programs[name] = next(it)
         self._attachments = list(it)
         self.syscall_names = {int(k): v for k, v in reply.get("syscalls", {}).items()}
+        try:
+            for name, fields in READS.items():
+                self._layouts[name].require(fields)
+        except LayoutError as e:
+            self.close()
+            raise BpfLoadError(f"the capture program and the agent disagree: {e}") from None
+
+    def histogram_buckets(self) -> dict[str, int]:
+        """How many log2 buckets each kernel histogram has (Prometheus needs a histogram's buckets stable)."""
+        return {
+            "syscall_latency": self._layouts["sys_stats"].field("lat_ns").count,
+            "block_io_latency": self._layouts["io_stats"].field("lat_us").count,
+            "tcp_srtt": self._layouts["tcp_stats"].field("srtt_us").count,
+        }
 
     # ---- workload -> slot mapping ----
 
@@ -209,49 +235,44 @@ class BpfCapture:
 
     # ---- reading ----
 
-    def _slot_u64s(self, name: str, slot: int) -> np.ndarray[Any, np.dtype[np.uint64]]:
+    def _slot(self, name: str, slot: int) -> dict[str, np.ndarray[Any, np.dtype[np.uint64]]]:
+        """One slot's value of a per-CPU counter map, summed over CPUs, by field name."""
         raw = self._maps[name].lookup(_u32(slot))
         if raw is None:
             raise BpfLoadError(f"map {name} has no slot {slot}")
-        arr = np.frombuffer(raw, dtype=np.uint64).reshape(self._ncpu, -1)
-        total: np.ndarray[Any, np.dtype[np.uint64]] = arr.sum(axis=0, dtype=np.uint64)
-        return total
+        return self._layouts[name].totals(raw, self._ncpu)
 
     def read(self, slot: int) -> KernelCounters:
         """Cumulative counters of one slot, summed over CPUs."""
-        sys_ = self._slot_u64s("sys_stats", slot)
-        io = self._slot_u64s("io_stats", slot)
-        tcp = self._slot_u64s("tcp_stats", slot)
-        lb = LAT_BUCKETS
+        sys_ = self._slot("sys_stats", slot)
+        io = self._slot("io_stats", slot)
+        tcp = self._slot("tcp_stats", slot)
         return KernelCounters(
-            syscalls=SyscallCounters(
-                by_nr=sys_[:NR_SYSCALLS].tolist(), latency_ns=sys_[NR_SYSCALLS : NR_SYSCALLS + lb].tolist()
-            ),
+            syscalls=SyscallCounters(by_nr=sys_["count"].tolist(), latency_ns=sys_["lat_ns"].tolist()),
             block=BlockCounters(
-                read_ops=int(io[0]),
-                write_ops=int(io[1]),
-                read_bytes=int(io[2]),
-                write_bytes=int(io[3]),
-                discard_ops=int(io[4]),
-                discard_bytes=int(io[5]),
-                latency_us=io[6 : 6 + lb].tolist(),
+                read_ops=int(io["read_ops"][0]),
+                write_ops=int(io["write_ops"][0]),
+                read_bytes=int(io["read_bytes"][0]),
+                write_bytes=int(io["write_bytes"][0]),
+                discard_ops=int(io["discard_ops"][0]),
+                discard_bytes=int(io["discard_bytes"][0]),
+                latency_us=io["lat_us"].tolist(),
             ),
             tcp=TcpCounters(
-                state=tcp[:16].tolist(),
-                srtt_us=tcp[16 : 16 + lb].tolist(),
-                retransmits=int(tcp[16 + lb]),
-                resets_sent=int(tcp[17 + lb]),
-                resets_received=int(tcp[18 + lb]),
+                state=tcp["state"].tolist(),
+                srtt_us=tcp["srtt_us"].tolist(),
+                retransmits=int(tcp["retransmits"][0]),
+                resets_sent=int(tcp["resets_sent"][0]),
+                resets_received=int(tcp["resets_received"][0]),
             ),
         )
 
     def dropped_events(self) -> dict[str, int]:
         """Cumulative count of events the capture could not account, by reason."""
-        misses = self._maps["misses"]
-        out: dict[str, int] = {}
-        for i, reason in enumerate(MISS_REASONS):
-            raw = misses.lookup(_u32(i)) or b""
-            out[reason] = int(np.frombuffer(raw, dtype=np.uint64).sum()) if raw else 0
+        raw = self._maps["misses"].lookup(_u32(0))
+        layout = self._layouts["misses"]
+        totals = layout.totals(raw, self._ncpu) if raw else {}
+        out: dict[str, int] = {f.name: int(totals[f.name][0]) if totals else 0 for f in layout.fields}
         for name, fd in self._programs.items():
             n = recursion_misses(fd)
             if n:
@@ -266,4 +287,4 @@ class BpfCapture:
             os.close(fd)
         for m in self._maps.values():
             m.close()
-        self._attachments, self._programs, self._maps = [], {}, {}
+        self._attachments, self._programs, self._maps, self._layouts = [], {}, {}, {}

@@ -19,12 +19,14 @@ enum sk_rst_reason { SK_RST_REASON_UNKNOWN_TO_HEADERS = 0 };
 #define LAT_BUCKETS 32
 #define NO_SLOT 0xffffffff
 
-// Why an event could not be accounted. Exported as dropped_events by reason.
-enum miss_reason {
-    MISS_TASK_STORAGE = 0,     // could not attach per-task state (allocation failed)
-    MISS_BLOCK_INFLIGHT = 1,   // in-flight block request table full: request not timed
-    MISS_TCP_SOCK_TABLE = 2,   // socket ownership table full: socket events not attributed
-    MISS_REASONS = 3,
+// Every struct below is the one definition of its map's layout: the loader exports each map's fields (names,
+// offsets, lengths) with the map, and the agent decodes values by field name (agentd/capture/map_layout.py).
+
+// Events that could not be accounted, by reason: exported as dropped_events, keyed by these field names.
+struct miss_counts {
+    u64 task_storage_full;           // could not attach per-task state (allocation failed)
+    u64 block_inflight_table_full;   // in-flight block request table full: request not timed
+    u64 tcp_socket_table_full;       // socket ownership table full: socket events not attributed
 };
 
 struct sys_slot {
@@ -67,13 +69,19 @@ BPF_TASK_STORAGE(task_state, struct task_cache);
 BPF_PERCPU_ARRAY(sys_stats, struct sys_slot, MAX_SLOTS);
 BPF_PERCPU_ARRAY(io_stats, struct io_slot, MAX_SLOTS);
 BPF_PERCPU_ARRAY(tcp_stats, struct tcp_slot, MAX_SLOTS);
-BPF_PERCPU_ARRAY(misses, u64, MISS_REASONS);
+BPF_PERCPU_ARRAY(misses, struct miss_counts, 1);
 
-static __always_inline void count_miss(u32 reason) {
-    u64 *m = misses.lookup(&reason);
-    if (m)
-        (*m)++;
+static __always_inline struct miss_counts *miss_counts(void) {
+    u32 zero = 0;
+    return misses.lookup(&zero);
 }
+
+#define COUNT_MISS(reason)                         \
+    do {                                           \
+        struct miss_counts *m_ = miss_counts();    \
+        if (m_)                                    \
+            m_->reason++;                          \
+    } while (0)
 
 static __always_inline u32 log2_bucket(u64 v) {
     u32 b = bpf_log2l(v);
@@ -94,7 +102,7 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
     struct task_cache *tc = task_state.task_storage_get(
         (struct task_struct *)bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
     if (!tc) {
-        count_miss(MISS_TASK_STORAGE);
+        COUNT_MISS(task_storage_full);
         return 0;
     }
     u32 zero = 0;
@@ -164,7 +172,7 @@ static __always_inline void remember_request(u32 dev, u64 sector, u32 slot) {
     struct rq_key key = {.dev = dev, .sector = sector};
     struct rq_val val = {.issue_ns = 0, .slot = slot};
     if (inflight.update(&key, &val) != 0)
-        count_miss(MISS_BLOCK_INFLIGHT);
+        COUNT_MISS(block_inflight_table_full);
 }
 
 #ifdef HAVE_BLOCK_IO_START
@@ -241,7 +249,7 @@ static __always_inline void own_socket(u64 sk) {
     if (have && *have == slot)
         return;
     if (sock_slots.update(&sk, &slot) != 0)
-        count_miss(MISS_TCP_SOCK_TABLE);
+        COUNT_MISS(tcp_socket_table_full);
 }
 
 static __always_inline struct tcp_slot *socket_stats(u64 sk) {

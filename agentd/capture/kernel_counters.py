@@ -1,15 +1,13 @@
 """Cumulative kernel-side counters of one workload, and the pure arithmetic on them.
 
 The BPF maps hold cumulative counts per slot; user space keeps the previous reading and ships the
-difference, so nothing is lost between a read and a reset (there is no reset).
+difference, so nothing is lost between a read and a reset (there is no reset). Array lengths are the C
+structs' (bpf_program.c, read through agentd/capture/map_layout.py); empty lists stand for "no capture".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-LAT_BUCKETS = 32
-NR_SYSCALLS = 512
 
 # Linux TCP states by number (include/net/tcp_states.h).
 TCP_STATES = {
@@ -34,8 +32,8 @@ def _diff(now: list[int], before: list[int]) -> list[int]:
 
 @dataclass
 class SyscallCounters:
-    by_nr: list[int] = field(default_factory=lambda: [0] * NR_SYSCALLS)
-    latency_ns: list[int] = field(default_factory=lambda: [0] * LAT_BUCKETS)
+    by_nr: list[int] = field(default_factory=list)
+    latency_ns: list[int] = field(default_factory=list)
 
     def minus(self, before: SyscallCounters) -> SyscallCounters:
         return SyscallCounters(_diff(self.by_nr, before.by_nr), _diff(self.latency_ns, before.latency_ns))
@@ -49,7 +47,7 @@ class BlockCounters:
     write_bytes: int = 0
     discard_ops: int = 0
     discard_bytes: int = 0
-    latency_us: list[int] = field(default_factory=lambda: [0] * LAT_BUCKETS)
+    latency_us: list[int] = field(default_factory=list)
 
     def minus(self, before: BlockCounters) -> BlockCounters:
         return BlockCounters(
@@ -65,8 +63,8 @@ class BlockCounters:
 
 @dataclass
 class TcpCounters:
-    state: list[int] = field(default_factory=lambda: [0] * 16)
-    srtt_us: list[int] = field(default_factory=lambda: [0] * LAT_BUCKETS)
+    state: list[int] = field(default_factory=list)
+    srtt_us: list[int] = field(default_factory=list)
     retransmits: int = 0
     resets_sent: int = 0
     resets_received: int = 0

@@ -14,16 +14,17 @@ import time
 from dataclasses import dataclass, field, replace
 
 from controller.config import ControllerConfig, ServiceConfig
-from controller.events import EventLog
+from controller.event_log import EventLog
 from controller.failover.board import ObservationBoard
 from controller.failover.decide import Decision, Request, Snapshot, Tally, decide, tally
-from controller.failover.observer import ControllerObserver
 from controller.failover.orchestrator import Orchestrator
 from controller.registry import AgentRegistry
+from controller.status import ObserverView, ServiceView
 from controller.store import ServiceRecord, Store
 from shadowplane.clock import now_ms
 from shadowplane.healthcheck import CheckSpec, Tracker, run_check, spec_to_proto
 from shadowplane.lease import address_lifetime_seconds
+from shadowplane.lease_observer import LeaseObserver
 from shadowplane.v1 import agent_pb2 as apb
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class FailoverLoop:
         store: Store,
         registry: AgentRegistry,
         events: EventLog,
-        observer: ControllerObserver,
+        observer: LeaseObserver,
         orchestrator: Orchestrator,
     ) -> None:
         self.cfg, self.store, self.registry, self.events = cfg, store, registry, events
@@ -64,7 +65,7 @@ class FailoverLoop:
         self._watched: dict[str, str] = {}  # host -> instance id that got its Watch
         self.started = time.monotonic()
         for rt in self.services.values():
-            rec = self.orchestrator.record(rt.cfg.name)
+            rec = self.orchestrator.service_state(rt.cfg.name)
             if rec.phase == "acquiring":
                 # A transition was cut short by a restart: whoever it reached, ownership is unknown. The next
                 # placement uses a newer token, which fences whatever the interrupted one did.
@@ -144,7 +145,7 @@ class FailoverLoop:
 
     def snapshot(self, rt: ServiceRuntime, request: Request | None = None) -> Snapshot:
         svc = rt.cfg
-        rec = self.orchestrator.record(svc.name)
+        rec = self.orchestrator.service_state(svc.name)
         health = {h: self._health(rt, h) for h in rt.targets()}
         return Snapshot(
             name=svc.name,
@@ -165,6 +166,34 @@ class FailoverLoop:
             primary_grace_over=time.monotonic() - self.started > self.cfg.failover.placement_grace_seconds,
             request=request,
         )
+
+    def service_views(self) -> tuple[ServiceView, ...]:
+        """Every service as the HA loop sees it now: owner, token, phase, each observer's view of each
+        target (the read model's part that this loop owns)."""
+        out = []
+        for rt in self.services.values():
+            svc = rt.cfg
+            rec = self.orchestrator.service_state(svc.name)
+            observers = tuple(
+                ObserverView(observer, target, up, detail)
+                for target in rt.targets()
+                for observer, (up, detail) in self.views(rt, target).items()
+            )
+            out.append(
+                ServiceView(
+                    name=svc.name,
+                    vip=svc.vip,
+                    primary=svc.primary,
+                    shadows=tuple(svc.shadows),
+                    failback=svc.failback,
+                    owner=rec.owner,
+                    token=rec.token,
+                    phase="transition" if rt.busy else rec.phase,
+                    primary_healthy_since_ms=rt.primary_up_since_ms,
+                    observers=observers,
+                )
+            )
+        return tuple(out)
 
     def alive(self) -> frozenset[str]:
         return self.registry.alive(now_ms(), int(self.cfg.failover.heartbeat_timeout_seconds * 1000))
@@ -288,6 +317,18 @@ class FailoverLoop:
             with contextlib.suppress(Exception):
                 if self.registry.send(host, apb.Command(watch=watch)):
                     self._watched[host] = session.instance_id
+
+
+def controller_lease_observer(cfg: ControllerConfig, store: Store) -> LeaseObserver:
+    """The controller as one of its services' observers. Its promises (tokens voted for) survive restarts in
+    the store; its grants do not, which the start-up grace of `shadowplane.lease` covers."""
+    observer = LeaseObserver("controller", cfg.failover.lease_seconds)
+    observer.observe(s.name for s in cfg.service)
+    for svc in cfg.service:
+        rec = store.service_state(svc.name)
+        if rec is not None:
+            observer.restore(svc.name, rec.token, rec.candidate if rec.phase == "acquiring" else rec.owner)
+    return observer
 
 
 def _address_lifetime_ms(lease_seconds: float) -> int:

@@ -21,14 +21,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from controller.config import ControllerConfig, ServiceConfig
-from controller.events import EventLog
+from controller.event_log import EventLog
 from controller.failover.decide import Decision
 from controller.failover.dns import point_record
-from controller.failover.observer import ControllerObserver
 from controller.registry import AgentRegistry, CommandError
 from controller.store import ServiceRecord, Store
 from shadowplane.clock import now_ms
 from shadowplane.lease import majority
+from shadowplane.lease_observer import LeaseObserver
 from shadowplane.v1 import agent_pb2 as apb
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Orchestrator:
     store: Store
     registry: AgentRegistry
     events: EventLog
-    observer: ControllerObserver
+    observer: LeaseObserver  # the controller's own vote
     on_takeover: ResourceHook | None = None  # raise the new owner's limits before it takes over
     on_released: ResourceHook | None = None  # the old owner's limits go back to the plan
 
@@ -51,14 +51,15 @@ class Orchestrator:
         self.store.save_service_state(rec)
         return rec
 
-    def record(self, name: str) -> ServiceRecord:
+    def service_state(self, name: str) -> ServiceRecord:
+        """The service's ownership as last decided (a service never decided has no owner yet)."""
         return self.store.service_state(name) or ServiceRecord(name)
 
     async def run(self, svc: ServiceConfig, d: Decision) -> ServiceRecord:
         """Carry out `d` for `svc`; return the service's record afterwards (also when aborted)."""
         t0 = time.monotonic()
         loop = asyncio.get_running_loop()
-        rec = self.record(svc.name)
+        rec = self.service_state(svc.name)
         old, old_token, new = rec.owner, rec.token, d.target
         token = old_token + 1
         env = {

@@ -1,7 +1,7 @@
 """The controller's side of prediction: one object, one batched forecast per control-loop cycle.
 
     engine = PredictionEngine()                       # the packaged model, or the fallback if unusable
-    batch = history_from_store(store, now_ms, engine.step_seconds, engine.history_steps)
+    batch = history_from_store(store, now_ms, engine.step_seconds, engine.history_steps)  # predict.series
     fc = engine.forecast(batch)                       # curves (workloads, resources, horizon, quantiles)
     fc.curve("host-a/web", "cpu")                     # (horizon, quantiles) in cores
 
@@ -20,42 +20,16 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from controller.predict.events import ChampionDecision, decide_champion
+from controller.predict.champion import ChampionDecision, decide_champion, recent_loss
 from controller.predict.fallback import StatisticalForecaster
-from controller.predict.features import SIGNALS, Periods, detect_periods, resample
+from controller.predict.features import Periods, detect_periods
 from controller.predict.model import DEFAULT_MODEL, Forecaster, ModelError, OnnxForecaster, load_model
-from controller.predict.train import STORE_RESOURCES, STORE_SIGNALS, TrainingSeries, recent_loss
-from controller.store.base import Store
+from controller.predict.series import Series, SeriesBatch
 
 log = logging.getLogger(__name__)
 
 F64 = npt.NDArray[np.float64]
-RESOURCES = ("cpu", "memory", "io")
 DEFAULT_STEP_SECONDS = 300
-
-
-@dataclass(frozen=True)
-class SeriesBatch:
-    """Every workload's recent history on one step grid: the input of one forecast cycle."""
-
-    keys: tuple[str, ...]  # one per workload, e.g. "host/workload"
-    origin_ts: F64  # (N,) unix seconds of each workload's latest step
-    step_seconds: int
-    values: F64  # (N, len(resources), steps), oldest first, NaN = unknown
-    signals: F64 | None = None  # (N, len(SIGNALS), steps) request-rate series, NaN = not captured
-    resources: tuple[str, ...] = RESOURCES
-
-    def __post_init__(self) -> None:
-        n = len(self.keys)
-        if self.values.ndim != 3 or self.values.shape[:2] != (n, len(self.resources)):
-            raise ValueError(
-                f"values must be (workloads, resources, steps) = ({n}, {len(self.resources)}, steps), "
-                f"got {self.values.shape}"
-            )
-        if self.origin_ts.shape != (n,):
-            raise ValueError(f"origin_ts must have one entry per workload ({n}), got {self.origin_ts.shape}")
-        if self.signals is not None and self.signals.shape != (n, len(SIGNALS), self.values.shape[2]):
-            raise ValueError(f"signals must be ({n}, {len(SIGNALS)}, steps), got {self.signals.shape}")
 
 
 @dataclass(frozen=True)
@@ -196,7 +170,7 @@ class PredictionEngine:
     def consider(
         self,
         challenger_path: str | Path,
-        recent: list[TrainingSeries],
+        recent: list[Series],
         since_s: dict[str, float],
         min_improvement: float = 0.01,
     ) -> ChampionDecision:
@@ -222,52 +196,3 @@ class PredictionEngine:
         if d.promote:
             self._use(challenger)
         return d
-
-
-def history_from_store(
-    store: Store,
-    now_ms: int,
-    step_seconds: int,
-    steps: int,
-    host: str = "",
-    resources: tuple[str, ...] = RESOURCES,
-) -> SeriesBatch:
-    """Every workload's last `steps` steps ending at now, from the store, resampled onto `step_seconds`
-    (mean per step; memory: max). Steps with no sample are NaN; the features treat them as unknown."""
-    since_ms = now_ms - steps * step_seconds * 1000
-    cols = store.resource_series(since_ms=since_ms, host=host)
-    by_resource = {res: (col, how) for col, (res, how) in STORE_RESOURCES.items()}
-    keys, values, signals = [], [], []
-    now_s = now_ms / 1000.0
-    for (h, w), c in sorted(cols.items()):
-        end_s = np.asarray(c["end_ms"], dtype=np.float64) / 1000.0
-        if len(end_s) == 0:
-            continue
-        rows = []
-        for res in resources:
-            col, how = by_resource[res]
-            rows.append(_grid(end_s, np.asarray(c[col]), step_seconds, now_s, steps, how))
-        keys.append(f"{h}/{w}")
-        values.append(rows)
-        signals.append(
-            [_grid(end_s, np.asarray(c[col]), step_seconds, now_s, steps, "mean") for col in STORE_SIGNALS]
-        )
-    n = len(keys)
-    origin = math.ceil(now_s / step_seconds) * float(step_seconds)
-    return SeriesBatch(
-        keys=tuple(keys),
-        origin_ts=np.full(n, origin),
-        step_seconds=step_seconds,
-        values=np.asarray(values, dtype=np.float64).reshape(n, len(resources), steps),
-        signals=np.asarray(signals, dtype=np.float64).reshape(n, len(SIGNALS), steps),
-        resources=resources,
-    )
-
-
-def _grid(end_s: F64, v: F64, step: int, now_s: float, steps: int, how: str) -> F64:
-    _, g = resample(end_s, v, step, until_s=now_s, how=how)
-    out = np.full(steps, np.nan)
-    k = min(steps, len(g))
-    if k:
-        out[-k:] = g[-k:]
-    return out

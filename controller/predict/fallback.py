@@ -13,9 +13,9 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.predict.features import FeatureSpec, Periods, fill_unknown
+from controller.predict.model import DEFAULT_QUANTILES
 
 F64 = npt.NDArray[np.float64]
-DEFAULT_QUANTILES = (0.1, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 DEFAULT_SPEC = FeatureSpec()
 
 

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import numpy.typing as npt
 
+from controller.telemetry_schema import SIGNALS
+
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -31,7 +33,6 @@ DAY = 86400
 # 1970-01-01 was a Thursday: shift so that Monday is day 0.
 _EPOCH_WEEKDAY = 3
 
-SIGNALS = ("syscalls", "accepts")
 _TAIL_QUANTILES = (0.01, 0.1, 0.9, 0.99)
 CHUNK_ROWS = 2048
 

@@ -25,6 +25,8 @@ FORMAT_VERSION = "1"
 INPUT = "features"
 OUTPUT = "quantiles"
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default.onnx"
+# The quantiles `shadowctl train` fits by default and the statistical fallback forecasts.
+DEFAULT_QUANTILES = (0.1, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 REQUIRED_KEYS = (
     "format_version",
     "version",

@@ -10,33 +10,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from controller import telemetry_schema as schema
 from controller.config import ControllerConfig, ServiceConfig
-from controller.events import EventLog
+from controller.event_log import EventLog
 from controller.predict.allocation import AllocationPolicy, AllocationState, allocate, observe
-from controller.predict.engine import PredictionEngine, history_from_store
+from controller.predict.engine import PredictionEngine
 from controller.predict.model import DEFAULT_MODEL
-from controller.predict.train import series_from_store
+from controller.predict.series import history_from_store, series_from_store
 from controller.registry import AgentRegistry, CommandError
-from controller.scaling.planner import RESOURCES, ShadowNow, Target, changed, decide_resource, io_weight
+from controller.scaling.decision import AppliedLimits, Readiness, ScalingDecision
+from controller.scaling.planner import RESOURCES, ShadowNow, Target, decide_resource, io_weight
+from controller.status import DemandView, ForecastView, ScalingView, ShadowView
 from controller.store import Store
 from shadowplane.clock import now_ms
 from shadowplane.v1 import agent_pb2 as apb
-from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import telemetry_pb2 as tpb
 
 log = logging.getLogger(__name__)
 SHOWN_QUANTILES = (0.5, 0.9, 0.99)
-
-
-@dataclass
-class Readiness:
-    ready: bool
-    reason: str
 
 
 class ScalingLoop:
@@ -57,7 +53,7 @@ class ScalingLoop:
         self.states: dict[tuple[str, str], AllocationState] = {}
         self.targets: dict[str, dict[str, Target]] = {}  # service -> resource -> target
         self.demand: dict[str, str] = {}  # service -> "host/workload" whose forecast drives it
-        self.applied: dict[tuple[str, str], apb.LimitsApplied] = {}
+        self.applied: dict[tuple[str, str], AppliedLimits] = {}
         self.readiness: dict[tuple[str, str], Readiness] = {}
         self.next_cycle_ms = 0
         self._model_mtime: float | None = None
@@ -81,17 +77,16 @@ class ScalingLoop:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), max(0.0, (self.next_cycle_ms - now_ms()) / 1000))
 
-    async def cycle(self) -> list[fpb.ScalingDecision]:
+    async def cycle(self) -> list[ScalingDecision]:
         self.consider_new_model()
         self.forecast(now_ms())
-        decisions = self.plan(now_ms())
-        by_shadow: dict[tuple[str, str], list[fpb.ScalingDecision]] = {}
-        for d in decisions:
+        by_shadow: dict[tuple[str, str], list[ScalingDecision]] = {}
+        for d in self.plan(now_ms()):
             by_shadow.setdefault((d.host, d.workload), []).append(d)
-        await asyncio.gather(*(self._apply(k, ds) for k, ds in by_shadow.items()))
-        stored = self.store.add_decisions(decisions)
+        done = await asyncio.gather(*(self._apply(k, ds) for k, ds in by_shadow.items()))
+        stored = self.store.add_decisions([d for ds in done for d in ds])
         for d in stored:
-            if d.result.startswith("failed") or (d.result == "applied" and changed(d)):
+            if d.result.startswith("failed") or (d.result == "applied" and d.changed):
                 unit = "cores" if d.resource == "cpu" else "bytes"
                 self.events.record(
                     "scale",
@@ -176,10 +171,10 @@ class ScalingLoop:
 
     # ---- planning ----
 
-    def plan(self, now_ms: int) -> list[fpb.ScalingDecision]:
+    def plan(self, now_ms: int) -> list[ScalingDecision]:
         """Decisions for every shadow of every service, from the latest targets (nothing applied)."""
         overrides = self.store.overrides()
-        out: list[fpb.ScalingDecision] = []
+        out: list[ScalingDecision] = []
         for svc in self.cfg.service:
             targets = self.targets.get(svc.name)
             if not targets:
@@ -187,7 +182,7 @@ class ScalingLoop:
             for host in svc.shadows:
                 s = self._shadow_now(svc, host)
                 if s is None:
-                    self.readiness[(host, "?")] = Readiness(
+                    self.readiness[(host, "")] = Readiness(
                         False, f"no workload of service {svc.name} on {host}"
                     )
                     continue
@@ -246,13 +241,12 @@ class ScalingLoop:
 
     # ---- applying ----
 
-    async def _apply(self, key: tuple[str, str], ds: list[fpb.ScalingDecision]) -> None:
+    async def _apply(self, key: tuple[str, str], ds: list[ScalingDecision]) -> list[ScalingDecision]:
+        """Send one shadow's planned limits to its agent; the decisions with how that went."""
         host, workload = key
-        if not any(changed(d) for d in ds) and key in self.applied:
-            for d in ds:
-                d.result, d.applied = "unchanged", d.old
+        if not any(d.changed for d in ds) and key in self.applied:
             self.readiness[key] = Readiness(True, "limits in place")
-            return
+            return [replace(d, result="unchanged", applied=d.old) for d in ds]
         cpu = next((d.new for d in ds if d.resource == "cpu"), 0.0)
         mem = next((d.new for d in ds if d.resource == "memory"), 0.0)
         service = ds[0].service
@@ -264,14 +258,18 @@ class ScalingLoop:
             io_weight=io_weight(io.predicted) if io is not None and self.cfg.scaling.io_weight else 0,
         )
         result = await self._send(host, msg)
-        for d in ds:
-            if isinstance(result, str):
-                d.result, d.applied = f"failed: {result}", d.old
-            else:
-                d.result = "applied"
-                d.applied = result.cpu_cores if d.resource == "cpu" else float(result.memory_bytes)
+        if isinstance(result, str):
+            return [replace(d, result=f"failed: {result}", applied=d.old) for d in ds]
+        return [
+            replace(
+                d,
+                result="applied",
+                applied=result.cpu_cores if d.resource == "cpu" else float(result.memory_bytes),
+            )
+            for d in ds
+        ]
 
-    async def _send(self, host: str, msg: apb.SetLimits) -> apb.LimitsApplied | str:
+    async def _send(self, host: str, msg: apb.SetLimits) -> AppliedLimits | str:
         key = (host, msg.workload)
         try:
             r = await self.registry.call(
@@ -283,17 +281,72 @@ class ScalingLoop:
         if not r.ok:
             self._not_ready(key, f"agent could not apply limits: {r.error}")
             return r.error
-        self.applied[key] = r.limits
+        limits = AppliedLimits(
+            r.limits.cpu_cores, r.limits.memory_bytes, r.limits.io_weight, r.limits.memory_in_use_bytes
+        )
+        self.applied[key] = limits
         if not self.readiness.get(key, Readiness(True, "")).ready:
             self.events.record("shadow-ready", "", host, f"{msg.workload}: limits applied again")
         self.readiness[key] = Readiness(True, "limits in place")
-        return r.limits
+        return limits
 
     def _not_ready(self, key: tuple[str, str], reason: str) -> None:
         was = self.readiness.get(key)
         self.readiness[key] = Readiness(False, reason)
         if was is None or was.ready:
             self.events.record("shadow-not-ready", "", key[0], f"{key[1]}: {reason}")
+
+    # ---- the status view ----
+
+    def status(self, now: int) -> ScalingView:
+        """Forecasts, fresh demand and every shadow's readiness and limits, for the Fleet API and /metrics."""
+        forecasts = tuple(
+            ForecastView(
+                service,
+                resource,
+                {float(k[1:]): v for k, v in t.forecast.items() if k.startswith("q")},
+                t.predicted,
+            )
+            for service, targets in self.targets.items()
+            for resource, t in targets.items()
+        )
+        shadows = []
+        for svc in self.cfg.service:
+            for host in svc.shadows:
+                w = self.workload_of(host, svc.name)
+                rd = self.readiness.get((host, w))
+                applied = self.applied.get((host, w))
+                shadows.append(
+                    ShadowView(
+                        service=svc.name,
+                        host=host,
+                        workload=w,
+                        ready=bool(rd and rd.ready),
+                        reason=rd.reason if rd else "not sized yet",
+                        cpu_cores=applied.cpu_cores if applied else None,
+                        memory_bytes=applied.memory_bytes if applied else None,
+                    )
+                )
+        return ScalingView(
+            model_source=self.engine.source,
+            model_version=self.engine.model_version,
+            next_cycle_ms=self.next_cycle_ms,
+            forecasts=forecasts,
+            demand=tuple(d for d in (self._demand(s, k, now) for s, k in self.demand.items()) if d),
+            shadows=tuple(shadows),
+        )
+
+    def _demand(self, service: str, key: str, now: int) -> DemandView | None:
+        """The latest sample of the workload that drives the service's forecast; None once it is as stale
+        as the fleet view calls a host (a silent agent's last sample is not today's demand)."""
+        host, _, workload = key.partition("/")
+        rows = self.store.samples(host, workload, limit=1)
+        if not rows:
+            return None
+        smp = rows[-1][1]
+        if now - smp.end_unix_ms > self.cfg.stale_after_intervals * (smp.end_unix_ms - smp.start_unix_ms):
+            return None
+        return DemandView(service, key, schema.named("cpu").of(smp), schema.named("memory").of(smp))
 
     # ---- failover callbacks ----
 

@@ -8,11 +8,12 @@ cgroup uses now, and any operator override (pin, bound, freeze).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from controller.config import ScalingConfig
-from controller.scaling.rule import Bounds, RuleParams, clamp, step
-from shadowplane.v1 import fleet_pb2 as fpb
+from controller.scaling.decision import ScalingDecision
+from controller.scaling.override import Override
+from controller.scaling.rule import Bounds, clamp, step
 
 RESOURCES = ("cpu", "memory")
 IO_REFERENCE_BYTES_PER_SECOND = 50 * 2**20  # I/O weight 100 (the kernel's default) at this predicted rate
@@ -41,10 +42,6 @@ class ShadowNow:
     host_memory_bytes: int
 
 
-def params(cfg: ScalingConfig) -> RuleParams:
-    return RuleParams(cfg.up_threshold, cfg.up_factor, cfg.down_threshold, cfg.down_factor)
-
-
 def bounds(cfg: ScalingConfig, resource: str, s: ShadowNow) -> Bounds:
     if resource == "cpu":
         cap = s.host_cpu_cores or float("inf")
@@ -61,11 +58,11 @@ def decide_resource(
     resource: str,
     demand_from: str,
     target: Target,
-    override: fpb.Override | None,
+    override: Override | None,
     now_ms: int,
-) -> fpb.ScalingDecision:
+) -> ScalingDecision:
     current = s.cpu_cores if resource == "cpu" else float(s.memory_bytes)
-    d = fpb.ScalingDecision(
+    d = ScalingDecision(
         unix_ms=now_ms,
         service=s.service,
         host=s.host,
@@ -75,20 +72,19 @@ def decide_resource(
         forecast=target.forecast,
         predicted=target.predicted,
         old=current,
+        new=current,
+        branch="hold",
         forecast_source=target.source,
-        result="planned",
     )
     b = bounds(cfg, resource, s)
     if override is not None and override.kind == "freeze":
-        d.new, d.branch = current, "frozen"
-        return d
+        return replace(d, branch="frozen")
     if override is not None and override.kind == "pin":
         pinned = override.cpu_cores if resource == "cpu" else float(override.memory_bytes)
         if pinned:
             pinned_value, pinned_clamps = clamp(pinned, Bounds(0.0, b.ceiling, b.in_use))
-            d.new, d.branch, d.clamps = pinned_value, "pinned", ", ".join(pinned_clamps)
-            return d
-    st = step(target.predicted, current, params(cfg), b)
+            return replace(d, new=pinned_value, branch="pinned", clamps=", ".join(pinned_clamps))
+    st = step(target.predicted, current, cfg.rule_params(), b)
     value = st.value
     clamps: list[str] = [*st.clamps]
     if override is not None and override.kind == "bound":
@@ -98,17 +94,10 @@ def decide_resource(
             value, clamps = lo, [*clamps, "bound"]
         if hi and value > hi:
             value, clamps = max(hi, b.in_use), [*clamps, "bound"]
-    d.new, d.branch, d.clamps = value, st.branch, ", ".join(clamps)
-    return d
+    return replace(d, new=value, branch=st.branch, clamps=", ".join(clamps))
 
 
 def io_weight(predicted_bytes_per_second: float) -> int:
     """The cgroup I/O weight (10..1000, default 100) for a predicted I/O rate: proportional, so a shadow
     expected to do more I/O than the reference gets a larger share of the disk when it contends."""
     return max(10, min(1000, round(100 * predicted_bytes_per_second / IO_REFERENCE_BYTES_PER_SECOND)))
-
-
-def changed(d: fpb.ScalingDecision) -> bool:
-    """Worth sending: a change the kernel would notice (1 % of CPU, 1 MiB of memory)."""
-    tolerance = 0.01 if d.resource == "cpu" else float(2**20)
-    return abs(d.new - d.old) >= tolerance

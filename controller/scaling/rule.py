@@ -24,6 +24,9 @@ class RuleParams:
     down_factor: float = 0.5
 
 
+DEFAULT_RULE = RuleParams()
+
+
 @dataclass(frozen=True)
 class Bounds:
     floor: float

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from controller.scaling.decision import ScalingDecision
+from controller.scaling.override import Override
 from shadowplane.v1 import agent_pb2 as apb
-from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import telemetry_pb2 as tpb
 
 
@@ -75,9 +76,9 @@ class Store(Protocol):
     def resource_series(
         self, since_ms: int = 0, host: str = "", workload: str = ""
     ) -> dict[tuple[str, str], dict[str, list[float]]]:
-        """Every workload's resource series since the bound, for the prediction engine: per (host, workload),
-        columns end_ms, cpu_cores, memory_bytes, io_bytes_per_second, syscalls_per_second,
-        accepts_per_second, oldest first. Empty host/workload = all."""
+        """Every workload's telemetry series since the bound, for the prediction engine: per (host, workload),
+        the column end_ms and one per `controller.telemetry_schema.SERIES`, oldest first. Empty host/workload
+        = all."""
         ...
 
     def prune(self, older_than_ms: int) -> int:
@@ -96,20 +97,20 @@ class Store(Protocol):
         """Events oldest first: the first `limit` after `after_id`, or the newest `limit` if after_id is 0."""
         ...
 
-    def add_decisions(self, decisions: list[fpb.ScalingDecision]) -> list[fpb.ScalingDecision]:
+    def add_decisions(self, decisions: list[ScalingDecision]) -> list[ScalingDecision]:
         """Record scaling decisions; return them with their ids."""
         ...
 
     def decisions(
         self, host: str = "", workload: str = "", service: str = "", last: int = 5
-    ) -> list[fpb.ScalingDecision]:
+    ) -> list[ScalingDecision]:
         """The newest `last` decisions per (host, workload, resource), oldest first."""
         ...
 
-    def set_override(self, o: fpb.Override) -> None:
+    def set_override(self, o: Override) -> None:
         """Store an operator's override; kind "clear" removes it."""
         ...
 
-    def overrides(self) -> dict[tuple[str, str], fpb.Override]: ...
+    def overrides(self) -> dict[tuple[str, str], Override]: ...
 
     def close(self) -> None: ...

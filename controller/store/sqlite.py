@@ -5,8 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, TypeVar
 
+from controller import telemetry_schema as schema
+from controller.scaling.decision import ScalingDecision
+from controller.scaling.override import Override
 from controller.store.base import AgentRecord, EventRecord, ServiceRecord
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import fleet_pb2 as fpb
@@ -30,12 +36,8 @@ CREATE TABLE IF NOT EXISTS samples (
     end_ms INTEGER NOT NULL,
     start_ms INTEGER NOT NULL,
     cgroup TEXT NOT NULL,
-    -- the series the prediction engine reads, without decoding blobs
-    cpu_cores REAL NOT NULL,
-    memory_bytes INTEGER NOT NULL,
-    io_bytes_per_second REAL NOT NULL,
-    syscalls_per_second REAL NOT NULL,
-    accepts_per_second REAL NOT NULL,
+    -- the series the prediction engine reads, without decoding blobs (controller/telemetry_schema.py)
+    {series_columns},
     sample BLOB NOT NULL,
     PRIMARY KEY (host, workload, end_ms)
 ) WITHOUT ROWID;
@@ -77,21 +79,13 @@ CREATE TABLE IF NOT EXISTS scaling_overrides (
     PRIMARY KEY (host, workload)
 );
 """
-SCHEMA_VERSION = "2"
-UPGRADABLE = {"1"}  # versions whose upgrade is only the CREATE ... IF NOT EXISTS above
-
-
-def series_values(s: tpb.WorkloadSample) -> tuple[float, int, float, float, float]:
-    secs = max(1e-3, (s.end_unix_ms - s.start_unix_ms) / 1000)
-    r = s.resources
-    accepts = s.syscalls.by_name.get("accept", 0) + s.syscalls.by_name.get("accept4", 0)
-    return (
-        r.cpu_seconds / secs,
-        r.memory_bytes,
-        (r.io_read_bytes + r.io_write_bytes) / secs,
-        s.syscalls.total / secs,
-        accepts / secs,
-    )
+SCHEMA = SCHEMA.format(series_columns=schema.sql_columns())
+SCHEMA_VERSION = "3"
+# How each older version becomes this one, after the CREATE ... IF NOT EXISTS above (which is all "1" lacks).
+UPGRADES: dict[str, Callable[[sqlite3.Connection], None]] = {
+    "1": lambda db: None,
+    "2": lambda db: _decisions_and_overrides_to_json(db),
+}
 
 
 class SqliteStore:
@@ -106,8 +100,10 @@ class SqliteStore:
         have = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if have is None:
             self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-        elif have[0] in UPGRADABLE:
-            self.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
+        elif have[0] in UPGRADES:
+            with self._tx():
+                UPGRADES[have[0]](self.db)
+                self.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
         elif have[0] != SCHEMA_VERSION:
             raise RuntimeError(f"{path}: schema version {have[0]}, this controller needs {SCHEMA_VERSION}")
 
@@ -134,10 +130,9 @@ class SqliteStore:
             if batch.seq <= row[0]:
                 return False
             self.db.executemany(
-                """INSERT OR IGNORE INTO samples
-                   (host, workload, end_ms, start_ms, cgroup, cpu_cores, memory_bytes, io_bytes_per_second,
-                    syscalls_per_second, accepts_per_second, sample)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                f"""INSERT OR IGNORE INTO samples
+                   (host, workload, end_ms, start_ms, cgroup, {", ".join(schema.COLUMNS)}, sample)
+                   VALUES (?, ?, ?, ?, ?, {", ".join("?" for _ in schema.COLUMNS)}, ?)""",
                 [
                     (
                         host,
@@ -145,7 +140,7 @@ class SqliteStore:
                         s.end_unix_ms,
                         s.start_unix_ms,
                         s.cgroup,
-                        *series_values(s),
+                        *schema.values(s),
                         s.SerializeToString(),
                     )
                     for s in batch.samples
@@ -200,14 +195,7 @@ class SqliteStore:
         self, since_ms: int = 0, host: str = "", workload: str = ""
     ) -> dict[tuple[str, str], dict[str, list[float]]]:
         where, args = _where(["end_ms >= ?"], [since_ms], host=host, workload=workload)
-        cols = (
-            "end_ms",
-            "cpu_cores",
-            "memory_bytes",
-            "io_bytes_per_second",
-            "syscalls_per_second",
-            "accepts_per_second",
-        )
+        cols = ("end_ms", *schema.COLUMNS)
         out: dict[tuple[str, str], dict[str, list[float]]] = {}
         for row in self.db.execute(
             f"""SELECT host, workload, {", ".join(cols)} FROM samples WHERE {where}
@@ -266,59 +254,86 @@ class SqliteStore:
         out = [EventRecord(r[2], r[3], r[4], r[5], r[1], json.loads(r[6]), r[0]) for r in rows]
         return sorted(out, key=lambda e: e.id)
 
-    def add_decisions(self, decisions: list[fpb.ScalingDecision]) -> list[fpb.ScalingDecision]:
+    def add_decisions(self, decisions: list[ScalingDecision]) -> list[ScalingDecision]:
         out = []
         with self._tx():
             for d in decisions:
                 cur = self.db.execute(
                     """INSERT INTO scaling_decisions (unix_ms, service, host, workload, resource, decision)
                        VALUES (?, ?, ?, ?, ?, ?)""",
-                    (d.unix_ms, d.service, d.host, d.workload, d.resource, b""),
+                    (d.unix_ms, d.service, d.host, d.workload, d.resource, _encode(replace(d, id=0))),
                 )
-                stored = fpb.ScalingDecision()
-                stored.CopyFrom(d)
-                stored.id = int(cur.lastrowid or 0)
-                self.db.execute(
-                    "UPDATE scaling_decisions SET decision = ? WHERE id = ?",
-                    (stored.SerializeToString(), stored.id),
-                )
-                out.append(stored)
+                out.append(replace(d, id=int(cur.lastrowid or 0)))
         return out
 
     def decisions(
         self, host: str = "", workload: str = "", service: str = "", last: int = 5
-    ) -> list[fpb.ScalingDecision]:
+    ) -> list[ScalingDecision]:
         where, args = _where(["1 = 1"], [], host=host, workload=workload, service=service)
         rows = self.db.execute(
-            f"""SELECT decision FROM (
+            f"""SELECT id, decision FROM (
                   SELECT id, decision,
                          ROW_NUMBER() OVER (PARTITION BY host, workload, resource ORDER BY id DESC) n
                   FROM scaling_decisions WHERE {where})
                 WHERE n <= ? ORDER BY id""",
             (*args, last),
         ).fetchall()
-        return [fpb.ScalingDecision.FromString(r[0]) for r in rows]
+        return [replace(_decode(ScalingDecision, r[1]), id=int(r[0])) for r in rows]
 
-    def set_override(self, o: fpb.Override) -> None:
+    def set_override(self, o: Override) -> None:
         if o.kind == "clear":
             self.db.execute(
                 "DELETE FROM scaling_overrides WHERE host = ? AND workload = ?", (o.host, o.workload)
             )
         else:
             self.db.execute(
-                "INSERT OR REPLACE INTO scaling_overrides VALUES (?, ?, ?)",
-                (o.host, o.workload, o.SerializeToString()),
+                "INSERT OR REPLACE INTO scaling_overrides VALUES (?, ?, ?)", (o.host, o.workload, _encode(o))
             )
 
-    def overrides(self) -> dict[tuple[str, str], fpb.Override]:
+    def overrides(self) -> dict[tuple[str, str], Override]:
         rows = self.db.execute("SELECT host, workload, override FROM scaling_overrides").fetchall()
-        return {(r[0], r[1]): fpb.Override.FromString(r[2]) for r in rows}
+        return {(r[0], r[1]): _decode(Override, r[2]) for r in rows}
 
     def close(self) -> None:
         self.db.close()
 
     def _tx(self) -> _Transaction:
         return _Transaction(self.db)
+
+
+T = TypeVar("T")
+
+
+def _encode(record: ScalingDecision | Override) -> str:
+    """A decision or override as the store keeps it: JSON of the dataclass's fields."""
+    return json.dumps(dataclasses.asdict(record), sort_keys=True)
+
+
+def _decode(cls: type[T], text: str | bytes) -> T:
+    return cls(**json.loads(text))
+
+
+def _decisions_and_overrides_to_json(db: sqlite3.Connection) -> None:
+    """Schema 2 kept decisions and overrides as the Fleet API's protobuf bytes; their fields have the same
+    names as the dataclasses', so each row is carried over field by field."""
+
+    def fields(m: fpb.ScalingDecision | fpb.Override) -> dict[str, Any]:
+        return {f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields}
+
+    for row_id, blob in db.execute("SELECT id, decision FROM scaling_decisions").fetchall():
+        d = ScalingDecision(**{**fields(fpb.ScalingDecision.FromString(blob)), "id": 0})
+        db.execute(
+            "UPDATE scaling_decisions SET decision = ? WHERE id = ?",
+            (_encode(replace(d, forecast=dict(d.forecast))), row_id),
+        )
+    for host, workload, blob in db.execute(
+        "SELECT host, workload, override FROM scaling_overrides"
+    ).fetchall():
+        o = Override(**fields(fpb.Override.FromString(blob)))
+        db.execute(
+            "UPDATE scaling_overrides SET override = ? WHERE host = ? AND workload = ?",
+            (_encode(o), host, workload),
+        )
 
 
 def _where(fixed: list[str], args: list[object], **equal: str) -> tuple[str, list[object]]:

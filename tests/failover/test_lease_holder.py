@@ -7,8 +7,9 @@ import time
 
 import grpc
 
-from agentd.failover import Channels, LeaseHolder, LeaseService, ObserverRole
+from agentd.failover import Channels, LeaseHolder, ObserverRole
 from shadowctl.procs import free_port
+from shadowplane.lease_observer import LeaseServicer
 from shadowplane.tls import TlsConfig
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import lease_pb2_grpc as lgrpc
@@ -20,11 +21,10 @@ async def observers(n: int) -> tuple[list[ObserverRole], list[grpc.aio.Server], 
     roles, servers, addrs = [], [], []
     for i in range(n):
         role = ObserverRole(f"o{i}", report=lambda m: None)
-        role.started_at -= 10  # past the start-up grace
-        role.observed = {"web"}
-        role.lease_seconds = LEASE_MS / 1000
+        role.leases.started_at -= 10  # past the start-up grace
+        role.leases.observe(["web"], LEASE_MS / 1000)
         server = grpc.aio.server()
-        lgrpc.add_LeaseServicer_to_server(LeaseService(role), server)
+        lgrpc.add_LeaseServicer_to_server(LeaseServicer(role.leases), server)
         port = free_port()
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()

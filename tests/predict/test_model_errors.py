@@ -11,8 +11,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from controller.predict.engine import PredictionEngine, SeriesBatch
+from controller.predict.engine import PredictionEngine
 from controller.predict.model import ModelError, load_model
+from controller.predict.series import SeriesBatch
 
 BAD_CASES = ["missing", "garbage", "truncated", "not_ours", "old_format", "other_features", "wrong_width"]
 

@@ -12,7 +12,7 @@ SUFFIXES = ("_total", "_bucket", "_count", "_sum")
 
 def exported() -> set[str]:
     names: set[str] = set()
-    for f in ("agentd/metrics.py", "controller/metrics.py"):
+    for f in ("agentd/prometheus_collector.py", "controller/prometheus_collector.py"):
         names |= set(re.findall(r'"(shadowplane_[a-z_]+)"', (ROOT / f).read_text()))
     return names
 

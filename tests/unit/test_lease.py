@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import random
 
-from shadowplane.lease import ObserverLease, majority, owner_valid_until, renew, vote
+from shadowplane.lease import ObserverLease, majority, owner_valid_until, renew, renewing, vote
+from shadowplane.lease_observer import LeaseObserver
 
 LEASE = 0.3
 
@@ -30,6 +31,46 @@ def test_restarted_observer_waits_out_what_it_forgot() -> None:
     st = ObserverLease()  # state lost in a restart at t=10
     v = vote(st, 7, "s1", now=10.1, started_at=10.0, lease=LEASE)
     assert v.granted and abs(v.wait - 0.2) < 1e-9
+
+
+def test_renewing_means_a_granted_renewal_of_that_token_less_than_a_lease_ago() -> None:
+    st = ObserverLease()
+    assert renewing(st, "p1", 1, now=0.5, started_at=0.0, lease=LEASE) is None  # just started: unknown
+    assert renewing(st, "p1", 1, now=1.0, started_at=0.0, lease=LEASE) is False  # never granted
+    renew(st, 1, "p1", now=1.0, started_at=0.0, lease=LEASE)
+    assert renewing(st, "p1", 1, now=1.2, started_at=0.0, lease=LEASE) is True
+    assert renewing(st, "p1", 1, now=1.31, started_at=0.0, lease=LEASE) is False  # a lease without one
+    assert renewing(st, "s1", 1, now=1.2, started_at=0.0, lease=LEASE) is False  # not the holder
+    # after a vote for a newer token neither the old owner nor the candidate is renewing it, although a
+    # renewal was granted a moment ago: a grant counts for its own token only
+    vote(st, 2, "s1", now=1.25, started_at=0.0, lease=LEASE)
+    assert renewing(st, "p1", 1, now=1.26, started_at=0.0, lease=LEASE) is False
+    assert renewing(st, "s1", 2, now=1.26, started_at=0.0, lease=LEASE) is False
+    # a refused renewal keeps nothing alive
+    assert not renew(st, 1, "p1", now=1.27, started_at=0.0, lease=LEASE).granted
+    assert renewing(st, "p1", 1, now=1.28, started_at=0.0, lease=LEASE) is False
+    renew(st, 2, "s1", now=1.4, started_at=0.0, lease=LEASE)
+    assert renewing(st, "s1", 2, now=1.5, started_at=0.0, lease=LEASE) is True
+
+
+def test_one_observer_for_controller_and_agents() -> None:
+    t = [10.0]
+    o = LeaseObserver("s2", LEASE, clock=lambda: t[0])
+    d = o.renew("web", 1, "p1")
+    assert not d.granted and d.promised == 0, "a service it does not observe: no grant, no newer token"
+    o.observe(["web"], lease_seconds=0.5)
+    assert o.lease_seconds == 0.5
+    assert not o.renew("web", 1, "p1").granted  # start-up grace: one lease
+    t[0] += 0.6
+    assert o.renew("web", 1, "p1").granted
+    assert o.renewing("web", "p1", 1) is None  # two leases after its start it can tell
+    t[0] += 0.5
+    assert o.renew("web", 1, "p1").granted and o.renewing("web", "p1", 1) is True
+    # the controller restores its promises from the store; grants are not restored
+    c = LeaseObserver("controller", LEASE, clock=lambda: t[0])
+    c.observe(["web"])
+    c.restore("web", 7, "s1")
+    assert c.vote("web", 7, "p1").granted is False and c.vote("web", 8, "p1").granted
 
 
 def test_majority() -> None:

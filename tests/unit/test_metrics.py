@@ -1,5 +1,6 @@
-"""Both daemons' /metrics: collectors built against real controller parts (or a minimal agent), rendered with
-prometheus_client as a scrape would, checked for the important series and by `promtool check metrics`."""
+"""Both daemons' /metrics: collectors render the daemons' status views (the controller's made by its real
+parts), with prometheus_client as a scrape would, checked for the important series and by `promtool check
+metrics`."""
 
 from __future__ import annotations
 
@@ -11,32 +12,28 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import cast
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agentd.config import AgentConfig, WorkloadConfig
-from agentd.daemon import Agent
-from agentd.link import Backlog, LinkState
-from agentd.metrics import AgentCollector, Totals
+from agentd.prometheus_collector import AgentCollector
+from agentd.status import AgentStatus, CaptureView, LeaseView, LinkView, Totals
 from controller.config import ControllerConfig, HostEntry, ServiceConfig
-from controller.events import EventLog
-from controller.failover.loop import FailoverLoop
-from controller.failover.observer import ControllerObserver
+from controller.event_log import EventLog
+from controller.failover.loop import FailoverLoop, controller_lease_observer
 from controller.failover.orchestrator import Orchestrator
-from controller.metrics import ControllerCollector, EventCounters
+from controller.prometheus_collector import ControllerCollector, EventCounters
 from controller.registry import AgentRegistry, AgentSession
-from controller.scaling.loop import Readiness, ScalingLoop
+from controller.scaling.decision import AppliedLimits, Readiness
+from controller.scaling.loop import ScalingLoop
 from controller.scaling.planner import Target
-from controller.server import Controller
+from controller.status import ControllerStatus
 from controller.store import EventRecord, ServiceRecord, SqliteStore
 from shadowctl.procs import free_port
 from shadowplane.clock import now_ms
-from shadowplane.metrics import MetricsConfig, add_log2, log2_buckets, serve
+from shadowplane.prometheus import MetricsConfig, add_log2, log2_buckets, serve
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import telemetry_pb2 as tpb
 
@@ -76,7 +73,7 @@ def promtool_check(text: str) -> None:
 
 def test_log2_buckets_become_a_cumulative_histogram_in_seconds() -> None:
     fam = HistogramMetricFamily("x_latency_seconds", "test", labels=["w"])
-    add_log2(fam, ["web"], [2, 0, 3], 1e-6)  # 2 in [0,2) us, 3 in [4,8) us
+    add_log2(fam, ["web"], [2, 0, 3], 1e-6, 32)  # 2 in [0,2) us, 3 in [4,8) us
     text = render(One(fam))
     assert 'x_latency_seconds_bucket{le="2e-06",w="web"} 2.0' in text
     assert 'x_latency_seconds_bucket{le="4e-06",w="web"} 2.0' in text
@@ -88,8 +85,8 @@ def test_log2_buckets_become_a_cumulative_histogram_in_seconds() -> None:
 
 
 def test_log2_buckets_are_the_same_on_every_scrape_and_the_clamped_bucket_is_unbounded() -> None:
-    empty, _ = log2_buckets([], 1e-9)
-    busy, _ = log2_buckets([1] * 32, 1e-9)
+    empty, _ = log2_buckets([], 1e-9, 32)
+    busy, _ = log2_buckets([1] * 32, 1e-9, 32)
     assert [le for le, _ in empty] == [le for le, _ in busy]  # telemetry trims trailing zeros; we must not
     assert len(busy) == 32 and busy[-1] == ("+Inf", 32.0)
     # bucket 31 holds everything the kernel clamped (>= 2^31 ns): it has no finite upper bound
@@ -116,27 +113,26 @@ def sample(workload: str, cpu_seconds: float, kernel: bool = True) -> tpb.Worklo
     return s
 
 
-def fake_agent(totals: Totals, *, bpf: bool, holding: bool) -> Agent:
-    """The parts of a running Agent the collector reads (a real one needs cgroups and the BPF loader)."""
-    cfg = AgentConfig(
+BUCKETS = {"syscall_latency": 32, "block_io_latency": 32, "tcp_srtt": 32}
+
+
+def agent_status(totals: Totals, *, bpf: bool, holding: bool) -> AgentStatus:
+    """An agent's status view as `Agent.status()` makes it (a real agent needs cgroups and the BPF loader)."""
+    return AgentStatus(
         host="h1",
-        workload=[
-            WorkloadConfig("web", "/web", "shadow", "web"),
-            WorkloadConfig("db", "/db", "primary", "db"),
-        ],
-    )
-    backlog = Backlog(720)
-    backlog.dropped_total = 3
-    holder = SimpleNamespace(token=7, lost=False)
-    return cast(
-        Agent,
-        SimpleNamespace(
-            cfg=cfg,
-            totals=totals,
-            bpf=SimpleNamespace(dropped_events=lambda: {"task_storage_full": 5}) if bpf else None,
-            link=SimpleNamespace(state=LinkState(connected=True), backlog=backlog),
-            commands=SimpleNamespace(holders={"web": holder} if holding else {}),
+        workloads=2,
+        capture=CaptureView(
+            bpf_active=bpf,
+            unavailable_reason="" if bpf else "disabled by configuration (capture.bpf = false)",
+            dropped_events={"task_storage_full": 5} if bpf else {},
+            histogram_buckets=BUCKETS if bpf else {},
         ),
+        link=LinkView("127.0.0.1:7400", connected=True, last_error="", backlog_batches=0, batches_dropped=3),
+        leases=(
+            LeaseView("db", held=False, token=None),
+            LeaseView("web", held=holding, token=7 if holding else None),
+        ),
+        totals=totals.workloads,
     )
 
 
@@ -144,7 +140,7 @@ def test_agent_metrics_are_running_totals_of_the_shipped_deltas() -> None:
     totals = Totals()
     totals.add(apb.TelemetryBatch(seq=1, samples=[sample("web", 0.25)]))
     totals.add(apb.TelemetryBatch(seq=2, samples=[sample("web", 0.5)]))
-    text = render(AgentCollector(fake_agent(totals, bpf=True, holding=True)))
+    text = render(AgentCollector(lambda: agent_status(totals, bpf=True, holding=True)))
 
     assert value(text, 'shadowplane_agent_cpu_seconds_total{workload="web"}') == 0.75
     assert value(text, 'shadowplane_agent_syscalls_total{syscall="read",workload="web"}') == 200
@@ -173,7 +169,7 @@ def test_agent_metrics_are_running_totals_of_the_shipped_deltas() -> None:
 def test_agent_without_bpf_exports_no_kernel_zeros() -> None:
     totals = Totals()
     totals.add(apb.TelemetryBatch(seq=1, samples=[sample("web", 0.25, kernel=False)]))
-    text = render(AgentCollector(fake_agent(totals, bpf=False, holding=False)))
+    text = render(AgentCollector(lambda: agent_status(totals, bpf=False, holding=False)))
     assert value(text, 'shadowplane_agent_cpu_seconds_total{workload="web"}') == 0.25
     assert value(text, "shadowplane_agent_bpf_active") == 0
     assert "shadowplane_agent_syscall_latency_seconds_bucket{" not in text  # absent, not "no syscalls"
@@ -196,22 +192,32 @@ def test_transition_events_are_counted_with_their_durations() -> None:
     assert k.by_kind["health"] == 1
 
 
-def controller_parts(tmp_path: Path) -> tuple[Controller, EventCounters]:
-    cfg = ControllerConfig(
-        host=[HostEntry("p1", address="127.0.0.1"), HostEntry("s1", address="127.0.0.1")],
-        service=[ServiceConfig("web", "p1", ["s1"], vip="10.0.0.100/24")],
-    )
-    store = SqliteStore(tmp_path / "c.db")
-    registry = AgentRegistry()
-    events = EventLog(store)
-    counters = EventCounters()
-    events.listeners.append(counters)
-    observer = ControllerObserver(store, ["web"], cfg.failover.lease_seconds)
-    scaling = ScalingLoop(cfg, store, registry, events)
-    orchestrator = Orchestrator(cfg, store, registry, events, observer)
-    failover = FailoverLoop(cfg, store, registry, events, observer, orchestrator)
-    parts = SimpleNamespace(cfg=cfg, store=store, registry=registry, failover=failover, scaling=scaling)
-    return cast(Controller, parts), counters
+class Parts:
+    """The controller's real parts, as server.start assembles them (without the gRPC server)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.cfg = ControllerConfig(
+            host=[HostEntry("p1", address="127.0.0.1"), HostEntry("s1", address="127.0.0.1")],
+            service=[ServiceConfig("web", "p1", ["s1"], vip="10.0.0.100/24")],
+        )
+        self.store = SqliteStore(tmp_path / "c.db")
+        self.registry = AgentRegistry()
+        self.events = EventLog(self.store)
+        self.counters = EventCounters()
+        self.events.listeners.append(self.counters)
+        observer = controller_lease_observer(self.cfg, self.store)
+        self.scaling = ScalingLoop(self.cfg, self.store, self.registry, self.events)
+        orchestrator = Orchestrator(self.cfg, self.store, self.registry, self.events, observer)
+        self.failover = FailoverLoop(self.cfg, self.store, self.registry, self.events, observer, orchestrator)
+
+    def status(self) -> ControllerStatus:
+        now = now_ms()
+        return ControllerStatus(
+            now, self.registry.views(), self.failover.service_views(), self.scaling.status(now)
+        )
+
+    def render(self) -> str:
+        return render(ControllerCollector(self.status, self.counters))
 
 
 def hello(host: str, role: tpb.Role.ValueType) -> apb.Hello:
@@ -224,7 +230,7 @@ def hello(host: str, role: tpb.Role.ValueType) -> apb.Hello:
 
 
 def test_controller_metrics_show_owner_transitions_forecast_demand_and_shadows(tmp_path: Path) -> None:
-    c, counters = controller_parts(tmp_path)
+    c = Parts(tmp_path)
     now = now_ms()
     # p1 serves and has sent a sample: 0.5 CPU seconds over 1 s, 512 MiB
     c.store.register_agent(hello("p1", tpb.ROLE_PRIMARY), "peer", now)
@@ -239,16 +245,15 @@ def test_controller_metrics_show_owner_transitions_forecast_demand_and_shadows(t
     c.failover.events.record("failover", "web", "s1", "p1 down")
     c.failover.events.record("failover-complete", "web", "s1", "p1 -> s1 in 420 ms", took_ms=420)
     # the scaling loop's latest forecast and what s1's agent applied
-    assert c.scaling is not None
     c.scaling.demand["web"] = "p1/web"
     c.scaling.targets["web"] = {
         "cpu": Target(0.8, {"q0.5": 0.5, "q0.9": 0.7, "q0.99": 0.9}, "model"),
         "memory": Target(GIB, {"q0.5": 600e6, "q0.99": 900e6}, "model"),
     }
-    c.scaling.applied[("s1", "web")] = apb.LimitsApplied(cpu_cores=1.2, memory_bytes=2 * GIB)
+    c.scaling.applied[("s1", "web")] = AppliedLimits(cpu_cores=1.2, memory_bytes=2 * GIB)
     c.scaling.readiness[("s1", "web")] = Readiness(True, "limits in place")
 
-    text = render(ControllerCollector(c, counters))
+    text = c.render()
     assert value(text, 'shadowplane_service_owner_info{owner="s1",service="web"}') == 1
     assert value(text, 'shadowplane_service_fencing_token{service="web"}') == 4
     assert value(text, 'shadowplane_service_transitions_total{kind="failover",service="web"}') == 1
@@ -276,15 +281,14 @@ def test_controller_metrics_show_owner_transitions_forecast_demand_and_shadows(t
 
 
 def test_demand_of_a_silent_primary_is_absent_not_stale(tmp_path: Path) -> None:
-    c, counters = controller_parts(tmp_path)
+    c = Parts(tmp_path)
     then = now_ms() - 3_600_000  # its last sample is an hour old
     c.store.register_agent(hello("p1", tpb.ROLE_PRIMARY), "peer", then)
     s = tpb.WorkloadSample(workload="web", cgroup="/web", start_unix_ms=then - 1000, end_unix_ms=then)
     s.resources.cpu_seconds = 0.5
     c.store.append_batch("p1", "p1-1", apb.TelemetryBatch(seq=1, samples=[s]), then)
-    assert c.scaling is not None
     c.scaling.demand["web"] = "p1/web"
-    text = render(ControllerCollector(c, counters))
+    text = c.render()
     assert "shadowplane_demand_cpu_cores{" not in text
     assert value(text, 'shadowplane_service_owner_info{owner="none",service="web"}') == 1
     promtool_check(text)

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from controller.config import ControllerConfig, ScalingConfig
-from controller.events import EventLog
+from controller.event_log import EventLog
 from controller.predict.model import DEFAULT_MODEL
 from controller.registry import AgentRegistry
 from controller.scaling.loop import ScalingLoop

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from controller.config import ScalingConfig
-from controller.scaling.planner import ShadowNow, Target, changed, decide_resource, io_weight
+from controller.scaling.override import Override
+from controller.scaling.planner import ShadowNow, Target, decide_resource, io_weight
 from controller.store import SqliteStore
-from shadowplane.v1 import fleet_pb2 as fpb
 
 CFG = ScalingConfig(cpu_floor_cores=0.1, memory_floor_bytes=64 * 2**20)
 GIB = 2**30
@@ -28,7 +28,7 @@ def test_rule_branches_are_recorded_with_the_forecast() -> None:
     assert (d.old, d.new, d.branch, d.predicted) == (1.0, 2.5, "add", 2.0)
     assert d.forecast["target"] == 2.0 and d.demand_from == "p1/web" and d.result == "planned"
     d = decide_resource(CFG, shadow(cpu=1.0), "cpu", "p1/web", target(1.1), None, 1000)
-    assert d.branch == "hold" and not changed(d)
+    assert d.branch == "hold" and not d.changed
 
 
 def test_ceiling_is_the_host_capacity_and_memory_keeps_what_is_used() -> None:
@@ -43,15 +43,16 @@ def test_ceiling_is_the_host_capacity_and_memory_keeps_what_is_used() -> None:
 
 
 def test_overrides_pin_bound_freeze() -> None:
-    pin = fpb.Override(kind="pin", cpu_cores=0.5)
+    pin = Override("s1", "web", "pin", cpu_cores=0.5)
     d = decide_resource(CFG, shadow(cpu=2.0), "cpu", "p1/web", target(3.0), pin, 0)
     assert (d.new, d.branch) == (0.5, "pinned")
     # a pin without a memory value leaves memory to the forecast
     d = decide_resource(CFG, shadow(mem=GIB), "memory", "p1/web", target(2 * GIB), pin, 0)
     assert d.branch == "add"
-    d = decide_resource(CFG, shadow(cpu=1.0), "cpu", "p1/web", target(3.0), fpb.Override(kind="freeze"), 0)
+    freeze = Override("s1", "web", "freeze")
+    d = decide_resource(CFG, shadow(cpu=1.0), "cpu", "p1/web", target(3.0), freeze, 0)
     assert (d.new, d.branch) == (1.0, "frozen")
-    bound = fpb.Override(kind="bound", cpu_min=0.5, cpu_max=1.5)
+    bound = Override("s1", "web", "bound", cpu_min=0.5, cpu_max=1.5)
     d = decide_resource(CFG, shadow(cpu=1.0), "cpu", "p1/web", target(3.0), bound, 0)
     assert d.new == 1.5 and "bound" in d.clamps
 
@@ -69,7 +70,7 @@ def test_store_keeps_decisions_and_overrides(tmp_path: Path) -> None:
     stored = st.add_decisions(ds)
     assert [d.id for d in stored] == [1, 2, 3]
     assert [d.old for d in st.decisions(host="s1", last=2)] == [2.0, 3.0]
-    st.set_override(fpb.Override(host="s1", workload="web", kind="freeze", by="alice"))
+    st.set_override(Override("s1", "web", "freeze", by="alice"))
     assert st.overrides()[("s1", "web")].by == "alice"
-    st.set_override(fpb.Override(host="s1", workload="web", kind="clear"))
+    st.set_override(Override("s1", "web", "clear"))
     assert st.overrides() == {}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from controller.config import ControllerConfig, HostEntry
@@ -83,3 +84,43 @@ def test_check_hello_enforces_the_host_list() -> None:
     problem = check_hello(hello(host="intruder"), cfg)
     assert problem is not None and "not in the controller's [[host]] list" in problem
     assert check_hello(hello(host=""), cfg) is not None
+
+
+def test_a_schema_2_store_keeps_its_decisions_and_overrides(tmp_path: Path) -> None:
+    """0.1.0 kept scaling decisions and overrides as the Fleet API's protobuf bytes; an upgraded controller
+    reads them all back."""
+    from controller.scaling.decision import ScalingDecision
+    from controller.scaling.override import Override
+    from shadowplane.v1 import fleet_pb2 as fpb
+
+    db = tmp_path / "c.db"
+    SqliteStore(db).close()
+    old = sqlite3.connect(db)
+    d = fpb.ScalingDecision(
+        id=1, unix_ms=5, service="web", host="s1", workload="web", resource="cpu", demand_from="p1/web",
+        forecast={"q0.5": 0.5, "target": 0.8}, predicted=0.8, old=1.0, new=0.9, branch="remove",
+        clamps="floor", result="applied", applied=0.9, forecast_source="model",
+    )  # fmt: skip
+    old.execute(
+        "INSERT INTO scaling_decisions VALUES (1, 5, 'web', 's1', 'web', 'cpu', ?)", (d.SerializeToString(),)
+    )
+    o = fpb.Override(host="s1", workload="web", kind="bound", cpu_min=0.5, memory_max=2**30, by="alice")
+    old.execute("INSERT INTO scaling_overrides VALUES ('s1', 'web', ?)", (o.SerializeToString(),))
+    old.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    old.commit()
+    old.close()
+
+    st = SqliteStore(db)
+    assert st.decisions() == [
+        ScalingDecision(
+            5, "web", "s1", "web", "cpu", "p1/web", {"q0.5": 0.5, "target": 0.8}, 0.8, 1.0, 0.9, "remove",
+            "floor", "model", "applied", 0.9, 1,
+        )
+    ]  # fmt: skip
+    assert st.overrides() == {
+        ("s1", "web"): Override("s1", "web", "bound", cpu_min=0.5, memory_max=2**30, by="alice")
+    }
+    assert st.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    [(n,)] = st.db.execute("SELECT count(*) FROM scaling_decisions").fetchall()
+    st.close()
+    assert n == 1

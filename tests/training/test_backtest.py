@@ -8,17 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller.predict.backtest import (
+from controller.predict.fallback import StatisticalForecaster
+from controller.scaling.rule import RuleParams
+from training.backtest import (
     BacktestError,
     forecast_origins,
     replay_allocation,
     run_backtest,
     write_alloc_csv,
 )
-from controller.predict.baselines import autopilot_max, seed_rule, seed_rule_step, vpa_recommender
-from controller.predict.fallback import StatisticalForecaster
-from controller.predict.metrics import mase, pinball_loss, score_allocation, seasonal_naive
-from controller.predict.traces import Trace
+from training.baselines import autopilot_max, seed_rule, vpa_recommender
+from training.scores import mase, pinball_loss, score_allocation, seasonal_naive
+from training.traces import Trace
 
 HOUR = 3600
 
@@ -44,15 +45,15 @@ def test_warm_up_counts_rows_not_clock_so_a_clock_step_back_does_not_unscore_row
     assert s.steps == 4 and s.coverage == 1.0
 
 
-def test_seed_rule_by_hand() -> None:
-    assert seed_rule_step(10, 13) == pytest.approx(14.5)  # 13 > 12: add (13-10)*1.5
-    assert seed_rule_step(10, 11) == 10  # inside the band
-    assert seed_rule_step(10, 7) == pytest.approx(8.5)  # 7 < 8: remove (10-7)*0.5
+def test_seed_rule_baseline_is_the_controllers_rule() -> None:
     v = np.array([10.0, 10.0, 20.0, 5.0, 5.0])
-    # step 1 starts at the prediction v[0]=10; step 2 sees v[1]=10; step 3 sees 20 > 12 -> 10+15=25;
-    # step 4 sees 5 < 20 -> 25-10 = 15
-    assert seed_rule(v, lead=1).tolist() == [0, 10, 10, 25, 15]
-    assert seed_rule(v, lead=2).tolist() == [0, 0, 10, 10, 25]
+    # As the controller does with a new shadow: no limit yet -> 10 * 1.5 = 15; 10 < 15 * 0.8 -> remove
+    # (15 - 10) * 0.5 -> 12.5; 20 > 12.5 * 1.2 -> add (20 - 12.5) * 1.5 -> 23.75; 5 < 23.75 * 0.8 -> 14.375
+    assert seed_rule(v, lead=1).tolist() == [0, 15, 12.5, 23.75, 14.375]
+    assert seed_rule(v, lead=2).tolist() == [0, 0, 15, 12.5, 23.75]
+    # the controller's parameters, not constants of the backtest's own
+    eager = RuleParams(up_threshold=1.0, up_factor=2.0, down_threshold=1.0, down_factor=1.0)
+    assert seed_rule(v, lead=1, params=eager).tolist() == [0, 20, 10, 30, 5]
 
 
 def test_autopilot_is_the_max_of_the_last_24_hours() -> None:

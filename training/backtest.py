@@ -17,9 +17,11 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.predict.allocation import AllocationPolicy, AllocationState, allocate, observe
-from controller.predict.baselines import autopilot_max, seed_rule, vpa_recommender
 from controller.predict.features import detect_periods, sliding_history
-from controller.predict.metrics import (
+from controller.predict.model import Forecaster
+from controller.scaling.rule import DEFAULT_RULE, RuleParams
+from training.baselines import autopilot_max, seed_rule, vpa_recommender
+from training.scores import (
     DAY,
     AllocationScores,
     mase,
@@ -28,8 +30,7 @@ from controller.predict.metrics import (
     scored_mask,
     seasonal_naive,
 )
-from controller.predict.model import Forecaster
-from controller.predict.traces import Trace
+from training.traces import Trace
 
 F64 = npt.NDArray[np.float64]
 PROJECT = "shadowplane"
@@ -164,6 +165,7 @@ def run_backtest(
     lead: int = 1,
     policy: AllocationPolicy = DEFAULT_POLICY,
     warmup_seconds: float = DAY,
+    rule: RuleParams = DEFAULT_RULE,
 ) -> BacktestReport:
     if len(trace) <= lead:
         raise BacktestError(f"{trace.name}: {len(trace)} rows is not more than the lead of {lead}")
@@ -197,7 +199,7 @@ def run_backtest(
         replay=replay,
         project=result(PROJECT, replay.allocation),
         baselines=[
-            result("seed rule", seed_rule(v, lead)),
+            result("seed rule", seed_rule(v, lead, rule)),
             result("VPA-style", vpa_recommender(ts, v, lead)),
             result("Autopilot-style", autopilot_max(ts, v, lead)),
         ],

@@ -1,11 +1,12 @@
 """The controller's /metrics: fleet and stream health, each service's owner, token, observers and
-transitions, and the scaling loop's forecast vs actual demand and each shadow's allocation."""
+transitions, and the scaling loop's forecast vs actual demand and each shadow's allocation.
+
+A Prometheus collector of the read model (controller/status.py), plus the event counters it keeps itself."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -15,11 +16,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from controller.status import ControllerStatus, ScalingView
 from controller.store import EventRecord
-from shadowplane.clock import now_ms
-
-if TYPE_CHECKING:
-    from controller.server import Controller
 
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TRANSITIONS = ("failover", "failback", "move", "place", "reacquire")
@@ -49,30 +47,30 @@ class EventCounters:
 
 
 class ControllerCollector(Collector):
-    def __init__(self, c: Controller, counters: EventCounters) -> None:
-        self.c, self.counters = c, counters
+    """Renders the controller's read model (controller/status.py) and the event counters at each scrape."""
+
+    def __init__(self, status: Callable[[], ControllerStatus], counters: EventCounters) -> None:
+        self.status, self.counters = status, counters
 
     def collect(self) -> Iterator[Metric]:
-        c, now = self.c, now_ms()
+        st = self.status()
         yield GaugeMetricFamily(
-            "shadowplane_controller_agents_connected",
-            "Agents with a live stream",
-            value=len(c.registry.connected()),
+            "shadowplane_controller_agents_connected", "Agents with a live stream", value=len(st.agents)
         )
         seen = GaugeMetricFamily(
             "shadowplane_controller_agent_last_seen_seconds",
             "Seconds since each agent was last heard",
             labels=["host"],
         )
-        for host, s in list(c.registry.connected().items()):
-            seen.add_metric([host], max(0.0, (now - s.last_heard_ms) / 1000))
+        for a in st.agents:
+            seen.add_metric([a.host], max(0.0, (st.now_ms - a.last_heard_ms) / 1000))
         yield seen
-        yield from self._services()
+        yield from self._services(st)
         yield from self._events()
-        if c.scaling is not None:
-            yield from self._scaling()
+        if st.scaling is not None:
+            yield from self._scaling(st.scaling)
 
-    def _services(self) -> Iterator[Metric]:
+    def _services(self, st: ControllerStatus) -> Iterator[Metric]:
         owner = GaugeMetricFamily(
             "shadowplane_service_owner_info",
             "1 for the host that owns the service",
@@ -86,14 +84,12 @@ class ControllerCollector(Collector):
             "1 if the observer sees the target up, 0 if down (absent: unknown)",
             labels=["service", "observer", "target"],
         )
-        for name, rt in list(self.c.failover.services.items()):
-            rec = self.c.failover.orchestrator.record(name)
-            owner.add_metric([name, rec.owner or "none"], 1)
-            token.add_metric([name], rec.token)
-            for target in rt.targets():
-                for observer, (is_up, _) in self.c.failover.views(rt, target).items():
-                    if is_up is not None:
-                        up.add_metric([name, observer, target], int(is_up))
+        for svc in st.services:
+            owner.add_metric([svc.name, svc.owner or "none"], 1)
+            token.add_metric([svc.name], svc.token)
+            for o in svc.observers:
+                if o.up is not None:
+                    up.add_metric([svc.name, o.observer, o.target], int(o.up))
         yield from (owner, token, up)
 
     def _events(self) -> Iterator[Metric]:
@@ -116,58 +112,50 @@ class ControllerCollector(Collector):
             dur.add_metric([service], [*buckets, ("+Inf", float(counts[-1]))], k.duration_sums[service])
         yield from (total, trans, dur)
 
-    def _scaling(self) -> Iterator[Metric]:
-        s = self.c.scaling
-        assert s is not None
+    def _scaling(self, s: ScalingView) -> Iterator[Metric]:
         # The forecast's quantile is `q`, not `quantile`: Prometheus reserves that label for summaries
         # (promtool rejects it on a gauge). The allocation target is no quantile: it has its own gauge.
-        fc_cpu = GaugeMetricFamily(
-            "shadowplane_forecast_cpu_cores",
-            "Forecast CPU demand of the next step, by forecast quantile q",
-            labels=["service", "q"],
-        )
-        fc_mem = GaugeMetricFamily(
-            "shadowplane_forecast_memory_bytes",
-            "Forecast memory demand of the next step, by forecast quantile q",
-            labels=["service", "q"],
-        )
-        tg_cpu = GaugeMetricFamily(
-            "shadowplane_forecast_target_cpu_cores",
-            "CPU the allocation policy chose from the forecast (what shadows are sized towards)",
-            labels=["service"],
-        )
-        tg_mem = GaugeMetricFamily(
-            "shadowplane_forecast_target_memory_bytes",
-            "Memory the allocation policy chose from the forecast (what shadows are sized towards)",
-            labels=["service"],
-        )
+        forecast = {
+            "cpu": GaugeMetricFamily(
+                "shadowplane_forecast_cpu_cores",
+                "Forecast CPU demand of the next step, by forecast quantile q",
+                labels=["service", "q"],
+            ),
+            "memory": GaugeMetricFamily(
+                "shadowplane_forecast_memory_bytes",
+                "Forecast memory demand of the next step, by forecast quantile q",
+                labels=["service", "q"],
+            ),
+        }
+        target = {
+            "cpu": GaugeMetricFamily(
+                "shadowplane_forecast_target_cpu_cores",
+                "CPU the allocation policy chose from the forecast (what shadows are sized towards)",
+                labels=["service"],
+            ),
+            "memory": GaugeMetricFamily(
+                "shadowplane_forecast_target_memory_bytes",
+                "Memory the allocation policy chose from the forecast (what shadows are sized towards)",
+                labels=["service"],
+            ),
+        }
+        for f in s.forecasts:
+            if f.resource not in forecast:
+                continue  # I/O is forecast for the I/O weight, not exported
+            for q, v in f.quantiles.items():
+                forecast[f.resource].add_metric([f.service, f"{q:g}"], v)
+            target[f.resource].add_metric([f.service], f.target)
         demand_cpu = GaugeMetricFamily(
             "shadowplane_demand_cpu_cores", "Actual CPU demand (latest sample)", labels=["service"]
         )
         demand_mem = GaugeMetricFamily(
             "shadowplane_demand_memory_bytes", "Actual memory (latest sample)", labels=["service"]
         )
-        for service, targets in list(s.targets.items()):
-            for resource, fam, target in (("cpu", fc_cpu, tg_cpu), ("memory", fc_mem, tg_mem)):
-                t = targets.get(resource)
-                if t is None:
-                    continue
-                for q, v in t.forecast.items():
-                    if q.startswith("q"):
-                        fam.add_metric([service, q[1:]], v)
-                target.add_metric([service], t.predicted)
-            key = s.demand.get(service, "")
-            host, _, workload = key.partition("/")
-            rows = self.c.store.samples(host, workload, limit=1) if key else []
-            smp = rows[-1][1] if rows else None
-            interval_ms = smp.end_unix_ms - smp.start_unix_ms if smp else 0
-            # A silent agent's last sample is not today's demand: leave the series absent (Grafana shows
-            # the gap) once it is as stale as the fleet view calls a host.
-            if smp and now_ms() - smp.end_unix_ms <= self.c.cfg.stale_after_intervals * interval_ms:
-                secs = max(1e-3, interval_ms / 1000)
-                demand_cpu.add_metric([service], smp.resources.cpu_seconds / secs)
-                demand_mem.add_metric([service], smp.resources.memory_bytes)
-        yield from (fc_cpu, fc_mem, tg_cpu, tg_mem, demand_cpu, demand_mem)
+        for d in s.demand:  # a stale sample is absent from the view: Grafana shows the gap
+            demand_cpu.add_metric([d.service], d.cpu_cores)
+            demand_mem.add_metric([d.service], d.memory_bytes)
+        yield from (forecast["cpu"], forecast["memory"], target["cpu"], target["memory"])
+        yield from (demand_cpu, demand_mem)
         cpu = GaugeMetricFamily(
             "shadowplane_shadow_cpu_limit_cores",
             "Shadow CPU limit as its agent reported it",
@@ -181,18 +169,14 @@ class ControllerCollector(Collector):
         ready = GaugeMetricFamily(
             "shadowplane_shadow_ready", "1 if the shadow's limits are in place", labels=["service", "host"]
         )
-        for svc in self.c.cfg.service:
-            for host in svc.shadows:
-                w = s.workload_of(host, svc.name)
-                applied = s.applied.get((host, w))
-                if applied is not None:
-                    cpu.add_metric([svc.name, host], applied.cpu_cores)
-                    mem.add_metric([svc.name, host], applied.memory_bytes)
-                rd = s.readiness.get((host, w))
-                ready.add_metric([svc.name, host], int(bool(rd and rd.ready)))
+        for sh in s.shadows:
+            if sh.cpu_cores is not None and sh.memory_bytes is not None:
+                cpu.add_metric([sh.service, sh.host], sh.cpu_cores)
+                mem.add_metric([sh.service, sh.host], sh.memory_bytes)
+            ready.add_metric([sh.service, sh.host], int(sh.ready))
         yield from (cpu, mem, ready)
         model = GaugeMetricFamily(
             "shadowplane_forecast_model_info", "The forecaster in use", labels=["source", "version"]
         )
-        model.add_metric([s.engine.source, s.engine.model_version], 1)
+        model.add_metric([s.model_source, s.model_version], 1)
         yield model

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -21,21 +20,20 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from controller.predict import net
-from controller.predict.events import Event, EventWeighting, event_weights, find_forecast_misses
-from controller.predict.export import write_model
+from controller import telemetry_schema
 from controller.predict.features import (
-    SIGNALS,
     FeatureSpec,
     build_features,
     denormalise,
     detect_periods,
-    fill_unknown,
-    resample,
     sliding_history,
 )
-from controller.predict.model import Forecaster
-from controller.predict.traces import Trace
+from controller.predict.model import DEFAULT_QUANTILES, Forecaster
+from controller.predict.series import Series
+from training import net
+from training.event_weights import Event, EventWeighting, event_weights, find_forecast_misses
+from training.export import write_model
+from training.traces import Trace
 
 log = logging.getLogger(__name__)
 
@@ -43,46 +41,19 @@ F64 = npt.NDArray[np.float64]
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
-QUANTILES = (0.1, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
-RESOURCES = ("cpu", "memory", "io")
+QUANTILES = DEFAULT_QUANTILES
+RESOURCES = telemetry_schema.RESOURCES
 # Normalised targets beyond this many typical moves are clipped: such a jump is unforecastable from the
 # history, and an unclipped one only pulls the upper quantiles of every series towards it.
 TARGET_CLIP = 100.0
 MODEL_VERSION_PREFIX = "sp1"
-# store column -> (resource name, how samples in one step combine)
-STORE_RESOURCES = {
-    "cpu_cores": ("cpu", "mean"),
-    "memory_bytes": ("memory", "max"),  # memory is sized for its peak, not its average
-    "io_bytes_per_second": ("io", "mean"),
-}
-STORE_SIGNALS = {"syscalls_per_second": "syscalls", "accepts_per_second": "accepts"}
 DEFAULT_SPEC = FeatureSpec()
 DEFAULT_SETTINGS = net.TrainSettings()
 DEFAULT_WEIGHTING = EventWeighting()
 
 
-@dataclass(frozen=True)
-class TrainingSeries:
-    name: str
-    timestamps: I64  # unix seconds per step
-    values: F64
-    step_seconds: int
-    signals: F64 | None = None  # (len(spec.signals), steps), NaN where not captured
-    weights: F64 | None = None  # per step, from events; 1 = ordinary
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def as_trace(self) -> Trace:
-        return Trace(self.name, self.timestamps, self.values)
-
-    def tail_from(self, start_s: float) -> int:
-        """Index of the first step after start_s."""
-        return int(np.searchsorted(self.timestamps, start_s, side="right"))
-
-
-def series_from_trace(t: Trace) -> TrainingSeries:
-    return TrainingSeries(t.name, t.timestamps, t.values, t.step_seconds)
+def series_from_trace(t: Trace) -> Series:
+    return Series(t.name, t.timestamps, t.values, t.step_seconds)
 
 
 @dataclass
@@ -94,9 +65,7 @@ class Dataset:
     rows_per_series: list[int] = field(default_factory=list)
 
 
-def series_examples(
-    s: TrainingSeries, spec: FeatureSpec, chunk: int = 4096
-) -> tuple[F32, F64, F64, F64, F64]:
+def series_examples(s: Series, spec: FeatureSpec, chunk: int = 4096) -> tuple[F32, F64, F64, F64, F64]:
     """(x, normalised targets, per-example event weight, level, scale) for every usable origin of one
     series: origins with at least `window` steps behind and `horizon` steps ahead."""
     n, H = len(s), spec.horizon
@@ -135,7 +104,7 @@ def series_examples(
     return np.concatenate(xs), y, w, level, scale
 
 
-def build_dataset(series: list[TrainingSeries], spec: FeatureSpec) -> Dataset:
+def build_dataset(series: list[Series], spec: FeatureSpec) -> Dataset:
     xs, ys, ws, names, counts = [], [], [], [], []
     for s in series:
         x, y, w, _, _ = series_examples(s, spec)
@@ -218,7 +187,7 @@ class NumpyForecaster:
         return denormalise(y, f.level, f.scale)
 
 
-def describe_series(series: list[TrainingSeries], source: str) -> dict[str, Any]:
+def describe_series(series: list[Series], source: str) -> dict[str, Any]:
     return {
         "source": source,
         "series": [s.name for s in series],
@@ -235,7 +204,7 @@ def _iso(t: int) -> str:
 
 
 def train_model(
-    series: list[TrainingSeries],
+    series: list[Series],
     source: str,
     spec: FeatureSpec = DEFAULT_SPEC,
     quantiles: tuple[float, ...] = QUANTILES,
@@ -264,38 +233,7 @@ def train_model(
     )
 
 
-def recent_loss(forecaster: Forecaster, series: list[TrainingSeries], since_s: dict[str, float]) -> float:
-    """Mean pinball loss (over quantiles and horizon steps, relative to the series' mean usage) of the
-    forecasts whose targets all fall after `since_s[series]`; the mean over series. This is what champion
-    and challenger are compared on."""
-    losses = []
-    q = np.asarray(forecaster.quantiles)
-    H = forecaster.horizon
-    for s in series:
-        start = s.tail_from(since_s.get(s.name, -math.inf))
-        first_origin = max(start - 1, 0)
-        if len(s) - H - first_origin < 1:
-            continue
-        steps = forecaster.spec.history_steps(s.step_seconds)
-        origins = np.arange(first_origin, len(s) - H)
-        hist = np.asarray(sliding_history(s.values, steps)[origins])
-        curves = forecaster.predict_rows(
-            hist,
-            s.timestamps[origins].astype(np.float64),
-            s.step_seconds,
-            periods=detect_periods(hist, forecaster.spec),
-        )
-        future = np.stack([s.values[origins + k] for k in range(1, H + 1)], axis=1)
-        d = future[..., None] - curves
-        pin = np.maximum(q * d, (q - 1) * d).mean()
-        scale = float(np.mean(np.abs(s.values[start:]))) or 1.0
-        losses.append(pin / scale)
-    return float(np.mean(losses)) if losses else math.nan
-
-
-def split_recent(
-    series: list[TrainingSeries], holdout_seconds: float
-) -> tuple[list[TrainingSeries], dict[str, float]]:
+def split_recent(series: list[Series], holdout_seconds: float) -> tuple[list[Series], dict[str, float]]:
     """Each series without its last `holdout_seconds` (to train a challenger on), and where each holdout
     starts (to score champion and challenger on the same unseen data)."""
     train, since = [], {}
@@ -316,7 +254,7 @@ def split_recent(
     return train, since
 
 
-def miss_events(forecaster: Forecaster, s: TrainingSeries, tolerance: float = 3.0) -> list[Event]:
+def miss_events(forecaster: Forecaster, s: Series, tolerance: float = 3.0) -> list[Event]:
     """Where `forecaster` (the running model) was badly wrong one step ahead on this series."""
     if len(s) < 3:
         return []
@@ -344,8 +282,8 @@ def miss_events(forecaster: Forecaster, s: TrainingSeries, tolerance: float = 3.
 
 
 def apply_events(
-    series: list[TrainingSeries], events: list[Event], weighting: EventWeighting = DEFAULT_WEIGHTING
-) -> list[TrainingSeries]:
+    series: list[Series], events: list[Event], weighting: EventWeighting = DEFAULT_WEIGHTING
+) -> list[Series]:
     out = []
     for s in series:
         w = event_weights(s.timestamps, events, s.name, weighting)
@@ -356,46 +294,14 @@ def apply_events(
 
 
 def weight_by_events(
-    series: list[TrainingSeries],
+    series: list[Series],
     events: list[Event],
     judge: Forecaster,
     weighting: EventWeighting = DEFAULT_WEIGHTING,
-) -> tuple[list[TrainingSeries], list[Event]]:
+) -> tuple[list[Series], list[Event]]:
     """The given events (failovers) plus every window where `judge` (the running model, or the fallback
     when there is none) was badly wrong one step ahead, applied as training weights."""
     found = list(events)
     for s in series:
         found.extend(miss_events(judge, s))
     return apply_events(series, found, weighting), found
-
-
-def series_from_store(
-    columns: dict[tuple[str, str], dict[str, list[float]]], step_seconds: int, min_steps: int = 1
-) -> list[TrainingSeries]:
-    """The store's samples (`Store.resource_series`) as one training series per workload and resource,
-    resampled onto `step_seconds`; the request-rate signals ride along. Steps with no sample are filled
-    from the previous one (the agent was away; the workload most likely did what it did before)."""
-    out = []
-    for (host, workload), cols in sorted(columns.items()):
-        end_s = np.asarray(cols["end_ms"], dtype=np.float64) / 1000.0
-        if len(end_s) == 0:
-            continue
-        sigs = []
-        for col in STORE_SIGNALS:
-            _, v = resample(end_s, np.asarray(cols[col]), step_seconds)
-            sigs.append(v)
-        for col, (resource, how) in STORE_RESOURCES.items():
-            grid, v = resample(end_s, np.asarray(cols[col]), step_seconds, how=how)
-            if int((~np.isnan(v)).sum()) < min_steps:
-                continue
-            filled = fill_unknown(v[None, :])[0]
-            out.append(
-                TrainingSeries(
-                    name=f"{host}/{workload}/{resource}",
-                    timestamps=grid.astype(np.int64),
-                    values=filled,
-                    step_seconds=step_seconds,
-                    signals=np.stack(sigs) if len(sigs) == len(SIGNALS) else None,
-                )
-            )
-    return out

@@ -1,17 +1,18 @@
-"""Learning from events: which windows weigh more in the next training, and whether a newly trained model
-may replace the running one. Pure functions; the callers log the decisions."""
+"""Learning from events: which windows of history weigh more in the next training (failovers and the hour
+before them, forecasts that were badly wrong). Pure functions; the callers log what they found.
+
+Whether the model trained that way may replace the running one is `controller.predict.champion`."""
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from controller.predict.traces import parse_timestamp
+from training.traces import parse_timestamp
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -116,53 +117,6 @@ def load_events(path: str | Path) -> list[Event]:
             raise ValueError(f"{p}: entry {i}: end is before start")
         out.append(Event(str(kind), str(d.get("series", "")), times[0], times[1]))
     return out
-
-
-@dataclass(frozen=True)
-class ChampionDecision:
-    promote: bool
-    reason: str
-    champion: str
-    challenger: str
-    champion_loss: float | None
-    challenger_loss: float
-
-
-def decide_champion(
-    champion: str,
-    champion_loss: float | None,
-    challenger: str,
-    challenger_loss: float,
-    min_improvement: float = 0.01,
-) -> ChampionDecision:
-    """The challenger replaces the champion only if its loss on recent data is lower by at least
-    `min_improvement` (relative), so a retrain that is merely as good does not churn the running model.
-    Losses are mean pinball losses relative to mean usage: lower is better."""
-
-    def d(promote: bool, reason: str) -> ChampionDecision:
-        return ChampionDecision(promote, reason, champion, challenger, champion_loss, challenger_loss)
-
-    if not math.isfinite(challenger_loss):
-        return d(False, f"challenger {challenger} has no finite loss on recent data; keeping {champion}")
-    if champion_loss is None or not math.isfinite(champion_loss):
-        return d(True, f"no usable champion ({champion}); challenger {challenger} takes over")
-    if champion_loss <= 0:
-        better = challenger_loss < champion_loss
-    else:
-        better = challenger_loss < champion_loss * (1 - min_improvement)
-    gain = (champion_loss - challenger_loss) / champion_loss if champion_loss > 0 else 0.0
-    if better:
-        return d(
-            True,
-            f"challenger {challenger} beats champion {champion} on recent data: "
-            f"loss {challenger_loss:.5f} vs "
-            f"{champion_loss:.5f} ({gain:+.1%})",
-        )
-    return d(
-        False,
-        f"challenger {challenger} does not beat champion {champion} by {min_improvement:.0%} on recent data: "
-        f"loss {challenger_loss:.5f} vs {champion_loss:.5f} ({gain:+.1%}); keeping the champion",
-    )
 
 
 def failover_events_from_records(

@@ -13,38 +13,22 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from controller.scaling import rule
+from controller.scaling.rule import DEFAULT_RULE, RuleParams
+
 F64 = npt.NDArray[np.float64]
 DAY = 86400
 
 
-@dataclass(frozen=True)
-class SeedRule:
-    """The seed's scaling rule: predicted > alloc*1.2 -> add (pred-alloc)*1.5; predicted < alloc*0.8 ->
-    remove (alloc-pred)*0.5."""
-
-    up_ratio: float = 1.2
-    up_gain: float = 1.5
-    down_ratio: float = 0.8
-    down_gain: float = 0.5
-
-
-def seed_rule_step(alloc: float, predicted: float, rule: SeedRule = SeedRule()) -> float:
-    """One application of the seed rule: the new allocation."""
-    if predicted > alloc * rule.up_ratio:
-        return alloc + (predicted - alloc) * rule.up_gain
-    if predicted < alloc * rule.down_ratio:
-        return alloc - (alloc - predicted) * rule.down_gain
-    return alloc
-
-
-def seed_rule(values: F64, lead: int = 1, rule: SeedRule = SeedRule()) -> F64:
-    """The seed rule fed a last-value prediction (usage `lead` steps earlier); it starts from the first
-    prediction, as a freshly placed shadow would."""
+def seed_rule(values: F64, lead: int = 1, params: RuleParams = DEFAULT_RULE) -> F64:
+    """The controller's seed rule (`controller.scaling.rule.seed_rule`, with the controller's parameters)
+    fed a last-value prediction (usage `lead` steps earlier). Like a freshly placed shadow in the controller,
+    it starts with no limit, so its first step is the rule's first step; no floor or ceiling applies, since
+    a trace's unit is not the controller's."""
     out = np.zeros(len(values))
-    alloc: float | None = None
+    alloc = 0.0
     for t in range(lead, len(values)):
-        pred = float(values[t - lead])
-        alloc = pred if alloc is None else seed_rule_step(alloc, pred, rule)
+        alloc, _ = rule.seed_rule(float(values[t - lead]), alloc, params)
         out[t] = alloc
     return out
 

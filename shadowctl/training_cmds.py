@@ -11,16 +11,17 @@ import sys
 import time
 from pathlib import Path
 
-from controller.predict import train as tr
 from controller.predict.allocation import AllocationPolicy
-from controller.predict.backtest import BacktestError, format_report, run_backtest, write_alloc_csv
-from controller.predict.events import Event, decide_champion, load_events
+from controller.predict.champion import decide_champion, recent_loss
 from controller.predict.fallback import StatisticalForecaster
 from controller.predict.model import DEFAULT_MODEL, Forecaster, ModelError, load_model
-from controller.predict.net import TrainSettings
-from controller.predict.synthetic import synthetic_traces
-from controller.predict.traces import TraceError, load_trace, load_trace_dir
-from controller.predict.train import TrainingSeries
+from controller.predict.series import Series, series_from_store
+from training import train as tr
+from training.backtest import BacktestError, format_report, run_backtest, write_alloc_csv
+from training.event_weights import Event, load_events
+from training.net import TrainSettings
+from training.synthetic import synthetic_traces
+from training.traces import TraceError, load_trace, load_trace_dir
 
 log = logging.getLogger(__name__)
 USAGE_ERROR = 2
@@ -182,7 +183,7 @@ def train_cmd(args: argparse.Namespace) -> int:
     )
 
     settings = TrainSettings(epochs=args.epochs, hidden=args.hidden, seed=args.seed)
-    train_series: list[TrainingSeries] = series
+    train_series: list[Series] = series
     since: dict[str, float] = {}
     if champion is not None:
         train_series, since = tr.split_recent(series, args.holdout_hours * 3600)
@@ -199,9 +200,9 @@ def train_cmd(args: argparse.Namespace) -> int:
     if champion is not None:
         decision = decide_champion(
             champion.name,
-            tr.recent_loss(champion, series, since),
+            recent_loss(champion, series, since),
             model.version,
-            tr.recent_loss(tr.NumpyForecaster(model), series, since),
+            recent_loss(tr.NumpyForecaster(model), series, since),
             args.min_improvement,
         )
         log.info("champion/challenger: %s", decision.reason)
@@ -218,8 +219,8 @@ def train_cmd(args: argparse.Namespace) -> int:
 
 def _store_failovers(path: Path) -> list[Event]:
     """The failovers the controller recorded: their windows weigh more in training."""
-    from controller.predict.events import failover_events_from_records
     from controller.store.sqlite import SqliteStore
+    from training.event_weights import failover_events_from_records
 
     store = SqliteStore(path)
     try:
@@ -230,7 +231,7 @@ def _store_failovers(path: Path) -> list[Event]:
     return failover_events_from_records(rows, workloads)
 
 
-def _store_series(args: argparse.Namespace) -> tuple[list[TrainingSeries], str]:
+def _store_series(args: argparse.Namespace) -> tuple[list[Series], str]:
     from controller.store.sqlite import SqliteStore
 
     if not args.store.exists():
@@ -244,5 +245,5 @@ def _store_series(args: argparse.Namespace) -> tuple[list[TrainingSeries], str]:
     window = f"last {args.since_hours:g} h" if args.since_hours > 0 else "all samples"
     if not cols:
         raise ValueError(f"{args.store}: no samples ({window})")
-    series = tr.series_from_store(cols, args.step_seconds)
+    series = series_from_store(cols, args.step_seconds)
     return series, f"store {args.store} ({window}, {args.step_seconds} s steps)"

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller.predict import net
-from controller.predict.backtest import forecast_origins
 from controller.predict.model import load_model
-from controller.predict.traces import Trace
-from controller.predict.train import NumpyForecaster, TrainedModel, series_from_trace, train_model
+from training import net
+from training.backtest import forecast_origins
+from training.traces import Trace
+from training.train import NumpyForecaster, TrainedModel, series_from_trace, train_model
 
 
 def test_onnx_file_gives_the_trainers_numbers(

@@ -9,11 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from controller.predict.net import NetParams
+from controller.predict.model import FORMAT_VERSION, INPUT, OUTPUT
+from training.net import NetParams
 
-FORMAT_VERSION = "1"
-INPUT = "features"
-OUTPUT = "quantiles"
 OPSET = 17
 
 

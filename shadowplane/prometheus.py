@@ -1,9 +1,9 @@
 """Prometheus plumbing shared by both daemons: the [metrics] config, the HTTP endpoint, log2 histograms.
 
-Each daemon's collector (agentd/metrics.py, controller/metrics.py) builds its metric families at scrape
-time from the state the daemon already keeps. The endpoint runs in the daemon's event loop, not in
-prometheus_client's thread: that state (dicts of sessions, observations, leases, and the controller's
-SQLite connection) is owned and mutated by the loop, and a collector iterating it from another thread can
+Each daemon's collector (agentd/prometheus_collector.py, controller/prometheus_collector.py) renders the
+daemon's status view at scrape time. The endpoint runs in the daemon's event loop, not in
+prometheus_client's thread: the state behind the view (dicts of sessions, observations, leases, and the
+controller's SQLite connection) is owned and mutated by the loop, and reading it from another thread can
 fail mid-scrape ("dictionary changed size during iteration") or interleave with the store's transactions.
 Run in the loop, a scrape sees one consistent moment and needs no locks; it costs the loop a few
 milliseconds, far inside the lease margins.
@@ -28,7 +28,6 @@ from shadowplane.config import check
 
 log = logging.getLogger(__name__)
 
-LOG2_BUCKETS = 32  # LAT_BUCKETS in agentd/capture/bpf_program.c
 READ_TIMEOUT_SECONDS = 10.0
 LANDING = b'<html><body><h1>Shadowplane</h1><p><a href="/metrics">/metrics</a></p></body></html>\n'
 
@@ -136,8 +135,11 @@ class Endpoint:
         return "200 OK", out, body
 
 
-def log2_buckets(counts: Sequence[int], unit_seconds: float) -> tuple[list[tuple[str, float]], float]:
-    """Cumulative Prometheus buckets (+Inf last) and an estimated sum, in seconds, from a log2 histogram.
+def log2_buckets(
+    counts: Sequence[int], unit_seconds: float, buckets: int
+) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative Prometheus buckets (+Inf last) and an estimated sum, in seconds, from a log2 histogram of
+    `buckets` buckets (the kernel's histogram length: the agent reads it from the capture program).
 
     counts[i] holds values in [2^i, 2^(i+1)) units (counts[0] also holds 0), so bucket i becomes
     le = 2^(i+1) units. The set of `le` values is the same on every scrape whatever the data (telemetry
@@ -148,23 +150,27 @@ def log2_buckets(counts: Sequence[int], unit_seconds: float) -> tuple[list[tuple
     The kernel keeps counts, not sums: the sum is estimated from bucket midpoints (1.5 x 2^i; 0.5 for
     bucket 0), within a third of the truth, enough for averages.
     """
-    padded = list(counts[:LOG2_BUCKETS]) + [0] * max(0, LOG2_BUCKETS - len(counts))
-    padded[-1] += sum(counts[LOG2_BUCKETS:])
-    buckets: list[tuple[str, float]] = []
+    padded = list(counts[:buckets]) + [0] * max(0, buckets - len(counts))
+    padded[-1] += sum(counts[buckets:])
+    out: list[tuple[str, float]] = []
     cum = 0
     total = 0.0
     for i, n in enumerate(padded):
         cum += n
         total += n * (1.5 * (1 << i) if i else 0.5)
-        if i < LOG2_BUCKETS - 1:
-            buckets.append((repr((1 << (i + 1)) * unit_seconds), float(cum)))
-    buckets.append(("+Inf", float(cum)))
-    return buckets, total * unit_seconds
+        if i < buckets - 1:
+            out.append((repr((1 << (i + 1)) * unit_seconds), float(cum)))
+    out.append(("+Inf", float(cum)))
+    return out, total * unit_seconds
 
 
 def add_log2(
-    fam: HistogramMetricFamily, labels: Sequence[str], counts: Sequence[int], unit_seconds: float
+    fam: HistogramMetricFamily,
+    labels: Sequence[str],
+    counts: Sequence[int],
+    unit_seconds: float,
+    buckets: int,
 ) -> None:
     """Add one log2 histogram (see `log2_buckets`) to `fam` as a Prometheus histogram in seconds."""
-    buckets, total = log2_buckets(counts, unit_seconds)
-    fam.add_metric(list(labels), buckets, total)
+    le, total = log2_buckets(counts, unit_seconds, buckets)
+    fam.add_metric(list(labels), le, total)

@@ -1,15 +1,9 @@
-"""The agent's /metrics: running totals of what it captured, and the state of its link, capture and leases.
-
-The agent ships deltas to the controller; for Prometheus it keeps cumulative totals (`Totals.add` per batch)
-and a collector builds the metric families from them and from live state at scrape time.
-"""
+"""The agent's /metrics: running totals of what it captured, and the state of its link, capture and leases,
+rendered from the agent's status view (agentd/status.py) at each scrape."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -19,79 +13,18 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from shadowplane.metrics import add_log2
-from shadowplane.v1 import agent_pb2 as apb
-
-if TYPE_CHECKING:
-    from agentd.daemon import Agent
-
-
-def _add(into: list[int], counts: list[int]) -> None:
-    if len(into) < len(counts):
-        into.extend([0] * (len(counts) - len(into)))
-    for i, n in enumerate(counts):
-        into[i] += n
-
-
-@dataclass
-class WorkloadTotals:
-    syscalls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    syscall_latency: list[int] = field(default_factory=list)
-    sample_every: int = 1
-    block_ops: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    block_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    block_latency: list[int] = field(default_factory=list)
-    tcp_srtt: list[int] = field(default_factory=list)
-    tcp_retransmits: int = 0
-    tcp_states: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    cpu_seconds: float = 0.0
-    memory_bytes: int = 0
-    cpu_limit_cores: float = 0.0
-    memory_limit_bytes: int = 0
-    kernel: bool = False  # any sample had BPF profiles: without them, zeros would read as "no syscalls"
-
-
-class Totals:
-    def __init__(self) -> None:
-        self.workloads: dict[str, WorkloadTotals] = defaultdict(WorkloadTotals)
-
-    def add(self, batch: apb.TelemetryBatch) -> None:
-        for s in batch.samples:
-            w = self.workloads[s.workload]
-            w.kernel = w.kernel or s.HasField("syscalls")
-            for name, n in s.syscalls.by_name.items():
-                w.syscalls[name] += n
-            _add(w.syscall_latency, list(s.syscalls.latency.counts))
-            w.sample_every = s.syscalls.latency_sample_every or 1
-            b = s.block_io
-            for op, ops, nbytes in (
-                ("read", b.read_ops, b.read_bytes),
-                ("write", b.write_ops, b.write_bytes),
-                ("discard", b.discard_ops, b.discard_bytes),
-            ):
-                w.block_ops[op] += ops
-                w.block_bytes[op] += nbytes
-            _add(w.block_latency, list(b.latency.counts))
-            _add(w.tcp_srtt, list(s.tcp.srtt.counts))
-            w.tcp_retransmits += s.tcp.retransmits
-            for state, n in s.tcp.state_changes.items():
-                w.tcp_states[state] += n
-            r = s.resources
-            w.cpu_seconds += r.cpu_seconds
-            w.memory_bytes, w.cpu_limit_cores, w.memory_limit_bytes = (
-                r.memory_bytes,
-                r.cpu_limit_cores,
-                r.memory_limit_bytes,
-            )
+from agentd.status import AgentStatus
+from shadowplane.prometheus import add_log2
 
 
 class AgentCollector(Collector):
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, status: Callable[[], AgentStatus]) -> None:
+        self.status = status
 
     def collect(self) -> Iterator[Metric]:
-        a = self.agent
-        wl = list(a.totals.workloads.items())
+        st = self.status()
+        wl = list(st.totals.items())
+        buckets = st.capture.histogram_buckets
         sys_total = CounterMetricFamily(
             "shadowplane_agent_syscalls",
             "System calls by workload and syscall",
@@ -142,19 +75,19 @@ class AgentCollector(Collector):
             "shadowplane_agent_memory_limit_bytes", "Memory limit (0: none)", labels=["workload"]
         )
         for name, w in wl:
-            if w.kernel:
+            if w.kernel and buckets:
                 for sc, n in list(w.syscalls.items()):
                     sys_total.add_metric([name, sc], n)
-                add_log2(lat, [name], w.syscall_latency, 1e-9)
+                add_log2(lat, [name], w.syscall_latency, 1e-9, buckets["syscall_latency"])
                 ratio.add_metric([name], 1 / w.sample_every)
                 for op in ("read", "write", "discard"):
                     bops.add_metric([name, op], w.block_ops[op])
                     bbytes.add_metric([name, op], w.block_bytes[op])
-                add_log2(blat, [name], w.block_latency, 1e-6)
-                add_log2(srtt, [name], w.tcp_srtt, 1e-6)
+                add_log2(blat, [name], w.block_latency, 1e-6, buckets["block_io_latency"])
+                add_log2(srtt, [name], w.tcp_srtt, 1e-6, buckets["tcp_srtt"])
                 retrans.add_metric([name], w.tcp_retransmits)
-                for st, n in list(w.tcp_states.items()):
-                    states.add_metric([name, st], n)
+                for state, n in list(w.tcp_states.items()):
+                    states.add_metric([name, state], n)
             cpu.add_metric([name], w.cpu_seconds)
             mem.add_metric([name], w.memory_bytes)
             cpu_lim.add_metric([name], w.cpu_limit_cores)
@@ -178,38 +111,36 @@ class AgentCollector(Collector):
         dropped = CounterMetricFamily(
             "shadowplane_agent_dropped_events", "Events the capture could not account", labels=["reason"]
         )
-        for reason, n in (a.bpf.dropped_events() if a.bpf else {}).items():
+        for reason, n in st.capture.dropped_events.items():
             dropped.add_metric([reason], n)
         yield dropped
         yield GaugeMetricFamily(
-            "shadowplane_agent_bpf_active", "1 if eBPF capture runs", value=int(a.bpf is not None)
+            "shadowplane_agent_bpf_active", "1 if eBPF capture runs", value=int(st.capture.bpf_active)
         )
         yield GaugeMetricFamily(
             "shadowplane_agent_controller_connected",
             "1 while the controller stream is up",
-            value=int(a.link.state.connected),
+            value=int(st.link.connected),
         )
         yield GaugeMetricFamily(
             "shadowplane_agent_telemetry_backlog_batches",
             "Batches not yet acknowledged",
-            value=len(a.link.backlog),
+            value=st.link.backlog_batches,
         )
         yield CounterMetricFamily(
             "shadowplane_agent_telemetry_batches_dropped",
             "Batches dropped from a full backlog",
-            value=a.link.backlog.dropped_total,
+            value=st.link.batches_dropped,
         )
         held = GaugeMetricFamily(
             "shadowplane_agent_lease_held", "1 while this host owns the service", labels=["service"]
         )
         token = GaugeMetricFamily("shadowplane_agent_lease_token", "Fencing token held", labels=["service"])
-        holders = a.commands.holders if a.commands else {}
         # Every service this host serves or stands by for has a series (0 when not held), so a panel of
         # lease_held by instance shows who holds it and who does not.
-        for service in sorted({w.service for w in a.cfg.workload} | set(holders)):
-            h = holders.get(service)
-            held.add_metric([service], int(h is not None and not h.lost))
-            if h is not None:
-                token.add_metric([service], h.token)
+        for lease in st.leases:
+            held.add_metric([lease.service], int(lease.held))
+            if lease.token is not None:
+                token.add_metric([lease.service], lease.token)
         yield held
         yield token

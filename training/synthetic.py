@@ -14,7 +14,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from controller.predict.traces import Trace
+from training.traces import Trace
 
 F64 = npt.NDArray[np.float64]
 DAY = 86400

@@ -1,27 +1,23 @@
-"""Event weighting and the champion/challenger decision."""
+"""Failovers and forecast misses as training weights."""
 
 from __future__ import annotations
 
 import json
-import logging
-import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from controller.predict.engine import PredictionEngine
-from controller.predict.events import (
+from training.event_weights import (
     Event,
     EventWeighting,
-    decide_champion,
     event_weights,
+    failover_events_from_records,
     find_forecast_misses,
     load_events,
 )
-from controller.predict.traces import Trace
-from controller.predict.train import apply_events, series_from_trace, split_recent
+from training.traces import Trace
+from training.train import apply_events, series_from_trace, split_recent
 
 
 def test_failover_weighs_its_window_and_the_hour_before() -> None:
@@ -61,18 +57,6 @@ def test_split_recent_holds_out_the_end_of_every_series(traces: list[Trace]) -> 
         assert t.timestamps[-1] <= since[s.name] < s.timestamps[len(t)]
 
 
-def test_champion_challenger_decisions_and_reasons() -> None:
-    d = decide_champion("old", 0.100, "new", 0.090)
-    assert d.promote and "beats" in d.reason and "-10.0%" not in d.reason and "+10.0%" in d.reason
-    d = decide_champion("old", 0.100, "new", 0.0995)
-    assert not d.promote and "keeping the champion" in d.reason
-    d = decide_champion("old", 0.100, "new", 0.120)
-    assert not d.promote
-    assert decide_champion("fallback", None, "new", 0.3).promote
-    d = decide_champion("old", 0.1, "new", math.nan)
-    assert not d.promote and "no finite loss" in d.reason
-
-
 def test_load_events_reads_iso_and_unix_times_and_names_bad_entries(tmp_path: Path) -> None:
     p = tmp_path / "events.json"
     p.write_text(
@@ -93,27 +77,7 @@ def test_load_events_reads_iso_and_unix_times_and_names_bad_entries(tmp_path: Pa
         load_events(p)
 
 
-def test_engine_swaps_only_for_a_better_challenger_and_logs_why(
-    tiny_model_path: Path, traces: list[Trace], tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    series = [series_from_trace(t) for t in traces]
-    _, since = split_recent(series, 12 * 3600)
-    engine = PredictionEngine(tmp_path / "none.onnx")  # on the fallback
-    with caplog.at_level(logging.INFO, logger="controller.predict.engine"):
-        d = engine.consider(tiny_model_path, series, since)
-    assert d.promote and engine.source == "model" and "champion/challenger" in caplog.text
-    # the same model again cannot beat itself
-    shutil.copy(tiny_model_path, tmp_path / "same.onnx")
-    d = engine.consider(tmp_path / "same.onnx", series, since)
-    assert not d.promote and d.champion_loss == pytest.approx(d.challenger_loss)
-    (tmp_path / "broken.onnx").write_bytes(b"nope")
-    d = engine.consider(tmp_path / "broken.onnx", series, since)
-    assert not d.promote and "challenger unusable" in d.reason and engine.source == "model"
-
-
 def test_failovers_in_the_controllers_event_log_become_training_windows() -> None:
-    from controller.predict.events import failover_events_from_records
-
     rows = [
         ("failover-complete", "web", 1_000_000, {"old_owner": "p1"}),
         ("health", "web", 1_000_500, {}),
