@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from shadowplane.config import absolute_path, at_least, between, check, host_port, load, positive
+from shadowplane.config import absolute_path, at_least, between, check, host_port, load, positive, repeated
 from shadowplane.prometheus import MetricsConfig
 from shadowplane.tls import TlsConfig
 
@@ -97,14 +97,12 @@ class AgentConfig:
         tls_problem = self.tls.validate()
         if tls_problem:
             return f"tls.{tls_problem}"
-        names = [w.name for w in self.workload]
-        for n in names:
-            if names.count(n) > 1:
-                return f"workload: name {n!r} is used twice; workload names must be unique"
-        cgroups = [w.cgroup for w in self.workload]
-        for c in cgroups:
-            if cgroups.count(c) > 1:
-                return f"workload: cgroup {c!r} is used by two workloads"
+        twice = repeated(w.name for w in self.workload)
+        if twice is not None:
+            return f"workload: name {twice!r} is used twice; workload names must be unique"
+        twice = repeated(w.cgroup for w in self.workload)
+        if twice is not None:
+            return f"workload: cgroup {twice!r} is used by two workloads"
         if len(self.workload) > self.capture.max_workloads:
             return f"workload: {len(self.workload)} workloads exceed capture.max_workloads"
         return None

@@ -9,7 +9,17 @@ from typing import Literal
 
 from agentd.config import valid_name
 from controller.scaling.rule import RuleParams
-from shadowplane.config import at_least, between, check, host_port, load, non_empty, non_negative, positive
+from shadowplane.config import (
+    at_least,
+    between,
+    check,
+    host_port,
+    load,
+    non_empty,
+    non_negative,
+    positive,
+    repeated,
+)
 from shadowplane.prometheus import MetricsConfig
 from shadowplane.tls import TlsConfig
 
@@ -282,13 +292,12 @@ class ControllerConfig:
         if tls_problem:
             return f"tls.{tls_problem}"
         names = [h.name for h in self.host]
-        for n in names:
-            if names.count(n) > 1:
-                return f"host: {n!r} is listed twice"
-        services = [s.name for s in self.service]
-        for n in services:
-            if services.count(n) > 1:
-                return f"service: {n!r} is defined twice"
+        twice = repeated(names)
+        if twice is not None:
+            return f"host: {twice!r} is listed twice"
+        twice = repeated(s.name for s in self.service)
+        if twice is not None:
+            return f"service: {twice!r} is defined twice"
         known = set(names)
         for i, svc in enumerate(self.service):
             for role, h in [("primary", svc.primary)] + [("shadows", x) for x in svc.shadows]:

@@ -1,10 +1,15 @@
 """The Fleet API's protobuf messages from and to the controller's own data: the one place they meet.
 
-The controller plans, records and reports with plain frozen dataclasses; the Fleet API (fleet_api.py) and the
-store's encoding of decisions and overrides (whose bytes are these messages, as since 0.1.0) convert here.
+The controller plans, records and reports with plain frozen dataclasses (its status view, scaling decisions,
+overrides, events); the Fleet API (fleet_api.py) turns them into its messages here, and an operator's
+override back into data.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from controller.scaling.decision import ScalingDecision
 from controller.scaling.override import Override
@@ -13,81 +18,42 @@ from controller.store.base import AgentRecord, EventRecord
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import telemetry_pb2 as tpb
 
+M = TypeVar("M", fpb.ScalingDecision, fpb.Override)
+R = TypeVar("R", ScalingDecision, Override)
+
+
+# A decision's and an override's messages have the dataclasses' field names (and, for decisions, one map):
+# the conversion goes field by field, so a field added to both needs no code here.
+
+
+def _fields(source: object, names: type[ScalingDecision | Override]) -> dict[str, Any]:
+    """`source`'s values of the dataclass's fields, maps as plain dicts."""
+    values = {f.name: getattr(source, f.name) for f in dataclasses.fields(names)}
+    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in values.items()}
+
+
+def _to_message(record: ScalingDecision | Override, message: type[M]) -> M:
+    return message(**_fields(record, type(record)))
+
+
+def _from_message(m: fpb.ScalingDecision | fpb.Override, record: type[R]) -> R:
+    return record(**_fields(m, record))
+
 
 def decision_message(d: ScalingDecision) -> fpb.ScalingDecision:
-    return fpb.ScalingDecision(
-        id=d.id,
-        unix_ms=d.unix_ms,
-        service=d.service,
-        host=d.host,
-        workload=d.workload,
-        resource=d.resource,
-        demand_from=d.demand_from,
-        forecast=dict(d.forecast),
-        predicted=d.predicted,
-        old=d.old,
-        new=d.new,
-        branch=d.branch,
-        clamps=d.clamps,
-        result=d.result,
-        applied=d.applied,
-        forecast_source=d.forecast_source,
-    )
+    return _to_message(d, fpb.ScalingDecision)
 
 
 def decision_from_message(m: fpb.ScalingDecision) -> ScalingDecision:
-    return ScalingDecision(
-        unix_ms=m.unix_ms,
-        service=m.service,
-        host=m.host,
-        workload=m.workload,
-        resource=m.resource,
-        demand_from=m.demand_from,
-        forecast=dict(m.forecast),
-        predicted=m.predicted,
-        old=m.old,
-        new=m.new,
-        branch=m.branch,
-        clamps=m.clamps,
-        forecast_source=m.forecast_source,
-        result=m.result,
-        applied=m.applied,
-        id=m.id,
-    )
+    return _from_message(m, ScalingDecision)
 
 
 def override_message(o: Override) -> fpb.Override:
-    return fpb.Override(
-        host=o.host,
-        workload=o.workload,
-        kind=o.kind,
-        cpu_cores=o.cpu_cores,
-        memory_bytes=o.memory_bytes,
-        cpu_min=o.cpu_min,
-        cpu_max=o.cpu_max,
-        memory_min=o.memory_min,
-        memory_max=o.memory_max,
-        reason=o.reason,
-        by=o.by,
-        unix_ms=o.unix_ms,
-    )
+    return _to_message(o, fpb.Override)
 
 
 def override_from_message(m: fpb.Override) -> Override:
-    return Override(
-        host=m.host,
-        workload=m.workload,
-        kind=m.kind,
-        cpu_cores=m.cpu_cores,
-        memory_bytes=m.memory_bytes,
-        cpu_min=m.cpu_min,
-        cpu_max=m.cpu_max,
-        memory_min=m.memory_min,
-        memory_max=m.memory_max,
-        reason=m.reason,
-        by=m.by,
-        unix_ms=m.unix_ms,
-    )
+    return _from_message(m, Override)
 
 
 def event_message(e: EventRecord) -> fpb.Event:

@@ -15,7 +15,7 @@ import enum
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -70,6 +70,16 @@ def host_port(v: Any) -> str | None:
 
 def absolute_path(v: Any) -> str | None:
     return None if str(v).startswith("/") else f"must be an absolute path starting with '/', got {v!r}"
+
+
+def repeated(values: Iterable[T]) -> T | None:
+    """The first value that occurs twice (for "names must be unique" checks in `validate`)."""
+    seen: set[T] = set()
+    for v in values:
+        if v in seen:
+            return v
+        seen.add(v)
+    return None
 
 
 # ---- the loader ----

@@ -4,6 +4,7 @@ serve. Read from the source (every import, also inside functions and under TYPE_
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,37 @@ def test_the_daemons_never_load_training_or_the_lab() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"the daemons import {out.stdout.strip()}"
+
+
+SOURCE = (".py", ".c", ".sh", ".proto")
+NOT_LISTED = {"__init__.py"}
+UNDOCUMENTED_DIRS = ("tests", "bench", ".venv", "build", "dist", "shadowplane/v1", "docs", "deploy")
+
+
+def architecture_rows() -> dict[str, set[str]]:
+    """README's architecture table: directory -> the source files its row names."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("| where | what |", 1)[1].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        where, what = line.strip("|").split("|", 1)
+        dirs = re.findall(r"`([^`]+/)`", where)
+        if len(dirs) == 1:
+            names = re.findall(r"`([^`]+)`", what)
+            rows[dirs[0].rstrip("/")] = {n for n in names if n.endswith(SOURCE) and "/" not in n}
+    return rows
+
+
+def test_the_readme_architecture_table_is_the_tree() -> None:
+    rows = architecture_rows()
+    for d, listed in rows.items():
+        files = {f.name for f in (ROOT / d).iterdir() if f.suffix in SOURCE and f.name not in NOT_LISTED}
+        extra, missing = sorted(listed - files), sorted(files - listed)
+        assert listed == files, f"README row `{d}/` lists {extra}, not in the tree; misses {missing}"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
+    source_dirs = {
+        str(Path(f).parent)
+        for f in tracked.stdout.split()
+        if f.endswith(SOURCE) and not f.startswith(UNDOCUMENTED_DIRS) and "/" in f
+    }
+    assert source_dirs <= set(rows), f"directories without a README row: {sorted(source_dirs - set(rows))}"
