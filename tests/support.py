@@ -79,13 +79,13 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
-        from shadowctl.procs import python_module, spawn
+        from lab.procs import python_module, spawn
 
         self.proc = spawn(python_module(self.module, "run", "--config", str(self.config)), self.log)
         return self
 
     def stop(self) -> None:
-        from shadowctl.procs import stop
+        from lab.procs import stop
 
         if self.proc is not None:
             stop(self.proc)

@@ -17,8 +17,8 @@ import pytest
 
 from controller.config import DnsConfig
 from controller.failover.dns import current_record, point_record
-from shadowctl.lab.bind import make_tsig_secret, start_bind, stop_bind
-from shadowctl.procs import free_port
+from lab.bind import make_tsig_secret, start_bind, stop_bind
+from lab.procs import free_port
 from tests.support import need_root
 
 ZONE = "lab.example."

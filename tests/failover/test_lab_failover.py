@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from shadowctl.lab.poller import Record, outages
-from shadowctl.lab.runner import Lab
-from shadowctl.lab.spec import Spec, Timings
+from lab.poller import Record, outages
+from lab.runner import Lab
+from lab.spec import Spec, Timings
 from shadowplane.v1 import fleet_pb2 as fpb
 from tests.support import need_root, wait_until
 

@@ -8,7 +8,7 @@ import time
 import grpc
 
 from agentd.failover import Channels, LeaseHolder, LeaseService, ObserverRole
-from shadowctl.procs import free_port
+from lab.procs import free_port
 from shadowplane.tls import TlsConfig
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import lease_pb2_grpc as lgrpc

@@ -6,16 +6,17 @@ import json
 import subprocess
 import sys
 
-from tests.support import need_root
+from tests.support import ROOT, need_root
 
 
 def test_demo_runs_start_to_end_and_cleans_up() -> None:
     need_root()
     out = subprocess.run(
-        [sys.executable, "-m", "shadowctl.cli", "lab", "demo", "--day", "20", "--hold", "2", "--json"],
+        [sys.executable, "-m", "lab", "demo", "--day", "20", "--hold", "2", "--json"],
         capture_output=True,
         text=True,
         timeout=170,
+        cwd=ROOT,  # `python -m lab` runs from a checkout's root
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])

@@ -34,7 +34,7 @@ from controller.scaling.loop import Readiness, ScalingLoop
 from controller.scaling.planner import Target
 from controller.server import Controller
 from controller.store import EventRecord, ServiceRecord, SqliteStore
-from shadowctl.procs import free_port
+from lab.procs import free_port
 from shadowplane.clock import now_ms
 from shadowplane.metrics import MetricsConfig, add_log2, log2_buckets, serve
 from shadowplane.v1 import agent_pb2 as apb
