@@ -32,7 +32,7 @@ from lab.procs import child_env, python_module, spawn
 from lab.runner import STATE_FILE, Lab, LabError
 from lab.spec import CGROUP_ROOT, PREFIX, Spec, SpecError, Timings, plan
 from lab.vipcheck import VipChecker
-from tests.support import ROOT, need_root, wait_until
+from tests.support import ROOT, need_root, remove_leftover_lab, wait_until
 
 # ---- pure: plan, configs, outages ----
 
@@ -198,8 +198,7 @@ def assert_nothing_left(workdir: Path, pids: list[int]) -> None:
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     need_root()
-    if topology.list_namespaces() or STATE_FILE.exists():
-        pytest.skip("a lab is already up on this machine (run `python -m lab down`)")
+    remove_leftover_lab()
     with Lab.up(Spec()) as the_lab:
         yield the_lab
 
@@ -356,8 +355,7 @@ def test_down_removes_everything(lab: Lab) -> None:
 @pytest.mark.lab
 def test_down_after_a_crash_without_state_file() -> None:
     need_root()
-    if topology.list_namespaces() or STATE_FILE.exists():
-        pytest.skip("a lab is already up on this machine (run `python -m lab down`)")
+    remove_leftover_lab()
     crashed = Lab.up(Spec(shadows=1), wait=False)
     try:
         pids = [r.pid for r in crashed.state.processes]

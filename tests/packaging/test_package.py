@@ -30,6 +30,7 @@ import setuptools
 from agentd.config import load_agent_config
 from controller.config import load_controller_config
 from shadowctl.cli import parser as shadowctl_parser
+from tests.support import need
 
 # A first build downloads and installs every wheel: more than the suite's default 300 s on a cold cache.
 pytestmark = pytest.mark.timeout(900)
@@ -143,18 +144,37 @@ def test_shadowctl_has_no_lab_command() -> None:
 
 
 def need_packaging_host() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: installs the .deb on this machine and purges it (CI runs as root)")
+    need(
+        os.geteuid() == 0,
+        "needs root: installs the .deb on this machine and purges it",
+        "run the tests as root (CI does)",
+    )
     for tool in ("dpkg", "dpkg-deb", "apt-get", "lintian", "systemd-analyze", "strip"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is missing: `make setup` installs it (scripts/apt-packages.txt)")
-    if not (ROOT / ".venv/bin/nfpm").exists():
-        pytest.skip("nfpm is missing from .venv: `make setup` installs the dev dependencies")
+        need(shutil.which(tool), f"{tool} is missing", "`make setup` installs it (scripts/apt-packages.txt)")
+    need(
+        (ROOT / ".venv/bin/nfpm").exists(),
+        "nfpm is missing from .venv",
+        "`make setup` installs the dev dependencies",
+    )
+    for line in remove_leftover_install():
+        print(f"package test: removed {line}")
+
+
+def remove_leftover_install() -> list[str]:
+    """A shadowplane package (and its files) that an earlier run or someone else left on this machine is
+    purged, so the test starts from a host without it; returns what was removed."""
+    removed = []
     if installed():
-        pytest.skip(f"{PKG} is already installed here, not by this test: `dpkg --purge {PKG}` to run it")
+        run("dpkg", "--purge", PKG, env=APT_ENV)
+        removed.append(f"the installed {PKG} package (dpkg --purge {PKG})")
+    if shutil.which("rpm") and run("rpm", "-q", PKG, check=False).returncode == 0:
+        run("rpm", "-e", "--nodeps", PKG)
+        removed.append(f"the installed {PKG} rpm (rpm -e {PKG})")
     for path in LEFTOVERS:
         if path.exists():
-            pytest.skip(f"{path} exists and is not this test's: remove it to run the test")
+            shutil.rmtree(path)
+            removed.append(f"leftover {path}")
+    return removed
 
 
 def lab_paths(paths: list[str]) -> list[str]:
@@ -200,8 +220,7 @@ def test_lintian_reports_no_errors(packages: tuple[Path, Path]) -> None:
 
 def test_rpm_metadata(packages: tuple[Path, Path]) -> None:
     _, rpm = packages
-    if shutil.which("rpm") is None:
-        pytest.skip("rpm is missing: `make setup` installs it")
+    need(shutil.which("rpm"), "rpm is missing", "`make setup` installs it (scripts/apt-packages.txt)")
     requires = run("rpm", "-qpR", str(rpm)).stdout
     for dep in ("python3-bcc", "python3-systemd", "python3 >= 3.11", "python3 < 3.12"):
         assert dep in requires, requires
