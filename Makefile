@@ -4,6 +4,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PACKAGES := shadowplane agentd controller shadowctl training
+# The namespace lab: linted and typed like the rest, but run from the checkout, never packaged.
+LAB := lab
 
 .PHONY: setup demo test lint typecheck proto proto-check unit bench lock clean package
 
@@ -11,14 +13,14 @@ setup:
 	@bash scripts/setup-host.sh
 
 demo: setup
-	$(PY) -m shadowctl.cli lab demo
+	$(PY) -m lab demo
 
 test: setup lint typecheck proto-check
 	$(PY) -m pytest -q -ra tests
 
 lint:
-	$(VENV)/bin/ruff check $(PACKAGES) tests bench scripts
-	$(VENV)/bin/ruff format --check $(PACKAGES) tests bench scripts
+	$(VENV)/bin/ruff check $(PACKAGES) $(LAB) tests bench scripts
+	$(VENV)/bin/ruff format --check $(PACKAGES) $(LAB) tests bench scripts
 
 typecheck:
 	$(VENV)/bin/mypy

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentd.capture.bpf_capture import unavailable_reason
 from agentd.cgroupfs import CgroupLayout
-from shadowctl.procs import free_port, python_module, spawn, stop, wait_for_port
+from lab.procs import free_port, python_module, spawn, stop, wait_for_port
 
 COUNT = 2_000_000
 PLAINTEXT = "[tls]\nplaintext = true\n"  # loopback only

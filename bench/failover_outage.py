@@ -30,11 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shadowctl.lab import configs
-from shadowctl.lab.poller import Record, outage_between, read_records
-from shadowctl.lab.runner import Lab, LabError
-from shadowctl.lab.spec import Spec, Timings
-from shadowctl.lab.vipcheck import VipChecker
+from lab import configs
+from lab.poller import Record, outage_between, read_records
+from lab.runner import Lab, LabError
+from lab.spec import Spec, Timings
+from lab.vipcheck import VipChecker
 
 SETTLE_SECONDS = 0.5  # clean answers wanted before a cut, and after a recovery
 
@@ -130,7 +130,7 @@ def one_run(lab: Lab, checker: VipChecker, i: int, system: str, hold: float) -> 
     url = lab.vip_url()
     poller = lab.popen_in(
         "client",
-        [sys.executable, "-m", "shadowctl.lab.poller", "--url", url, "--out", str(out)],
+        [sys.executable, "-m", "lab.poller", "--url", url, "--out", str(out)],
         name=f"poller-{i}",
         stdout=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,

@@ -55,7 +55,8 @@ WORK=$ROOT/build/package
 STAGE=$WORK/root # the file tree of the packages, as it will be on the target
 SVENV=$STAGE$VENV
 
-# What the venv is made from, and (a superset) what the packages are made from.
+# What the venv is made from, and (a superset) what the packages are made from. Not lab/: the wheel leaves
+# it out (pyproject.toml's packages.find), so a change to the lab must not rebuild the packages.
 venv_hash() {
   {
     find shadowplane agentd controller shadowctl training -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \

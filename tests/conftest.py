@@ -1,20 +1,58 @@
-"""Shared fixtures: throwaway workload cgroups; small NAB slices and a tiny model trained once per session
-(the Prediction Engine and training tests)."""
+"""Shared fixtures (throwaway workload cgroups; small NAB slices and a tiny model trained once per session,
+for the Prediction Engine and training tests), and CI's rule that no test skips."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
 from agentd.cgroupfs import CgroupLayout
-from tests.support import Workload, need_root
+from tests.support import Workload, in_ci, need_root
 from training.net import TrainSettings
 from training.traces import Trace, load_trace, load_trace_dir
 from training.train import TrainedModel, series_from_trace, train_model
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple):  # (path, line, "Skipped: reason")
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _fail_skip_in_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Under CI=true a skip is a failure: CI has root, BPF and every tool, so a test that skips there is a
+    test that silently stopped running. `tests.support.need` already fails under CI; this catches every
+    other skip (a bare pytest.skip, a skipif mark, a plugin's)."""
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped under CI=true, where every test must run: {reason} "
+            "(make the host provide it, e.g. `make setup` as root, or use tests.support.need to say how)"
+        )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    _fail_skip_in_ci(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    report = yield  # a module that skips as a whole (pytest.skip(..., allow_module_level=True))
+    _fail_skip_in_ci(report)
+    return report
 
 
 @pytest.fixture

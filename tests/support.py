@@ -1,4 +1,4 @@
-"""Test helpers: privilege checks and throwaway workload cgroups."""
+"""Test helpers: what a test needs (skip locally, fail under CI), throwaway workload cgroups, daemons."""
 
 from __future__ import annotations
 
@@ -19,16 +19,46 @@ ROOT = Path(__file__).resolve().parent.parent
 PLAINTEXT = "[tls]\nplaintext = true\n"  # tests on loopback run without TLS, and say so in their configs
 
 
+def in_ci() -> bool:
+    """CI (`bash .ci/run`, as root with CI=true) has everything every test needs."""
+    return os.environ.get("CI") == "true"
+
+
+def need(available: object, missing: str, fix: str) -> None:
+    """Go on when `available` is true. Otherwise the test cannot run here: it skips on a development
+    machine, and fails under CI=true, where a skip would hide a CI host that lacks something. `missing`
+    says what is missing, `fix` how to get it."""
+    if available:
+        return
+    message = f"{missing}: {fix}"
+    if in_ci():
+        pytest.fail(f"CI=true and this test cannot run: {message}", pytrace=False)
+    pytest.skip(message)
+
+
 def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (cgroups, BPF, network namespaces); CI runs as root")
+    need(
+        os.geteuid() == 0,
+        "needs root (cgroups, BPF, network namespaces)",
+        "run the tests as root (sudo .venv/bin/python -m pytest ...); CI runs as root",
+    )
 
 
 def need_bpf() -> None:
     need_root()
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(f"BPF capture unavailable: {reason}")
+    reason = unavailable_reason()  # names what is missing and how to get it
+    need(reason is None, "BPF capture unavailable", str(reason))
+
+
+def remove_leftover_lab() -> None:
+    """A lab left by an earlier run (its namespaces or state file) is removed, as `python -m lab down`
+    would, so the test can build its own; prints what it removed."""
+    from lab import topology
+    from lab.runner import STATE_FILE, down_all
+
+    if topology.list_namespaces() or STATE_FILE.exists():
+        removed = down_all()
+        print("removed a leftover lab: " + ("; ".join(removed) or "nothing left to remove"))
 
 
 class Workload:
@@ -79,13 +109,13 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
-        from shadowctl.procs import python_module, spawn
+        from lab.procs import python_module, spawn
 
         self.proc = spawn(python_module(self.module, "run", "--config", str(self.config)), self.log)
         return self
 
     def stop(self) -> None:
-        from shadowctl.procs import stop
+        from lab.procs import stop
 
         if self.proc is not None:
             stop(self.proc)

@@ -17,9 +17,9 @@ import pytest
 
 from controller.config import DnsConfig
 from controller.failover.dns import current_record, point_record
-from shadowctl.lab.bind import make_tsig_secret, start_bind, stop_bind
-from shadowctl.procs import free_port
-from tests.support import need_root
+from lab.bind import make_tsig_secret, start_bind, stop_bind
+from lab.procs import free_port
+from tests.support import need, need_root
 
 ZONE = "lab.example."
 KEY = "shadowplane-test"
@@ -46,8 +46,11 @@ class Bind:
 
 def need_named() -> None:
     need_root()
-    if not (shutil.which("named") or shutil.which("named", path="/usr/sbin:/sbin")):
-        pytest.skip("named (BIND 9) is not installed: apt-get install bind9")
+    need(
+        shutil.which("named") or shutil.which("named", path="/usr/sbin:/sbin"),
+        "named (BIND 9) is not installed",
+        "apt-get install bind9 (make setup does: scripts/apt-packages.txt)",
+    )
 
 
 @pytest.fixture(scope="module")

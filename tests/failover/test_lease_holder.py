@@ -8,7 +8,7 @@ import time
 import grpc
 
 from agentd.failover import Channels, LeaseHolder, ObserverRole
-from shadowctl.procs import free_port
+from lab.procs import free_port
 from shadowplane.lease_observer import LeaseServicer
 from shadowplane.tls import TlsConfig
 from shadowplane.v1 import agent_pb2 as apb

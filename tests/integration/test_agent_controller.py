@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from shadowctl.procs import free_port, wait_for_port
+from lab.procs import free_port, wait_for_port
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import fleet_pb2_grpc as fgrpc
 from tests.support import PLAINTEXT, Daemon, Workload, need_root, wait_until

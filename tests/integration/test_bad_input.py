@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shadowctl.procs import free_port, wait_for_port
+from lab.procs import free_port, wait_for_port
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import telemetry_pb2 as tpb
 from tests.support import PLAINTEXT, Daemon

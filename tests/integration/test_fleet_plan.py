@@ -11,7 +11,7 @@ import grpc
 from controller.config import ControllerConfig, HostEntry, ScalingConfig, ServiceConfig, StoreConfig
 from controller.scaling.decision import ScalingDecision
 from controller.server import start
-from shadowctl.procs import free_port
+from lab.procs import free_port
 from shadowplane.clock import now_ms
 from shadowplane.tls import TlsConfig
 from shadowplane.v1 import agent_pb2 as apb

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shadowctl.procs import free_port, wait_for_port
+from lab.procs import free_port, wait_for_port
 from tests.support import PLAINTEXT, Daemon, Workload, need_root, wait_until
 from tests.unit.test_metrics import promtool_check
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shadowctl.procs import free_port, wait_for_port
+from lab.procs import free_port, wait_for_port
 from shadowplane.pki import init_ca, issue
 from shadowplane.tls import TlsConfig, sync_channel
 from shadowplane.v1 import agent_pb2 as apb

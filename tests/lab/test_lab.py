@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,8 +18,8 @@ import pytest
 from agentd.cgroupfs import CgroupLayout
 from agentd.config import load_agent_config
 from controller.config import load_controller_config
-from shadowctl.lab import configs, topology
-from shadowctl.lab.poller import (
+from lab import configs, topology
+from lab.poller import (
     Outage,
     Poller,
     Record,
@@ -27,10 +28,11 @@ from shadowctl.lab.poller import (
     read_records,
     responder_changes,
 )
-from shadowctl.lab.runner import STATE_FILE, Lab, LabError
-from shadowctl.lab.spec import CGROUP_ROOT, PREFIX, Spec, SpecError, Timings, plan
-from shadowctl.lab.vipcheck import VipChecker
-from tests.support import ROOT, need_root, wait_until
+from lab.procs import child_env, python_module, spawn
+from lab.runner import STATE_FILE, Lab, LabError
+from lab.spec import CGROUP_ROOT, PREFIX, Spec, SpecError, Timings, plan
+from lab.vipcheck import VipChecker
+from tests.support import ROOT, need_root, remove_leftover_lab, wait_until
 
 # ---- pure: plan, configs, outages ----
 
@@ -108,6 +110,16 @@ def test_every_ip_command_names_a_lab_namespace() -> None:
     assert len(veths) == 6 and all(f"netns {PREFIX}" in c for c in veths)
 
 
+def test_failover_outage_bound_follows_the_slower_of_detection_and_fencing() -> None:
+    # the lab's defaults: the lease (0.25 s) outlasts detection (2 x 50 ms checks + 100 ms timeout + tick)
+    lease_bound = 0.01 + (0.25 + 0.001 + 0.005) + 0.05 + 0.01 + 0.05
+    assert Timings().max_failover_outage_seconds() == pytest.approx(lease_bound)
+    slow_checks = Timings(health_interval_seconds=0.2, health_fall=3)  # detection: 0.6 + 0.1 + 0.02 s
+    assert slow_checks.max_failover_outage_seconds() == pytest.approx(0.01 + 0.725 + 0.05 + 0.01 + 0.05)
+    slow_client = Timings().max_failover_outage_seconds(client_poll_interval=0.1)
+    assert slow_client == pytest.approx(lease_bound + 2 * 0.09), "one poll interval on each side"
+
+
 def rec(t: float, ok: bool, who: str = "") -> Record:
     return Record(sent=t, ok=ok, responder=who if ok else "", error="" if ok else "timeout")
 
@@ -138,6 +150,40 @@ def test_outages_from_synthetic_records() -> None:
     assert responder_changes(records) == [(0.0, "p1"), (0.05, "s1")]
 
 
+# ---- the lab's command, and its processes finding it (no root) ----
+
+
+def test_python_m_lab_from_the_checkout_lists_its_commands() -> None:
+    out = subprocess.run([sys.executable, "-m", "lab", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: python -m lab")
+    listed = re.findall(r"^    (\S+)\s", out.stdout, re.M)
+    assert {"up", "down", "status", "scenario", "demo"} <= set(listed), out.stdout
+    step = subprocess.run(
+        [sys.executable, "-m", "lab", "scenario", "step-load", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert step.returncode == 0 and "--baseline" in step.stdout, step.stderr
+
+
+def test_processes_the_lab_starts_import_it_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The venv has no lab (it is not installed): outside the checkout, only the PYTHONPATH that lab.procs
+    # gives its children finds it.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    argv = [sys.executable, "-m", "lab.httpd", "--help"]
+    bare = subprocess.run(argv, capture_output=True, text=True)
+    assert bare.returncode != 0 and "No module named 'lab'" in bare.stderr, bare.stderr
+    got = subprocess.run(argv, capture_output=True, text=True, env=child_env())
+    assert got.returncode == 0 and "--port" in got.stdout, got.stderr
+    log = tmp_path / "poller.log"
+    assert spawn(python_module("lab.poller", "--help"), log).wait(30) == 0, log.read_text()
+
+
 # ---- a real lab ----
 
 
@@ -162,8 +208,7 @@ def assert_nothing_left(workdir: Path, pids: list[int]) -> None:
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     need_root()
-    if topology.list_namespaces() or STATE_FILE.exists():
-        pytest.skip("a lab is already up on this machine (run `shadowctl lab down`)")
+    remove_leftover_lab()
     with Lab.up(Spec()) as the_lab:
         yield the_lab
 
@@ -192,7 +237,7 @@ def test_status_lists_every_host(lab: Lab) -> None:
     assert web["owner"] == (web["owners"][0] if len(web["owners"]) == 1 else None)
     # the CLI prints the same thing as JSON
     out = subprocess.run(
-        [sys.executable, "-m", "shadowctl.cli", "lab", "status", "--json"],
+        [sys.executable, "-m", "lab", "status", "--json"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -242,7 +287,7 @@ def test_pollers_in_process_and_in_the_client_namespace(lab: Lab, tmp_path: Path
     assert len(records) >= 20 and all(r.ok and r.responder == "s2" for r in records)
     out = tmp_path / "records.jsonl"
     proc = lab.popen_in(
-        "client", [sys.executable, "-m", "shadowctl.lab.poller", "--url", url, "--out", str(out)], cwd=ROOT
+        "client", [sys.executable, "-m", "lab.poller", "--url", url, "--out", str(out)], cwd=ROOT
     )
     wait_until(lambda: out.exists() and len(read_records(out)) >= 20, 10, "poller records")
     proc.send_signal(signal.SIGTERM)
@@ -320,8 +365,7 @@ def test_down_removes_everything(lab: Lab) -> None:
 @pytest.mark.lab
 def test_down_after_a_crash_without_state_file() -> None:
     need_root()
-    if topology.list_namespaces() or STATE_FILE.exists():
-        pytest.skip("a lab is already up on this machine (run `shadowctl lab down`)")
+    remove_leftover_lab()
     crashed = Lab.up(Spec(shadows=1), wait=False)
     try:
         pids = [r.pid for r in crashed.state.processes]
@@ -329,9 +373,7 @@ def test_down_after_a_crash_without_state_file() -> None:
         os.kill(crashed._proc("controller").pid, signal.SIGKILL)
         os.kill(crashed._proc("agent-p1").pid, signal.SIGKILL)
         STATE_FILE.unlink()
-        out = subprocess.run(
-            [sys.executable, "-m", "shadowctl.cli", "lab", "down"], capture_output=True, text=True, cwd=ROOT
-        )
+        out = subprocess.run([sys.executable, "-m", "lab", "down"], capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 0, out.stderr
         assert "removed namespace splab-p1" in out.stdout and f"removed cgroup {CGROUP_ROOT}" in out.stdout
         assert_nothing_left(crashed.workdir, pids)

@@ -7,22 +7,30 @@ Needs root on a Debian host with what `make setup` installs (lintian, rpm, nfpm 
 
 from __future__ import annotations
 
+import argparse
+import ast
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import setuptools
 
 from agentd.config import load_agent_config
 from controller.config import load_controller_config
+from shadowctl.cli import parser as shadowctl_parser
+from tests.support import need
 
 # A first build downloads and installs every wheel: more than the suite's default 300 s on a cold cache.
 pytestmark = pytest.mark.timeout(900)
@@ -83,22 +91,104 @@ def test_units_run_the_packaged_commands() -> None:
     )
 
 
+# What pyproject's packages.find puts in the wheel: the packages' code.
+SHIPPED = ("shadowplane", "agentd", "controller", "shadowctl")
+
+
+def test_the_wheel_and_the_editable_install_leave_the_lab_out() -> None:
+    # The wheel is what build.sh installs into the .deb/.rpm venv; `make setup` installs the same list
+    # editable. The lab runs from a checkout only (`python -m lab`).
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = setuptools.find_namespace_packages(where=str(ROOT), include=find["include"])
+    assert sorted({p.split(".")[0] for p in packages}) == sorted(SHIPPED), packages
+    assert not [p for p in packages if p == "lab" or p.startswith("lab.")]
+
+
+def imports(path: Path) -> Iterator[tuple[str, int]]:
+    """(module, line) of every absolute import in a Python file."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from ((alias.name, node.lineno) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module, node.lineno
+
+
+def test_shipped_code_never_imports_the_lab() -> None:
+    # An installed host has no lab: an import of it from packaged code would fail there, not here.
+    importers = [
+        f"{path.relative_to(ROOT)}:{line} imports {module}"
+        for pkg in SHIPPED
+        for path in sorted((ROOT / pkg).rglob("*.py"))
+        for module, line in imports(path)
+        if module == "lab" or module.startswith("lab.")
+    ]
+    assert importers == []
+
+
+def test_shadowctl_has_no_lab_command() -> None:
+    sub = next(a for a in shadowctl_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert "lab" not in sub.choices and {"hosts", "failover", "certs"} <= set(sub.choices)
+    # as an operator runs it: from anywhere but a checkout
+    out = subprocess.run(
+        [sys.executable, "-m", "shadowctl.cli", "--help"], capture_output=True, text=True, cwd="/"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "failover" in out.stdout and not re.search(r"^\s+lab\b", out.stdout, re.M), out.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "shadowctl.cli", "lab", "up"], capture_output=True, text=True, cwd="/"
+    )
+    assert out.returncode == 2 and "invalid choice: 'lab'" in out.stderr, out.stderr
+
+
 # ---- the packages -----------------------------------------------------------------------------------
 
 
 def need_packaging_host() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: installs the .deb on this machine and purges it (CI runs as root)")
-    for tool in ("dpkg", "apt-get", "lintian", "systemd-analyze", "strip"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is missing: `make setup` installs it (scripts/apt-packages.txt)")
-    if not (ROOT / ".venv/bin/nfpm").exists():
-        pytest.skip("nfpm is missing from .venv: `make setup` installs the dev dependencies")
+    need(
+        os.geteuid() == 0,
+        "needs root: installs the .deb on this machine and purges it",
+        "run the tests as root (CI does)",
+    )
+    for tool in ("dpkg", "dpkg-deb", "apt-get", "lintian", "systemd-analyze", "strip"):
+        need(shutil.which(tool), f"{tool} is missing", "`make setup` installs it (scripts/apt-packages.txt)")
+    need(
+        (ROOT / ".venv/bin/nfpm").exists(),
+        "nfpm is missing from .venv",
+        "`make setup` installs the dev dependencies",
+    )
+    for line in remove_leftover_install():
+        print(f"package test: removed {line}")
+
+
+def remove_leftover_install() -> list[str]:
+    """A shadowplane package (and its files) that an earlier run or someone else left on this machine is
+    purged, so the test starts from a host without it; returns what was removed."""
+    removed = []
     if installed():
-        pytest.skip(f"{PKG} is already installed here, not by this test: `dpkg --purge {PKG}` to run it")
+        run("dpkg", "--purge", PKG, env=APT_ENV)
+        removed.append(f"the installed {PKG} package (dpkg --purge {PKG})")
+    if shutil.which("rpm") and run("rpm", "-q", PKG, check=False).returncode == 0:
+        run("rpm", "-e", "--nodeps", PKG)
+        removed.append(f"the installed {PKG} rpm (rpm -e {PKG})")
     for path in LEFTOVERS:
         if path.exists():
-            pytest.skip(f"{path} exists and is not this test's: remove it to run the test")
+            shutil.rmtree(path)
+            removed.append(f"leftover {path}")
+    return removed
+
+
+def lab_paths(paths: list[str]) -> list[str]:
+    """Of the paths a package installs, those that are lab code in the venv's site-packages: the `lab`
+    package, its load generator and process helpers (wherever they are), anything in a lab/ directory."""
+    bad = []
+    for path in paths:
+        _, sep, rel = path.partition("/site-packages/")
+        if not sep:
+            continue
+        name = rel.rstrip("/").rsplit("/", 1)[-1]
+        if rel == "lab.py" or "/lab/" in f"/{rel}" or name in ("loadgen.py", "procs.py"):
+            bad.append(path)
+    return bad
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +202,14 @@ def packages() -> tuple[Path, Path]:
     return deb, rpm
 
 
+def test_deb_carries_no_lab_code(packages: tuple[Path, Path]) -> None:
+    deb, _ = packages
+    paths = [line.split()[5] for line in run("dpkg-deb", "-c", str(deb)).stdout.splitlines()]
+    site = [p for p in paths if "/site-packages/" in p]
+    assert any(p.endswith("/site-packages/shadowctl/cli.py") for p in site), "no shadowctl in the venv?"
+    assert lab_paths(paths) == [], "the lab is a checkout tool: pyproject.toml's packages.find leaves it out"
+
+
 def test_lintian_reports_no_errors(packages: tuple[Path, Path]) -> None:
     deb, _ = packages
     out = run("lintian", "--tag-display-limit", "0", str(deb), check=False)
@@ -122,8 +220,7 @@ def test_lintian_reports_no_errors(packages: tuple[Path, Path]) -> None:
 
 def test_rpm_metadata(packages: tuple[Path, Path]) -> None:
     _, rpm = packages
-    if shutil.which("rpm") is None:
-        pytest.skip("rpm is missing: `make setup` installs it")
+    need(shutil.which("rpm"), "rpm is missing", "`make setup` installs it (scripts/apt-packages.txt)")
     requires = run("rpm", "-qpR", str(rpm)).stdout
     for dep in ("python3-bcc", "python3-systemd", "python3 >= 3.11", "python3 < 3.12"):
         assert dep in requires, requires
@@ -136,6 +233,7 @@ def test_rpm_metadata(packages: tuple[Path, Path]) -> None:
     ):
         assert f in files
     assert not [f for f in files if "__pycache__" in f]
+    assert lab_paths(files) == [], "the lab is a checkout tool: pyproject.toml's packages.find leaves it out"
     assert set(run("rpm", "-qpc", str(rpm)).stdout.split()) == {
         "/etc/shadowplane/agentd.toml",
         "/etc/shadowplane/controller.toml",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import itertools
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from shadowplane import logs, sdnotify
+from tests.support import need
 
 
 class FakeSystemd:
@@ -56,8 +58,11 @@ def fake_systemd(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[FakeSystemd]:
     if request.param == "python-systemd":
-        if sdnotify._daemon is None:
-            pytest.skip("systemd-python is not installed (the venv's `systemd` extra / python3-systemd)")
+        need(
+            sdnotify._daemon is not None,
+            "systemd-python is not installed",
+            "make setup installs it (the venv's `systemd` extra: pip install -e '.[systemd]')",
+        )
     else:
         monkeypatch.setattr(sdnotify, "_daemon", None)
     fake = FakeSystemd(tmp_path / "notify")
@@ -136,7 +141,15 @@ def test_a_vanished_socket_is_not_an_error(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_journal_handler_sends_structured_fields(monkeypatch: pytest.MonkeyPatch) -> None:
-    journal = pytest.importorskip("systemd.journal")
+    try:
+        journal: Any = importlib.import_module("systemd.journal")
+    except ImportError:
+        journal = None
+    need(
+        journal is not None,
+        "systemd-python is not installed",
+        "make setup installs it (the venv's `systemd` extra: pip install -e '.[systemd]')",
+    )
     sent: list[tuple[str, dict[str, Any]]] = []
     monkeypatch.setattr(journal, "send", lambda message, **fields: sent.append((message, fields)))
     handler = logs.journal_handler("controller")

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from shadowctl.lab.runner import Lab
-from shadowctl.lab.scenario import Row, step_load
-from shadowctl.lab.spec import Spec, Timings
+from lab.runner import Lab
+from lab.scenario import Row, step_load
+from lab.spec import Spec, Timings
 from shadowplane.v1 import fleet_pb2 as fpb
 from tests.support import need_root
 

@@ -31,11 +31,12 @@ from controller.scaling.loop import ScalingLoop
 from controller.scaling.planner import Target
 from controller.status import ControllerStatus
 from controller.store import EventRecord, ServiceRecord, SqliteStore
-from shadowctl.procs import free_port
+from lab.procs import free_port
 from shadowplane.clock import now_ms
 from shadowplane.prometheus import MetricsConfig, add_log2, log2_buckets, serve
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import telemetry_pb2 as tpb
+from tests.support import need
 
 GIB = 2**30
 
@@ -62,8 +63,11 @@ def value(text: str, series: str) -> float:
 
 
 def promtool_check(text: str) -> None:
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool missing: apt-get install prometheus (scripts/setup-host.sh does)")
+    need(
+        shutil.which("promtool"),
+        "promtool is missing",
+        "apt-get install prometheus (make setup does: scripts/apt-packages.txt)",
+    )
     out = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
     assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out.stdout + out.stderr
 

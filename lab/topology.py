@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shadowctl.lab.spec import BRIDGE, PREFIX, SWITCH_NS, HostPlan, Plan
+from lab.spec import BRIDGE, PREFIX, SWITCH_NS, HostPlan, Plan
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000

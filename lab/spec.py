@@ -31,6 +31,13 @@ class SpecError(ValueError):
     pass
 
 
+# On 2 cores the lab's controller, three agents, three web servers and the test's client poller and
+# split-brain checker share the CPUs: each step of a failover (probe result, report, loop tick, vote,
+# acquire, announcement) may start a few ms late. 50 ms covers that with room, and stays small next to the
+# quarter of a second a lab failover takes.
+SCHEDULING_MARGIN_SECONDS = 0.05
+
+
 @dataclass(frozen=True)
 class Timings:
     """Failure detection and movement timings. The defaults make a lab failover take a fraction of a
@@ -54,6 +61,35 @@ class Timings:
     health_fall: int = 2
     health_rise: int = 2
     hook_timeout_seconds: float = 5.0
+
+    def max_failover_outage_seconds(self, client_poll_interval: float = 0.01) -> float:
+        """The longest outage a client polling the VIP every `client_poll_interval` (the lab poller's
+        default) may see when the owner's link is cut: from the last answer before the cut to the first
+        after the takeover, as `lab.poller.outages` measures it. Derived from these timings as the
+        controller and the agents use them (controller/failover/, agentd/failover.py)."""
+        # only here: the orchestrator pulls in grpc, and this module is imported by the lab's light tools
+        from controller.failover.orchestrator import VOTE_SAFETY_MS
+
+        # The last answer before the cut can be from a request sent up to one poll interval earlier.
+        last_answer = client_poll_interval
+        # Detection: the first failing probe starts within one check interval of the cut, `fall` failures
+        # in a row make the owner down and the last of them fails at its timeout. Observers report a change
+        # at once; the HA loop decides on its next tick.
+        detection = (
+            self.health_fall * self.health_interval_seconds
+            + self.health_timeout_seconds
+            + self.loop_interval_seconds
+        )
+        # Fencing: the observers granted the cut owner's last renewal at the cut at the latest, and a vote
+        # makes the new owner wait until one lease after it (rounded up to the ms). The vote starts after
+        # detection, so the later of the two counts; then the orchestrator's margin for the vote replies.
+        takeover = max(detection, self.lease_seconds + 0.001) + VOTE_SAFETY_MS / 1000
+        # Acquire: the new owner's first renewal round (each renewal times out after a renew interval)
+        # comes before it adds the address and sends its first gratuitous ARP / unsolicited NA.
+        acquire = self.renew_interval_seconds
+        # The client's first request after that announcement.
+        first_answer = client_poll_interval
+        return last_answer + takeover + acquire + first_answer + SCHEDULING_MARGIN_SECONDS
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The lab's web service: answers every GET with its name and a newline.
 
-    python -m shadowctl.lab.httpd --name p1 --port 8080
+    python -m lab.httpd --name p1 --port 8080
 
 HTTP/1.0, one thread per connection, listening on :: with IPv4 mapped (so on 0.0.0.0 too): a VIP added
 to the host later is served without a restart. Kept tiny and free of imports so that it starts in tens of
@@ -58,7 +58,7 @@ class Server(socketserver.ThreadingTCPServer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="shadowctl.lab.httpd", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="lab.httpd", description=__doc__.split("\n")[0])
     p.add_argument("--name", required=True, help="what to answer")
     p.add_argument("--port", type=int, default=8080)
     args = p.parse_args(argv)

@@ -10,8 +10,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+# The checkout this file is in. The lab is not installed (the packages and the editable install leave it
+# out), so a child running `python -m lab.httpd` finds it only through PYTHONPATH, whatever its cwd.
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`base` (default: this process's environment) with the checkout first on PYTHONPATH."""
+    env = dict(os.environ if base is None else base)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(CHECKOUT)]
+    env["PYTHONPATH"] = os.pathsep.join([str(CHECKOUT), *rest])
+    return env
 
 
 def python_module(module: str, *args: str) -> list[str]:
@@ -24,7 +36,8 @@ def spawn(
     netns: str | None = None,
     cgroup_procs: Sequence[Path] = (),
 ) -> subprocess.Popen[bytes]:
-    """Start a process (optionally in a network namespace, optionally in cgroups), logging to a file."""
+    """Start a process (optionally in a network namespace, optionally in cgroups), logging to a file. It
+    can import the lab (`child_env`)."""
     cmd = list(argv)
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
@@ -41,6 +54,7 @@ def spawn(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=enter_cgroups if cgroup_procs else None,
+            env=child_env(),
         )
     finally:
         if log_path:

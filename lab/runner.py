@@ -35,10 +35,10 @@ import grpc
 import psutil
 
 from agentd.cgroupfs import CgroupError, CgroupLayout
-from shadowctl.fleet_view import host_row
-from shadowctl.lab import configs, topology
-from shadowctl.lab.poller import Poller
-from shadowctl.lab.spec import (
+from lab import configs, topology
+from lab.poller import Poller
+from lab.procs import child_env, python_module, spawn
+from lab.spec import (
     CGROUP_ROOT,
     CONTROLLER_PORT,
     DNS_ZONE,
@@ -51,8 +51,8 @@ from shadowctl.lab.spec import (
     SpecError,
     plan,
 )
-from shadowctl.lab.vipcheck import VipChecker, holders, normalize, read_all
-from shadowctl.procs import python_module, spawn
+from lab.vipcheck import VipChecker, holders, normalize, read_all
+from shadowctl.fleet_view import host_row
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import fleet_pb2_grpc as fgrpc
 
@@ -153,12 +153,12 @@ class Lab:
             lab_plan = plan(spec)
         except SpecError as e:
             raise LabError(f"bad lab spec: {e}") from None
-        if spec.dns and importlib.util.find_spec("shadowctl.lab.bind") is None:
-            raise LabError("DNS lab host needs shadowctl/lab/bind.py, which is not there yet")
+        if spec.dns and importlib.util.find_spec("lab.bind") is None:
+            raise LabError("DNS lab host needs lab/bind.py, which is not there yet")
         existing = topology.list_namespaces()
         if existing:
             raise LabError(
-                f"a lab is already up (namespaces {', '.join(existing)}); run `shadowctl lab down` first"
+                f"a lab is already up (namespaces {', '.join(existing)}); run `python -m lab down` first"
             )
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         try:
@@ -166,7 +166,7 @@ class Lab:
             os.close(os.open(STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         except FileExistsError:
             raise LabError(
-                f"a lab is already up (state file {STATE_FILE}); run `shadowctl lab down` first"
+                f"a lab is already up (state file {STATE_FILE}); run `python -m lab down` first"
             ) from None
         try:
             if spec.workdir is not None:
@@ -196,13 +196,13 @@ class Lab:
         """The lab that is up, from its state file (for `lab status` and `lab down` in another process)."""
         require_root()
         if not STATE_FILE.exists():
-            raise LabError(f"no lab is up (no {STATE_FILE}); start one with `shadowctl lab up`")
+            raise LabError(f"no lab is up (no {STATE_FILE}); start one with `python -m lab up`")
         try:
             state = State.load()
             return cls(plan(Spec.from_dict(state.spec)), state)
         except (ValueError, TypeError, KeyError, OSError) as e:
             raise LabError(
-                f"unreadable state file {STATE_FILE} ({e}); `shadowctl lab down` removes the lab"
+                f"unreadable state file {STATE_FILE} ({e}); `python -m lab down` removes the lab"
             ) from e
 
     def __enter__(self) -> Lab:
@@ -244,7 +244,7 @@ class Lab:
             self._spawn(
                 f"httpd-{h.name}",
                 h,
-                python_module("shadowctl.lab.httpd", "--name", h.name, "--port", str(spec.http_port)),
+                python_module("lab.httpd", "--name", h.name, "--port", str(spec.http_port)),
                 cgroup=first.cgroup(h.name),
             )
         if spec.failover == "shadowplane":
@@ -279,7 +279,7 @@ class Lab:
             )
 
     def _start_dns(self) -> None:
-        bind = importlib.import_module("shadowctl.lab.bind")
+        bind = importlib.import_module("lab.bind")
         h = self.plan.host("dns")
         records = {s.name: s.vip_ip for s in self.plan.services}
         proc = bind.start_bind(
@@ -541,19 +541,23 @@ class Lab:
         return topology.netns_exec(self.plan.host(host).namespace)
 
     def run_in(self, host: str, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
-        """Run a command inside a host's namespace and wait for it (subprocess.run keywords)."""
+        """Run a command inside a host's namespace and wait for it (subprocess.run keywords). It can import
+        the lab (`child_env`), also with an `env` of the caller's."""
+        kw["env"] = child_env(kw.get("env"))
         return subprocess.run([*self._prefix(host), *argv], **kw)
 
     def popen_in(
         self, host: str, argv: Sequence[str], name: str | None = None, **kw: Any
     ) -> subprocess.Popen[Any]:
         """Start a command inside a host's namespace (subprocess.Popen keywords). The lab records it and
-        stops it (its whole process group) on `down`, if the caller has not."""
+        stops it (its whole process group) on `down`, if the caller has not. It can import the lab
+        (`child_env`), also with an `env` of the caller's."""
         h = self.plan.host(host)
         if name is None:
             self._extra += 1
             name = f"extra{self._extra}-{h.name}"
         kw.setdefault("start_new_session", True)
+        kw["env"] = child_env(kw.get("env"))
         proc: subprocess.Popen[Any] = subprocess.Popen([*self._prefix(host), *argv], **kw)
         self._popens[name] = proc
         rec = ProcRecord(name, h.name, proc.pid, _start_time(proc.pid) or time.time(), "", list(argv))
@@ -614,7 +618,7 @@ def _stop_processes(
     removed = []
     for proc in bind_procs.values():
         with contextlib.suppress(Exception):  # whatever it raises, the sweep below still kills named
-            importlib.import_module("shadowctl.lab.bind").stop_bind(proc)
+            importlib.import_module("lab.bind").stop_bind(proc)
     live = [r for r in records if _same_process(r)]
     for r in live:
         _signal_group(r.pid, signal.SIGTERM)

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from shadowctl.lab.spec import DNS_ZONE, PEER_PORT, Plan, ServicePlan
+from lab.spec import DNS_ZONE, PEER_PORT, Plan, ServicePlan
 
 Value = str | int | float | bool | Sequence[str]
 
@@ -31,7 +31,7 @@ def toml_table(header: str, values: Mapping[str, Value | Path]) -> str:
 def controller_toml(plan: Plan, workdir: Path, tsig_secret: str = "") -> str:
     t = plan.spec.timings
     out = [
-        "# Written by `shadowctl lab up`; rewritten each time the lab comes up.\n",
+        "# Written by `python -m lab up`; rewritten each time the lab comes up.\n",
         toml_table("", {"listen": plan.controller_address}),
         # the lab's network exists only inside this machine's namespaces: no certificates to manage
         toml_table("[tls]", {"plaintext": True}),
@@ -107,7 +107,7 @@ METRICS_PORT = 9464  # each host's /metrics, inside its own namespace
 def agent_toml(plan: Plan, host: str, workdir: Path) -> str:
     h, t = plan.host(host), plan.spec.timings
     out = [
-        "# Written by `shadowctl lab up`.\n",
+        "# Written by `python -m lab up`.\n",
         toml_table(
             "",
             {

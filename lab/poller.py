@@ -5,7 +5,7 @@ requests are still waiting, so a hung connection never hides how soon the servic
 gives a `Record`: when it was sent (CLOCK_MONOTONIC, comparable across processes on this machine), whether
 it got a 200, and the responder's name (the lab's web servers answer with their host name).
 
-    python -m shadowctl.lab.poller --url http://10.77.0.101:8080/ --out records.jsonl
+    python -m lab.poller --url http://10.77.0.101:8080/ --out records.jsonl
 
 runs until SIGTERM/SIGINT (or `--seconds`), writing one JSON record per line as requests finish, then
 prints the outages. `Poller` does the same inside this process (`netns=` opens its sockets in a lab
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from shadowctl.procs import run_until_stopped
+from lab.procs import run_until_stopped
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ class Poller:
         if self.netns is None:
             s = socket.socket(self._family, socket.SOCK_STREAM)
         else:
-            from shadowctl.lab.topology import socket_in  # only when used in-process: keeps the CLI light
+            from lab.topology import socket_in  # only when used in-process: keeps the CLI light
 
             s = socket_in(self.netns, self._family, socket.SOCK_STREAM)
         s.setblocking(False)
@@ -239,7 +239,7 @@ def summary(records: list[Record]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="shadowctl.lab.poller", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="lab.poller", description=__doc__.split("\n")[0])
     p.add_argument("--url", required=True)
     p.add_argument("--out", type=Path, help="write one JSON record per line here")
     p.add_argument("--interval", type=float, default=0.01, help="seconds between request starts")

@@ -1,4 +1,4 @@
-"""`shadowctl lab demo`: the whole system in under three minutes, on one machine.
+"""`python -m lab demo`: the whole system in under three minutes, on one machine.
 
 1. builds the lab (a controller, a primary, two shadows, a client, in network namespaces);
 2. runs a compressed "day" of CPU demand in the primary's cgroup and shows, live, the demand, the forecast
@@ -28,10 +28,10 @@ from rich.table import Table
 from rich.text import Text
 
 from agentd.cgroupfs import CgroupLayout
-from shadowctl.lab.poller import Record, outages
-from shadowctl.lab.runner import Lab
-from shadowctl.lab.scenario import Probe
-from shadowctl.lab.spec import Spec, Timings
+from lab.poller import Record, outages
+from lab.runner import Lab
+from lab.scenario import Probe
+from lab.spec import Spec, Timings
 
 CHART_WIDTH = 60
 CHART_HEIGHT = 10
@@ -153,7 +153,7 @@ class Demo:
 
             load = lab.popen_in(
                 "p1",
-                [sys.executable, "-m", "shadowctl.loadgen", "cpu", "--profile", str(profile)],
+                [sys.executable, "-m", "lab.loadgen", "cpu", "--profile", str(profile)],
                 name="demo-load",
                 preexec_fn=join,
             )

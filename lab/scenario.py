@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agentd.cgroupfs import CgroupLayout, read_cgroup
-from shadowctl.lab.runner import Lab
+from lab.runner import Lab
 from shadowplane.v1 import fleet_pb2 as fpb
 
 
@@ -110,7 +110,7 @@ def step_load(
 
     load = lab.popen_in(
         lab.service().primary,
-        [sys.executable, "-m", "shadowctl.loadgen", "cpu", "--profile", str(profile)],
+        [sys.executable, "-m", "lab.loadgen", "cpu", "--profile", str(profile)],
         name="scenario-load",
         preexec_fn=join_cgroup,
     )

@@ -1,4 +1,7 @@
-"""`shadowctl lab up|down|status`: a Shadowplane fleet in network namespaces on this machine (root)."""
+"""`python -m lab up|down|status|scenario|demo`: a Shadowplane fleet in network namespaces on this machine.
+
+Run from a checkout, as root. Not part of the packages: an installed host has no use for it (see README).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +12,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 from rich.console import Console
 from rich.table import Table
 
-from shadowctl.lab.spec import MAX_PRIMARIES, MAX_SHADOWS, Spec, Timings
+from lab.spec import MAX_PRIMARIES, MAX_SHADOWS, Spec, Timings
+from shadowplane import logs
+
+PROG = "python -m lab"
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("lab", help="a test fleet in network namespaces on this machine (root)")
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="a test fleet in network namespaces on this machine (root)"
+    )
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     lab_sub = p.add_subparsers(dest="lab_cmd", required=True, metavar="SUBCOMMAND")
 
     up = lab_sub.add_parser("up", help="build the lab and start its controller, agents and web servers")
@@ -76,15 +86,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     step.add_argument("--sample", type=float, default=1.0, help="seconds between timeline rows")
     step.add_argument("--json", action="store_true", help="one JSON object per row")
     step.set_defaults(func=lab_step_load)
+    return p
 
 
 def _err(msg: str) -> int:
-    print(f"shadowctl lab: {msg}", file=sys.stderr)
+    print(f"lab: {msg}", file=sys.stderr)
     return 1
 
 
 def lab_up(args: argparse.Namespace) -> int:
-    from shadowctl.lab.runner import Lab, LabError
+    from lab.runner import Lab, LabError
 
     timings = replace(
         Timings(),
@@ -113,13 +124,13 @@ def lab_up(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
     else:
         _print_status(status)
-        print(f"\nlab is up; logs in {status['workdir']}/logs; remove it with `shadowctl lab down`")
+        print(f"\nlab is up; logs in {status['workdir']}/logs; remove it with `python -m lab down`")
     return 0
 
 
 def lab_demo(args: argparse.Namespace) -> int:
-    from shadowctl.lab.demo import run_demo, summary_dict
-    from shadowctl.lab.runner import LabError
+    from lab.demo import run_demo, summary_dict
+    from lab.runner import LabError
 
     try:
         summary = run_demo(args.day, args.hold)
@@ -133,8 +144,8 @@ def lab_demo(args: argparse.Namespace) -> int:
 
 
 def lab_step_load(args: argparse.Namespace) -> int:
-    from shadowctl.lab.runner import Lab, LabError
-    from shadowctl.lab.scenario import HEADER, Row, row_dict, row_text, step_load
+    from lab.runner import Lab, LabError
+    from lab.scenario import HEADER, Row, row_dict, row_text, step_load
 
     def show(r: Row) -> None:
         print(json.dumps(row_dict(r)) if args.json else row_text(r), flush=True)
@@ -155,7 +166,7 @@ def lab_step_load(args: argparse.Namespace) -> int:
 
 
 def lab_down(args: argparse.Namespace) -> int:
-    from shadowctl.lab.runner import LabError, down_all
+    from lab.runner import LabError, down_all
 
     try:
         removed = down_all(keep_workdir=args.keep_logs)
@@ -169,7 +180,7 @@ def lab_down(args: argparse.Namespace) -> int:
 
 
 def lab_status(args: argparse.Namespace) -> int:
-    from shadowctl.lab.runner import Lab, LabError
+    from lab.runner import Lab, LabError
 
     try:
         lab = Lab.attach()
@@ -212,3 +223,14 @@ def _print_status(st: dict[str, Any]) -> None:
     console.print(s)
     if st.get("controller_error"):
         print(f"controller: {st['controller_error']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logs.setup(args.log_level)
+    try:
+        return int(args.func(args))
+    except grpc.RpcError as e:  # a call to the lab's controller failed outside the commands' own checks
+        code = e.code().name if isinstance(e, grpc.Call) else "error"
+        details = e.details() if isinstance(e, grpc.Call) else str(e)
+        return _err(f"the lab's controller: {code}: {details} (`{PROG} status` shows what is running)")

@@ -29,7 +29,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 
-from shadowctl.procs import spawn, stop
+from lab.procs import spawn, stop
 
 START_TIMEOUT_SECONDS = 10.0
 TSIG_ALGORITHM = "hmac-sha256"
@@ -175,7 +175,7 @@ def _named_conf(
         update = f'\n    update-policy {{ grant "{tsig_name}" zonesub ANY; }};'
     # The defaults of pid-file, lock-file and session-keyfile are under /run/named, shared with the system's
     # named and with other lab servers: each server keeps its own in workdir.
-    return f"""// Written by shadowctl.lab.bind: a lab-only authoritative server.
+    return f"""// Written by lab.bind: a lab-only authoritative server.
 options {{
     directory "{workdir}";
     pid-file "{workdir}/named.pid";

@@ -9,7 +9,7 @@ A sample reads the hosts one after another, within about a millisecond; a VIP mo
 show up in no host or (if the new owner is read after the move and the old one before it) in two. Owners
 that let a lease expire before the next one takes over are apart by far more than that.
 
-    python -m shadowctl.lab.vipcheck --host p1=splab-p1 --host s1=splab-s1 --vip 10.77.0.101 [--seconds N]
+    python -m lab.vipcheck --host p1=splab-p1 --host s1=splab-s1 --vip 10.77.0.101 [--seconds N]
 
 runs from the root namespace (it opens a socket in each lab namespace) and prints JSON at SIGTERM.
 """
@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from shadowctl.procs import run_until_stopped
+from lab.procs import run_until_stopped
 
 NETLINK_ROUTE = 0
 RTM_NEWADDR, RTM_GETADDR = 20, 22
@@ -81,7 +81,7 @@ class AddressReader:
     """An rtnetlink socket inside one namespace, kept open; `read()` dumps its addresses."""
 
     def __init__(self, netns: str | None) -> None:
-        from shadowctl.lab.topology import socket_in
+        from lab.topology import socket_in
 
         self.sock = socket_in(netns, socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
         self.sock.bind((0, 0))
@@ -249,7 +249,7 @@ def report_json(r: Report) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="shadowctl.lab.vipcheck", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="lab.vipcheck", description=__doc__.split("\n")[0])
     p.add_argument("--host", action="append", required=True, help="NAME=NAMESPACE, once per host")
     p.add_argument("--vip", action="append", required=True, help="a VIP to watch (repeatable)")
     p.add_argument("--interval", type=float, default=0.01)

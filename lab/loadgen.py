@@ -1,7 +1,7 @@
 """Synthetic workloads for demos and tests.
 
-    python -m shadowctl.loadgen mixed [--seconds N]      syscalls, disk writes and loopback TCP
-    python -m shadowctl.loadgen cpu --profile FILE       CPU demand that follows the number in FILE
+    python -m lab.loadgen mixed [--seconds N]      syscalls, disk writes and loopback TCP
+    python -m lab.loadgen cpu --profile FILE       CPU demand that follows the number in FILE
 
 `cpu` keeps one worker per core it may need; worker k burns min(1, max(0, target - k)) of every 20 ms, so
 the total follows the target (in cores) that a scenario writes into FILE, re-read every 100 ms.
@@ -92,7 +92,7 @@ def cpu(profile: Path, max_cores: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m shadowctl.loadgen")
+    p = argparse.ArgumentParser(prog="python -m lab.loadgen")
     sub = p.add_subparsers(dest="mode")
     m = sub.add_parser("mixed")
     m.add_argument("--seconds", type=float, default=3600)
