@@ -92,7 +92,7 @@ def test_units_run_the_packaged_commands() -> None:
 
 
 # What pyproject's packages.find puts in the wheel: the packages' code.
-SHIPPED = ("shadowplane", "agentd", "controller", "shadowctl")
+SHIPPED = ("shadowplane", "agentd", "controller", "shadowctl", "training")
 
 
 def test_the_wheel_and_the_editable_install_leave_the_lab_out() -> None:
@@ -207,6 +207,8 @@ def test_deb_carries_no_lab_code(packages: tuple[Path, Path]) -> None:
     paths = [line.split()[5] for line in run("dpkg-deb", "-c", str(deb)).stdout.splitlines()]
     site = [p for p in paths if "/site-packages/" in p]
     assert any(p.endswith("/site-packages/shadowctl/cli.py") for p in site), "no shadowctl in the venv?"
+    # `shadowctl train|backtest` run on operators' hosts: their package ships, unlike the lab
+    assert any(p.endswith("/site-packages/training/backtest.py") for p in site), "no training in the venv"
     assert lab_paths(paths) == [], "the lab is a checkout tool: pyproject.toml's packages.find leaves it out"
 
 
