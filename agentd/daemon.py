@@ -80,12 +80,7 @@ class Agent:
         return AgentStatus(
             host=self.cfg.host,
             workloads=len(self.cfg.workload),
-            capture=CaptureView(
-                bpf_active=self.bpf is not None,
-                unavailable_reason=self.bpf_reason,
-                dropped_events=self.bpf.dropped_events() if self.bpf else {},
-                histogram_buckets=self.bpf.histogram_buckets() if self.bpf else {},
-            ),
+            capture=self._capture(),
             link=LinkView(
                 controller=self.cfg.controller,
                 connected=self.link.state.connected,
@@ -104,9 +99,17 @@ class Agent:
             totals=self.totals.workloads,
         )
 
+    def _capture(self) -> CaptureView:
+        return CaptureView(
+            bpf_active=self.bpf is not None,
+            unavailable_reason=self.bpf_reason,
+            dropped_events=self.bpf.dropped_events() if self.bpf else {},
+            histogram_buckets=self.bpf.histogram_buckets() if self.bpf else {},
+        )
+
     def capture_status(self) -> tpb.CaptureStatus:
         """What the controller hears of this agent's capture (with every hello and batch)."""
-        c = self.status().capture
+        c = self._capture()
         return tpb.CaptureStatus(
             bpf_active=c.bpf_active,
             bpf_unavailable_reason=c.unavailable_reason,

@@ -1,7 +1,8 @@
 """The Fleet service: what `shadowctl` and fleet tooling read and ask.
 
-It renders the controller's read model (`Operations.status()`) and the store, and asks for changes through
-the narrow `Operations`; messages are made in fleet_messages.py.
+It renders the parts of the controller's read model it answers with (`Operations.agents()`, `services()`,
+`scaling_view()`: each call builds only what it renders) and the store, and asks for changes through the
+narrow `Operations`; messages are made in fleet_messages.py.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from controller.fleet_messages import (
     shadow_message,
 )
 from controller.scaling.decision import ScalingDecision
-from controller.status import ControllerStatus
+from controller.status import AgentView, ScalingView, ServiceView
 from controller.store import Store
 from shadowplane.clock import now_ms
 from shadowplane.tls import peer_identity
@@ -39,8 +40,16 @@ MAX_LIMIT = 10_000
 class Operations(Protocol):
     """What the Fleet API may ask of the controller beyond reading: narrow, so it needs no object graph."""
 
-    def status(self) -> ControllerStatus:
-        """The read model: services, shadows, readiness, agents and their capture."""
+    def agents(self) -> tuple[AgentView, ...]:
+        """The read model's connected agents and their capture."""
+        ...
+
+    def services(self) -> tuple[ServiceView, ...]:
+        """The read model's services: owner, token, phase, observers' views."""
+        ...
+
+    def scaling_view(self, now_ms: int) -> ScalingView | None:
+        """The read model's forecasts, demand and shadows (None: scaling is disabled)."""
         ...
 
     def request(self, service: str, req: Request) -> Decision:
@@ -64,7 +73,7 @@ class FleetService(fgrpc.FleetServicer):
         self, request: fpb.ListHostsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.ListHostsResponse:
         now = now_ms()
-        live = {a.host: a for a in self.ops.status().agents}
+        live = {a.host: a for a in self.ops.agents()}
         out = []
         for rec in self.store.agents():
             agent = live.get(rec.host)
@@ -95,7 +104,7 @@ class FleetService(fgrpc.FleetServicer):
         self, request: fpb.ListServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.ListServicesResponse:
         out = []
-        for view in self.ops.status().services:
+        for view in self.ops.services():
             if request.service and view.name != request.service:
                 continue
             last = self.store.events(view.name, limit=50)
@@ -145,13 +154,13 @@ class FleetService(fgrpc.FleetServicer):
     async def GetPlan(
         self, request: fpb.GetPlanRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.GetPlanResponse:
-        nxt = self.ops.plan(now_ms())
-        status = self.ops.status()
-        if nxt is None or status.scaling is None:
+        now = now_ms()
+        nxt, view = self.ops.plan(now), self.ops.scaling_view(now)
+        if nxt is None or view is None:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "scaling is disabled ([scaling] enabled)"
             )
-        assert nxt is not None and status.scaling is not None
+        assert nxt is not None and view is not None
         host, _, workload = request.workload.partition("/")
         service = request.workload if request.workload and not workload else ""
         if service and self.cfg.service_named(service) is None:
@@ -171,10 +180,10 @@ class FleetService(fgrpc.FleetServicer):
             last=[decision_message(d) for d in last if wanted(d.host, d.workload, d.service)],
             shadows=[
                 shadow_message(v, overrides.get((v.host, v.workload)))
-                for v in status.scaling.shadows
+                for v in view.shadows
                 if wanted(v.host, v.workload, v.service)
             ],
-            next_cycle_unix_ms=status.scaling.next_cycle_ms,
+            next_cycle_unix_ms=view.next_cycle_ms,
         )
 
     async def SetOverride(

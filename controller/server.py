@@ -25,7 +25,7 @@ from controller.prometheus_collector import ControllerCollector, EventCounters
 from controller.registry import AgentRegistry
 from controller.scaling.decision import ScalingDecision
 from controller.scaling.loop import ScalingLoop
-from controller.status import ControllerStatus
+from controller.status import AgentView, ControllerStatus, ScalingView, ServiceView
 from controller.store import SqliteStore, Store
 from shadowplane import prometheus
 from shadowplane.clock import now_ms
@@ -54,13 +54,18 @@ class Controller:
     # ---- the read model, and what the Fleet API may ask (fleet_api.Operations) ----
 
     def status(self) -> ControllerStatus:
+        """The whole view, for /metrics."""
         now = now_ms()
-        return ControllerStatus(
-            now_ms=now,
-            agents=self.registry.views(),
-            services=self.failover.service_views(),
-            scaling=self.scaling.status(now) if self.scaling is not None else None,
-        )
+        return ControllerStatus(now, self.agents(), self.services(), self.scaling_view(now))
+
+    def agents(self) -> tuple[AgentView, ...]:
+        return self.registry.views()
+
+    def services(self) -> tuple[ServiceView, ...]:
+        return self.failover.service_views()
+
+    def scaling_view(self, now_ms: int) -> ScalingView | None:
+        return self.scaling.status(now_ms) if self.scaling is not None else None
 
     def request(self, service: str, req: Request) -> Decision:
         return self.failover.request(service, req)
