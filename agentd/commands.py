@@ -90,9 +90,7 @@ class CommandHandler:
         resolved.observers.extend(self.cfg.controller if o == "controller" else o for o in a.observers)
         if resolved.vip and not resolved.interface:
             resolved.interface = self._interface(a.service)
-        holder = LeaseHolder(
-            self.cfg.host, resolved, self.addresses, self.channels, self.report, self.fence
-        )
+        holder = LeaseHolder(self.cfg.host, resolved, self.addresses, self.channels, self.report, self.fence)
         try:
             state = await holder.start()
         except Exception as e:

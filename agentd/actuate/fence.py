@@ -41,7 +41,9 @@ class Fence:
         self._thread = threading.Thread(target=self._run, name="fence", daemon=True)
         self._thread.start()
 
-    def hold(self, service: str, vip: Vip | None, deadline: float, lifetime: int, on_expiry: OnExpiry) -> bool:
+    def hold(
+        self, service: str, vip: Vip | None, deadline: float, lifetime: int, on_expiry: OnExpiry
+    ) -> bool:
         """Add (or refresh) `vip` with a kernel lifetime of `lifetime` s and keep it until `deadline`.
         False, and nothing changes, if the deadline has passed already (the lease ran out while the caller
         was held up) or the fence is closed."""

@@ -268,9 +268,9 @@ class FailoverLoop:
             asked = self._caught_up.get(key)
             report = reports.get(o)
             behind = report is not None and report.token < rec.token
-            if asked is not None and asked[:2] == (session.instance_id, rec.token):
-                if not behind or now - asked[2] < CATCH_UP_RETRY_SECONDS:
-                    continue
+            same = asked is not None and asked[:2] == (session.instance_id, rec.token)
+            if same and asked is not None and (not behind or now - asked[2] < CATCH_UP_RETRY_SECONDS):
+                continue
             self._caught_up[key] = (session.instance_id, rec.token, now)
             self._background(self._catch_up(rt.cfg, o, rec.token, rec.owner))
 
