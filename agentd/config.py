@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from shadowplane.config import absolute_path, at_least, between, check, host_port, load, positive, repeated
+from shadowplane.healthcheck import ExecCheckConfig
 from shadowplane.prometheus import MetricsConfig
 from shadowplane.tls import TlsConfig
 
@@ -92,11 +93,18 @@ class AgentConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     workload: list[WorkloadConfig] = field(default_factory=list, metadata=check(doc="[[workload]] tables"))
+    checks: dict[str, ExecCheckConfig] = field(
+        default_factory=dict,
+        metadata=check(doc="[checks.NAME] tables: the exec health checks this host runs as an observer"),
+    )
 
     def validate(self) -> str | None:
         tls_problem = self.tls.validate()
         if tls_problem:
             return f"tls.{tls_problem}"
+        problem = exec_check_names(self.checks)
+        if problem:
+            return problem
         twice = repeated(w.name for w in self.workload)
         if twice is not None:
             return f"workload: name {twice!r} is used twice; workload names must be unique"
@@ -106,6 +114,15 @@ class AgentConfig:
         if len(self.workload) > self.capture.max_workloads:
             return f"workload: {len(self.workload)} workloads exceed capture.max_workloads"
         return None
+
+
+def exec_check_names(checks: dict[str, ExecCheckConfig]) -> str | None:
+    """A `[checks.NAME]` name must be one a service can name (`health.check`)."""
+    for name in checks:
+        problem = valid_name(name)
+        if problem:
+            return f"checks.{name}: the check's name {problem}"
+    return None
 
 
 def load_agent_config(path: str | Path) -> AgentConfig:

@@ -69,7 +69,7 @@ class Agent:
         )
         if cfg.tls.plaintext:
             warn_plaintext("the agent")
-        self.observer = ObserverRole(cfg.host, self.link.send)
+        self.observer = ObserverRole(cfg.host, self.link.send, cfg.checks)
         self.commands: CommandHandler | None = None
         self.peer_server: grpc.aio.Server | None = None
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from agentd.config import valid_name
+from agentd.config import exec_check_names, valid_name
 from controller.scaling.rule import RuleParams
 from shadowplane.config import (
     at_least,
@@ -20,6 +20,7 @@ from shadowplane.config import (
     positive,
     repeated,
 )
+from shadowplane.healthcheck import ExecCheckConfig
 from shadowplane.prometheus import MetricsConfig
 from shadowplane.tls import TlsConfig
 
@@ -66,17 +67,21 @@ class HostEntry:
 
 @dataclass
 class HealthCheckConfig:
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "command": "is no longer accepted: the controller never sends a command line to run. Name a check "
+        'instead (check = "NAME") and give its command on each observing host, as [checks.NAME] '
+        "command = [...] in /etc/shadowplane/agentd.toml (and in controller.toml if the controller observes "
+        "the service)"
+    }
+
     kind: Literal["tcp", "http", "exec"] = field(
-        default="tcp", metadata=check(doc="tcp: connect; http: GET with expected status; exec: a command")
+        default="tcp",
+        metadata=check(doc="tcp: connect; http: GET with expected status; exec: the observer's own command"),
     )
     port: int = field(default=80, metadata=check(between(1, 65535), doc="port of the service on its host"))
     path: str = field(default="/", metadata=check(doc="http: the path to GET"))
     expect_status: int = field(
         default=200, metadata=check(between(100, 599), doc="http: the status that means up")
-    )
-    command: list[str] = field(
-        default_factory=list,
-        metadata=check(doc="exec: argv run by each observer; $SHADOWPLANE_TARGET_ADDRESS names the target"),
     )
     interval_seconds: float = field(default=1.0, metadata=check(at_least(0.01), doc="seconds between probes"))
     timeout_seconds: float = field(
@@ -86,10 +91,23 @@ class HealthCheckConfig:
         default=3, metadata=check(between(1, 100), doc="consecutive failures that make a target down")
     )
     rise: int = field(default=2, metadata=check(between(1, 100), doc="consecutive successes that make it up"))
+    # Last: from here on `check` in this class body is this field, no longer the metadata function.
+    check: str = field(
+        default="",
+        metadata=check(
+            lambda v: valid_name(v) if v else None,
+            doc="exec: the name of the [checks.NAME] each observer runs, from its own config",
+        ),
+    )
 
     def validate(self) -> str | None:
-        if self.kind == "exec" and not self.command:
-            return "command: an exec check needs a command"
+        if self.kind == "exec" and not self.check:
+            return (
+                'check: an exec check names a check (check = "NAME") that each observing host defines as '
+                "[checks.NAME] in its own config"
+            )
+        if self.kind != "exec" and self.check:
+            return f'check: only an exec check names a check; kind is "{self.kind}"'
         return None
 
 
@@ -286,11 +304,18 @@ class ControllerConfig:
         default_factory=list,
         metadata=check(doc="[[host]] tables: the fleet. Empty = accept any agent (development only)"),
     )
+    checks: dict[str, ExecCheckConfig] = field(
+        default_factory=dict,
+        metadata=check(doc="[checks.NAME] tables: the exec health checks the controller runs as an observer"),
+    )
 
     def validate(self) -> str | None:
         tls_problem = self.tls.validate()
         if tls_problem:
             return f"tls.{tls_problem}"
+        problem = exec_check_names(self.checks)
+        if problem:
+            return problem
         names = [h.name for h in self.host]
         twice = repeated(names)
         if twice is not None:
@@ -308,6 +333,13 @@ class ControllerConfig:
                     return f'service[{i}].observers: {o!r} is neither "controller" nor a [[host]]'
             if not self.host_entry(svc.primary).address:
                 return f"service[{i}].primary: host {svc.primary!r} needs an address for health checks"
+            hc = svc.health
+            if hc.kind == "exec" and "controller" in svc.observer_names() and hc.check not in self.checks:
+                return (
+                    f"service[{i}].health.check: the controller observes {svc.name!r} but has no exec check "
+                    f"{hc.check!r}: add [checks.{hc.check}] with its command to this file, or leave "
+                    '"controller" out of service.observers'
+                )
         return None
 
     def host_entry(self, name: str) -> HostEntry:
