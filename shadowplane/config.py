@@ -234,6 +234,8 @@ def reference(cls: type[Any], prefix: str = "") -> list[tuple[str, str, str]]:
         sub = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
         if typing.get_origin(tp) is dict:  # [key.NAME] tables, each one dataclass
             sub, key = typing.get_args(tp)[1], f"{key}.<name>"
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # an optional table: its keys
+            sub = next(a for a in typing.get_args(tp) if a is not type(None))
         if dataclasses.is_dataclass(sub):
             rows.extend(reference(typing.cast(type, sub), key))
             continue
