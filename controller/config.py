@@ -438,6 +438,12 @@ class ControllerConfig:
                     return f'service[{i}].observers: {o!r} is neither "controller" nor a [[host]]'
             if not self.host_entry(svc.primary).address:
                 return f"service[{i}].primary: host {svc.primary!r} needs an address for health checks"
+            for h in svc.shadows if svc.dns is not None else []:
+                if not self.host_entry(h).address:
+                    return (
+                        f"service[{i}].dns: shadow {h!r} has no address for the record to point at: set its "
+                        "[[host]] address"
+                    )
             hc = svc.health
             if hc.kind == "exec" and "controller" in svc.observer_names() and hc.check not in self.checks:
                 return (

@@ -318,3 +318,17 @@ def test_dns_settings_are_checked_by_check_config(changes: dict[str, object], fi
         controller({**good, **changes})
     assert e.value.field == f"service[0].dns.{field}"
     assert words in e.value.problem
+
+
+def test_check_config_wants_an_address_for_every_host_the_record_may_point_at() -> None:
+    dns_table = {"server": "10.0.0.53:53", "zone": ZONE, "name": "web"}
+    with pytest.raises(ConfigError) as e:
+        build(
+            ControllerConfig,
+            {
+                "tls": {"plaintext": True},
+                "host": [{"name": "p1", "address": "10.0.0.1"}, {"name": "s1"}],
+                "service": [{"name": "web", "primary": "p1", "shadows": ["s1"], "dns": dns_table}],
+            },
+        )
+    assert e.value.field == "service[0].dns" and "set its [[host]] address" in e.value.problem
