@@ -8,6 +8,7 @@ import contextlib
 import json
 import sys
 import time
+from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config_path}: ok ({len(cfg.workload)} workloads)")
         return 0
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, str(Path(config_path).resolve())))
     return 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from shadowplane.config import absolute_path, at_least, between, check, host_port, load, positive, repeated
+from shadowplane.healthcheck import ExecCheckConfig
 from shadowplane.prometheus import MetricsConfig
 from shadowplane.tls import TlsConfig
 
@@ -94,11 +95,18 @@ class AgentConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     workload: list[WorkloadConfig] = field(default_factory=list, metadata=check(doc="[[workload]] tables"))
+    checks: dict[str, ExecCheckConfig] = field(
+        default_factory=dict,
+        metadata=check(doc="[checks.NAME] tables: the exec health checks this host runs as an observer"),
+    )
 
     def validate(self) -> str | None:
         tls_problem = self.tls.validate()
         if tls_problem:
             return f"tls.{tls_problem}"
+        problem = exec_check_names(self.checks)
+        if problem:
+            return problem
         twice = repeated(w.name for w in self.workload)
         if twice is not None:
             return f"workload: name {twice!r} is used twice; workload names must be unique"
@@ -144,6 +152,15 @@ def peer_address_problem(v: str) -> str | None:
             f"{v} listens on every address, but owners dial this address to reach this observer; set this "
             "host's own address on the service network, e.g. 10.0.0.11:7401"
         )
+    return None
+
+
+def exec_check_names(checks: dict[str, ExecCheckConfig]) -> str | None:
+    """A `[checks.NAME]` name must be one a service can name (`health.check`)."""
+    for name in checks:
+        problem = valid_name(name)
+        if problem:
+            return f"checks.{name}: the check's name {problem}"
     return None
 
 

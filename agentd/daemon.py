@@ -47,7 +47,7 @@ def start_capture(cfg: AgentConfig) -> tuple[BpfCapture | None, str]:
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, config_file: str = "/etc/shadowplane/agentd.toml") -> None:
         self.cfg = cfg
         self.layout = CgroupLayout.detect(cfg.cgroup_root)
         if cfg.capture.create_cgroups:
@@ -69,7 +69,8 @@ class Agent:
         )
         if cfg.tls.plaintext:
             warn_plaintext("the agent")
-        self.observer = ObserverRole(cfg.host, self.link.send)
+        # config_file: where an operator adds a [checks.NAME] a service's exec check names
+        self.observer = ObserverRole(cfg.host, self.link.send, cfg.checks, config_file)
         self.commands: CommandHandler | None = None
         self.peer_server: grpc.aio.Server | None = None
 
@@ -188,8 +189,8 @@ class Agent:
             self.bpf.close()
 
 
-async def serve(cfg: AgentConfig) -> None:
-    agent = Agent(cfg)
+async def serve(cfg: AgentConfig, config_file: str = "/etc/shadowplane/agentd.toml") -> None:
+    agent = Agent(cfg, config_file)
     registry = CollectorRegistry()
     registry.register(AgentCollector(agent.status))
     prometheus.serve(cfg.metrics, registry)

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -26,7 +26,14 @@ from agentd.actuate.address import Addresses, Vip, announce
 from agentd.actuate.fence import Fence
 from shadowplane import lease as leases
 from shadowplane.clock import now_ms
-from shadowplane.healthcheck import CheckSpec, Tracker, run_check, spec_from_proto
+from shadowplane.healthcheck import (
+    CheckSpec,
+    ExecCheckConfig,
+    Tracker,
+    local_probe,
+    run_check,
+    spec_from_proto,
+)
 from shadowplane.lease_observer import LeaseObserver
 from shadowplane.tls import TlsConfig, aio_channel
 from shadowplane.v1 import agent_pb2 as apb
@@ -250,9 +257,17 @@ class ObserverRole:
     """The services this agent observes: their leases (the shared `LeaseObserver`, which the peer port's
     `LeaseServicer` answers renewals from), the health checks the controller asks for, and reports of both."""
 
-    def __init__(self, host: str, report: Report) -> None:
+    def __init__(
+        self,
+        host: str,
+        report: Report,
+        exec_checks: Mapping[str, ExecCheckConfig] | None = None,
+        config_file: str = "/etc/shadowplane/agentd.toml",
+    ) -> None:
         self.host = host
         self.report = report
+        self.exec_checks = dict(exec_checks or {})  # [checks.NAME]: the only commands a Watch can start
+        self.config_file = config_file
         self.leases = LeaseObserver(host, lease_seconds=2.0)  # the controller's Watch sets the real length
         self._checks: dict[tuple[str, str], tuple[apb.HealthCheck, asyncio.Task[None]]] = {}
         self._views: dict[tuple[str, str], apb.Observation] = {}
@@ -278,16 +293,38 @@ class ObserverRole:
     def watch(self, w: apb.Watch) -> None:
         self.leases.observe(w.observed_services, w.lease_ms / 1000 if w.lease_ms else None)
         want = {(c.service, c.target): c for c in w.checks}
-        for key, (spec, task) in list(self._checks.items()):
-            if want.get(key) != spec:
+        for key, (asked, task) in list(self._checks.items()):
+            if want.get(key) != asked:
                 task.cancel()
                 del self._checks[key]
                 self._views.pop(key, None)
         for key, c in want.items():
             if key not in self._checks:
-                self._checks[key] = (c, asyncio.create_task(run_check(spec_from_proto(c), self._on_probe)))
+                spec = spec_from_proto(c)
+                probe = local_probe(spec, self.exec_checks, self.config_file)
+                task = asyncio.create_task(
+                    self._cannot_check(spec, probe)
+                    if isinstance(probe, str)
+                    else run_check(spec, probe, self._on_probe)
+                )
+                self._checks[key] = (c, task)
         if self._monitor is None:
             self._monitor = asyncio.create_task(self._monitor_leases())
+
+    async def _cannot_check(self, spec: CheckSpec, why: str) -> None:
+        """A check this host cannot run (an exec check it has no [checks.NAME] for): the target is unknown
+        to this observer, and the controller hears why (repeated like every view)."""
+        log.warning("service %s: %s", spec.service, why)
+        obs = apb.Observation(
+            service=spec.service,
+            target=spec.target,
+            unknown=True,
+            detail=why,
+            since_unix_ms=now_ms(),
+            kind="health",
+        )
+        self._views[(spec.service, spec.target)] = obs
+        self.report(apb.AgentMessage(observation=obs))
 
     def _on_probe(self, spec: CheckSpec, tracker: Tracker, changed: bool) -> None:
         if tracker.up is None:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from agentd.config import valid_name
+import dns.exception
+import dns.name
+import dns.tsig
+
+from agentd.config import exec_check_names, valid_name
 from controller.scaling.rule import RuleParams
 from shadowplane.config import (
     at_least,
@@ -20,8 +27,12 @@ from shadowplane.config import (
     positive,
     repeated,
 )
+from shadowplane.healthcheck import ExecCheckConfig
 from shadowplane.prometheus import MetricsConfig
 from shadowplane.tls import TlsConfig
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
 
 
 def ip_address(v: str) -> str | None:
@@ -66,17 +77,21 @@ class HostEntry:
 
 @dataclass
 class HealthCheckConfig:
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "command": "is no longer accepted: the controller never sends a command line to run. Name a check "
+        'instead (check = "NAME") and give its command on each observing host, as [checks.NAME] '
+        "command = [...] in /etc/shadowplane/agentd.toml (and in controller.toml if the controller observes "
+        "the service)"
+    }
+
     kind: Literal["tcp", "http", "exec"] = field(
-        default="tcp", metadata=check(doc="tcp: connect; http: GET with expected status; exec: a command")
+        default="tcp",
+        metadata=check(doc="tcp: connect; http: GET with expected status; exec: the observer's own command"),
     )
     port: int = field(default=80, metadata=check(between(1, 65535), doc="port of the service on its host"))
     path: str = field(default="/", metadata=check(doc="http: the path to GET"))
     expect_status: int = field(
         default=200, metadata=check(between(100, 599), doc="http: the status that means up")
-    )
-    command: list[str] = field(
-        default_factory=list,
-        metadata=check(doc="exec: argv run by each observer; $SHADOWPLANE_TARGET_ADDRESS names the target"),
     )
     # Detection (fall x interval + timeout, about 0.8 s) stays below the fencing wait a cut-off owner costs
     # anyway (lease + address lifetime + 1 s, 2.5 s): faster checks would buy nothing but false alarms.
@@ -88,27 +103,135 @@ class HealthCheckConfig:
         default=3, metadata=check(between(1, 100), doc="consecutive failures that make a target down")
     )
     rise: int = field(default=2, metadata=check(between(1, 100), doc="consecutive successes that make it up"))
+    # Last: from here on `check` in this class body is this field, no longer the metadata function.
+    check: str = field(
+        default="",
+        metadata=check(
+            lambda v: valid_name(v) if v else None,
+            doc="exec: the name of the [checks.NAME] each observer runs, from its own config",
+        ),
+    )
 
     def validate(self) -> str | None:
-        if self.kind == "exec" and not self.command:
-            return "command: an exec check needs a command"
+        if self.kind == "exec" and not self.check:
+            return (
+                'check: an exec check names a check (check = "NAME") that each observing host defines as '
+                "[checks.NAME] in its own config"
+            )
+        if self.kind != "exec" and self.check:
+            return f'check: only an exec check names a check; kind is "{self.kind}"'
         return None
 
 
 @dataclass
 class DnsConfig:
     server: str = field(
-        metadata=check(host_port, doc="authoritative DNS server HOST:PORT taking RFC 2136 updates")
+        metadata=check(
+            host_port,
+            doc="authoritative DNS server HOST:PORT taking RFC 2136 updates (an IP address: a name would be "
+            "resolved at every update)",
+        )
     )
     zone: str = field(metadata=check(non_empty, doc="zone to update, e.g. lab.example."))
     name: str = field(metadata=check(non_empty, doc="record to point at the owner, e.g. web.lab.example."))
-    ttl: int = field(default=30, metadata=check(between(0, 86400), doc="TTL of the record"))
+    ttl: int = field(
+        default=30,
+        metadata=check(
+            between(0, 86400), doc="TTL of the record: resolvers may keep the old owner's address this long"
+        ),
+    )
     tsig_name: str = field(default="", metadata=check(doc="TSIG key name (empty: unsigned updates)"))
     tsig_secret: str = field(default="", metadata=check(doc="TSIG key, base64"))
     tsig_algorithm: str = field(default="hmac-sha256", metadata=check(doc="TSIG algorithm"))
     timeout_seconds: float = field(
         default=2.0, metadata=check(positive, doc="seconds to wait for the server")
     )
+
+    def server_host_port(self) -> tuple[str, int]:
+        """The server's host (an IP address or a host name) and port; ValueError "server: ..." otherwise."""
+        host, _, port = self.server.rpartition(":")
+        host = host.strip("[]")  # "[::1]:53" as well as "::1:53"
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"server: must be HOST:PORT (e.g. 192.0.2.53:53), got {self.server!r}")
+        numeric_end = host.rstrip(".").rpartition(".")[2].isdigit()  # no top-level domain is all digits
+        if ip_address(host) is not None and (not _HOST_NAME.match(host) or numeric_end):
+            raise ValueError(
+                f"server: {host!r} is neither an IP address nor a host name: use the DNS server's IP "
+                "address, e.g. 192.0.2.53:53"
+            )
+        return host, int(port)
+
+    def names(self) -> tuple[dns.name.Name, dns.name.Name]:
+        """(zone, record name), both absolute; ValueError "zone: ..." or "name: ..." when they are not valid
+        or the name is not inside the zone (the server would answer NOTZONE at the first failover)."""
+        try:
+            zone = dns.name.from_text(self.zone)
+        except dns.exception.DNSException as e:
+            raise ValueError(
+                f"zone: {self.zone!r} is not a valid DNS name ({e}): e.g. lab.example."
+            ) from None
+        try:
+            name = dns.name.from_text(self.name, origin=None)
+        except dns.exception.DNSException as e:
+            raise ValueError(
+                f"name: {self.name!r} is not a valid DNS name ({e}): e.g. web.lab.example."
+            ) from None
+        if not name.is_absolute():
+            # "web.lab.example" without its final dot means that absolute name; a plain "web" is relative to
+            # the zone.
+            as_absolute = name.concatenate(dns.name.root)
+            name = as_absolute if as_absolute.is_subdomain(zone) else name.concatenate(zone)
+        if not name.is_subdomain(zone):
+            raise ValueError(
+                f"name: {name} is not inside zone {zone}: the server would answer NOTZONE: fix name or zone"
+            )
+        return zone, name
+
+    def tsig_key(self) -> dns.tsig.Key | None:
+        """The TSIG key (None: unsigned updates); ValueError "tsig_...: ..." when the settings cannot sign."""
+        if not self.tsig_name:
+            if self.tsig_secret:
+                raise ValueError(
+                    "tsig_name: empty, but tsig_secret is set: give the key's name (as in the server's key "
+                    "statement), or remove tsig_secret for unsigned updates"
+                )
+            return None
+        if not self.tsig_secret:
+            raise ValueError(
+                f"tsig_secret: empty, but tsig_name is {self.tsig_name!r}: set the key's secret (base64, "
+                "from the server's key statement)"
+            )
+        try:
+            secret = base64.b64decode(self.tsig_secret, validate=True)
+        except binascii.Error:
+            secret = b""
+        if not secret:
+            raise ValueError("tsig_secret: not valid base64: copy the secret from the server's key statement")
+        # BIND spells it hmac-md5; on the wire (and in dnspython) it is HMAC-MD5.SIG-ALG.REG.INT.
+        md5 = self.tsig_algorithm.lower().rstrip(".") == "hmac-md5"
+        try:
+            key = dns.tsig.Key(self.tsig_name, secret, dns.tsig.HMAC_MD5 if md5 else self.tsig_algorithm)
+        except dns.exception.DNSException as e:
+            raise ValueError(
+                f"tsig_name: {self.tsig_name!r} / tsig_algorithm {self.tsig_algorithm!r}: not a valid DNS "
+                f"name ({e})"
+            ) from None
+        # An unknown algorithm would otherwise only fail while signing, in the middle of a failover.
+        if key.algorithm not in dns.tsig.mac_sizes or key.algorithm == dns.tsig.GSS_TSIG:
+            raise ValueError(
+                f"tsig_algorithm: {self.tsig_algorithm!r} is not supported: use the server key's algorithm "
+                "(hmac-sha256, hmac-sha512, hmac-sha1, ...)"
+            )
+        return key
+
+    def validate(self) -> str | None:
+        try:
+            self.server_host_port()
+            self.names()
+            self.tsig_key()
+        except ValueError as e:
+            return str(e)
+        return None
 
 
 @dataclass
@@ -290,11 +413,18 @@ class ControllerConfig:
         default_factory=list,
         metadata=check(doc="[[host]] tables: the fleet. Empty = accept any agent (development only)"),
     )
+    checks: dict[str, ExecCheckConfig] = field(
+        default_factory=dict,
+        metadata=check(doc="[checks.NAME] tables: the exec health checks the controller runs as an observer"),
+    )
 
     def validate(self) -> str | None:
         tls_problem = self.tls.validate()
         if tls_problem:
             return f"tls.{tls_problem}"
+        problem = exec_check_names(self.checks)
+        if problem:
+            return problem
         names = [h.name for h in self.host]
         twice = repeated(names)
         if twice is not None:
@@ -312,6 +442,19 @@ class ControllerConfig:
                     return f'service[{i}].observers: {o!r} is neither "controller" nor a [[host]]'
             if not self.host_entry(svc.primary).address:
                 return f"service[{i}].primary: host {svc.primary!r} needs an address for health checks"
+            for h in svc.shadows if svc.dns is not None else []:
+                if not self.host_entry(h).address:
+                    return (
+                        f"service[{i}].dns: shadow {h!r} has no address for the record to point at: set its "
+                        "[[host]] address"
+                    )
+            hc = svc.health
+            if hc.kind == "exec" and "controller" in svc.observer_names() and hc.check not in self.checks:
+                return (
+                    f"service[{i}].health.check: the controller observes {svc.name!r} but has no exec check "
+                    f"{hc.check!r}: add [checks.{hc.check}] with its command to this file, or leave "
+                    '"controller" out of service.observers'
+                )
         return None
 
     def host_entry(self, name: str) -> HostEntry:

@@ -34,7 +34,15 @@ def init(args: argparse.Namespace) -> int:
     except PkiError as e:
         print(f"shadowctl certs init: {e}", file=sys.stderr)
         return 1
-    print(f"CA certificate {ca.cert}\nCA key         {ca.key}  (keep it off the hosts)")
+    print(f"CA certificate {ca.cert}\nCA key         {ca.key}")
+    # Whoever has the CA key can issue a controller or operator certificate and take the fleet over: it
+    # must not stay on a host the fleet runs on.
+    print(
+        f"shadowctl certs init: warning: {ca.key} can sign certificates for any host, the controller and "
+        "operators: it belongs off the hosts. After issuing the certificates, move it to an offline place "
+        "(e.g. an encrypted USB key in a safe) and keep only ca.pem on the hosts.",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -161,7 +161,11 @@ def build(cls: type[T], data: Mapping[str, Any], source: str = "<config>", prefi
         raise TypeError(f"{cls!r} is not a dataclass")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    # Keys a class no longer takes, with what replaced them: an old file gets the new form, not a guess.
+    retired: Mapping[str, str] = getattr(cls, "RETIRED_KEYS", {})
     for key in data:
+        if key in retired:
+            raise ConfigError(source, f"{prefix}.{key}".lstrip("."), retired[key])
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = (
@@ -228,6 +232,10 @@ def reference(cls: type[Any], prefix: str = "") -> list[tuple[str, str, str]]:
         key = f"{prefix}.{f.name}".lstrip(".")
         tp = hints[f.name]
         sub = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+        if typing.get_origin(tp) is dict:  # [key.NAME] tables, each one dataclass
+            sub, key = typing.get_args(tp)[1], f"{key}.<name>"
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # an optional table: its keys
+            sub = next(a for a in typing.get_args(tp) if a is not type(None))
         if dataclasses.is_dataclass(sub):
             rows.extend(reference(typing.cast(type, sub), key))
             continue

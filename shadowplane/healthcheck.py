@@ -2,6 +2,11 @@
 
 A probe answers one question once; `Tracker` turns a stream of probe results into up/down with rise/fall
 hysteresis, so one lost packet does not move a service.
+
+An exec check is configured on the host that runs it, like a hook: the controller's Watch names the check
+(`check = "NAME"`), and the observer runs the command of its own `[checks.NAME]`, or reports that it cannot
+check the target. A command line never travels over the network: whoever can talk to an agent as the
+controller must not be able to make it run something as root.
 """
 
 from __future__ import annotations
@@ -10,11 +15,32 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from shadowplane.config import check
 from shadowplane.v1 import agent_pb2 as apb
+
+
+def _argv(v: list[str]) -> str | None:
+    if not v or not v[0]:
+        return 'must be the program and its arguments, e.g. ["/usr/local/bin/check-web", "--quick"]'
+    return None
+
+
+@dataclass
+class ExecCheckConfig:
+    """`[checks.NAME]` in agentd.toml (or controller.toml, for the controller's own probes): the command this
+    host runs for a service whose `health.kind = "exec"` names `check = "NAME"`."""
+
+    command: list[str] = field(
+        metadata=check(
+            _argv,
+            doc="argv this host runs for the exec check NAME (exit 0: up); $SHADOWPLANE_TARGET_ADDRESS, "
+            "$SHADOWPLANE_TARGET_HOST, $SHADOWPLANE_TARGET_PORT and $SHADOWPLANE_SERVICE name the target",
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -26,7 +52,7 @@ class CheckSpec:
     port: int = 80
     path: str = "/"
     expect_status: int = 200
-    command: tuple[str, ...] = ()
+    check: str = ""  # exec: the name of the observing host's own [checks.NAME]
     interval: float = 1.0
     timeout: float = 0.5
     fall: int = 3
@@ -43,7 +69,7 @@ def spec_to_proto(s: CheckSpec) -> apb.HealthCheck:
         port=s.port,
         path=s.path,
         expect_status=s.expect_status,
-        command=list(s.command),
+        check=s.check,
         interval_ms=round(s.interval * 1000),
         timeout_ms=round(s.timeout * 1000),
         fall=s.fall,
@@ -60,7 +86,7 @@ def spec_from_proto(c: apb.HealthCheck) -> CheckSpec:
         port=c.port,
         path=c.path or "/",
         expect_status=c.expect_status or 200,
-        command=tuple(c.command),
+        check=c.check,
         interval=c.interval_ms / 1000,
         timeout=c.timeout_ms / 1000,
         fall=c.fall or 3,
@@ -130,7 +156,8 @@ async def probe_http(spec: CheckSpec) -> ProbeResult:
     )
 
 
-async def probe_exec(spec: CheckSpec) -> ProbeResult:
+async def probe_exec(spec: CheckSpec, command: Sequence[str]) -> ProbeResult:
+    """Run `command` (this host's own [checks.NAME]) with the target in its environment."""
     t0 = time.monotonic()
     env = dict(
         os.environ,
@@ -141,14 +168,14 @@ async def probe_exec(spec: CheckSpec) -> ProbeResult:
     )
     try:
         proc = await asyncio.create_subprocess_exec(
-            *spec.command,
+            *command,
             env=env,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
         )
     except OSError as e:
-        return ProbeResult(False, f"cannot run {spec.command[0]}: {e.strerror}", time.monotonic() - t0)
+        return ProbeResult(False, f"cannot run {command[0]}: {e.strerror}", time.monotonic() - t0)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), spec.timeout)
     except TimeoutError:
@@ -158,6 +185,12 @@ async def probe_exec(spec: CheckSpec) -> ProbeResult:
         return ProbeResult(
             False, f"check command timed out after {spec.timeout:.1f} s", time.monotonic() - t0
         )
+    except asyncio.CancelledError:
+        # The check was withdrawn (a new Watch, the agent stopping): its command goes with it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        await proc.wait()
+        raise
     tail = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
     ok = proc.returncode == 0
     return ProbeResult(
@@ -168,8 +201,30 @@ async def probe_exec(spec: CheckSpec) -> ProbeResult:
 PROBES: dict[str, Callable[[CheckSpec], Coroutine[Any, Any, ProbeResult]]] = {
     "tcp": probe_tcp,
     "http": probe_http,
-    "exec": probe_exec,
 }
+
+Probe = Callable[[], Coroutine[Any, Any, ProbeResult]]
+
+
+def local_probe(spec: CheckSpec, checks: Mapping[str, ExecCheckConfig], config_file: str) -> Probe | str:
+    """How this host probes `spec`: a probe, or why it cannot (a text naming the fix).
+
+    An exec check runs only the command this host configured under the name the spec gives (`checks`, from
+    `config_file`); nothing in the spec itself is ever run."""
+    if spec.kind == "exec":
+        local = checks.get(spec.check) if spec.check else None
+        if local is None:
+            name = spec.check or "NAME"
+            return (
+                f"cannot check {spec.target}: service {spec.service!r} uses the exec check {spec.check!r}, "
+                f"which this host does not have: add [checks.{name}] with its command to {config_file}"
+            )
+        argv = tuple(local.command)
+        return lambda: probe_exec(spec, argv)
+    kind = PROBES.get(spec.kind)
+    if kind is None:
+        return f"cannot check {spec.target}: unknown check kind {spec.kind!r} (tcp, http or exec)"
+    return lambda: kind(spec)
 
 
 @dataclass
@@ -204,16 +259,17 @@ class Tracker:
 
 async def run_check(
     spec: CheckSpec,
+    probe: Probe,
     report: Callable[[CheckSpec, Tracker, bool], None],
     clock: Callable[[], float] = time.time,
 ) -> None:
-    """Probe forever at the spec's interval; call `report(spec, tracker, changed)` after every probe.
+    """Run `probe` (see `local_probe`) forever at the spec's interval; call `report(spec, tracker, changed)`
+    after every probe.
 
     Probes start on a fixed cadence (not interval after the previous finished), so a slow failing probe
     does not slow detection down.
     """
     tracker = Tracker(spec.fall, spec.rise)
-    probe = PROBES[spec.kind]
     loop = asyncio.get_running_loop()
     next_at = loop.time()
     pending: set[asyncio.Task[ProbeResult]] = set()
@@ -226,7 +282,7 @@ async def run_check(
 
     try:
         while True:
-            t = asyncio.create_task(probe(spec))
+            t = asyncio.create_task(probe())
             pending.add(t)
             t.add_done_callback(done)
             next_at += spec.interval

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,6 +24,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 Role = Literal["agent", "controller", "operator"]
 ROLES: tuple[Role, ...] = ("agent", "controller", "operator")
 ROLE_SAN = {"agent": "shadowplane-agent", "controller": "shadowplane-controller"}
+# Peers verify a role by these SANs (shadowplane/tls.py), so a certificate that carried one as its own name
+# or as an extra SAN would pass as that role. "controller" names the controller in a service's observers, so
+# an agent by that name would be taken for the controller there.
+RESERVED_NAMES = frozenset(ROLE_SAN.values())
+RESERVED_AGENT_NAMES = frozenset({"controller"})
 
 
 class PkiError(RuntimeError):
@@ -35,11 +41,60 @@ class Issued:
     key: Path
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write `path` as a new file created with `mode` (never chmod-ed afterwards, so it is never readable by
+    others for a moment), without following a symbolic link at `path`.
+
+    The data goes to a new file made with O_CREAT|O_EXCL|O_NOFOLLOW beside it, which is then renamed over
+    `path`: rename replaces a link rather than writing through it, and a file that existed with a wider mode
+    is replaced, not truncated (truncating would keep its mode). A link that is already there is refused:
+    writing a key as root through a link someone planted would put it wherever they chose.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    if path.is_symlink():
+        raise PkiError(
+            f"{path} is a symbolic link (to {os.readlink(path)}): refusing to write through it; "
+            f"remove the link (rm {path}) or use another --dir"
+        )
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, mode)
+    except OSError as e:
+        raise PkiError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    _write_file(path, data, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    _write_file(path, data, 0o644)
+
+
+def check_names(name: str, role: str, sans: tuple[str, ...]) -> None:
+    """Refuse names that would let the certificate pass for something it is not."""
+    for what, n in [("name", name)] + [("--san", s) for s in sans]:
+        if n.lower() in RESERVED_NAMES:
+            raise PkiError(
+                f"{what} {n!r} is reserved: peers recognise the {n.removeprefix('shadowplane-')} role by it, "
+                "so no certificate may carry it by name (shadowctl adds it to the right role's certificates "
+                "itself); choose another name"
+            )
+    if role == "agent" and name.lower() in RESERVED_AGENT_NAMES:
+        raise PkiError(
+            f"name {name!r} is reserved for agents: services name the controller as the observer "
+            '"controller"; give the host another name (its `host` in agentd.toml)'
+        )
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -70,7 +125,7 @@ def init_ca(directory: Path, name: str = "Shadowplane fleet CA", days: int = 365
         .sign(key, hashes.SHA256())
     )
     _write_private(key_path, _key_pem(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return Issued(cert_path, key_path)
 
 
@@ -85,6 +140,7 @@ def issue(
     """Issue `name`'s certificate for `role`, signed by the CA in `directory`."""
     if role not in ROLES:
         raise PkiError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    check_names(name, role, sans)
     try:
         ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
         ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
@@ -128,7 +184,7 @@ def issue(
     stem = f"{role}-{name}"
     cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
     _write_private(key_path, _key_pem(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return Issued(cert_path, key_path)
 
 

@@ -10,7 +10,7 @@ from shadowplane.v1 import agent_pb2 as apb
 
 @dataclass(frozen=True)
 class View:
-    up: bool
+    up: bool | None  # None: the observer cannot check the target (detail says why)
     detail: str
     since_ms: int
     received: float  # monotonic
@@ -25,7 +25,8 @@ class ObservationBoard:
 
     def put(self, observer: str, o: apb.Observation) -> View | None:
         """Record an observation; return the previous view (None if there was none)."""
-        view = View(o.up, o.detail, o.since_unix_ms, time.monotonic(), o.token, o.target)
+        up = None if o.unknown and o.kind != "lease" else o.up
+        view = View(up, o.detail, o.since_unix_ms, time.monotonic(), o.token, o.target)
         if o.kind == "lease":
             key2 = (o.service, observer)
             prev = self._lease.get(key2)

@@ -11,16 +11,22 @@ connection says "nothing listens there" at once where UDP would only time out.
 
 Server-side and network problems never raise: they come back as `DnsResult(ok=False)` whose `detail` names the
 cause and the fix, so the orchestrator can report it and go on with the VIP or the next shadow.
+
+`DnsUpdates` is what the orchestrator calls after a takeover: one updater per service that makes the first
+attempt at once and, if it fails, retries with backoff until the record sticks or the service moves again
+(the newer move cancels the older retry, so a late retry never points the name back at a host the service
+has left). Every attempt and the final success are events with their reasons.
 """
 
 from __future__ import annotations
 
 import asyncio
-import binascii
 import ipaddress
+import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import dns.asyncquery
 import dns.exception
@@ -34,6 +40,8 @@ import dns.tsig
 import dns.update
 
 from controller.config import DnsConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,134 @@ class DnsResult:
     detail: str
     seconds: float
     answer: list[str] = field(default_factory=list)
+
+
+# Backoff between attempts: the first retry soon (a server restarting, a route coming back), then doubling up
+# to a ceiling low enough that a repaired server gets the record within half a minute.
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 30.0
+
+
+class EventRecorder(Protocol):
+    """`EventLog.record`: how an update's attempts become events."""
+
+    def __call__(self, kind: str, service: str, host: str, reason: str, **detail: object) -> object: ...
+
+
+@dataclass
+class _Update:
+    """One move's record update: where it points, and the task that retries it."""
+
+    host: str
+    address: str
+    task: asyncio.Task[DnsResult | None]
+
+
+class DnsUpdates:
+    """Each service's latest DNS update, retried with backoff until it succeeds or the service moves again."""
+
+    def __init__(
+        self, first_delay: float = RETRY_FIRST_SECONDS, max_delay: float = RETRY_MAX_SECONDS
+    ) -> None:
+        self.first_delay, self.max_delay = first_delay, max_delay
+        self._updates: dict[str, _Update] = {}
+
+    async def point(
+        self, service: str, cfg: DnsConfig, host: str, address: str, record: EventRecorder
+    ) -> DnsResult:
+        """Point `service`'s name at `address` (its new owner `host`): cancel an older move's retry, make the
+        first attempt now and return its result; a failed attempt is retried in the background."""
+        self.cancel(service, f"the service moved to {host}", record)
+        first: asyncio.Future[DnsResult] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._run(service, cfg, host, address, record, first))
+        self._updates[service] = _Update(host, address, task)
+        return await first
+
+    def cancel(self, service: str, why: str, record: EventRecorder) -> None:
+        """Stop retrying `service`'s update (a newer move, the controller stopping)."""
+        u = self._updates.pop(service, None)
+        if u is not None and not u.task.done():
+            u.task.cancel()
+            record(
+                "dns-retry-cancelled",
+                service,
+                u.host,
+                f"stopped retrying to point the name at {u.host} ({u.address}): {why}",
+            )
+
+    def retrying(self, service: str) -> bool:
+        u = self._updates.get(service)
+        return u is not None and not u.task.done()
+
+    async def settled(self, service: str) -> DnsResult | None:
+        """The last result of `service`'s current update once it stops: its success, its last failure if it
+        is not retried, or None if a newer move cancelled it."""
+        u = self._updates.get(service)
+        if u is None:
+            return None
+        try:
+            return await asyncio.shield(u.task)
+        except asyncio.CancelledError:
+            if u.task.cancelled():
+                return None
+            raise
+
+    async def close(self) -> None:
+        tasks = [u.task for u in self._updates.values()]
+        self._updates.clear()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(
+        self,
+        service: str,
+        cfg: DnsConfig,
+        host: str,
+        address: str,
+        record: EventRecorder,
+        first: asyncio.Future[DnsResult],
+    ) -> DnsResult | None:
+        delay = self.first_delay
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                try:
+                    res = await point_record(cfg, address)
+                except Exception as e:  # a bug, not the server: still an attempt that failed, and retried
+                    log.exception("DNS update of %s failed unexpectedly", cfg.name)
+                    res = DnsResult(False, "ERROR", f"{type(e).__name__}: {e}", 0.0)
+                if not first.done():
+                    first.set_result(res)
+                if res.ok:
+                    after = f" (attempt {attempt})" if attempt > 1 else ""
+                    record(
+                        "dns",
+                        service,
+                        host,
+                        f"{cfg.name} -> {address} in {res.seconds * 1000:.0f} ms{after}",
+                        attempts=attempt,
+                    )
+                    return res
+                if res.rcode == "CONFIG":
+                    # The settings themselves are wrong: no retry can succeed.
+                    record("dns-failed", service, host, f"{res.detail} (not retried)", attempt=attempt)
+                    return res
+                record(
+                    "dns-failed",
+                    service,
+                    host,
+                    f"attempt {attempt}: {res.detail} (retrying in {delay:g} s)",
+                    rcode=res.rcode,
+                    attempt=attempt,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_delay)
+        except asyncio.CancelledError:
+            if not first.done():
+                first.cancel()
+            raise
 
 
 class DnsError(Exception):
@@ -131,66 +267,24 @@ async def current_record(cfg: DnsConfig) -> list[str]:
 
 
 async def _target(cfg: DnsConfig) -> _Target:
-    host, _, port_text = cfg.server.rpartition(":")
-    host = host.strip("[]")  # "[::1]:53" as well as "::1:53"
-    if not host or not port_text.isdigit():
-        raise DnsError("CONFIG", f"server: must be HOST:PORT, got {cfg.server!r}")
-    port = int(port_text)
+    # The same checks as check-config (DnsConfig.validate): a DnsConfig built in code skipped them.
     try:
-        zone = dns.name.from_text(cfg.zone)
-        name = dns.name.from_text(cfg.name, origin=None)
-    except dns.exception.DNSException as e:
-        raise DnsError(
-            "CONFIG", f"zone {cfg.zone!r} / name {cfg.name!r}: not a valid DNS name ({e})"
-        ) from None
-    if not name.is_absolute():
-        # "web.lab.example" without its final dot means that absolute name; a plain "web" is relative to the
-        # zone.
-        as_absolute = name.concatenate(dns.name.root)
-        name = as_absolute if as_absolute.is_subdomain(zone) else name.concatenate(zone)
-    if not name.is_subdomain(zone):
-        raise DnsError(
-            "CONFIG",
-            f"name {name} is not inside zone {zone}: the server would answer NOTZONE: fix name or zone",
-        )
+        host, port = cfg.server_host_port()
+        zone, name = cfg.names()
+        key = cfg.tsig_key()
+    except ValueError as e:
+        raise DnsError("CONFIG", str(e)) from None
     return _Target(
         server=cfg.server,
         address=await _resolve(host, port, cfg.timeout_seconds),
         port=port,
         zone=zone,
         name=name,
-        key=_key(cfg),
+        key=key,
         key_name=cfg.tsig_name,
         algorithm=cfg.tsig_algorithm,
         timeout=cfg.timeout_seconds,
     )
-
-
-def _key(cfg: DnsConfig) -> dns.tsig.Key | None:
-    if not cfg.tsig_name:
-        return None
-    if not cfg.tsig_secret:
-        raise DnsError(
-            "CONFIG", f"tsig_secret is empty but tsig_name is {cfg.tsig_name!r}: set the key's secret"
-        )
-    # BIND spells it hmac-md5; on the wire (and in dnspython) it is HMAC-MD5.SIG-ALG.REG.INT.
-    md5 = cfg.tsig_algorithm.lower().rstrip(".") == "hmac-md5"
-    try:
-        key = dns.tsig.Key(cfg.tsig_name, cfg.tsig_secret, dns.tsig.HMAC_MD5 if md5 else cfg.tsig_algorithm)
-    except binascii.Error:
-        raise DnsError(
-            "CONFIG", "tsig_secret is not valid base64: copy the secret from the server's key statement"
-        ) from None
-    except dns.exception.DNSException as e:
-        raise DnsError("CONFIG", f"tsig_name / tsig_algorithm: not a valid DNS name ({e})") from None
-    # An unknown algorithm would otherwise only fail while signing, in the middle of the exchange.
-    if key.algorithm not in dns.tsig.mac_sizes or key.algorithm == dns.tsig.GSS_TSIG:
-        raise DnsError(
-            "CONFIG",
-            f"tsig_algorithm {cfg.tsig_algorithm!r} is not supported: use the server key's algorithm "
-            "(hmac-sha256, hmac-sha512, hmac-sha1, ...)",
-        )
-    return key
 
 
 async def _resolve(host: str, port: int, timeout: float) -> str:

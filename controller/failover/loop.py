@@ -24,7 +24,7 @@ from controller.registry import AgentRegistry
 from controller.status import ObserverView, ServiceView
 from controller.store import ServiceRecord, Store
 from shadowplane.clock import now_ms
-from shadowplane.healthcheck import CheckSpec, Tracker, run_check, spec_to_proto
+from shadowplane.healthcheck import CheckSpec, Tracker, local_probe, run_check, spec_to_proto
 from shadowplane.lease_observer import LeaseObserver
 from shadowplane.v1 import agent_pb2 as apb
 
@@ -89,8 +89,14 @@ class FailoverLoop:
         for rt in self.services.values():
             for target in rt.targets():
                 spec = self._check_spec(rt.cfg, target)
-                self._checks[(rt.cfg.name, target)] = Tracker(spec.fall, spec.rise)
-                self._tasks.append(asyncio.create_task(run_check(spec, self._on_controller_probe)))
+                tracker = self._checks[(rt.cfg.name, target)] = Tracker(spec.fall, spec.rise)
+                probe = local_probe(spec, self.cfg.checks, "controller.toml")
+                if isinstance(probe, str):
+                    # check-config refuses this when the controller observes the service; otherwise its
+                    # view is never asked for.
+                    tracker.detail = probe
+                    continue
+                self._tasks.append(asyncio.create_task(run_check(spec, probe, self._on_controller_probe)))
         try:
             while True:
                 self.tick()
@@ -226,7 +232,7 @@ class FailoverLoop:
         """The controller's own view: its health check, and the target agent's heartbeats."""
         tracker = self._checks.get((service, target))
         if tracker is None or tracker.up is None:
-            return None, "no result yet"
+            return None, tracker.detail if tracker is not None else "no result yet"
         session = self.registry.get(target)
         silent_ms = now_ms() - session.last_heard_ms if session else None
         if silent_ms is None or silent_ms > self.cfg.failover.heartbeat_timeout_seconds * 1000:
@@ -245,7 +251,7 @@ class FailoverLoop:
                     views[o] = v
             elif o in alive:
                 lv = self.board.lease(rt.cfg.name).get(o)
-                if lv is not None and lv.target == rec.owner and lv.token == rec.token:
+                if lv is not None and lv.up is not None and lv.target == rec.owner and lv.token == rec.token:
                     views[o] = lv.up
         return tally(rt.cfg.observer_names(), views, exclude=rec.owner)
 
@@ -284,13 +290,12 @@ class FailoverLoop:
 
     def on_observation(self, observer: str, o: apb.Observation) -> None:
         prev = self.board.put(observer, o)
-        if o.kind == "health" and (prev is None or prev.up != o.up):
+        up = None if o.unknown else o.up
+        if o.kind == "health" and (prev is None or prev.up != up):
+            # An observer that cannot check says why itself ("cannot check p1: ...").
+            said = f"sees {o.target} {'up' if up else 'DOWN'}: " if up is not None else ""
             self.events.record(
-                "health",
-                o.service,
-                o.target,
-                f"{observer} sees {o.target} {'up' if o.up else 'DOWN'}: {o.detail}",
-                observer=observer,
+                "health", o.service, o.target, f"{observer} {said}{o.detail}", observer=observer
             )
 
     def on_lease_event(self, host: str, e: apb.LeaseEvent) -> None:
@@ -322,7 +327,7 @@ class FailoverLoop:
             port=h.port,
             path=h.path,
             expect_status=h.expect_status,
-            command=tuple(h.command),
+            check=h.check,
             interval=h.interval_seconds,
             timeout=h.timeout_seconds,
             fall=h.fall,

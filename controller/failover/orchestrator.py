@@ -20,12 +20,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from controller.config import ControllerConfig, ServiceConfig
 from controller.event_log import EventLog
 from controller.failover.decide import Decision
-from controller.failover.dns import point_record
+from controller.failover.dns import DnsUpdates
 from controller.registry import AgentRegistry, CommandError
 from controller.store import ServiceRecord, Store
 from shadowplane.clock import now_ms
@@ -61,6 +61,7 @@ class Orchestrator:
     observer: LeaseObserver  # the controller's own vote
     on_takeover: ResourceHook | None = None  # raise the new owner's limits before it takes over
     on_released: ResourceHook | None = None  # the old owner's limits go back to the plan
+    dns_updates: DnsUpdates = field(default_factory=DnsUpdates)  # each service's record, retried
 
     def _save(self, rec: ServiceRecord) -> ServiceRecord:
         self.store.save_service_state(rec)
@@ -185,14 +186,10 @@ class Orchestrator:
         )
 
         if svc.dns is not None:
+            # The first attempt now; a failed one is retried in the background until it succeeds or the
+            # service moves again (each attempt is an event).
             addr = self.cfg.host_entry(new).address
-            res = await point_record(svc.dns, addr)
-            if res.ok:
-                self.events.record(
-                    "dns", svc.name, new, f"{svc.dns.name} -> {addr} in {res.seconds * 1000:.0f} ms"
-                )
-            else:
-                self.events.record("dns-failed", svc.name, new, res.detail)
+            await self.dns_updates.point(svc.name, svc.dns, new, addr, self.events.record)
         await self._hook(svc, new, "after-takeover", env)
         if old and old != new:
             if released or (d.planned and not urgent):

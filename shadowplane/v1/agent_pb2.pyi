@@ -202,6 +202,7 @@ class Observation(_message.Message):
     SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
+    UNKNOWN_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     target: _builtins.str
     """host name"""
@@ -213,6 +214,8 @@ class Observation(_message.Message):
     """"health" or "lease" """
     token: _builtins.int
     """kind "lease": the token being renewed"""
+    unknown: _builtins.bool
+    """kind "health": this observer cannot check the target (detail says why); `up` means nothing"""
     def __init__(
         self,
         *,
@@ -223,10 +226,11 @@ class Observation(_message.Message):
         since_unix_ms: _builtins.int = ...,
         kind: _builtins.str = ...,
         token: _builtins.int = ...,
+        unknown: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "kind", b"kind", "service", b"service", "since_unix_ms", b"since_unix_ms", "target", b"target", "token", b"token", "up", b"up"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "kind", b"kind", "service", b"service", "since_unix_ms", b"since_unix_ms", "target", b"target", "token", b"token", "unknown", b"unknown", "up", b"up"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -435,11 +439,11 @@ class HealthCheck(_message.Message):
     PORT_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     EXPECT_STATUS_FIELD_NUMBER: _builtins.int
-    COMMAND_FIELD_NUMBER: _builtins.int
     INTERVAL_MS_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     FALL_FIELD_NUMBER: _builtins.int
     RISE_FIELD_NUMBER: _builtins.int
+    CHECK_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     target: _builtins.str
     """host name"""
@@ -454,8 +458,8 @@ class HealthCheck(_message.Message):
     timeout_ms: _builtins.int
     fall: _builtins.int
     rise: _builtins.int
-    @_builtins.property
-    def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    check: _builtins.str
+    """kind "exec": the name of the observer's own [checks.NAME]"""
     def __init__(
         self,
         *,
@@ -466,15 +470,15 @@ class HealthCheck(_message.Message):
         port: _builtins.int = ...,
         path: _builtins.str = ...,
         expect_status: _builtins.int = ...,
-        command: _abc.Iterable[_builtins.str] | None = ...,
         interval_ms: _builtins.int = ...,
         timeout_ms: _builtins.int = ...,
         fall: _builtins.int = ...,
         rise: _builtins.int = ...,
+        check: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "command", b"command", "expect_status", b"expect_status", "fall", b"fall", "interval_ms", b"interval_ms", "kind", b"kind", "path", b"path", "port", b"port", "rise", b"rise", "service", b"service", "target", b"target", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "check", b"check", "expect_status", b"expect_status", "fall", b"fall", "interval_ms", b"interval_ms", "kind", b"kind", "path", b"path", "port", b"port", "rise", b"rise", "service", b"service", "target", b"target", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

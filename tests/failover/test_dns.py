@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,11 @@ import dns.query
 import dns.rdatatype
 import pytest
 
-from controller.config import DnsConfig
-from controller.failover.dns import current_record, point_record
+from controller.config import ControllerConfig, DnsConfig
+from controller.failover.dns import DnsResult, DnsUpdates, current_record, point_record
 from lab.bind import make_tsig_secret, start_bind, stop_bind
 from lab.procs import free_port
+from shadowplane.config import ConfigError, build
 from tests.support import need, need_root
 
 ZONE = "lab.example."
@@ -166,7 +168,7 @@ def test_bad_settings_are_reported_without_a_server() -> None:
     cfg = DnsConfig(server=f"127.0.0.1:{free_port()}", zone=ZONE, name="web.elsewhere.", tsig_name=KEY)
     assert "not inside zone" in asyncio.run(point_record(cfg, "10.77.0.21")).detail
     bad_secret = dataclasses.replace(cfg, name="web", tsig_secret="not base64!")
-    assert "tsig_secret is not valid base64" in asyncio.run(point_record(bad_secret, "10.77.0.21")).detail
+    assert "tsig_secret: not valid base64" in asyncio.run(point_record(bad_secret, "10.77.0.21")).detail
     assert asyncio.run(point_record(cfg, "not-an-address")).rcode == "CONFIG"
 
 
@@ -178,3 +180,155 @@ def test_start_bind_reports_why_named_did_not_come_up(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="unable to listen on any configured interfaces") as err:
             start_bind(tmp_path, None, "127.0.0.1", port, ZONE, {}, KEY, make_tsig_secret())
     assert "named.log" in str(err.value)
+
+
+# ---- retries ----
+
+
+class Events:
+    """What DnsUpdates records, as EventLog.record receives it."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str]] = []
+
+    def __call__(self, kind: str, service: str, host: str, reason: str, **detail: object) -> object:
+        self.seen.append((kind, host, reason))
+        return None
+
+    def kinds(self, host: str) -> list[str]:
+        return [k for k, h, _ in self.seen if h == host]
+
+
+def later_bind(tmp_path: Path, port: int, secret: str) -> subprocess.Popen[bytes]:
+    records = {"web": "10.77.0.11"}
+    return start_bind(tmp_path / "bind", None, "127.0.0.1", port, ZONE, records, KEY, secret)
+
+
+def down_then_up(tmp_path: Path, moves: list[tuple[str, str]]) -> tuple[DnsResult | None, Events, list[str]]:
+    """The server is down while `moves` (host, address) happen, one after the other, then comes up.
+    Returns the last update's final result, the events, and what the server answers then."""
+    port, secret = free_port(), make_tsig_secret()
+    cfg = DnsConfig(
+        server=f"127.0.0.1:{port}", zone=ZONE, name=f"web.{ZONE}", tsig_name=KEY, tsig_secret=secret
+    )
+    events = Events()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    async def go() -> DnsResult | None:
+        updates = DnsUpdates(first_delay=0.1, max_delay=0.5)
+        try:
+            for host, address in moves:
+                first = await updates.point("web", cfg, host, address, events)
+                assert not first.ok and first.rcode == "UNREACHABLE", first
+                assert updates.retrying("web")
+            procs.append(await asyncio.to_thread(later_bind, tmp_path, port, secret))
+            async with asyncio.timeout(60):  # a hang guard, not a measurement
+                return await updates.settled("web")
+        finally:
+            await updates.close()
+
+    try:
+        result = asyncio.run(go())
+        answer = ask(Bind(port, secret, tmp_path), f"web.{ZONE}", dns.rdatatype.A)
+    finally:
+        for proc in procs:
+            stop_bind(proc)
+    return result, events, answer
+
+
+def test_a_server_that_comes_up_later_gets_the_record_after_a_retry(tmp_path: Path) -> None:
+    need_named()
+    result, events, answer = down_then_up(tmp_path, [("s1", "10.77.0.41")])
+    assert result is not None and result.ok, result
+    assert answer == ["10.77.0.41"]
+    kinds = events.kinds("s1")
+    assert kinds[0] == "dns-failed" and kinds[-1] == "dns" and kinds.count("dns") == 1
+    failed = [r for k, _, r in events.seen if k == "dns-failed"]
+    assert failed[0].startswith("attempt 1: connection refused") and "retrying in 0.1 s" in failed[0]
+    done = events.seen[-1][2]
+    assert done.startswith(f"web.{ZONE} -> 10.77.0.41") and f"(attempt {len(failed) + 1})" in done
+
+
+def test_a_newer_move_cancels_the_older_retry(tmp_path: Path) -> None:
+    need_named()
+    result, events, answer = down_then_up(tmp_path, [("s1", "10.77.0.41"), ("p1", "10.77.0.42")])
+    assert result is not None and result.ok, result
+    assert answer == ["10.77.0.42"], "the newest owner's address, never the older move's"
+    assert events.kinds("s1")[-1] == "dns-retry-cancelled" and "dns" not in events.kinds("s1")
+    cancelled = next(r for k, _, r in events.seen if k == "dns-retry-cancelled")
+    assert "10.77.0.41" in cancelled and "moved to p1" in cancelled
+    assert events.kinds("p1")[-1] == "dns"
+
+
+def test_a_configuration_error_is_not_retried() -> None:
+    cfg = DnsConfig(server=f"127.0.0.1:{free_port()}", zone=ZONE, name=f"web.{ZONE}")
+    events = Events()
+
+    async def go() -> tuple[DnsResult, DnsResult | None]:
+        updates = DnsUpdates(first_delay=0.1)
+        first = await updates.point("web", cfg, "s1", "", events)  # a host without an address
+        return first, await updates.settled("web")
+
+    first, final = asyncio.run(go())
+    assert first.rcode == "CONFIG" and final == first
+    assert events.seen == [("dns-failed", "s1", f"{first.detail} (not retried)")]
+
+
+# ---- check-config ----
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"server": "10.0.0.53"}, "server", "HOST:PORT"),
+        ({"server": "10.0.0.53:70000"}, "server", "HOST:PORT"),
+        ({"server": "ns_1..example:53"}, "server", "neither an IP address nor a host name"),
+        ({"server": "10.0.0.999:53"}, "server", "use the DNS server's IP address"),
+        ({"zone": "lab..example."}, "zone", "not a valid DNS name"),
+        ({"name": "web.elsewhere."}, "name", "not inside zone lab.example.: the server would answer NOTZONE"),
+        ({"tsig_secret": ""}, "tsig_secret", "empty, but tsig_name is 'shadowplane-test'"),
+        ({"tsig_secret": "not base64!"}, "tsig_secret", "not valid base64: copy the secret"),
+        ({"tsig_name": ""}, "tsig_name", "tsig_secret is set"),
+        ({"tsig_algorithm": "hmac-sha3"}, "tsig_algorithm", "not supported: use the server key's algorithm"),
+        ({"ttl": -1}, "ttl", "between 0 and 86400"),
+    ],
+)
+def test_dns_settings_are_checked_by_check_config(changes: dict[str, object], field: str, words: str) -> None:
+    good: dict[str, object] = {
+        "server": "10.0.0.53:53",
+        "zone": ZONE,
+        "name": "web",
+        "tsig_name": KEY,
+        "tsig_secret": make_tsig_secret(),
+    }
+
+    def controller(dns_table: dict[str, object]) -> ControllerConfig:
+        return build(
+            ControllerConfig,
+            {
+                "tls": {"plaintext": True},
+                "host": [{"name": "p1", "address": "10.0.0.1"}, {"name": "s1", "address": "10.0.0.2"}],
+                "service": [{"name": "web", "primary": "p1", "shadows": ["s1"], "dns": dns_table}],
+            },
+            "controller.toml",
+        )
+
+    assert controller(good).service[0].dns is not None
+    with pytest.raises(ConfigError) as e:
+        controller({**good, **changes})
+    assert e.value.field == f"service[0].dns.{field}"
+    assert words in e.value.problem
+
+
+def test_check_config_wants_an_address_for_every_host_the_record_may_point_at() -> None:
+    dns_table = {"server": "10.0.0.53:53", "zone": ZONE, "name": "web"}
+    with pytest.raises(ConfigError) as e:
+        build(
+            ControllerConfig,
+            {
+                "tls": {"plaintext": True},
+                "host": [{"name": "p1", "address": "10.0.0.1"}, {"name": "s1"}],
+                "service": [{"name": "web", "primary": "p1", "shadows": ["s1"], "dns": dns_table}],
+            },
+        )
+    assert e.value.field == "service[0].dns" and "set its [[host]] address" in e.value.problem

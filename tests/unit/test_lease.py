@@ -187,5 +187,5 @@ def test_no_two_owners_under_random_schedules() -> None:
 def test_health_check_specs_survive_the_trip_to_an_observer() -> None:
     from shadowplane.healthcheck import CheckSpec, spec_from_proto, spec_to_proto
 
-    s = CheckSpec("web", "p1", "10.0.0.1", "exec", 8080, "/h", 204, ("check", "--fast"), 0.05, 0.1, 2, 3)
+    s = CheckSpec("web", "p1", "10.0.0.1", "exec", 8080, "/h", 204, "web-ok", 0.05, 0.1, 2, 3)
     assert spec_from_proto(spec_to_proto(s)) == s
