@@ -32,7 +32,17 @@ INT_RANGES = {
 # No surrogates: a protobuf string is UTF-8, and the client library refuses to send anything else.
 _CHARS = st.characters(blacklist_categories=("Cs",))
 _CONTROL = st.text(st.sampled_from([chr(c) for c in [*range(0, 32), 127, 0x85, 0x2028, 0x202E]]), min_size=1)
-_ODD = ["", " ", "../../etc/passwd", "a/b/c", "/", "%s%n", "'; DROP TABLE events; --", "é🙂\u202e\u200b", "\x00"]
+_ODD = [
+    "",
+    " ",
+    "../../etc/passwd",
+    "a/b/c",
+    "/",
+    "%s%n",
+    "'; DROP TABLE events; --",
+    "é🙂\u202e\u200b",
+    "\x00",
+]
 
 
 def strings(names: Sequence[str] = ()) -> st.SearchStrategy[str]:
@@ -48,7 +58,17 @@ def strings(names: Sequence[str] = ()) -> st.SearchStrategy[str]:
 
 
 def integers(lo: int, hi: int) -> st.SearchStrategy[int]:
-    edges = {lo, hi, 0, 1, max(lo, -1), min(hi, 2**31), min(hi, 2**53 + 1), min(hi, 2**63), min(hi, 2**63 - 1)}
+    edges = {
+        lo,
+        hi,
+        0,
+        1,
+        max(lo, -1),
+        min(hi, 2**31),
+        min(hi, 2**53 + 1),
+        min(hi, 2**63),
+        min(hi, 2**63 - 1),
+    }
     return st.one_of(st.sampled_from(sorted(edges)), st.integers(lo, hi))
 
 
@@ -127,3 +147,24 @@ def _value(fd: FieldDescriptor, names: Sequence[str], depth: int) -> st.SearchSt
     if depth <= 0:
         return st.just(GetMessageClass(fd.message_type)())
     return messages(fd.message_type, names, depth - 1)
+
+
+def near(valid: Message, names: Sequence[str] = ()) -> st.SearchStrategy[Message]:
+    """`valid` with some of its fields replaced by generated ones: requests that get past the first
+    checks (a service or workload that exists) and carry a hostile value deeper in."""
+
+    @st.composite
+    def build(draw: st.DrawFn) -> Message:
+        fuzzed = draw(messages(valid.DESCRIPTOR, names))
+        m = type(valid)()
+        m.CopyFrom(valid)
+        for fd in valid.DESCRIPTOR.fields:
+            if draw(st.booleans()):
+                m.ClearField(fd.name)
+                if fd.is_repeated or fd.type == F.TYPE_MESSAGE:
+                    getattr(m, fd.name).MergeFrom(getattr(fuzzed, fd.name))
+                else:
+                    setattr(m, fd.name, getattr(fuzzed, fd.name))
+        return m
+
+    return build()
