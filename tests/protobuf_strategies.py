@@ -168,3 +168,52 @@ def near(valid: Message, names: Sequence[str] = ()) -> st.SearchStrategy[Message
         return m
 
     return build()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, wire_type: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | wire_type) + payload
+
+
+def wire(descriptor: Descriptor, names: Sequence[str] = ()) -> st.SearchStrategy[bytes]:
+    """Bytes sent as `descriptor`'s message that a protobuf library would never encode: random bytes, an
+    encoded message with one byte changed or cut short, a string that is not UTF-8, a field of the wrong
+    wire type, a field number the message does not have."""
+    encoded = messages(descriptor, names, depth=1).map(lambda m: m.SerializeToString())
+    numbers = [fd.number for fd in descriptor.fields] or [1]
+    strings_ = [fd.number for fd in descriptor.fields if fd.type == F.TYPE_STRING] or [1]
+
+    def corrupt(data: bytes, at: int, byte: int) -> bytes:
+        if not data:
+            return bytes([byte])
+        i = at % len(data)
+        return data[:i] + bytes([byte]) + data[i + 1 :]
+
+    def cut(data: bytes, at: int) -> bytes:
+        return data[: at % (len(data) + 1)]
+
+    return st.one_of(
+        st.binary(max_size=64),
+        st.builds(corrupt, encoded, st.integers(0, 2**16), st.integers(0, 255)),
+        st.builds(cut, encoded, st.integers(0, 2**16)),
+        st.builds(  # invalid UTF-8 in a string field
+            lambda n, b: _field(n, 2, _varint(len(b)) + b),
+            st.sampled_from(strings_),
+            st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"ok\x80"]),
+        ),
+        st.builds(  # the wrong wire type (varint, 64-bit, length-delimited, 32-bit) for a field
+            lambda n, t, p: _field(n, t, p),
+            st.sampled_from(numbers),
+            st.sampled_from([0, 1, 2, 5]),
+            st.sampled_from([b"\x01", b"\x00" * 8, b"\x03abc", b"\x00" * 4, b"\xff" * 10]),
+        ),
+        st.builds(lambda n: _field(n, 0, b"\x01"), st.integers(100, 2**29 - 1)),  # an unknown field
+    )

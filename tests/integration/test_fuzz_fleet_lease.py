@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,7 +36,7 @@ from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import fleet_pb2_grpc as fgrpc
 from shadowplane.v1 import lease_pb2 as lpb
 from shadowplane.v1 import lease_pb2_grpc as lgrpc
-from tests.protobuf_strategies import messages, near
+from tests.protobuf_strategies import messages, near, wire
 from tests.support import Daemon, wait_until
 
 # The names of things that exist (and of some that do not), so generated requests also reach past lookups.
@@ -70,6 +71,12 @@ class Fleet:
 
     def tls(self, who: str) -> TlsConfig:
         return TlsConfig(ca=self.pki / "ca.pem", cert=self.pki / f"{who}.pem", key=self.pki / f"{who}.key")
+
+    @contextlib.contextmanager
+    def channel(self, port: int, who: str) -> Iterator[grpc.Channel]:
+        role = "controller" if port == self.port else "agent"
+        with sync_channel(f"127.0.0.1:{port}", self.tls(who), role) as ch:
+            yield ch
 
     @contextlib.contextmanager
     def fleet(self, who: str = "operator-alice") -> Iterator[fgrpc.FleetStub]:
@@ -141,17 +148,20 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 # ---- the property ----
 
 
-def field_names(message: Message) -> set[str]:
+def field_names(descriptor: Descriptor) -> set[str]:
     out = set()
-    for fd in message.DESCRIPTOR.fields:
+    for fd in descriptor.fields:
         out.add(fd.name)
         if fd.message_type is not None and not fd.message_type.GetOptions().map_entry:
             out |= {f"{fd.name}.{sub.name}" for sub in fd.message_type.fields}
     return out
 
 
-def answered_clearly(request: Message, call: Callable[[], Any]) -> Any | None:
-    """The reply, or None for a clear refusal; anything else fails the test."""
+def answered_clearly(
+    request: Message | bytes, call: Callable[[], Any], sent_as: Descriptor | None = None
+) -> Any | None:
+    """The reply, or None for a clear refusal; anything else fails the test. An error's detail starts with
+    the field it is about ("request" for the whole of it)."""
     try:
         return call()
     except grpc.RpcError as e:
@@ -161,7 +171,8 @@ def answered_clearly(request: Message, call: Callable[[], Any]) -> Any | None:
         assert details.strip(), f"{code.name} without a detail"
         if code != grpc.StatusCode.PERMISSION_DENIED:  # which says which certificate it needs instead
             named = details.split(":", 1)[0]
-            assert named in field_names(request), f"{details!r} does not start with a field of the request"
+            fields = field_names(sent_as or request.DESCRIPTOR)  # type: ignore[union-attr]
+            assert named in {*fields, "request"}, f"{details!r} does not start with a field of the request"
         return None
 
 
@@ -388,3 +399,42 @@ def test_renew_refuses_what_no_owner_sends_naming_the_field(fleet: Fleet, where:
                 lease.Renew(request, timeout=DEADLINE)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert (e.value.details() or "").startswith(f"{field}: must be")
+
+
+# ---- bytes no protobuf library would send, to every method of both services ----
+
+LEASE = lpb.DESCRIPTOR.services_by_name["Lease"]
+METHODS = [(FLEET, m.name, "controller") for m in FLEET.methods] + [
+    (LEASE, m.name, where) for m in LEASE.methods for where in ("controller", "agent")
+]
+
+
+@pytest.mark.parametrize(
+    ("service", "rpc", "where"), METHODS, ids=[f"{s.name}.{r}@{w}" for s, r, w in METHODS]
+)
+def test_undecodable_requests_are_refused_clearly(
+    fleet: Fleet, before: Recorded, service: Any, rpc: str, where: str
+) -> None:
+    method = service.methods_by_name[rpc]
+    port = fleet.port if where == "controller" else fleet.peer_port
+    with fleet.channel(port, "operator-alice" if service is FLEET else "agent-p1") as ch:
+        call: Any = (ch.unary_stream if method.server_streaming else ch.unary_unary)(
+            f"/{service.full_name}/{rpc}", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+
+        def send(raw: bytes) -> object:
+            if not method.server_streaming:
+                return call(raw, timeout=DEADLINE)
+            try:
+                return list(call(raw, timeout=0.3))
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                return []
+
+        @settings(FUZZ, max_examples=10)
+        @given(raw=wire(method.input_type, NAMES))
+        def check(raw: bytes) -> None:
+            answered_clearly(raw, lambda: send(raw), method.input_type)
+
+        check()
