@@ -112,7 +112,7 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-        ]
+        ],
     )
     health_servicer = health.aio.HealthServicer()
     c = Controller(cfg, store, registry, events, failover, scaling, server, 0, health_servicer, [])
