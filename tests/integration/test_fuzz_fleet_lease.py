@@ -351,6 +351,26 @@ def test_fleet_rpc_answers_any_request_clearly(fleet: Fleet, before: Recorded, r
         check()
 
 
+@pytest.mark.parametrize("rpc", ["Failover", "Failback", "SetOverride"])
+def test_changes_with_an_agent_certificate_are_refused_and_change_nothing(
+    fleet: Fleet, before: Recorded, rpc: str
+) -> None:
+    with fleet.fleet("agent-p1") as stub:
+
+        @settings(FUZZ, max_examples=20)
+        @given(request=requests(rpc))
+        def check(request: Message) -> None:
+            with pytest.raises(grpc.RpcError) as e:
+                getattr(stub, rpc)(request, timeout=DEADLINE)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "needs an operator certificate" in (e.value.details() or "")
+
+        check()
+        since = stub.ListEvents(fpb.ListEventsRequest(after_id=before.last_id), timeout=DEADLINE).events
+    # the observers' health reports go on in the background; nothing else may have been recorded
+    assert [e.kind for e in since if e.kind != "health"] == [], "a refused change recorded something"
+
+
 def test_watch_events_answers_any_request_clearly(fleet: Fleet, before: Recorded) -> None:
     """A watch never ends by itself: it sends what is stored, then waits; the deadline ends it."""
     with fleet.fleet() as stub:
