@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -228,15 +228,38 @@ def _by_type(field_type: int, v: Any) -> str | None:
     return None
 
 
-def request_problem(request: Message) -> str | None:
+def request_problem(request: Message, prefix: str = "") -> str | None:
     """What is wrong with a Fleet request, as "FIELD: must ..., got VALUE"; None if nothing is."""
     kind = request.DESCRIPTOR.name
     for fd in request.DESCRIPTOR.fields:
         if (kind, fd.name) in IGNORED:
             continue
-        v = getattr(request, fd.name)
-        rule = FIELD_RULES.get((kind, fd.name))
-        problem = _by_type(fd.type, v) or (rule(v) if rule else None)
+        if fd.type == FieldDescriptor.TYPE_MESSAGE and not fd.is_repeated and not request.HasField(fd.name):
+            continue  # a message left out: nothing in it to check
+        name, value, rule = prefix + fd.name, getattr(request, fd.name), FIELD_RULES.get((kind, fd.name))
+        # The requests have no repeated, map or nested fields today; one added later is checked too.
+        problems: Iterator[str | None]
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            key, item = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
+            problems = (
+                _value_problem(key.type, k, f"{name} (a key)", None)
+                or _value_problem(item.type, v, f"{name}[{k!r}]", None)
+                for k, v in value.items()
+            )
+        elif fd.is_repeated:
+            problems = (_value_problem(fd.type, v, f"{name}[{i}]", rule) for i, v in enumerate(value))
+        else:
+            problems = iter([_value_problem(fd.type, value, name, rule)])
+        problem = next((p for p in problems if p), None)
         if problem:
-            return f"{fd.name}: {problem}, got {_shown(v)}"
+            return problem
     return None
+
+
+def _value_problem(
+    field_type: int, v: Any, shown: str, rule: Callable[[Any], str | None] | None
+) -> str | None:
+    if field_type == FieldDescriptor.TYPE_MESSAGE:
+        return request_problem(v, shown + ".")
+    problem = _by_type(field_type, v) or (rule(v) if rule else None)
+    return f"{shown}: {problem}, got {_shown(v)}" if problem else None
