@@ -2,7 +2,8 @@
 
 It renders the parts of the controller's read model it answers with (`Operations.agents()`, `services()`,
 `scaling_view()`: each call builds only what it renders) and the store, and asks for changes through the
-narrow `Operations`; messages are made in fleet_messages.py.
+narrow `Operations`; messages are made, and every request checked before anything reads it, in
+fleet_messages.py.
 """
 
 from __future__ import annotations
