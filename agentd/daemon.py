@@ -25,6 +25,7 @@ from agentd.status import AgentStatus, CaptureView, LeaseView, LinkView, Totals
 from shadowplane import __version__, prometheus, sdnotify
 from shadowplane.lease_observer import LeaseServicer
 from shadowplane.tls import add_port, aio_channel, warn_plaintext
+from shadowplane.undecodable import RefuseUndecodable
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import lease_pb2_grpc as lgrpc
 from shadowplane.v1 import telemetry_pb2 as tpb
@@ -157,7 +158,7 @@ class Agent:
         self.commands = CommandHandler(self.cfg, self.layout, self.observer, self.link.send)
         self.link.on_command = self.commands
         if self.cfg.peer_listen:
-            self.peer_server = grpc.aio.server()
+            self.peer_server = grpc.aio.server(interceptors=[RefuseUndecodable()])
             lgrpc.add_LeaseServicer_to_server(LeaseServicer(self.observer.leases), self.peer_server)
             if add_port(self.peer_server, self.cfg.peer_listen, self.cfg.tls) == 0:
                 raise OSError(f"peer_listen: cannot listen on {self.cfg.peer_listen}")

@@ -2,7 +2,8 @@
 
 It renders the parts of the controller's read model it answers with (`Operations.agents()`, `services()`,
 `scaling_view()`: each call builds only what it renders) and the store, and asks for changes through the
-narrow `Operations`; messages are made in fleet_messages.py.
+narrow `Operations`; messages are made, and every request checked before anything reads it, in
+fleet_messages.py.
 """
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import Message
 
 from controller.config import ControllerConfig
 from controller.event_log import EventLog
 from controller.failover.decide import Decision, Request
 from controller.fleet_messages import (
+    MAX_LIMIT,
     capture_message,
     decision_message,
     event_message,
     host_status,
     override_from_message,
+    request_problem,
     service_message,
     shadow_message,
 )
@@ -34,7 +38,6 @@ from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import fleet_pb2_grpc as fgrpc
 
 DEFAULT_LIMIT = 60
-MAX_LIMIT = 10_000
 
 
 class Operations(Protocol):
@@ -72,6 +75,7 @@ class FleetService(fgrpc.FleetServicer):
     async def ListHosts(
         self, request: fpb.ListHostsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.ListHostsResponse:
+        await valid(request, context)
         now = now_ms()
         live = {a.host: a for a in self.ops.agents()}
         out = []
@@ -88,13 +92,8 @@ class FleetService(fgrpc.FleetServicer):
     async def GetTelemetry(
         self, request: fpb.GetTelemetryRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.GetTelemetryResponse:
-        if not request.host:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "host is required (see ListHosts for names)"
-            )
+        await valid(request, context)
         limit = request.limit or DEFAULT_LIMIT
-        if limit > MAX_LIMIT:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit {limit} is above {MAX_LIMIT}")
         rows = self.store.samples(
             request.host, request.workload, request.cgroup, request.since_unix_ms, limit
         )
@@ -103,6 +102,7 @@ class FleetService(fgrpc.FleetServicer):
     async def ListServices(
         self, request: fpb.ListServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.ListServicesResponse:
+        await valid(request, context)
         out = []
         for view in self.ops.services():
             if request.service and view.name != request.service:
@@ -111,13 +111,16 @@ class FleetService(fgrpc.FleetServicer):
             transitions = [e for e in last if e.kind.endswith("-complete") or e.kind == "takeover-aborted"]
             out.append(service_message(view, transitions[-1] if transitions else None))
         if request.service and not out:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no service {request.service!r}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"service: no service {request.service!r} (see shadowctl services)"
+            )
         return fpb.ListServicesResponse(services=out)
 
     async def Failover(
         self, request: fpb.FailoverRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.TransitionReply:
         await require_operator(context, "failover")
+        await valid(request, context)
         d = self.ops.request(request.service, Request("failover", request.to, request.force))
         return fpb.TransitionReply(accepted=d.accepted, reason=d.reason)
 
@@ -125,12 +128,14 @@ class FleetService(fgrpc.FleetServicer):
         self, request: fpb.FailbackRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.TransitionReply:
         await require_operator(context, "failback")
+        await valid(request, context)
         d = self.ops.request(request.service, Request("failback"))
         return fpb.TransitionReply(accepted=d.accepted, reason=d.reason)
 
     async def ListEvents(
         self, request: fpb.ListEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.ListEventsResponse:
+        await valid(request, context)
         limit = min(request.limit or 100, MAX_LIMIT)
         evs = self.store.events(request.service, request.after_id, limit)
         return fpb.ListEventsResponse(events=[event_message(e) for e in evs])
@@ -138,6 +143,7 @@ class FleetService(fgrpc.FleetServicer):
     async def WatchEvents(
         self, request: fpb.ListEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[fpb.Event]:
+        await valid(request, context)
         q = self.events.subscribe()
         try:
             for e in self.store.events(
@@ -154,6 +160,7 @@ class FleetService(fgrpc.FleetServicer):
     async def GetPlan(
         self, request: fpb.GetPlanRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.GetPlanResponse:
+        await valid(request, context)
         now = now_ms()
         nxt, view = self.ops.plan(now), self.ops.scaling_view(now)
         if nxt is None or view is None:
@@ -165,7 +172,8 @@ class FleetService(fgrpc.FleetServicer):
         service = request.workload if request.workload and not workload else ""
         if service and self.cfg.service_named(service) is None:
             await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"{request.workload!r} is neither a service nor HOST/WORKLOAD"
+                grpc.StatusCode.NOT_FOUND,
+                f"workload: {request.workload!r} is neither a service nor HOST/WORKLOAD (see shadowctl plan)",
             )
 
         def wanted(d_host: str, d_workload: str, d_service: str) -> bool:
@@ -190,6 +198,7 @@ class FleetService(fgrpc.FleetServicer):
         self, request: fpb.Override, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.OverrideReply:
         await require_operator(context, "changing a shadow's limits")
+        await valid(request, context)
         who = peer_identity(context)
         o = replace(
             override_from_message(request),
@@ -210,6 +219,13 @@ class FleetService(fgrpc.FleetServicer):
         )
         self.ops.override_changed()  # applied now; the next cycle honours it instead of undoing it
         return fpb.OverrideReply(accepted=True, reason=f"{o.kind} recorded for {o.host}/{o.workload}")
+
+
+async def valid(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Every request's fields are checked before anything is read or changed (fleet_messages.py)."""
+    problem = request_problem(request)
+    if problem:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
 
 
 async def require_operator(context: grpc.aio.ServicerContext[Any, Any], what: str) -> None:

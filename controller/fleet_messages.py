@@ -2,15 +2,21 @@
 
 The controller plans, records and reports with plain frozen dataclasses (its status view, scaling decisions,
 overrides, events); the Fleet API (fleet_api.py) turns them into its messages here, and an operator's
-override back into data.
+override back into data. Every request is checked here first (`request_problem`), field by field, before
+any of it reaches the store or a decision.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from agentd.config import NAME_RE  # host, service and workload names, as the configs have them
 from controller.scaling.decision import ScalingDecision
 from controller.scaling.override import Override
 from controller.status import CaptureView, ServiceView, ShadowView
@@ -18,6 +24,7 @@ from controller.store.base import AgentRecord, EventRecord
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import telemetry_pb2 as tpb
 
+MAX_LIMIT = 10_000  # rows one call may ask for (telemetry per workload, events, decisions)
 M = TypeVar("M", fpb.ScalingDecision, fpb.Override)
 R = TypeVar("R", ScalingDecision, Override)
 
@@ -138,3 +145,121 @@ def shadow_message(v: ShadowView, override: Override | None) -> fpb.ShadowState:
     if override is not None:
         st.override.CopyFrom(override_message(override))
     return st
+
+
+# ---- what a caller may send ----
+#
+# Every field of every request is checked by its type (text: printable and not huge; integers: what the
+# store's 64-bit signed columns hold; reals: finite and not negative), and the fields below by what they
+# mean. A problem is "FIELD: must ..., got VALUE", so the caller knows what to change.
+
+MAX_TEXT = 4096
+MAX_STORED_INT = 2**63 - 1  # SQLite's INTEGER
+
+
+def _shown(v: object) -> str:
+    """A value as an error quotes it: never the whole of a huge one (the detail travels in a header)."""
+    if isinstance(v, str) and len(v) > 40:
+        return f"{v[:40]!r}... ({len(v)} characters)"
+    return repr(v)
+
+
+def _name(v: str) -> str | None:
+    return None if NAME_RE.match(v) else "must be a name of 1-63 letters, digits, '_', '.', '-'"
+
+
+def _required(rule: Callable[[str], str | None], see: str) -> Callable[[str], str | None]:
+    return lambda v: f"is required ({see})" if v == "" else rule(v)
+
+
+def _optional(rule: Callable[[str], str | None]) -> Callable[[str], str | None]:
+    return lambda v: None if v == "" else rule(v)
+
+
+def _cgroup(v: str) -> str | None:
+    return (
+        None if v.startswith("/") else "must be a cgroup path starting with '/', e.g. /shadowplane.slice/web"
+    )
+
+
+def _workload_or_service(v: str) -> str | None:
+    if all(NAME_RE.match(part) for part in v.split("/")) and v.count("/") <= 1:
+        return None
+    return "must be HOST/WORKLOAD or a service name (see shadowctl plan)"
+
+
+def _at_most(n: int) -> Callable[[int], str | None]:
+    return lambda v: f"must be at most {n}" if v > n else None
+
+
+_NAME = _optional(_name)
+_SERVICE = _required(_name, "see shadowctl services")
+# (message, field) -> what the field's value must be; "" passes unless the field is required.
+FIELD_RULES: dict[tuple[str, str], Callable[[Any], str | None]] = {
+    ("GetTelemetryRequest", "host"): _required(_name, "see ListHosts for names"),
+    ("GetTelemetryRequest", "workload"): _NAME,
+    ("GetTelemetryRequest", "cgroup"): _optional(_cgroup),
+    ("GetTelemetryRequest", "limit"): _at_most(MAX_LIMIT),
+    ("ListServicesRequest", "service"): _NAME,
+    ("FailoverRequest", "service"): _SERVICE,
+    ("FailoverRequest", "to"): _NAME,
+    ("FailbackRequest", "service"): _SERVICE,
+    ("ListEventsRequest", "service"): _NAME,
+    ("GetPlanRequest", "workload"): _optional(_workload_or_service),
+    ("GetPlanRequest", "last"): _at_most(MAX_LIMIT),
+    ("Override", "host"): _required(_name, "the shadow host, see shadowctl plan"),
+    ("Override", "workload"): _required(_name, "the shadow workload, see shadowctl plan"),
+}
+# Fields the controller fills in itself, whatever the caller sent.
+IGNORED = {("Override", "by"), ("Override", "unix_ms")}
+
+
+def _by_type(field_type: int, v: Any) -> str | None:
+    if field_type == FieldDescriptor.TYPE_STRING:
+        if len(v) > MAX_TEXT:
+            return f"must be at most {MAX_TEXT} characters"
+        if not v.isprintable():
+            return "must be printable text (no control, format or line-break characters)"
+    elif field_type == FieldDescriptor.TYPE_DOUBLE:
+        if not math.isfinite(v) or v < 0:
+            return "must be a finite number, 0 or more"
+    elif field_type in (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_INT64) and v > MAX_STORED_INT:
+        return f"must be at most 2^63-1 ({MAX_STORED_INT})"
+    return None
+
+
+def request_problem(request: Message, prefix: str = "") -> str | None:
+    """What is wrong with a Fleet request, as "FIELD: must ..., got VALUE"; None if nothing is."""
+    kind = request.DESCRIPTOR.name
+    for fd in request.DESCRIPTOR.fields:
+        if (kind, fd.name) in IGNORED:
+            continue
+        if fd.type == FieldDescriptor.TYPE_MESSAGE and not fd.is_repeated and not request.HasField(fd.name):
+            continue  # a message left out: nothing in it to check
+        name, value, rule = prefix + fd.name, getattr(request, fd.name), FIELD_RULES.get((kind, fd.name))
+        # The requests have no repeated, map or nested fields today; one added later is checked too.
+        problems: Iterator[str | None]
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            key, item = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
+            problems = (
+                _value_problem(key.type, k, f"{name} (a key)", None)
+                or _value_problem(item.type, v, f"{name}[{k!r}]", None)
+                for k, v in value.items()
+            )
+        elif fd.is_repeated:
+            problems = (_value_problem(fd.type, v, f"{name}[{i}]", rule) for i, v in enumerate(value))
+        else:
+            problems = iter([_value_problem(fd.type, value, name, rule)])
+        problem = next((p for p in problems if p), None)
+        if problem:
+            return problem
+    return None
+
+
+def _value_problem(
+    field_type: int, v: Any, shown: str, rule: Callable[[Any], str | None] | None
+) -> str | None:
+    if field_type == FieldDescriptor.TYPE_MESSAGE:
+        return request_problem(v, shown + ".")
+    problem = _by_type(field_type, v) or (rule(v) if rule else None)
+    return f"{shown}: {problem}, got {_shown(v)}" if problem else None

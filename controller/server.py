@@ -31,6 +31,7 @@ from shadowplane import prometheus
 from shadowplane.clock import now_ms
 from shadowplane.lease_observer import LeaseServicer
 from shadowplane.tls import add_port, warn_plaintext
+from shadowplane.undecodable import RefuseUndecodable
 from shadowplane.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, fleet_pb2_grpc, lease_pb2, lease_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -105,12 +106,13 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     )
     failover = FailoverLoop(cfg, store, registry, events, observer, orchestrator)
     server = grpc.aio.server(
+        interceptors=[RefuseUndecodable()],
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-        ]
+        ],
     )
     health_servicer = health.aio.HealthServicer()
     c = Controller(cfg, store, registry, events, failover, scaling, server, 0, health_servicer, [])

@@ -78,6 +78,21 @@ class LeaseServicer(lgrpc.LeaseServicer):
     async def Renew(
         self, request: lpb.RenewRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> lpb.RenewReply:
+        # The request's fields, before anything else reads them (so no error quotes a huge value whole; fuzzed
+        # by tests/integration/test_fuzz_fleet_lease.py): names that can be names, a token the stores'
+        # 64-bit columns can hold.
+        for name in ("service", "holder"):
+            v = getattr(request, name)
+            if not v or len(v) > 63 or not v.isprintable():
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{name}: must be a name of 1-63 printable characters, got {v[:40]!r}",
+                )
+        if not 0 < request.token < 2**63:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"token: must be 1 to 2^63-1 (the fencing token this owner was granted), got {request.token}",
+            )
         problem = check_renewer(peer_identity(context), request.holder)
         if problem:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
