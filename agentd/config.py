@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from shadowplane.config import absolute_path, at_least, between, check, host_port, load, positive, repeated
-from shadowplane.healthcheck import ExecCheckConfig
+from shadowplane.config import (
+    absolute_path,
+    at_least,
+    between,
+    check,
+    host_port,
+    load,
+    positive,
+    repeated,
+    valid_name,
+)
+from shadowplane.healthcheck import ExecCheckConfig, exec_check_names
 from shadowplane.prometheus import MetricsConfig
 from shadowplane.tls import TlsConfig
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-
-
-def valid_name(v: str) -> str | None:
-    return None if NAME_RE.match(v) else f"must be 1-63 of letters, digits, '_', '.', '-', got {v!r}"
 
 
 @dataclass
@@ -152,15 +155,6 @@ def peer_address_problem(v: str) -> str | None:
             f"{v} listens on every address, but owners dial this address to reach this observer; set this "
             "host's own address on the service network, e.g. 10.0.0.11:7401"
         )
-    return None
-
-
-def exec_check_names(checks: dict[str, ExecCheckConfig]) -> str | None:
-    """A `[checks.NAME]` name must be one a service can name (`health.check`)."""
-    for name in checks:
-        problem = valid_name(name)
-        if problem:
-            return f"checks.{name}: the check's name {problem}"
     return None
 
 

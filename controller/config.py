@@ -14,7 +14,6 @@ import dns.exception
 import dns.name
 import dns.tsig
 
-from agentd.config import exec_check_names, valid_name
 from controller.scaling.rule import RuleParams
 from shadowplane.config import (
     at_least,
@@ -26,8 +25,9 @@ from shadowplane.config import (
     non_negative,
     positive,
     repeated,
+    valid_name,
 )
-from shadowplane.healthcheck import ExecCheckConfig
+from shadowplane.healthcheck import ExecCheckConfig, exec_check_names
 from shadowplane.prometheus import MetricsConfig
 from shadowplane.tls import TlsConfig
 

@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from agentd.config import NAME_RE  # host, service and workload names, as the configs have them
 from controller.scaling.decision import ScalingDecision
 from controller.scaling.override import Override
 from controller.status import CaptureView, ServiceView, ShadowView
 from controller.store.base import AgentRecord, EventRecord
+from shadowplane.config import NAME_RE
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import telemetry_pb2 as tpb
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import re
 import tomllib
 import types
 import typing
@@ -59,6 +60,14 @@ def between(lo: float, hi: float) -> Check:
 
 def non_empty(v: Any) -> str | None:
     return None if v else "must not be empty"
+
+
+# Host, service, workload and check names, wherever they appear (configs, the Fleet API, the agent stream).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def valid_name(v: str) -> str | None:
+    return None if NAME_RE.match(v) else f"must be 1-63 of letters, digits, '_', '.', '-', got {v!r}"
 
 
 def host_port(v: Any) -> str | None:

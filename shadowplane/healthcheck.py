@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shadowplane.config import check
+from shadowplane.config import check, valid_name
 from shadowplane.v1 import agent_pb2 as apb
 
 
@@ -299,3 +299,12 @@ async def run_check(
     finally:
         for t in pending:
             t.cancel()
+
+
+def exec_check_names(checks: dict[str, ExecCheckConfig]) -> str | None:
+    """A `[checks.NAME]` name must be one a service can name (`health.check`)."""
+    for name in checks:
+        problem = valid_name(name)
+        if problem:
+            return f"checks.{name}: the check's name {problem}"
+    return None

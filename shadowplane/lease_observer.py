@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from shadowplane import lease as leases
+from shadowplane.config import NAME_RE
 from shadowplane.tls import check_renewer, peer_identity
 from shadowplane.v1 import lease_pb2 as lpb
 from shadowplane.v1 import lease_pb2_grpc as lgrpc
@@ -83,10 +84,10 @@ class LeaseServicer(lgrpc.LeaseServicer):
         # 64-bit columns can hold.
         for name in ("service", "holder"):
             v = getattr(request, name)
-            if not v or len(v) > 63 or not v.isprintable():
+            if not NAME_RE.match(v):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{name}: must be a name of 1-63 printable characters, got {v[:40]!r}",
+                    f"{name}: must be a name of 1-63 letters, digits, '_', '.', '-', got {v[:40]!r}",
                 )
         if not 0 < request.token < 2**63:
             await context.abort(
