@@ -28,6 +28,7 @@ from controller.fleet_messages import (
 from controller.scaling.decision import ScalingDecision
 from controller.status import AgentView, ScalingView, ServiceView
 from controller.store import Store
+from controller.store.worker import StoreWorker
 from shadowplane.clock import now_ms
 from shadowplane.tls import peer_identity
 from shadowplane.v1 import fleet_pb2 as fpb
@@ -66,8 +67,17 @@ class Operations(Protocol):
 
 
 class FleetService(fgrpc.FleetServicer):
-    def __init__(self, cfg: ControllerConfig, store: Store, events: EventLog, ops: Operations) -> None:
+    def __init__(
+        self,
+        cfg: ControllerConfig,
+        store: Store,
+        events: EventLog,
+        ops: Operations,
+        worker: StoreWorker | None = None,
+    ) -> None:
         self.cfg, self.store, self.events, self.ops = cfg, store, events, ops
+        # Reads of up to MAX_LIMIT rows run in the store worker, never on the loop that answers renewals.
+        self.worker = worker or StoreWorker(store)
 
     async def ListHosts(
         self, request: fpb.ListHostsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -95,10 +105,12 @@ class FleetService(fgrpc.FleetServicer):
         limit = request.limit or DEFAULT_LIMIT
         if limit > MAX_LIMIT:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit {limit} is above {MAX_LIMIT}")
-        rows = self.store.samples(
-            request.host, request.workload, request.cgroup, request.since_unix_ms, limit
-        )
-        return fpb.GetTelemetryResponse(samples=[fpb.StoredSample(host=h, sample=s) for h, s in rows])
+
+        def read(store: Store) -> fpb.GetTelemetryResponse:
+            rows = store.samples(request.host, request.workload, request.cgroup, request.since_unix_ms, limit)
+            return fpb.GetTelemetryResponse(samples=[fpb.StoredSample(host=h, sample=s) for h, s in rows])
+
+        return await self.worker.run(read)
 
     async def ListServices(
         self, request: fpb.ListServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -132,7 +144,7 @@ class FleetService(fgrpc.FleetServicer):
         self, request: fpb.ListEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> fpb.ListEventsResponse:
         limit = min(request.limit or 100, MAX_LIMIT)
-        evs = self.store.events(request.service, request.after_id, limit)
+        evs = await self.worker.run(lambda s: s.events(request.service, request.after_id, limit))
         return fpb.ListEventsResponse(events=[event_message(e) for e in evs])
 
     async def WatchEvents(

@@ -27,9 +27,11 @@ from controller.scaling.decision import ScalingDecision
 from controller.scaling.loop import ScalingLoop
 from controller.status import AgentView, ControllerStatus, ScalingView, ServiceView
 from controller.store import SqliteStore, Store
+from controller.store.worker import StoreWorker
 from shadowplane import prometheus
 from shadowplane.clock import now_ms
 from shadowplane.lease_observer import LeaseServicer
+from shadowplane.loop_lag import LoopLag
 from shadowplane.tls import add_port, warn_plaintext
 from shadowplane.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, fleet_pb2_grpc, lease_pb2, lease_pb2_grpc
 
@@ -50,6 +52,8 @@ class Controller:
     port: int
     health: health.aio.HealthServicer
     tasks: list[asyncio.Task[None]]
+    worker: StoreWorker  # large reads and pruning, off the event loop
+    loop_lag: LoopLag
 
     # ---- the read model, and what the Fleet API may ask (fleet_api.Operations) ----
 
@@ -85,15 +89,17 @@ class Controller:
                 await t
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await asyncio.to_thread(self.worker.close)  # waits for a running prune or query
         self.store.close()
 
 
 async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller:
     store = store or SqliteStore(cfg.store.path)
+    worker = StoreWorker(store)
     registry = AgentRegistry()
     events = EventLog(store)
     observer = controller_lease_observer(cfg, store)
-    scaling = ScalingLoop(cfg, store, registry, events) if cfg.scaling.enabled else None
+    scaling = ScalingLoop(cfg, store, registry, events, worker=worker) if cfg.scaling.enabled else None
     orchestrator = Orchestrator(
         cfg,
         store,
@@ -113,11 +119,13 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
         ]
     )
     health_servicer = health.aio.HealthServicer()
-    c = Controller(cfg, store, registry, events, failover, scaling, server, 0, health_servicer, [])
+    c = Controller(
+        cfg, store, registry, events, failover, scaling, server, 0, health_servicer, [], worker, LoopLag()
+    )
     agent_pb2_grpc.add_AgentStreamServicer_to_server(
         AgentStreamService(cfg, store, registry, failover), server
     )
-    fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(cfg, store, events, c), server)
+    fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(cfg, store, events, c, worker), server)
     lease_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(observer), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [
@@ -148,7 +156,9 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     events.listeners.append(counters)
     prom = CollectorRegistry()
     prom.register(ControllerCollector(c.status, counters))
+    prom.register(c.loop_lag.collector("shadowplane_controller_loop_lag_seconds", "controller"))
     prometheus.serve(cfg.metrics, prom)
+    c.tasks.append(asyncio.create_task(c.loop_lag.probe()))
     c.tasks.append(asyncio.create_task(failover.run()))
     if scaling is not None:
         c.tasks.append(asyncio.create_task(scaling.run()))
@@ -159,7 +169,12 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
 async def prune_forever(c: Controller) -> None:
     while True:
         cutoff = int((time.time() - c.cfg.store.retention_hours * 3600) * 1000)
-        n = c.store.prune(cutoff)
+        try:
+            # a week's backlog takes seconds: not on the loop
+            n = await c.worker.run(lambda s, before=cutoff: s.prune(before))
+        except Exception:  # a failed prune (disk, lock) is retried at the next round, the loop goes on
+            log.exception("retention: pruning failed")
+            n = 0
         if n:
             log.info("retention: deleted %d samples older than %.0f h", n, c.cfg.store.retention_hours)
         await asyncio.sleep(PRUNE_EVERY_SECONDS)

@@ -176,6 +176,21 @@ class PredictionEngine:
     ) -> ChampionDecision:
         """Champion/challenger: score the running model and the new one on the same recent data; swap only
         if the new one is better by `min_improvement`. The decision is logged and returned."""
+        d, challenger = self.judge(challenger_path, recent, since_s, min_improvement)
+        if challenger is not None:
+            self.adopt(challenger)
+        return d
+
+    def judge(
+        self,
+        challenger_path: str | Path,
+        recent: list[Series],
+        since_s: dict[str, float],
+        min_improvement: float = 0.01,
+    ) -> tuple[ChampionDecision, OnnxForecaster | None]:
+        """The scoring half of `consider`, which changes nothing: the decision, and the loaded challenger if
+        it should be adopted. The controller runs this (a backtest: seconds of CPU) in a thread, then
+        `adopt`s on its event loop."""
         try:
             challenger = load_model(challenger_path, self.threads)
         except ModelError as e:
@@ -183,8 +198,9 @@ class PredictionEngine:
                 False, f"challenger unusable: {e}", self.model_version, str(challenger_path), None, math.nan
             )
             log.warning("champion/challenger: %s", d.reason)
-            return d
-        champion_loss = recent_loss(self.forecaster, recent, since_s) if self.source == "model" else None
+            return d, None
+        champion = self.forecaster
+        champion_loss = recent_loss(champion, recent, since_s) if self.source == "model" else None
         d = decide_champion(
             self.model_version,
             champion_loss,
@@ -193,6 +209,8 @@ class PredictionEngine:
             min_improvement,
         )
         log.info("champion/challenger: %s", d.reason)
-        if d.promote:
-            self._use(challenger)
-        return d
+        return d, challenger if d.promote else None
+
+    def adopt(self, challenger: OnnxForecaster) -> None:
+        """Serve a challenger `judge` promoted."""
+        self._use(challenger)

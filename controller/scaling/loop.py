@@ -27,6 +27,7 @@ from controller.scaling.decision import AppliedLimits, Readiness, ScalingDecisio
 from controller.scaling.planner import RESOURCES, ShadowNow, Target, decide_resource, io_weight
 from controller.status import DemandView, ForecastView, ScalingView, ShadowView
 from controller.store import Store
+from controller.store.worker import StoreWorker
 from shadowplane.clock import now_ms
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import telemetry_pb2 as tpb
@@ -43,8 +44,11 @@ class ScalingLoop:
         registry: AgentRegistry,
         events: EventLog,
         engine: PredictionEngine | None = None,
+        worker: StoreWorker | None = None,
     ) -> None:
         self.cfg, self.store, self.registry, self.events = cfg, store, registry, events
+        # A day of series for the challenger's backtest is read here, off the event loop.
+        self.worker = worker or StoreWorker(store)
         self.engine = engine or PredictionEngine(cfg.scaling.model or DEFAULT_MODEL)
         # A workload we have just met starts with misses priced high (conservative) and earns its way down as
         # covered steps accumulate; the backtest's start price suits a day of warm-up nobody scores, not a
@@ -78,7 +82,7 @@ class ScalingLoop:
                 await asyncio.wait_for(self.wake.wait(), max(0.0, (self.next_cycle_ms - now_ms()) / 1000))
 
     async def cycle(self) -> list[ScalingDecision]:
-        self.consider_new_model()
+        await self.consider_new_model()
         self.forecast(now_ms())
         by_shadow: dict[tuple[str, str], list[ScalingDecision]] = {}
         for d in self.plan(now_ms()):
@@ -100,9 +104,11 @@ class ScalingLoop:
 
     # ---- the model ----
 
-    def consider_new_model(self) -> None:
+    async def consider_new_model(self) -> None:
         """A model file that changed (e.g. `shadowctl train --store ... --out` onto it) is a challenger: it
-        replaces the running model only if it forecasts the last day of this fleet better."""
+        replaces the running model only if it forecasts the last day of this fleet better. Reading that day
+        and backtesting both models take seconds: they run off the event loop (the store worker, a thread),
+        and only the swap happens on it."""
         path = Path(self.cfg.scaling.model or DEFAULT_MODEL)
         try:
             mtime = path.stat().st_mtime
@@ -113,8 +119,15 @@ class ScalingLoop:
             return
         self._model_mtime = mtime
         since_ms = now_ms() - 24 * 3600 * 1000
-        recent = series_from_store(self.store.resource_series(since_ms=since_ms), self.engine.step_seconds)
-        d = self.engine.consider(path, recent, {s.name: since_ms / 1000 for s in recent})
+        step = self.engine.step_seconds
+        recent = await self.worker.run(
+            lambda store: series_from_store(store.resource_series(since_ms=since_ms), step)
+        )
+        d, challenger = await asyncio.to_thread(
+            self.engine.judge, path, recent, {s.name: since_ms / 1000 for s in recent}
+        )
+        if challenger is not None:
+            self.engine.adopt(challenger)
         self.events.record("model", "", "", f"champion/challenger: {d.reason}", promoted=d.promote)
 
     # ---- forecasting ----

@@ -113,4 +113,9 @@ class Store(Protocol):
 
     def overrides(self) -> dict[tuple[str, str], Override]: ...
 
+    def another_connection(self) -> Store:
+        """The same store for another thread (the store worker): its own connection where the backend
+        allows one, else this store."""
+        ...
+
     def close(self) -> None: ...
