@@ -262,7 +262,7 @@ def run_variant(
         "queries": len(q["rows"]),
         "query_rows": max(q["rows"]) if q["rows"] else 0,
         "query_median_s": statistics.median(q["seconds"]) if q["seconds"] else float("nan"),
-        "backtests": text.count("champion/challenger:") // 2,  # logged by the engine, and as an event
+        "backtests": len(re.findall(r"\[model\].*champion/challenger:", text)),
         "pruned": pruned,
         "histogram": parse_histogram(metrics),
     }

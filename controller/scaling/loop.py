@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,8 +21,8 @@ from controller import telemetry_schema as schema
 from controller.config import ControllerConfig, ServiceConfig
 from controller.event_log import EventLog
 from controller.predict.allocation import AllocationPolicy, AllocationState, allocate, observe
-from controller.predict.engine import PredictionEngine
-from controller.predict.model import DEFAULT_MODEL
+from controller.predict.engine import PredictionEngine, judge_in_child, lower_priority
+from controller.predict.model import DEFAULT_MODEL, OnnxForecaster, load_model_bytes
 from controller.predict.series import history_from_store, series_from_store
 from controller.registry import AgentRegistry, CommandError
 from controller.scaling.decision import AppliedLimits, Readiness, ScalingDecision
@@ -73,17 +75,19 @@ class ScalingLoop:
         interval = self.cfg.scaling.interval_seconds
         while True:
             self.next_cycle_ms = now_ms() + int(interval * 1000)
+            # Cleared before the cycle, not after: an override stored while a cycle runs (the cycle awaits
+            # agents and threads) wakes the next one instead of waiting a whole interval.
+            self.wake.clear()
             try:
                 await self.cycle()
             except Exception:  # a bad cycle is logged; the next one starts from scratch
                 log.exception("scaling cycle failed")
-            self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), max(0.0, (self.next_cycle_ms - now_ms()) / 1000))
 
     async def cycle(self) -> list[ScalingDecision]:
         await self.consider_new_model()
-        self.forecast(now_ms())
+        await self.forecast(now_ms())
         by_shadow: dict[tuple[str, str], list[ScalingDecision]] = {}
         for d in self.plan(now_ms()):
             by_shadow.setdefault((d.host, d.workload), []).append(d)
@@ -123,24 +127,44 @@ class ScalingLoop:
         recent = await self.worker.run(
             lambda store: series_from_store(store.resource_series(since_ms=since_ms), step)
         )
-        d, challenger = await asyncio.to_thread(
-            self.engine.judge, path, recent, {s.name: since_ms / 1000 for s in recent}
+        champion = self.engine.forecaster
+        running = champion.model_bytes if isinstance(champion, OnnxForecaster) else None
+        # A process, not a thread: loading models and featurising hold the GIL for tens of milliseconds at
+        # a time, which a thread would take from the loop. Spawned (not forked: gRPC's threads), niced.
+        pool = ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=lower_priority
         )
-        if challenger is not None:
-            self.engine.adopt(challenger)
+        try:
+            d, promoted = await asyncio.get_running_loop().run_in_executor(
+                pool,
+                judge_in_child,
+                running,
+                self.engine.model_version,
+                str(path),
+                recent,
+                {s.name: since_ms / 1000 for s in recent},
+            )
+        finally:
+            pool.shutdown(wait=False)
+        if promoted is not None:
+            threads = self.engine.threads
+            self.engine.adopt(await asyncio.to_thread(load_model_bytes, promoted, path, threads))
         self.events.record("model", "", "", f"champion/challenger: {d.reason}", promoted=d.promote)
 
     # ---- forecasting ----
 
-    def forecast(self, now_ms: int) -> None:
-        """One batched forecast of every workload; keep each service's targets."""
+    async def forecast(self, now_ms: int) -> None:
+        """One batched forecast of every workload; keep each service's targets. Reading the history (every
+        workload's last day or so) and featurising it take from milliseconds to seconds with the fleet's
+        size: the store worker and a thread do them, off the event loop; the targets change on it."""
         self._pick_demand()
         if not self.demand:
             return
-        batch = history_from_store(self.store, now_ms, self.step_seconds, self.engine.history_steps)
+        step, steps = self.step_seconds, self.engine.history_steps
+        batch = await self.worker.run(lambda store: history_from_store(store, now_ms, step, steps))
         if not batch.keys:
             return
-        fc = self.engine.forecast(batch)
+        fc = await asyncio.to_thread(self.engine.forecast, batch)
         source = fc.source if not fc.reason else f"{fc.source} ({fc.reason})"
         index = {k: i for i, k in enumerate(batch.keys)}
         for service, key in self.demand.items():
