@@ -24,6 +24,7 @@ from controller.fleet_messages import (
     override_from_message,
     service_message,
     shadow_message,
+    telemetry_response,
 )
 from controller.scaling.decision import ScalingDecision
 from controller.status import AgentView, ScalingView, ServiceView
@@ -107,8 +108,11 @@ class FleetService(fgrpc.FleetServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit {limit} is above {MAX_LIMIT}")
 
         def read(store: Store) -> fpb.GetTelemetryResponse:
-            rows = store.samples(request.host, request.workload, request.cgroup, request.since_unix_ms, limit)
-            return fpb.GetTelemetryResponse(samples=[fpb.StoredSample(host=h, sample=s) for h, s in rows])
+            return telemetry_response(
+                store.sample_blobs(
+                    request.host, request.workload, request.cgroup, request.since_unix_ms, limit
+                )
+            )
 
         return await self.worker.run(read)
 

@@ -138,3 +138,25 @@ def shadow_message(v: ShadowView, override: Override | None) -> fpb.ShadowState:
     if override is not None:
         st.override.CopyFrom(override_message(override))
     return st
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def telemetry_response(rows: list[tuple[str, bytes]]) -> fpb.GetTelemetryResponse:
+    """GetTelemetryResponse of (host, serialized WorkloadSample) rows, without decoding and copying each
+    sample: its wire form is written directly (field 1 `samples`, each a StoredSample of field 1 `host` and
+    field 2 `sample`) and read once. For 10,000 rows this is a tenth of the Python work of building it
+    message by message, work that would otherwise hold the GIL the event loop needs."""
+    parts = []
+    for host, blob in rows:
+        h = host.encode()
+        inner = b"\x0a" + _varint(len(h)) + h + b"\x12" + _varint(len(blob)) + blob
+        parts.append(b"\x0a" + _varint(len(inner)) + inner)
+    return fpb.GetTelemetryResponse.FromString(b"".join(parts))

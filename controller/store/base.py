@@ -73,6 +73,12 @@ class Store(Protocol):
         """(host, sample) pairs, the newest `limit` per workload, oldest first."""
         ...
 
+    def sample_blobs(
+        self, host: str, workload: str = "", cgroup: str = "", since_ms: int = 0, limit: int = 60
+    ) -> list[tuple[str, bytes]]:
+        """`samples`, each still serialized (tpb.WorkloadSample): what a reply passes on without reading."""
+        ...
+
     def resource_series(
         self, since_ms: int = 0, host: str = "", workload: str = ""
     ) -> dict[tuple[str, str], dict[str, list[float]]]:

@@ -197,6 +197,14 @@ class SqliteStore:
     def samples(
         self, host: str, workload: str = "", cgroup: str = "", since_ms: int = 0, limit: int = 60
     ) -> list[tuple[str, tpb.WorkloadSample]]:
+        return [
+            (h, tpb.WorkloadSample.FromString(b))
+            for h, b in self.sample_blobs(host, workload, cgroup, since_ms, limit)
+        ]
+
+    def sample_blobs(
+        self, host: str, workload: str = "", cgroup: str = "", since_ms: int = 0, limit: int = 60
+    ) -> list[tuple[str, bytes]]:
         where, args = _where(["host = ?", "end_ms >= ?"], [host, since_ms], workload=workload, cgroup=cgroup)
         rows = self.db.execute(
             f"""SELECT host, sample FROM (
@@ -206,7 +214,7 @@ class SqliteStore:
                 WHERE n <= ? ORDER BY end_ms, workload""",
             (*args, limit),
         ).fetchall()
-        return [(r[0], tpb.WorkloadSample.FromString(r[1])) for r in rows]
+        return [(str(r[0]), bytes(r[1])) for r in rows]
 
     def resource_series(
         self, since_ms: int = 0, host: str = "", workload: str = ""
