@@ -148,7 +148,7 @@ class ScalingLoop:
             pool.shutdown(wait=False)
         if promoted is not None:
             threads = self.engine.threads
-            self.engine.adopt(await asyncio.to_thread(load_model_bytes, promoted, path, threads))
+            self.engine.adopt(await self.worker.run(lambda _: load_model_bytes(promoted, path, threads)))
         self.events.record("model", "", "", f"champion/challenger: {d.reason}", promoted=d.promote)
 
     # ---- forecasting ----
@@ -156,7 +156,7 @@ class ScalingLoop:
     async def forecast(self, now_ms: int) -> None:
         """One batched forecast of every workload; keep each service's targets. Reading the history (every
         workload's last day or so) and featurising it take from milliseconds to seconds with the fleet's
-        size: the store worker and a thread do them, off the event loop; the targets change on it."""
+        size: the store worker does them, off the event loop; the targets change on it."""
         self._pick_demand()
         if not self.demand:
             return
@@ -164,7 +164,7 @@ class ScalingLoop:
         batch = await self.worker.run(lambda store: history_from_store(store, now_ms, step, steps))
         if not batch.keys:
             return
-        fc = await asyncio.to_thread(self.engine.forecast, batch)
+        fc = await self.worker.run(lambda _: self.engine.forecast(batch))  # niced thread, see worker.py
         source = fc.source if not fc.reason else f"{fc.source} ({fc.reason})"
         index = {k: i for i, k in enumerate(batch.keys)}
         for service, key in self.demand.items():

@@ -92,7 +92,7 @@ UPGRADES: dict[str, Callable[[sqlite3.Connection], None]] = {
 
 # Pruning deletes this many samples per transaction, then pauses as long as the chunk took: the write lock
 # is never held for long, and a write from the event loop (waiting in its busy timeout) gets its turn.
-PRUNE_CHUNK_ROWS = 2000
+PRUNE_CHUNK_ROWS = 500
 # A writer waits this long for the lock before SQLite says "database is locked".
 BUSY_TIMEOUT_SECONDS = 5.0
 
