@@ -24,7 +24,7 @@ from controller.fleet_messages import (
     override_from_message,
     service_message,
     shadow_message,
-    telemetry_response,
+    telemetry_response_bytes,
 )
 from controller.scaling.decision import ScalingDecision
 from controller.status import AgentView, ScalingView, ServiceView
@@ -96,9 +96,10 @@ class FleetService(fgrpc.FleetServicer):
             out.append(status)
         return fpb.ListHostsResponse(hosts=out)
 
-    async def GetTelemetry(
+    async def GetTelemetry(  # type: ignore[override]
         self, request: fpb.GetTelemetryRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> fpb.GetTelemetryResponse:
+    ) -> bytes:
+        """The reply leaves as the bytes the store worker wrote (see `add_to_server`)."""
         if not request.host:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "host is required (see ListHosts for names)"
@@ -107,8 +108,8 @@ class FleetService(fgrpc.FleetServicer):
         if limit > MAX_LIMIT:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit {limit} is above {MAX_LIMIT}")
 
-        def read(store: Store) -> fpb.GetTelemetryResponse:
-            return telemetry_response(
+        def read(store: Store) -> bytes:
+            return telemetry_response_bytes(
                 store.sample_blobs(
                     request.host, request.workload, request.cgroup, request.since_unix_ms, limit
                 )
@@ -236,4 +237,47 @@ async def require_operator(context: grpc.aio.ServicerContext[Any, Any], what: st
             grpc.StatusCode.PERMISSION_DENIED,
             f"{what} needs an operator certificate; {who.name!r} presented a {who.role!r} certificate "
             "(shadowctl certs issue NAME --role operator makes one)",
+        )
+
+
+def add_to_server(service: FleetService, server: grpc.aio.Server) -> None:
+    """`add_FleetServicer_to_server`, except that GetTelemetry's reply is sent as the bytes
+    `FleetService.GetTelemetry` returns (no response serializer): up to 10,000 rows, written in the store
+    worker, are never decoded and encoded again on the event loop that answers lease renewals."""
+    fgrpc.add_FleetServicer_to_server(service, _RawTelemetryReply(server))  # type: ignore[arg-type]
+
+
+RAW_REPLY_METHOD = "GetTelemetry"
+
+
+def _raw_reply(name: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    if not name.endswith(RAW_REPLY_METHOD):
+        return handler
+    return handler._replace(response_serializer=None)  # type: ignore[attr-defined, no-any-return]
+
+
+class _RawGeneric(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self.inner = inner
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self.inner.service(details)
+        method = str(getattr(details, "method", ""))
+        return _raw_reply(method, handler) if handler is not None else None
+
+
+class _RawTelemetryReply:
+    """The server, as the generated registration sees it: passes its handlers on, GetTelemetry's changed."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_RawGeneric(h) for h in handlers))
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.server.add_registered_method_handlers(
+            service, {name: _raw_reply(name, h) for name, h in handlers.items()}
         )

@@ -140,9 +140,6 @@ def shadow_message(v: ShadowView, override: Override | None) -> fpb.ShadowState:
     return st
 
 
-RESPONSE_PIECE_ROWS = 250
-
-
 def _varint(n: int) -> bytes:
     out = bytearray()
     while n > 0x7F:
@@ -152,19 +149,14 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def telemetry_response(rows: list[tuple[str, bytes]]) -> fpb.GetTelemetryResponse:
-    """GetTelemetryResponse of (host, serialized WorkloadSample) rows, without decoding and copying each
-    sample: its wire form is written directly (field 1 `samples`, each a StoredSample of field 1 `host` and
-    field 2 `sample`) and read once. For 10,000 rows this is a tenth of the Python work of building it
-    message by message, work that would otherwise hold the GIL the event loop needs."""
+def telemetry_response_bytes(rows: list[tuple[str, bytes]]) -> bytes:
+    """A serialized GetTelemetryResponse of (host, serialized WorkloadSample) rows, written directly in the
+    wire format (field 1 `samples`, each a StoredSample of field 1 `host` and field 2 `sample`) without
+    decoding a single sample. For 10,000 rows (1.5 MB) this saves decoding, copying and encoding them
+    again, work that holds the GIL the event loop needs (encoding alone holds it ~5 ms at once)."""
     parts = []
     for host, blob in rows:
         h = host.encode()
         inner = b"\x0a" + _varint(len(h)) + h + b"\x12" + _varint(len(blob)) + blob
         parts.append(b"\x0a" + _varint(len(inner)) + inner)
-    out = fpb.GetTelemetryResponse()
-    # Read in pieces (a repeated field's pieces append): one C call over 10,000 rows would hold the GIL,
-    # and so the event loop, for ~10 ms at once; a piece holds it for a fraction of a millisecond.
-    for i in range(0, len(parts), RESPONSE_PIECE_ROWS):
-        out.MergeFromString(b"".join(parts[i : i + RESPONSE_PIECE_ROWS]))
-    return out
+    return b"".join(parts)

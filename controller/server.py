@@ -22,6 +22,7 @@ from controller.failover.decide import Decision, Request
 from controller.failover.loop import FailoverLoop, controller_lease_observer
 from controller.failover.orchestrator import Orchestrator
 from controller.fleet_api import FleetService
+from controller.fleet_api import add_to_server as add_fleet_to_server
 from controller.ingest import AgentStreamService
 from controller.prometheus_collector import ControllerCollector, EventCounters
 from controller.registry import AgentRegistry
@@ -35,7 +36,7 @@ from shadowplane.clock import now_ms
 from shadowplane.lease_observer import LeaseServicer
 from shadowplane.loop_lag import LoopLag
 from shadowplane.tls import add_port, warn_plaintext
-from shadowplane.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, fleet_pb2_grpc, lease_pb2, lease_pb2_grpc
+from shadowplane.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, lease_pb2, lease_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     agent_pb2_grpc.add_AgentStreamServicer_to_server(
         AgentStreamService(cfg, store, registry, failover), server
     )
-    fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(cfg, store, events, c, worker), server)
+    add_fleet_to_server(FleetService(cfg, store, events, c, worker), server)
     lease_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(observer), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [

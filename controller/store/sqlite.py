@@ -206,14 +206,22 @@ class SqliteStore:
         self, host: str, workload: str = "", cgroup: str = "", since_ms: int = 0, limit: int = 60
     ) -> list[tuple[str, bytes]]:
         where, args = _where(["host = ?", "end_ms >= ?"], [host, since_ms], workload=workload, cgroup=cgroup)
-        rows = self.db.execute(
-            f"""SELECT host, sample FROM (
-                  SELECT host, workload, end_ms, sample,
-                         ROW_NUMBER() OVER (PARTITION BY workload ORDER BY end_ms DESC) AS n
-                  FROM samples WHERE {where})
-                WHERE n <= ? ORDER BY end_ms, workload""",
-            (*args, limit),
-        ).fetchall()
+        if workload:
+            # One workload: its newest rows straight off the primary key, not a sort of its whole history
+            # (the scaling cycle and /metrics ask for the latest sample of each shadow all the time).
+            rows = self.db.execute(
+                f"SELECT host, sample FROM samples WHERE {where} ORDER BY end_ms DESC LIMIT ?", (*args, limit)
+            ).fetchall()
+            rows.reverse()
+        else:
+            rows = self.db.execute(
+                f"""SELECT host, sample FROM (
+                      SELECT host, workload, end_ms, sample,
+                             ROW_NUMBER() OVER (PARTITION BY workload ORDER BY end_ms DESC) AS n
+                      FROM samples WHERE {where})
+                    WHERE n <= ? ORDER BY end_ms, workload""",
+                (*args, limit),
+            ).fetchall()
         return [(str(r[0]), bytes(r[1])) for r in rows]
 
     def resource_series(
