@@ -18,6 +18,9 @@ certificate) every 20 ms, its round trip (an idle loopback renewal is about 1 ms
 `shadowplane_controller_loop_lag_seconds` histogram is read from /metrics too (the baseline has none).
 
     .venv/bin/python bench/controller_loop_lag.py [--baseline REF] [--seconds 30]
+    .venv/bin/python bench/controller_loop_lag.py --only checkout --loads query   # which load hurts
+
+BENCH_KEEP_LOG=FILE keeps a copy of the last variant's controller log (e.g. run with PYTHONASYNCIODEBUG=1).
 """
 
 from __future__ import annotations
