@@ -49,7 +49,7 @@ class ScalingLoop:
         worker: StoreWorker | None = None,
     ) -> None:
         self.cfg, self.store, self.registry, self.events = cfg, store, registry, events
-        # A day of series for the challenger's backtest is read here, off the event loop.
+        # History reads and forecasts run here, off the event loop (controller/store/worker.py).
         self.worker = worker or StoreWorker(store)
         self.engine = engine or PredictionEngine(cfg.scaling.model or DEFAULT_MODEL)
         # A workload we have just met starts with misses priced high (conservative) and earns its way down as
@@ -111,8 +111,8 @@ class ScalingLoop:
     async def consider_new_model(self) -> None:
         """A model file that changed (e.g. `shadowctl train --store ... --out` onto it) is a challenger: it
         replaces the running model only if it forecasts the last day of this fleet better. Reading that day
-        and backtesting both models take seconds: they run off the event loop (the store worker, a thread),
-        and only the swap happens on it."""
+        (the store worker) and backtesting both models (a child process) take seconds: off the event loop;
+        only the swap happens on it."""
         path = Path(self.cfg.scaling.model or DEFAULT_MODEL)
         try:
             mtime = path.stat().st_mtime

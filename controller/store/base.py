@@ -88,7 +88,8 @@ class Store(Protocol):
         ...
 
     def prune(self, older_than_ms: int) -> int:
-        """Delete telemetry older than the bound; return how many samples went."""
+        """Delete telemetry older than the bound; return how many samples went. Deletes in short
+        transactions with pauses (a week's backlog takes seconds): the store worker runs it."""
         ...
 
     def service_state(self, name: str) -> ServiceRecord | None: ...
