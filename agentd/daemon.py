@@ -144,19 +144,12 @@ class Agent:
             peer_address=self.cfg.peer_listen,
         )
 
-    def sample(self) -> apb.TelemetryBatch:
-        """One batch, on the calling thread (tests, `probe`); the daemon uses `sample_off_loop`."""
-        batch = self.collect(self.seq + 1)
-        self.seq = batch.seq
-        self.totals.add(batch)
-        return batch
-
     def collect(self, seq: int) -> apb.TelemetryBatch:
         """Read the kernel and cgroup files into batch `seq`; touches nothing the loop reads."""
         return apb.TelemetryBatch(seq=seq, samples=self.collector.collect(), capture=self.capture_status())
 
     async def sample_off_loop(self) -> apb.TelemetryBatch:
-        """`sample`, with the reading done in the sampler thread; the agent's state changes on the loop."""
+        """The next batch: read in the sampler thread; the agent's own state changes on the loop."""
         loop = asyncio.get_running_loop()
         batch = await loop.run_in_executor(self.sampler, self.collect, self.seq + 1)
         self.seq = batch.seq
