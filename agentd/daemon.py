@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import psutil
@@ -24,6 +25,7 @@ from agentd.prometheus_collector import AgentCollector
 from agentd.status import AgentStatus, CaptureView, LeaseView, LinkView, Totals
 from shadowplane import __version__, prometheus, sdnotify
 from shadowplane.lease_observer import LeaseServicer
+from shadowplane.loop_lag import LoopLag
 from shadowplane.tls import add_port, aio_channel, warn_plaintext
 from shadowplane.undecodable import RefuseUndecodable
 from shadowplane.v1 import agent_pb2 as apb
@@ -74,6 +76,11 @@ class Agent:
         self.observer = ObserverRole(cfg.host, self.link.send, cfg.checks, config_file)
         self.commands: CommandHandler | None = None
         self.peer_server: grpc.aio.Server | None = None
+        # Sampling reads BPF maps and a dozen cgroup files per workload: milliseconds to seconds on a busy
+        # host. It runs in this one thread (so samples never overlap), never on the loop that runs the
+        # lease timers and self-fencing.
+        self.sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
+        self.loop_lag = LoopLag()
 
     def status(self) -> AgentStatus:
         """The read model: what /metrics and systemd's status line render."""
@@ -139,11 +146,15 @@ class Agent:
             peer_address=self.cfg.peer_listen,
         )
 
-    def sample(self) -> apb.TelemetryBatch:
-        self.seq += 1
-        batch = apb.TelemetryBatch(
-            seq=self.seq, samples=self.collector.collect(), capture=self.capture_status()
-        )
+    def collect(self, seq: int) -> apb.TelemetryBatch:
+        """Read the kernel and cgroup files into batch `seq`; touches nothing the loop reads."""
+        return apb.TelemetryBatch(seq=seq, samples=self.collector.collect(), capture=self.capture_status())
+
+    async def sample_off_loop(self) -> apb.TelemetryBatch:
+        """The next batch: read in the sampler thread; the agent's own state changes on the loop."""
+        loop = asyncio.get_running_loop()
+        batch = await loop.run_in_executor(self.sampler, self.collect, self.seq + 1)
+        self.seq = batch.seq
         self.totals.add(batch)
         return batch
 
@@ -174,7 +185,7 @@ class Agent:
                 await asyncio.sleep(max(0.0, next_at - loop.time()))
                 next_at += self.cfg.interval_seconds
                 try:
-                    self.link.submit(self.sample())
+                    self.link.submit(await self.sample_off_loop())
                 except Exception:  # one bad sample must not stop the agent
                     log.exception("sampling failed")
         finally:
@@ -186,15 +197,18 @@ class Agent:
         await self.observer.close()
         if self.peer_server is not None:
             await self.peer_server.stop(0.2)
+        await asyncio.to_thread(self.sampler.shutdown)  # a sample still reading must finish before ...
         if self.bpf is not None:
-            self.bpf.close()
+            self.bpf.close()  # ... its map descriptors close
 
 
 async def serve(cfg: AgentConfig, config_file: str = "/etc/shadowplane/agentd.toml") -> None:
     agent = Agent(cfg, config_file)
     registry = CollectorRegistry()
     registry.register(AgentCollector(agent.status))
+    registry.register(agent.loop_lag.collector("shadowplane_agent_loop_lag_seconds", "agent"))
     prometheus.serve(cfg.metrics, registry)
+    lag_probe = asyncio.create_task(agent.loop_lag.probe())
     log.info(
         "agent %s started: %d workloads, interval %.1fs, controller %s, BPF %s",
         cfg.host,
@@ -213,4 +227,5 @@ async def serve(cfg: AgentConfig, config_file: str = "/etc/shadowplane/agentd.to
         raise
     finally:
         task.cancel()
+        lag_probe.cancel()
         await agent.close()

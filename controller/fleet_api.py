@@ -28,10 +28,12 @@ from controller.fleet_messages import (
     request_problem,
     service_message,
     shadow_message,
+    telemetry_response_bytes,
 )
 from controller.scaling.decision import ScalingDecision
 from controller.status import AgentView, ScalingView, ServiceView
 from controller.store import Store
+from controller.store.worker import StoreWorker
 from shadowplane.clock import now_ms
 from shadowplane.tls import peer_identity
 from shadowplane.v1 import fleet_pb2 as fpb
@@ -69,8 +71,17 @@ class Operations(Protocol):
 
 
 class FleetService(fgrpc.FleetServicer):
-    def __init__(self, cfg: ControllerConfig, store: Store, events: EventLog, ops: Operations) -> None:
+    def __init__(
+        self,
+        cfg: ControllerConfig,
+        store: Store,
+        events: EventLog,
+        ops: Operations,
+        worker: StoreWorker | None = None,
+    ) -> None:
         self.cfg, self.store, self.events, self.ops = cfg, store, events, ops
+        # Reads of up to MAX_LIMIT rows run in the store worker, never on the loop that answers renewals.
+        self.worker = worker or StoreWorker(store)
 
     async def ListHosts(
         self, request: fpb.ListHostsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -89,15 +100,21 @@ class FleetService(fgrpc.FleetServicer):
             out.append(status)
         return fpb.ListHostsResponse(hosts=out)
 
-    async def GetTelemetry(
+    async def GetTelemetry(  # type: ignore[override]
         self, request: fpb.GetTelemetryRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> fpb.GetTelemetryResponse:
+    ) -> bytes:
+        """The reply leaves as the bytes the store worker wrote (see `add_to_server`)."""
         await valid(request, context)
         limit = request.limit or DEFAULT_LIMIT
-        rows = self.store.samples(
-            request.host, request.workload, request.cgroup, request.since_unix_ms, limit
-        )
-        return fpb.GetTelemetryResponse(samples=[fpb.StoredSample(host=h, sample=s) for h, s in rows])
+
+        def read(store: Store) -> bytes:
+            return telemetry_response_bytes(
+                store.sample_blobs(
+                    request.host, request.workload, request.cgroup, request.since_unix_ms, limit
+                )
+            )
+
+        return await self.worker.run(read)
 
     async def ListServices(
         self, request: fpb.ListServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -137,7 +154,7 @@ class FleetService(fgrpc.FleetServicer):
     ) -> fpb.ListEventsResponse:
         await valid(request, context)
         limit = min(request.limit or 100, MAX_LIMIT)
-        evs = self.store.events(request.service, request.after_id, limit)
+        evs = await self.worker.run(lambda s: s.events(request.service, request.after_id, limit))
         return fpb.ListEventsResponse(events=[event_message(e) for e in evs])
 
     async def WatchEvents(
@@ -236,4 +253,47 @@ async def require_operator(context: grpc.aio.ServicerContext[Any, Any], what: st
             grpc.StatusCode.PERMISSION_DENIED,
             f"{what} needs an operator certificate; {who.name!r} presented a {who.role!r} certificate "
             "(shadowctl certs issue NAME --role operator makes one)",
+        )
+
+
+def add_to_server(service: FleetService, server: grpc.aio.Server) -> None:
+    """`add_FleetServicer_to_server`, except that GetTelemetry's reply is sent as the bytes
+    `FleetService.GetTelemetry` returns (no response serializer): up to 10,000 rows, written in the store
+    worker, are never decoded and encoded again on the event loop that answers lease renewals."""
+    fgrpc.add_FleetServicer_to_server(service, _RawTelemetryReply(server))  # type: ignore[arg-type]
+
+
+RAW_REPLY_METHOD = "GetTelemetry"
+
+
+def _raw_reply(name: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    if not name.endswith(RAW_REPLY_METHOD):
+        return handler
+    return handler._replace(response_serializer=None)  # type: ignore[attr-defined, no-any-return]
+
+
+class _RawGeneric(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self.inner = inner
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self.inner.service(details)
+        method = str(getattr(details, "method", ""))
+        return _raw_reply(method, handler) if handler is not None else None
+
+
+class _RawTelemetryReply:
+    """The server, as the generated registration sees it: passes its handlers on, GetTelemetry's changed."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self.server.add_generic_rpc_handlers(tuple(_RawGeneric(h) for h in handlers))
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.server.add_registered_method_handlers(
+            service, {name: _raw_reply(name, h) for name, h in handlers.items()}
         )

@@ -263,3 +263,25 @@ def _value_problem(
         return request_problem(v, shown + ".")
     problem = _by_type(field_type, v) or (rule(v) if rule else None)
     return f"{shown}: {problem}, got {_shown(v)}" if problem else None
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def telemetry_response_bytes(rows: list[tuple[str, bytes]]) -> bytes:
+    """A serialized GetTelemetryResponse of (host, serialized WorkloadSample) rows, written directly in the
+    wire format (field 1 `samples`, each a StoredSample of field 1 `host` and field 2 `sample`) without
+    decoding a single sample. For 10,000 rows (1.5 MB) this saves decoding, copying and encoding them
+    again, work that holds the GIL the event loop needs (encoding alone holds it ~5 ms at once)."""
+    parts = []
+    for host, blob in rows:
+        h = host.encode()
+        inner = b"\x0a" + _varint(len(h)) + h + b"\x12" + _varint(len(blob)) + blob
+        parts.append(b"\x0a" + _varint(len(inner)) + inner)
+    return b"".join(parts)

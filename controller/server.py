@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -20,6 +22,7 @@ from controller.failover.decide import Decision, Request
 from controller.failover.loop import FailoverLoop, controller_lease_observer
 from controller.failover.orchestrator import Orchestrator
 from controller.fleet_api import FleetService
+from controller.fleet_api import add_to_server as add_fleet_to_server
 from controller.ingest import AgentStreamService
 from controller.prometheus_collector import ControllerCollector, EventCounters
 from controller.registry import AgentRegistry
@@ -27,16 +30,22 @@ from controller.scaling.decision import ScalingDecision
 from controller.scaling.loop import ScalingLoop
 from controller.status import AgentView, ControllerStatus, ScalingView, ServiceView
 from controller.store import SqliteStore, Store
+from controller.store.worker import StoreWorker
 from shadowplane import prometheus
 from shadowplane.clock import now_ms
 from shadowplane.lease_observer import LeaseServicer
+from shadowplane.loop_lag import LoopLag
 from shadowplane.tls import add_port, warn_plaintext
 from shadowplane.undecodable import RefuseUndecodable
-from shadowplane.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, fleet_pb2_grpc, lease_pb2, lease_pb2_grpc
+from shadowplane.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, lease_pb2, lease_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_SECONDS = 300.0
+# Python hands the GIL to a waiting thread only after this long (default 5 ms). The loop waits for it at
+# every wake-up while the store worker or a forecast thread computes; a renewal takes several wake-ups, so
+# the default alone could cost 20 ms. 1 ms keeps the loop's share prompt at a small cost to the workers.
+GIL_SWITCH_INTERVAL_SECONDS = 0.001
 
 
 @dataclass
@@ -51,6 +60,8 @@ class Controller:
     port: int
     health: health.aio.HealthServicer
     tasks: list[asyncio.Task[None]]
+    worker: StoreWorker  # large reads and pruning, off the event loop
+    loop_lag: LoopLag
 
     # ---- the read model, and what the Fleet API may ask (fleet_api.Operations) ----
 
@@ -86,15 +97,18 @@ class Controller:
                 await t
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await asyncio.to_thread(self.worker.close)  # waits for a running prune or query
         self.store.close()
 
 
 async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
     store = store or SqliteStore(cfg.store.path)
+    worker = StoreWorker(store)
     registry = AgentRegistry()
     events = EventLog(store)
     observer = controller_lease_observer(cfg, store)
-    scaling = ScalingLoop(cfg, store, registry, events) if cfg.scaling.enabled else None
+    scaling = ScalingLoop(cfg, store, registry, events, worker=worker) if cfg.scaling.enabled else None
     orchestrator = Orchestrator(
         cfg,
         store,
@@ -115,11 +129,13 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
         ],
     )
     health_servicer = health.aio.HealthServicer()
-    c = Controller(cfg, store, registry, events, failover, scaling, server, 0, health_servicer, [])
+    c = Controller(
+        cfg, store, registry, events, failover, scaling, server, 0, health_servicer, [], worker, LoopLag()
+    )
     agent_pb2_grpc.add_AgentStreamServicer_to_server(
         AgentStreamService(cfg, store, registry, failover), server
     )
-    fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(cfg, store, events, c), server)
+    add_fleet_to_server(FleetService(cfg, store, events, c, worker), server)
     lease_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(observer), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [
@@ -150,7 +166,9 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     events.listeners.append(counters)
     prom = CollectorRegistry()
     prom.register(ControllerCollector(c.status, counters))
+    prom.register(c.loop_lag.collector("shadowplane_controller_loop_lag_seconds", "controller"))
     prometheus.serve(cfg.metrics, prom)
+    c.tasks.append(asyncio.create_task(c.loop_lag.probe()))
     c.tasks.append(asyncio.create_task(failover.run()))
     if scaling is not None:
         c.tasks.append(asyncio.create_task(scaling.run()))
@@ -161,7 +179,16 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
 async def prune_forever(c: Controller) -> None:
     while True:
         cutoff = int((time.time() - c.cfg.store.retention_hours * 3600) * 1000)
-        n = c.store.prune(cutoff)
+        try:
+            # a week's backlog takes seconds: not on the loop
+            n = await c.worker.run(functools.partial(_prune, older_than_ms=cutoff))
+        except Exception:  # a failed prune (disk, lock) is retried at the next round, the loop goes on
+            log.exception("retention: pruning failed")
+            n = 0
         if n:
             log.info("retention: deleted %d samples older than %.0f h", n, c.cfg.store.retention_hours)
         await asyncio.sleep(PRUNE_EVERY_SECONDS)
+
+
+def _prune(store: Store, older_than_ms: int) -> int:
+    return store.prune(older_than_ms)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,14 @@ import numpy.typing as npt
 from controller.predict.champion import ChampionDecision, decide_champion, recent_loss
 from controller.predict.fallback import StatisticalForecaster
 from controller.predict.features import Periods, detect_periods
-from controller.predict.model import DEFAULT_MODEL, Forecaster, ModelError, OnnxForecaster, load_model
+from controller.predict.model import (
+    DEFAULT_MODEL,
+    Forecaster,
+    ModelError,
+    OnnxForecaster,
+    load_model,
+    load_model_bytes,
+)
 from controller.predict.series import Series, SeriesBatch
 
 log = logging.getLogger(__name__)
@@ -176,6 +184,21 @@ class PredictionEngine:
     ) -> ChampionDecision:
         """Champion/challenger: score the running model and the new one on the same recent data; swap only
         if the new one is better by `min_improvement`. The decision is logged and returned."""
+        d, challenger = self.judge(challenger_path, recent, since_s, min_improvement)
+        if challenger is not None:
+            self.adopt(challenger)
+        return d
+
+    def judge(
+        self,
+        challenger_path: str | Path,
+        recent: list[Series],
+        since_s: dict[str, float],
+        min_improvement: float = 0.01,
+    ) -> tuple[ChampionDecision, OnnxForecaster | None]:
+        """The scoring half of `consider`, which changes nothing: the decision, and the loaded challenger if
+        it should be adopted. The controller runs this (a backtest: seconds of CPU) in a thread, then
+        `adopt`s on its event loop."""
         try:
             challenger = load_model(challenger_path, self.threads)
         except ModelError as e:
@@ -183,8 +206,9 @@ class PredictionEngine:
                 False, f"challenger unusable: {e}", self.model_version, str(challenger_path), None, math.nan
             )
             log.warning("champion/challenger: %s", d.reason)
-            return d
-        champion_loss = recent_loss(self.forecaster, recent, since_s) if self.source == "model" else None
+            return d, None
+        champion = self.forecaster
+        champion_loss = recent_loss(champion, recent, since_s) if self.source == "model" else None
         d = decide_champion(
             self.model_version,
             champion_loss,
@@ -193,6 +217,36 @@ class PredictionEngine:
             min_improvement,
         )
         log.info("champion/challenger: %s", d.reason)
-        if d.promote:
-            self._use(challenger)
-        return d
+        return d, challenger if d.promote else None
+
+    def adopt(self, challenger: OnnxForecaster) -> None:
+        """Serve a challenger `judge` promoted."""
+        self._use(challenger)
+
+
+# The child process that backtests a challenger runs below the controller's priority: the event loop that
+# answers lease renewals must get the CPU first on a small host.
+BACKTEST_NICENESS = 10
+
+
+def lower_priority() -> None:
+    """A `ProcessPoolExecutor` initializer: the child gives way to the controller."""
+    os.nice(BACKTEST_NICENESS)
+
+
+def judge_in_child(
+    champion: bytes | None,
+    champion_name: str,
+    challenger_path: str,
+    recent: list[Series],
+    since_s: dict[str, float],
+    min_improvement: float = 0.01,
+) -> tuple[ChampionDecision, bytes | None]:
+    """`PredictionEngine.judge` in a process of its own (the controller's event loop shares no GIL with a
+    backtest there): the running model comes as bytes (`champion`, None when the fallback runs), since its
+    file may already hold the challenger. Returns the decision and the challenger's bytes if promoted."""
+    engine = PredictionEngine(None, threads=1)
+    if champion is not None:
+        engine.adopt(load_model_bytes(champion, champion_name, engine.threads))
+    d, challenger = engine.judge(challenger_path, recent, since_s, min_improvement)
+    return d, challenger.model_bytes if challenger is not None else None

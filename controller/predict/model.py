@@ -159,9 +159,10 @@ def _parse_meta(path: str, meta: dict[str, str]) -> ModelInfo:
 class OnnxForecaster:
     """The trained model, served by onnxruntime: one `run` for every row of a cycle."""
 
-    def __init__(self, session: Any, info: ModelInfo) -> None:
+    def __init__(self, session: Any, info: ModelInfo, model_bytes: bytes = b"") -> None:
         self.session = session
         self.info = info
+        self.model_bytes = model_bytes  # the file as loaded (tens of KB): what a child process loads again
         self.name = f"model {info.version}"
         self.quantiles = info.quantiles
         self.horizon = info.horizon
@@ -187,8 +188,6 @@ class OnnxForecaster:
 
 def load_model(path: str | Path, threads: int = 0) -> OnnxForecaster:
     """Load and check a model file; raise ModelError saying what is wrong and how to fix it."""
-    import onnxruntime as ort
-
     p = Path(path)
     if not p.exists():
         raise ModelError(
@@ -197,12 +196,27 @@ def load_model(path: str | Path, threads: int = 0) -> OnnxForecaster:
         )
     if p.is_dir():
         raise ModelError(f"{p}: is a directory; pass the .onnx file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ModelError(f"{p}: cannot read the model file: {e.strerror}") from None
+    return load_model_bytes(data, p, threads)
+
+
+def load_model_bytes(data: bytes, p: str | Path, threads: int = 0) -> OnnxForecaster:
+    """`load_model` of a file's contents (`p` names it in errors): the controller hands the running model
+    to the child process that backtests a challenger this way, since its file may already be replaced."""
+    import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # onnxruntime's own warnings go to stderr, not our log; errors still raise
     if threads:
         opts.intra_op_num_threads = threads
+    # onnxruntime's worker threads otherwise spin between runs, taking the CPU the controller's event loop
+    # (lease renewals, the HA loop) needs; a forecast batch is one run, so spinning saves nothing.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(str(p), sess_options=opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for every parse failure
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(
@@ -222,7 +236,7 @@ def load_model(path: str | Path, threads: int = 0) -> OnnxForecaster:
             f"{p}: the graph takes {width} features but its metadata describes {info.spec.n_features}: "
             "the file is inconsistent; re-train it"
         )
-    model = OnnxForecaster(session, info)
+    model = OnnxForecaster(session, info, data)
     # One tiny run now, so a graph that loads but cannot execute fails here, not in the control loop.
     try:
         probe = model.run(np.zeros((2, info.spec.n_features), dtype=np.float32))

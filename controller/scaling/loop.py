@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,14 +21,15 @@ from controller import telemetry_schema as schema
 from controller.config import ControllerConfig, ServiceConfig
 from controller.event_log import EventLog
 from controller.predict.allocation import AllocationPolicy, AllocationState, allocate, observe
-from controller.predict.engine import PredictionEngine
-from controller.predict.model import DEFAULT_MODEL
+from controller.predict.engine import PredictionEngine, judge_in_child, lower_priority
+from controller.predict.model import DEFAULT_MODEL, OnnxForecaster, load_model_bytes
 from controller.predict.series import history_from_store, series_from_store
 from controller.registry import AgentRegistry, CommandError
 from controller.scaling.decision import AppliedLimits, Readiness, ScalingDecision
 from controller.scaling.planner import RESOURCES, ShadowNow, Target, decide_resource, io_weight
 from controller.status import DemandView, ForecastView, ScalingView, ShadowView
 from controller.store import Store
+from controller.store.worker import StoreWorker
 from shadowplane.clock import now_ms
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import telemetry_pb2 as tpb
@@ -43,8 +46,11 @@ class ScalingLoop:
         registry: AgentRegistry,
         events: EventLog,
         engine: PredictionEngine | None = None,
+        worker: StoreWorker | None = None,
     ) -> None:
         self.cfg, self.store, self.registry, self.events = cfg, store, registry, events
+        # History reads and forecasts run here, off the event loop (controller/store/worker.py).
+        self.worker = worker or StoreWorker(store)
         self.engine = engine or PredictionEngine(cfg.scaling.model or DEFAULT_MODEL)
         # A workload we have just met starts with misses priced high (conservative) and earns its way down as
         # covered steps accumulate; the backtest's start price suits a day of warm-up nobody scores, not a
@@ -69,17 +75,19 @@ class ScalingLoop:
         interval = self.cfg.scaling.interval_seconds
         while True:
             self.next_cycle_ms = now_ms() + int(interval * 1000)
+            # Cleared before the cycle, not after: an override stored while a cycle runs (the cycle awaits
+            # agents and threads) wakes the next one instead of waiting a whole interval.
+            self.wake.clear()
             try:
                 await self.cycle()
             except Exception:  # a bad cycle is logged; the next one starts from scratch
                 log.exception("scaling cycle failed")
-            self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), max(0.0, (self.next_cycle_ms - now_ms()) / 1000))
 
     async def cycle(self) -> list[ScalingDecision]:
-        self.consider_new_model()
-        self.forecast(now_ms())
+        await self.consider_new_model()
+        await self.forecast(now_ms())
         by_shadow: dict[tuple[str, str], list[ScalingDecision]] = {}
         for d in self.plan(now_ms()):
             by_shadow.setdefault((d.host, d.workload), []).append(d)
@@ -100,9 +108,11 @@ class ScalingLoop:
 
     # ---- the model ----
 
-    def consider_new_model(self) -> None:
+    async def consider_new_model(self) -> None:
         """A model file that changed (e.g. `shadowctl train --store ... --out` onto it) is a challenger: it
-        replaces the running model only if it forecasts the last day of this fleet better."""
+        replaces the running model only if it forecasts the last day of this fleet better. Reading that day
+        (the store worker) and backtesting both models (a child process) take seconds: off the event loop;
+        only the swap happens on it."""
         path = Path(self.cfg.scaling.model or DEFAULT_MODEL)
         try:
             mtime = path.stat().st_mtime
@@ -113,21 +123,48 @@ class ScalingLoop:
             return
         self._model_mtime = mtime
         since_ms = now_ms() - 24 * 3600 * 1000
-        recent = series_from_store(self.store.resource_series(since_ms=since_ms), self.engine.step_seconds)
-        d = self.engine.consider(path, recent, {s.name: since_ms / 1000 for s in recent})
+        step = self.engine.step_seconds
+        recent = await self.worker.run(
+            lambda store: series_from_store(store.resource_series(since_ms=since_ms), step)
+        )
+        champion = self.engine.forecaster
+        running = champion.model_bytes if isinstance(champion, OnnxForecaster) else None
+        # A process, not a thread: loading models and featurising hold the GIL for tens of milliseconds at
+        # a time, which a thread would take from the loop. Spawned (not forked: gRPC's threads), niced.
+        pool = ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=lower_priority
+        )
+        try:
+            d, promoted = await asyncio.get_running_loop().run_in_executor(
+                pool,
+                judge_in_child,
+                running,
+                self.engine.model_version,
+                str(path),
+                recent,
+                {s.name: since_ms / 1000 for s in recent},
+            )
+        finally:
+            pool.shutdown(wait=False)
+        if promoted is not None:
+            threads = self.engine.threads
+            self.engine.adopt(await self.worker.run(lambda _: load_model_bytes(promoted, path, threads)))
         self.events.record("model", "", "", f"champion/challenger: {d.reason}", promoted=d.promote)
 
     # ---- forecasting ----
 
-    def forecast(self, now_ms: int) -> None:
-        """One batched forecast of every workload; keep each service's targets."""
+    async def forecast(self, now_ms: int) -> None:
+        """One batched forecast of every workload; keep each service's targets. Reading the history (every
+        workload's last day or so) and featurising it take from milliseconds to seconds with the fleet's
+        size: the store worker does them, off the event loop; the targets change on it."""
         self._pick_demand()
         if not self.demand:
             return
-        batch = history_from_store(self.store, now_ms, self.step_seconds, self.engine.history_steps)
+        step, steps = self.step_seconds, self.engine.history_steps
+        batch = await self.worker.run(lambda store: history_from_store(store, now_ms, step, steps))
         if not batch.keys:
             return
-        fc = self.engine.forecast(batch)
+        fc = await self.worker.run(lambda _: self.engine.forecast(batch))  # niced thread, see worker.py
         source = fc.source if not fc.reason else f"{fc.source} ({fc.reason})"
         index = {k: i for i, k in enumerate(batch.keys)}
         for service, key in self.demand.items():

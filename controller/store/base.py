@@ -73,6 +73,12 @@ class Store(Protocol):
         """(host, sample) pairs, the newest `limit` per workload, oldest first."""
         ...
 
+    def sample_blobs(
+        self, host: str, workload: str = "", cgroup: str = "", since_ms: int = 0, limit: int = 60
+    ) -> list[tuple[str, bytes]]:
+        """`samples`, each still serialized (tpb.WorkloadSample): what a reply passes on without reading."""
+        ...
+
     def resource_series(
         self, since_ms: int = 0, host: str = "", workload: str = ""
     ) -> dict[tuple[str, str], dict[str, list[float]]]:
@@ -82,7 +88,8 @@ class Store(Protocol):
         ...
 
     def prune(self, older_than_ms: int) -> int:
-        """Delete telemetry older than the bound; return how many samples went."""
+        """Delete telemetry older than the bound; return how many samples went. Deletes in short
+        transactions with pauses (a week's backlog takes seconds): the store worker runs it."""
         ...
 
     def service_state(self, name: str) -> ServiceRecord | None: ...
@@ -112,5 +119,10 @@ class Store(Protocol):
         ...
 
     def overrides(self) -> dict[tuple[str, str], Override]: ...
+
+    def another_connection(self) -> Store:
+        """The same store for another thread (the store worker): its own connection where the backend
+        allows one, else this store."""
+        ...
 
     def close(self) -> None: ...

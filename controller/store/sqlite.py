@@ -1,10 +1,12 @@
-"""SQLite store: one file, WAL, one writer (the controller's event loop)."""
+"""SQLite store: one file, WAL. The event loop's connection does the writing; the store worker
+(controller/store/worker.py) has a connection of its own for large reads and for pruning."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -88,14 +90,29 @@ UPGRADES: dict[str, Callable[[sqlite3.Connection], None]] = {
 }
 
 
+# Pruning deletes this many samples per transaction, then pauses as long as the chunk took: the write lock
+# is never held for long, and a write from the event loop (waiting in its busy timeout) gets its turn.
+PRUNE_CHUNK_ROWS = 500
+# A writer waits this long for the lock before SQLite says "database is locked".
+BUSY_TIMEOUT_SECONDS = 5.0
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(
+        str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS
+    )
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
 class SqliteStore:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.path = path
+        self.db = _connect(path)
         self.db.executescript(SCHEMA)
         have = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if have is None:
@@ -180,16 +197,32 @@ class SqliteStore:
     def samples(
         self, host: str, workload: str = "", cgroup: str = "", since_ms: int = 0, limit: int = 60
     ) -> list[tuple[str, tpb.WorkloadSample]]:
+        return [
+            (h, tpb.WorkloadSample.FromString(b))
+            for h, b in self.sample_blobs(host, workload, cgroup, since_ms, limit)
+        ]
+
+    def sample_blobs(
+        self, host: str, workload: str = "", cgroup: str = "", since_ms: int = 0, limit: int = 60
+    ) -> list[tuple[str, bytes]]:
         where, args = _where(["host = ?", "end_ms >= ?"], [host, since_ms], workload=workload, cgroup=cgroup)
-        rows = self.db.execute(
-            f"""SELECT host, sample FROM (
-                  SELECT host, workload, end_ms, sample,
-                         ROW_NUMBER() OVER (PARTITION BY workload ORDER BY end_ms DESC) AS n
-                  FROM samples WHERE {where})
-                WHERE n <= ? ORDER BY end_ms, workload""",
-            (*args, limit),
-        ).fetchall()
-        return [(r[0], tpb.WorkloadSample.FromString(r[1])) for r in rows]
+        if workload:
+            # One workload: its newest rows straight off the primary key, not a sort of its whole history
+            # (the scaling cycle and /metrics ask for the latest sample of each shadow all the time).
+            rows = self.db.execute(
+                f"SELECT host, sample FROM samples WHERE {where} ORDER BY end_ms DESC LIMIT ?", (*args, limit)
+            ).fetchall()
+            rows.reverse()
+        else:
+            rows = self.db.execute(
+                f"""SELECT host, sample FROM (
+                      SELECT host, workload, end_ms, sample,
+                             ROW_NUMBER() OVER (PARTITION BY workload ORDER BY end_ms DESC) AS n
+                      FROM samples WHERE {where})
+                    WHERE n <= ? ORDER BY end_ms, workload""",
+                (*args, limit),
+            ).fetchall()
+        return [(str(r[0]), bytes(r[1])) for r in rows]
 
     def resource_series(
         self, since_ms: int = 0, host: str = "", workload: str = ""
@@ -208,8 +241,19 @@ class SqliteStore:
         return out
 
     def prune(self, older_than_ms: int) -> int:
-        cur = self.db.execute("DELETE FROM samples WHERE end_ms < ?", (older_than_ms,))
-        return cur.rowcount
+        # In chunks (PRUNE_CHUNK_ROWS): one DELETE of a week's backlog would hold the write lock for seconds.
+        total = 0
+        while True:
+            began = time.monotonic()
+            cur = self.db.execute(
+                """DELETE FROM samples WHERE (host, workload, end_ms) IN
+                   (SELECT host, workload, end_ms FROM samples WHERE end_ms < ? LIMIT ?)""",
+                (older_than_ms, PRUNE_CHUNK_ROWS),
+            )
+            total += cur.rowcount
+            if cur.rowcount < PRUNE_CHUNK_ROWS:
+                return total
+            time.sleep(time.monotonic() - began)
 
     def service_state(self, name: str) -> ServiceRecord | None:
         row = self.db.execute(
@@ -293,6 +337,15 @@ class SqliteStore:
     def overrides(self) -> dict[tuple[str, str], Override]:
         rows = self.db.execute("SELECT host, workload, override FROM scaling_overrides").fetchall()
         return {(r[0], r[1]): _decode(Override, r[2]) for r in rows}
+
+    def another_connection(self) -> SqliteStore:
+        """The same database on a new connection, for the store worker's thread; `:memory:` cannot be
+        opened twice, so it is this store itself."""
+        if str(self.path) == ":memory:":
+            return self
+        other = SqliteStore.__new__(SqliteStore)
+        other.path, other.db = self.path, _connect(self.path)
+        return other
 
     def close(self) -> None:
         self.db.close()

@@ -58,6 +58,12 @@ def test_controller_metrics_over_http_pass_promtool(controller: tuple[Daemon, in
     assert series(text, "shadowplane_service_fencing_token") == {'{service="web"}': 0.0}
     assert series(text, "shadowplane_shadow_ready") == {'{host="it-s1",service="web"}': 0.0}
     assert len(series(text, "shadowplane_forecast_model_info")) == 1
+    lag = series(text, "shadowplane_controller_loop_lag_seconds_bucket")
+    assert (
+        lag['{le="0.02"}']
+        <= lag['{le="+Inf"}']
+        == series(text, "shadowplane_controller_loop_lag_seconds_count")[""]
+    )
 
 
 def test_agent_metrics_over_http_pass_promtool(
@@ -87,6 +93,9 @@ def test_agent_metrics_over_http_pass_promtool(
         promtool_check(text)
         assert series(text, "shadowplane_agent_cpu_seconds_total")['{workload="web"}'] > 0
         assert series(text, "shadowplane_agent_lease_held") == {'{service="web"}': 0.0}
+        # the loop that runs the lease timers reports how late it runs, probing since the agent started
+        assert series(text, "shadowplane_agent_loop_lag_seconds_count")[""] > 0
+        assert '{le="+Inf"}' in series(text, "shadowplane_agent_loop_lag_seconds_bucket")
         if series(text, "shadowplane_agent_bpf_active") == {"": 1.0}:
             # dd's one-byte reads and writes: counted exactly, timed 1 in 8
             calls = series(text, "shadowplane_agent_syscalls_total")

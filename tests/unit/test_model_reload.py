@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -22,9 +23,9 @@ def test_changed_model_file_is_considered_and_the_decision_recorded(tmp_path: Pa
     cfg = ControllerConfig(tls=TlsConfig(plaintext=True), scaling=ScalingConfig(model=str(model)))
     loop = ScalingLoop(cfg, store, AgentRegistry(), EventLog(store))
     assert loop.engine.source == "model"
-    loop.consider_new_model()  # first look: remembers the file
+    asyncio.run(loop.consider_new_model())  # first look: remembers the file
     assert not [e for e in store.events() if e.kind == "model"]
     os.utime(model, (1, 1))  # "retrained"
-    loop.consider_new_model()
+    asyncio.run(loop.consider_new_model())
     (ev,) = [e for e in store.events() if e.kind == "model"]
     assert "champion/challenger" in ev.reason and ev.detail["promoted"] in ("True", "False")
