@@ -130,16 +130,7 @@ class LeaseHolder:
         self._loop_task = asyncio.create_task(self._renew_forever())
         sent = 0
         if self.vip is not None and self.addresses is not None:
-            ifindex = self.addresses.ifindex(self.vip.interface)
-            mac = self.addresses.mac(self.vip.interface)
-            sent = await asyncio.to_thread(
-                announce,
-                self.vip,
-                mac,
-                ifindex,
-                self.acquire.garp_count,
-                self.acquire.garp_interval_ms / 1000,
-            )
+            sent = await asyncio.to_thread(self._announce, self.vip, self.addresses)
         self._event("acquired", f"token {self.token}, {sent} announcements")
         return apb.AddressState(
             service=self.service,
@@ -147,6 +138,11 @@ class LeaseHolder:
             holds_address=self.vip is not None and not self.lost,
             announcements_sent=sent,
         )
+
+    def _announce(self, vip: Vip, addresses: Addresses) -> int:
+        """Gratuitous ARPs / unsolicited NAs, on a thread (netlink lookups and the sends' pauses)."""
+        ifindex, mac = addresses.ifindex(vip.interface), addresses.mac(vip.interface)
+        return announce(vip, mac, ifindex, self.acquire.garp_count, self.acquire.garp_interval_ms / 1000)
 
     async def _renew_one(self, address: str, name: str) -> lpb.RenewReply | None:
         who = name or address
@@ -189,9 +185,13 @@ class LeaseHolder:
         lease = min([self.lease, *(r.valid_for_ms / 1000 for r in granted if r.valid_for_ms)])
         valid_until = leases.owner_valid_until(sent_at, lease, self.acquire.drift_margin)
         expired = self._expired_from_fence_thread(loop)
-        if not self.fence.hold(
-            self.fence_key, self.vip, valid_until, leases.address_lifetime_seconds(lease), expired
-        ):
+        lifetime = leases.address_lifetime_seconds(lease)
+        held = await asyncio.to_thread(
+            lambda: self.fence.hold(
+                self.fence_key, self.vip, valid_until, lifetime, expired, wanted=lambda: not self.lost
+            )
+        )
+        if not held:
             self.lose("lease ran out before the renewals came back")
             return False
         self.valid_until = valid_until
@@ -236,11 +236,11 @@ class LeaseHolder:
                 self._loop_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._loop_task
-            self.fence.drop(self.fence_key)
+            await asyncio.to_thread(self.fence.drop, self.fence_key)
             self._event("released", reason)
-        if self.vip is not None and self.addresses is not None and self.addresses.has(self.vip):
+        if self.vip is not None and self.addresses is not None:
             # the fence dropped it already, or it was never added: make sure, the coordinator relies on it
-            self.addresses.remove(self.vip)
+            await asyncio.to_thread(self.addresses.remove, self.vip)
         return apb.AddressState(service=self.service, token=self.token, holds_address=False)
 
     def _event(self, what: str, reason: str) -> None:

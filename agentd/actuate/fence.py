@@ -42,13 +42,21 @@ class Fence:
         self._thread.start()
 
     def hold(
-        self, service: str, vip: Vip | None, deadline: float, lifetime: int, on_expiry: OnExpiry
+        self,
+        service: str,
+        vip: Vip | None,
+        deadline: float,
+        lifetime: int,
+        on_expiry: OnExpiry,
+        wanted: Callable[[], bool] = lambda: True,
     ) -> bool:
         """Add (or refresh) `vip` with a kernel lifetime of `lifetime` s and keep it until `deadline`.
         False, and nothing changes, if the deadline has passed already (the lease ran out while the caller
-        was held up) or the fence is closed."""
+        was held up), the holder no longer wants it (`wanted`, asked under the lock, so a drop that came
+        first is never undone), or the fence is closed. Blocks for a netlink round trip: callers on an
+        event loop run it in a thread."""
         with self._cond:
-            if self._stopped or self.clock() >= deadline:
+            if self._stopped or self.clock() >= deadline or not wanted():
                 return False
             if vip is not None:
                 assert self.addresses is not None, "a fence without netlink holds no address"
