@@ -32,7 +32,9 @@ class CommandHandler:
 
     async def __call__(self, cmd: apb.Command) -> apb.CommandResult:
         kind = cmd.WhichOneof("action")
-        r = apb.CommandResult(command_id=cmd.command_id, ok=True)
+        # The incarnation echoed tells the controller this answers one of its own commands, not an
+        # earlier controller's.
+        r = apb.CommandResult(command_id=cmd.command_id, incarnation=cmd.incarnation, ok=True)
         if kind == "watch":
             self.observer.watch(cmd.watch)
         elif kind == "vote":

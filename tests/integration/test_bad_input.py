@@ -144,3 +144,18 @@ def test_bad_config_file_is_refused_naming_the_field(tmp_path: Path, module: str
     assert out.returncode == 2
     field = "listen" if module == "controller.cli" else "interval_seconds"
     assert f"{cfg}: {field}: must be" in out.stderr
+
+
+def test_repro_one_bad_batch(controller: int) -> None:
+    ch = grpc.insecure_channel(f"127.0.0.1:{controller}")
+    good = ScriptedAgent(ch)
+    good.send(hello("good"))
+    good.reply()
+    m = telemetry(1)
+    m.telemetry.samples[0].resources.memory_bytes = 2**63
+    good.send(m)
+    print(good.reply())
+    m = telemetry(2)
+    m.telemetry.samples[0].resources.cpu_seconds = float("nan")
+    good.send(m)
+    print(good.reply())
