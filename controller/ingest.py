@@ -13,9 +13,10 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from controller.config import ControllerConfig
 from controller.registry import AgentRegistry, AgentSession
@@ -80,7 +81,11 @@ class AgentStreamService(agrpc.AgentStreamServicer):
         request_iterator: AsyncIterator[apb.AgentMessage],
         context: grpc.aio.ServicerContext[apb.AgentMessage, apb.ControllerMessage],
     ) -> AsyncIterator[apb.ControllerMessage]:
-        first = await anext(aiter(request_iterator), None)
+        try:
+            first = await anext(aiter(request_iterator), None)
+        except DecodeError as e:
+            await self._undecodable("", context, e)
+            return
         if first is None or first.WhichOneof("body") != "hello":
             kind = (first.WhichOneof("body") if first else None) or "none"
             self._count(
@@ -116,23 +121,27 @@ class AgentStreamService(agrpc.AgentStreamServicer):
         yield apb.ControllerMessage(
             welcome=apb.Welcome(controller_version=__version__, resume_after_seq=resume)
         )
-        inbox: asyncio.Queue[apb.AgentMessage | None] = asyncio.Queue()
+        inbox: asyncio.Queue[apb.AgentMessage | DecodeError | None] = asyncio.Queue()
 
         async def pump() -> None:
             try:
                 async for msg in request_iterator:
                     await inbox.put(msg)
+            except DecodeError as e:  # gRPC ends the call on bytes that do not parse: say why, then end
+                await inbox.put(e)
             finally:
                 await inbox.put(None)
 
         pump_task = asyncio.create_task(pump())
+        waits: set[asyncio.Task[Any]] = set()
         try:
             while True:
                 get = asyncio.create_task(inbox.get())
                 out = asyncio.create_task(session.outbox.get())
                 closed = asyncio.create_task(session.closed.wait())
-                done, pending = await asyncio.wait({get, out, closed}, return_when=asyncio.FIRST_COMPLETED)
-                for t in pending:
+                waits = {get, out, closed}
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for t in waits - done:
                     t.cancel()
                 if closed in done:
                     return
@@ -142,15 +151,30 @@ class AgentStreamService(agrpc.AgentStreamServicer):
                     msg = get.result()
                     if msg is None:
                         return
+                    if isinstance(msg, DecodeError):
+                        await self._undecodable(session.host, context, msg)
+                        return
                     reply = self._handle(session, msg)
                     if reply is not None:
                         yield reply
         finally:
+            for t in waits:  # the client went away while we waited: leave no task behind
+                t.cancel()
             pump_task.cancel()
             self.registry.detach(session)
             if self.listener is not None and self.registry.get(session.host) is None:
                 self.listener.on_disconnect(session.host)
             log.info("agent %s disconnected", hello.host)
+
+    async def _undecodable(
+        self,
+        host: str,
+        context: grpc.aio.ServicerContext[apb.AgentMessage, apb.ControllerMessage],
+        e: DecodeError,
+    ) -> None:
+        p = Problem("body", "undecodable", f"not an AgentMessage ({e}): is the peer a Shadowplane agent?")
+        self._count(host, "undecodable", p, host or context.peer())
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{p.field}: {p.detail}")
 
     def _count(self, host: str, kind: str, p: Problem, who: str) -> None:
         view = self.registry.rejections.add(host, kind, p, self.clock())

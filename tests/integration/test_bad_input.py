@@ -139,7 +139,8 @@ def test_bad_messages_are_refused_and_other_streams_continue(controller: Control
     garbage = ScriptedAgent(ch, serialize=False)
     garbage.send(b"\xff\xff\xff\xff not protobuf")
     err = garbage.reply()
-    assert isinstance(err, grpc.RpcError)
+    assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not an AgentMessage" in (err.details() or "")
 
     # 3. An oversized message (above max_message_bytes): refused with RESOURCE_EXHAUSTED.
     big = ScriptedAgent(ch)
@@ -171,6 +172,7 @@ def test_bad_messages_are_refused_and_other_streams_continue(controller: Control
         '{host="good",kind="telemetry",reason="unknown_workload"}': 1.0,
         '{host="",kind="hello",reason="unknown_host"}': 1.0,
         '{host="",kind="telemetry",reason="unexpected"}': 1.0,
+        '{host="",kind="undecodable",reason="undecodable"}': 1.0,
     }
 
 
