@@ -201,7 +201,7 @@ class AgentStreamService(agrpc.AgentStreamServicer):
             except sqlite3.OperationalError:
                 raise  # the store cannot write (disk full, locked): end the stream, the agent resends later
             except Exception as e:  # a check missed something: refuse this message, keep the stream
-                log.exception("%s from %s", kind, session.host)
+                log.exception("%s from %s passed its checks but failed; refused it", kind, session.host)
                 problem = Problem(kind, "internal", f"the controller failed on it: {type(e).__name__}: {e}")
         if problem is None:
             return reply

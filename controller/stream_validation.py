@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 
 from agentd.config import NAME_RE
 from controller.config import ControllerConfig
@@ -39,6 +40,7 @@ MAX_CLOCK_AHEAD_MS = 10 * 60 * 1000
 MAX_SAMPLE_MS = 24 * 3600 * 1000  # no agent samples over more than a day
 MAX_CORES = 65536  # CPU seconds per second of a sample beyond this is garbage (and overflows the series)
 HISTOGRAM_UNITS = ("", "ns", "us")
+PRESSURES = ("cpu_pressure", "memory_pressure", "io_pressure")
 OBSERVATION_KINDS = ("health", "lease")
 LEASE_EVENTS = ("lost", "released", "acquired")
 # The detail each command's result carries when it succeeds (None: none). A failed command may carry none.
@@ -135,6 +137,8 @@ def _time(where: str, ms: int, now_ms: int, required: bool = True) -> Problem | 
 def _keys(where: str, m: Mapping[str, int]) -> Problem | None:
     if len(m) > MAX_MAP_ENTRIES:
         return Problem(where, "too_long", f"{len(m)} entries; at most {MAX_MAP_ENTRIES}")
+    if not m or (max(m.values()) <= MAX_COUNTER and all(0 < len(k) <= MAX_KEY_CHARS for k in m)):
+        return None
     for k, n in m.items():
         if not k or len(k) > MAX_KEY_CHARS:
             return Problem(where, "bad_name", f"key {k[:80]!r}: keys are 1-{MAX_KEY_CHARS} characters")
@@ -154,6 +158,8 @@ def _histogram(where: str, h: tpb.Log2Histogram) -> Problem | None:
         return Problem(where, "too_long", f"{len(h.counts)} buckets; at most {MAX_HISTOGRAM_BUCKETS}")
     if h.unit not in HISTOGRAM_UNITS:
         return Problem(f"{where}.unit", "bad_value", f"{h.unit[:80]!r} is none of {HISTOGRAM_UNITS}")
+    if not h.counts or max(h.counts) <= MAX_COUNTER:
+        return None
     return _first(_counter(f"{where}.counts[{i}]", n) for i, n in enumerate(h.counts))
 
 
@@ -167,11 +173,31 @@ def check_capture(where: str, c: tpb.CaptureStatus) -> Problem | None:
     )
 
 
-def _pressure(where: str, p: tpb.Pressure) -> Iterable[Problem | None]:
-    yield _real(f"{where}.some_avg10", p.some_avg10, 100.0)
-    yield _real(f"{where}.full_avg10", p.full_avg10, 100.0)
-    yield _counter(f"{where}.some_stall_us", p.some_stall_us)
-    yield _counter(f"{where}.full_stall_us", p.full_stall_us)
+# Every scalar of a sample, by its path in the sample: one C call reads them all (operator.attrgetter), so
+# a good sample costs a few microseconds; only a bad one is looked at field by field.
+SAMPLE_COUNTERS: tuple[str, ...] = (
+    "syscalls.total",
+    *(
+        f"block_io.{n}"
+        for n in ("read_ops", "write_ops", "read_bytes", "write_bytes", "discard_ops", "discard_bytes")
+    ),
+    *(f"tcp.{n}" for n in ("retransmits", "active_opens", "resets_sent", "resets_received")),
+    *(
+        f"resources.{n}"
+        for n in ("memory_bytes", "memory_limit_bytes", "io_read_bytes", "io_write_bytes", "cpu_throttled_us")
+    ),
+    *(f"resources.{p}.{n}" for p in PRESSURES for n in ("some_stall_us", "full_stall_us")),
+)
+SAMPLE_REALS: tuple[tuple[str, float], ...] = (  # (path, highest valid value)
+    ("resources.cpu_limit_cores", MAX_CORES),
+    *((f"resources.{p}.{n}", 100.0) for p in PRESSURES for n in ("some_avg10", "full_avg10")),
+)
+SAMPLE_HISTOGRAMS: tuple[str, ...] = ("syscalls.latency", "block_io.latency", "tcp.srtt")
+SAMPLE_MAPS: tuple[str, ...] = ("syscalls.by_name", "tcp.state_changes")
+_counters = attrgetter(*SAMPLE_COUNTERS)
+_reals = attrgetter(*(path for path, _ in SAMPLE_REALS))
+_histograms = attrgetter(*SAMPLE_HISTOGRAMS)
+_maps = attrgetter(*SAMPLE_MAPS)
 
 
 def check_sample(where: str, s: tpb.WorkloadSample, workloads: frozenset[str], now_ms: int) -> Problem | None:
@@ -189,54 +215,31 @@ def check_sample(where: str, s: tpb.WorkloadSample, workloads: frozenset[str], n
         )
     if s.end_unix_ms - s.start_unix_ms > MAX_SAMPLE_MS:
         return Problem(f"{where}.end_unix_ms", "too_large", "the sample covers more than a day")
-    seconds = (s.end_unix_ms - s.start_unix_ms) / 1000
-    r, b, t = s.resources, s.block_io, s.tcp
-    return _first(
-        (
-            _time(f"{where}.end_unix_ms", s.end_unix_ms, now_ms),
-            _text(f"{where}.cgroup", s.cgroup, MAX_PATH_CHARS),
-            _counter(f"{where}.syscalls.total", s.syscalls.total),
-            _keys(f"{where}.syscalls.by_name", s.syscalls.by_name),
-            _histogram(f"{where}.syscalls.latency", s.syscalls.latency),
-            *(
-                _counter(f"{where}.block_io.{n}", getattr(b, n))
-                for n in (
-                    "read_ops",
-                    "write_ops",
-                    "read_bytes",
-                    "write_bytes",
-                    "discard_ops",
-                    "discard_bytes",
-                )
-            ),
-            _histogram(f"{where}.block_io.latency", b.latency),
-            _keys(f"{where}.tcp.state_changes", t.state_changes),
-            _histogram(f"{where}.tcp.srtt", t.srtt),
-            *(
-                _counter(f"{where}.tcp.{n}", getattr(t, n))
-                for n in ("retransmits", "active_opens", "resets_sent", "resets_received")
-            ),
-            _real(f"{where}.resources.cpu_seconds", r.cpu_seconds, seconds * MAX_CORES),
-            _real(f"{where}.resources.cpu_limit_cores", r.cpu_limit_cores, MAX_CORES),
-            *(
-                _counter(f"{where}.resources.{n}", getattr(r, n))
-                for n in (
-                    "memory_bytes",
-                    "memory_limit_bytes",
-                    "io_read_bytes",
-                    "io_write_bytes",
-                    "cpu_throttled_us",
-                )
-            ),
-            *_pressure(f"{where}.resources.cpu_pressure", r.cpu_pressure),
-            *_pressure(f"{where}.resources.memory_pressure", r.memory_pressure),
-            *_pressure(f"{where}.resources.io_pressure", r.io_pressure),
-            # What the store computes from the sample must be storable too (a REAL column refuses NaN).
-            None
-            if all(math.isfinite(v) for v in series_values(s))
-            else Problem(where, "not_finite", "a stored series of this sample is not a finite number"),
-        )
+    p = _time(f"{where}.end_unix_ms", s.end_unix_ms, now_ms) or _text(
+        f"{where}.cgroup", s.cgroup, MAX_PATH_CHARS
     )
+    if p:
+        return p
+    counters = _counters(s)
+    if max(counters) > MAX_COUNTER:
+        return _first(_counter(f"{where}.{n}", v) for n, v in zip(SAMPLE_COUNTERS, counters, strict=True))
+    seconds = (s.end_unix_ms - s.start_unix_ms) / 1000
+    p = _real(f"{where}.resources.cpu_seconds", s.resources.cpu_seconds, seconds * MAX_CORES)
+    if p:
+        return p
+    reals = _reals(s)
+    if not all(0.0 <= v <= high for v, (_, high) in zip(reals, SAMPLE_REALS, strict=True)):
+        return _first(
+            _real(f"{where}.{path}", v, high) for v, (path, high) in zip(reals, SAMPLE_REALS, strict=True)
+        )
+    p = _first(_histogram(f"{where}.{n}", h) for n, h in zip(SAMPLE_HISTOGRAMS, _histograms(s), strict=True))
+    p = p or _first(_keys(f"{where}.{n}", m) for n, m in zip(SAMPLE_MAPS, _maps(s), strict=True))
+    if p:
+        return p
+    # What the store computes from the sample must be storable too (a REAL column refuses NaN).
+    if not all(math.isfinite(v) for v in series_values(s)):
+        return Problem(where, "not_finite", "a stored series of this sample is not a finite number")
+    return None
 
 
 # ---- messages ----
