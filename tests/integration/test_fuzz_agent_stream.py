@@ -32,6 +32,7 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
+from agentd.config import NAME_RE
 from agentd.link import Backlog, ControllerLink
 from controller.stream_validation import MAX_OUTPUT_TAIL_CHARS, MAX_TEXT_CHARS
 from lab.procs import free_port, wait_for_port
@@ -207,7 +208,7 @@ HOSTILE: dict[str, list[tuple[str, st.SearchStrategy[Any]]]] = {
     ],
     "observation": [
         ("observation.service", text.filter(lambda s: s != "web")),
-        ("observation.target", text.filter(lambda s: s not in ("p1", "fuzz"))),
+        ("observation.target", text.filter(lambda s: not NAME_RE.match(s))),  # no host name at all
         ("observation.kind", text.filter(lambda s: s not in ("health", "lease"))),
         ("observation.detail", long_text),
         (

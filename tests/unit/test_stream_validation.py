@@ -185,6 +185,17 @@ def test_observations_and_lease_events_only_from_their_service_s_hosts() -> None
     assert p is not None and p.code == "not_in_service"
 
 
+def test_a_lease_view_names_whoever_the_observer_granted() -> None:
+    """Even a holder that is no host of the service (a rogue renewal) reaches the board: the observer then
+    no longer counts for the real owner."""
+    o = observation()
+    o.observation.kind, o.observation.target = "lease", "rogue"
+    assert check(o) is None
+    o.observation.target = "not a name"
+    p = check(o)
+    assert p is not None and (p.field, p.code) == ("observation.target", "bad_name")
+
+
 def test_an_empty_message_and_a_second_hello_are_refused() -> None:
     assert check_message(apb.AgentMessage(), hello(), FLEET, NOW) == (
         "none",
