@@ -212,6 +212,8 @@ class ControllerLink:
                 ok=False,
                 error=f"{type(e).__name__}: {e}",
             )
+        # The controller refuses texts over 4096 characters: the start of an error says what went wrong.
+        result.error = result.error[:2000]
         self.send(apb.AgentMessage(result=result))
 
 
