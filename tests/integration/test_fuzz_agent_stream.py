@@ -499,7 +499,8 @@ def test_fuzzed_agent_messages_are_answered_and_the_controller_keeps_serving(con
     @given(
         st.one_of(
             st.builds(lambda: apb.AgentMessage(hello=hello("hello-fuzz"))),
-            arbitrary("hello"),
+            # (not as the streaming hosts: a welcome would replace their streams, as a restarted agent's does)
+            arbitrary("hello").filter(lambda m: m.hello.host not in ("good", "fuzz", "p1")),
             st.sampled_from(["telemetry", "heartbeat", "result"]).flatmap(arbitrary),
         ),
         st.booleans(),
