@@ -52,6 +52,9 @@ ANSWERS: Mapping[str, str | None] = {
     "run_hook": "hook",
     "set_limits": "limits",
 }
+# Commands whose callers read the detail whatever `ok` says, so it is due even from a command that failed:
+# a hook result missing would read as "no hook installed" (found = false), a vote reply as a refusal.
+ANSWERED_EVEN_IF_FAILED = frozenset({"vote", "run_hook"})
 
 
 @dataclass(frozen=True)
@@ -423,10 +426,9 @@ def check_answer(cmd: apb.Command, r: apb.CommandResult) -> Problem | None:
             f"a {kind} command is answered with {want or 'no detail'}, not {got} (command {cmd.command_id})",
         )
     if got is None:
-        if r.ok and want is not None:
-            return Problem(
-                f"result.{want}", "wrong_answer", f"a {kind} command that succeeded must return its {want}"
-            )
+        if want is not None and (r.ok or kind in ANSWERED_EVEN_IF_FAILED):
+            said = f" (it said: {r.error[:200]})" if r.error else ""
+            return Problem(f"result.{want}", "wrong_answer", f"a {kind} command must return its {want}{said}")
         return None
     if kind == "vote" and r.vote.granted and r.vote.promised_token != cmd.vote.token:
         return Problem(

@@ -286,6 +286,17 @@ def _cmd(**action: object) -> apb.Command:
             apb.CommandResult(ok=True, vote=apb.VoteReply(granted=True)),
             "result.vote",
         ),
+        # a failed hook command without its result would read as "no hook installed"
+        (
+            _cmd(run_hook=apb.RunHook(service="web", phase="before-takeover")),
+            apb.CommandResult(ok=False, error="ValueError: boom"),
+            "result.hook",
+        ),
+        (
+            _cmd(vote=apb.Vote(service="web", token=4)),
+            apb.CommandResult(ok=False, error="boom"),
+            "result.vote",
+        ),
     ],
 )
 def test_a_result_must_answer_its_command(cmd: apb.Command, res: apb.CommandResult, field: str) -> None:
