@@ -195,14 +195,16 @@ class AgentStreamService(agrpc.AgentStreamServicer):
         session.last_heard_ms = now  # any message, even one refused below, shows the agent is alive
         kind, problem = check_message(msg, session.hello, self.fleet, now)
         reply = None
-        if problem is None:
-            try:
+        try:
+            if kind == "result":  # even a malformed result ends the wait of the command it names, saying why
+                problem = self.registry.resolve(session, msg.result, problem)
+            elif problem is None:
                 reply, problem = self._apply(session, kind, msg, now)
-            except sqlite3.OperationalError:
-                raise  # the store cannot write (disk full, locked): end the stream, the agent resends later
-            except Exception as e:  # a check missed something: refuse this message, keep the stream
-                log.exception("%s from %s passed its checks but failed; refused it", kind, session.host)
-                problem = Problem(kind, "internal", f"the controller failed on it: {type(e).__name__}: {e}")
+        except sqlite3.OperationalError:
+            raise  # the store cannot write (disk full, locked): end the stream, the agent resends later
+        except Exception as e:  # a check missed something: refuse this message, keep the stream
+            log.exception("%s from %s passed its checks but failed; refused it", kind, session.host)
+            problem = Problem(kind, "internal", f"the controller failed on it: {type(e).__name__}: {e}")
         if problem is None:
             return reply
         self._count(session.host, kind, problem, session.host)
@@ -228,10 +230,8 @@ class AgentStreamService(agrpc.AgentStreamServicer):
                 return None, Problem("samples", "store_refused", f"the store refused the batch: {e}")
             session.capture = batch.capture
             return apb.ControllerMessage(ack=apb.TelemetryAck(seq=batch.seq)), None
-        if kind == "result":
-            return None, self.registry.resolve(session, msg.result)
         if kind == "observation" and self.listener is not None:
             self.listener.on_observation(session.host, msg.observation)
         if kind == "lease_event" and self.listener is not None:
             self.listener.on_lease_event(session.host, msg.lease_event)
-        return None, None  # heartbeat, or nobody listening
+        return None, None  # a heartbeat, or nobody listening

@@ -146,8 +146,21 @@ class AgentRegistry:
         cmd.command_id = f"{self.incarnation}-{next(self._ids)}"
         cmd.incarnation = self.incarnation
 
-    def resolve(self, s: AgentSession, r: apb.CommandResult) -> Problem | None:
-        """Hand a result to the command waiting for it; the problem if it answers none, or wrongly."""
+    def resolve(
+        self, s: AgentSession, r: apb.CommandResult, invalid: Problem | None = None
+    ) -> Problem | None:
+        """Hand a result to the command waiting for it; the problem if it answers none, or wrongly, or is
+        `invalid` (its own values are bad): then the waiting caller fails at once with the reason."""
+        if invalid is not None:
+            s.unawaited.pop(r.command_id, None)
+            bad = s.pending.pop(r.command_id, None)
+            if bad is not None and not bad.future.done():
+                bad.future.set_exception(
+                    CommandError(
+                        f"agent {s.host} answered command {r.command_id}: {invalid.field}: {invalid.detail}"
+                    )
+                )
+            return invalid
         # An agent older than incarnations echoes none: the id it echoes carries one too.
         incarnation = r.incarnation or r.command_id.rpartition("-")[0]
         if incarnation != self.incarnation:

@@ -157,14 +157,18 @@ def test_a_vote_answered_with_an_address_state_is_refused_and_the_move_aborted(
     controller: tuple[Daemon, int],
 ) -> None:
     _, port = controller
-    wrong_votes = 1
+    votes = 0
 
     def s1_answers(cmd: apb.Command) -> apb.CommandResult:
-        nonlocal wrong_votes
+        nonlocal votes
         r = right(cmd)
-        if cmd.HasField("vote") and wrong_votes:  # the first vote is answered with an address state
-            wrong_votes -= 1
-            r.address.CopyFrom(apb.AddressState(service="web", token=cmd.vote.token, holds_address=True))
+        if cmd.HasField("vote"):
+            votes += 1
+            if votes == 1:  # the first vote is answered with an address state
+                r.address.CopyFrom(apb.AddressState(service="web", token=cmd.vote.token, holds_address=True))
+            if votes == 2:  # the second with an error no controller takes (too long), failing
+                r.ok, r.error = False, "x" * 5000
+                r.ClearField("vote")
         return r
 
     p1 = Agent(port, "p1", tpb.ROLE_PRIMARY)
@@ -184,6 +188,11 @@ def test_a_vote_answered_with_an_address_state_is_refused_and_the_move_aborted(
         assert "a vote command is answered with vote, not address" in rej.reason
         (aborted, *_) = wait_until(lambda: events(port, "takeover-aborted"), 10, "the move aborted")  # type: ignore[misc]
         assert "answered command" in aborted.reason and "not address" in aborted.reason
+        # A malformed result fails the vote at once with the reason, not after a timeout.
+        rej = s1.reject(timeout=20)
+        assert (rej.kind, rej.field, rej.reason_code) == ("result", "result.error", "too_long")
+        aborted = wait_until(lambda: events(port, "takeover-aborted")[1:], 10, "the second move aborted")[0]  # type: ignore[index]
+        assert "result.error: 5000 characters" in aborted.reason
         # The next placement's vote is answered right: p1 owns web.
         wait_until(lambda: owner(port) == "p1", 20, "web placed on p1 with a right vote")
         assert s1.rejects.empty()
