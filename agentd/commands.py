@@ -6,6 +6,7 @@ kernel now says.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -34,7 +35,9 @@ class CommandHandler:
 
     async def __call__(self, cmd: apb.Command) -> apb.CommandResult:
         kind = cmd.WhichOneof("action")
-        r = apb.CommandResult(command_id=cmd.command_id, ok=True)
+        # The incarnation echoed tells the controller this answers one of its own commands, not an
+        # earlier controller's.
+        r = apb.CommandResult(command_id=cmd.command_id, incarnation=cmd.incarnation, ok=True)
         if kind == "watch":
             self.observer.watch(cmd.watch)
         elif kind == "vote":
@@ -68,7 +71,8 @@ class CommandHandler:
                 )
         elif kind == "set_limits":
             try:
-                r.limits.CopyFrom(self.set_limits(cmd.set_limits))
+                # a memory.max write can block while the kernel reclaims: not on the loop
+                r.limits.CopyFrom(await asyncio.to_thread(self.set_limits, cmd.set_limits))
             except LimitsError as e:
                 r.ok, r.error = False, str(e)
         else:

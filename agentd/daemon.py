@@ -96,6 +96,8 @@ class Agent:
                 last_error=self.link.state.last_error,
                 backlog_batches=len(self.link.backlog),
                 batches_dropped=self.link.backlog.dropped_total,
+                rejected=dict(self.link.state.rejected),
+                last_rejected=self.link.state.last_rejected,
             ),
             leases=tuple(
                 LeaseView(

@@ -3,7 +3,8 @@
 Telemetry batches carry a sequence number per agent instance. Each batch stays in a bounded backlog until
 the controller acknowledges it (cumulatively) or rejects it, so a controller restart or a network cut loses
 nothing the backlog can hold, and the controller's `resume_after_seq` plus its own duplicate check mean
-nothing is stored twice.
+nothing is stored twice. A batch the controller rejects (it names the field and the reason) is dropped and
+counted, never resent: resending it would be refused again.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
+from shadowplane.logs import Throttle
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import agent_pb2_grpc as agrpc
 
@@ -60,6 +62,9 @@ class LinkState:
     connected: bool = False
     sessions: int = 0
     last_error: str = ""
+    # Messages the controller refused, by (kind, reason code): "telemetry" ones were dropped from the backlog.
+    rejected: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    last_rejected: str = ""  # the latest: kind, field and reason
 
 
 class ControllerLink:
@@ -87,6 +92,8 @@ class ControllerLink:
         # Results, observations and lease events: useful only to a live session, so bounded and lossy.
         self._outbox: collections.deque[apb.AgentMessage] = collections.deque(maxlen=1000)
         self._commands: set[asyncio.Task[None]] = set()
+        # Every rejected batch is logged; other rejections of one kind and reason once a minute at most.
+        self._throttle = Throttle(60.0)
 
     def submit(self, batch: apb.TelemetryBatch) -> None:
         self.backlog.add(batch)
@@ -169,17 +176,29 @@ class ControllerLink:
             if kind == "ack":
                 self.backlog.ack(msg.ack.seq)
             elif kind == "reject":
-                log.error(
-                    "controller rejected telemetry batch %d: %s: %s",
-                    msg.reject.seq,
-                    msg.reject.field,
-                    msg.reject.reason,
-                )
-                self.backlog.drop(msg.reject.seq)
+                self._rejected(msg.reject)
             elif kind == "command" and self.on_command is not None:
                 task = asyncio.create_task(self._run_command(msg.command))
                 self._commands.add(task)
                 task.add_done_callback(self._commands.discard)
+
+    def _rejected(self, r: apb.Reject) -> None:
+        kind = r.kind or "telemetry"  # controllers before Reject.kind rejected only batches
+        self.state.rejected[(kind, r.reason_code or "unspecified")] += 1
+        what = f"telemetry batch {r.seq}" if kind == "telemetry" else kind
+        self.state.last_rejected = f"{what}: {r.field}: {r.reason}"
+        if kind == "telemetry":
+            self.backlog.drop(r.seq)
+            what += ", dropped from the backlog"
+        quiet = 0 if kind == "telemetry" else self._throttle((kind, r.reason_code))
+        if quiet is not None:
+            log.error(
+                "controller rejected %s: %s: %s%s",
+                what,
+                r.field,
+                r.reason,
+                f" ({quiet} more like it not logged)" if quiet else "",
+            )
 
     async def _run_command(self, cmd: apb.Command) -> None:
         assert self.on_command is not None
@@ -187,7 +206,14 @@ class ControllerLink:
             result = await self.on_command(cmd)
         except Exception as e:  # a failed command is a result, never a dead agent
             log.exception("command %s failed", cmd.command_id)
-            result = apb.CommandResult(command_id=cmd.command_id, ok=False, error=f"{type(e).__name__}: {e}")
+            result = apb.CommandResult(
+                command_id=cmd.command_id,
+                incarnation=cmd.incarnation,
+                ok=False,
+                error=f"{type(e).__name__}: {e}",
+            )
+        # The controller refuses texts over 4096 characters: the start of an error says what went wrong.
+        result.error = result.error[:2000]
         self.send(apb.AgentMessage(result=result))
 
 

@@ -132,6 +132,14 @@ class AgentCollector(Collector):
             "Batches dropped from a full backlog",
             value=st.link.batches_dropped,
         )
+        rejected = CounterMetricFamily(
+            "shadowplane_agent_messages_rejected",
+            "Messages the controller refused, by kind and reason (rejected telemetry batches are dropped)",
+            labels=["kind", "reason"],
+        )
+        for (kind, reason), n in sorted(st.link.rejected.items()):
+            rejected.add_metric([kind, reason], n)
+        yield rejected
         held = GaugeMetricFamily(
             "shadowplane_agent_lease_held", "1 while this host owns the service", labels=["service"]
         )

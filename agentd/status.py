@@ -91,6 +91,8 @@ class LinkView:
     last_error: str
     backlog_batches: int  # not yet acknowledged
     batches_dropped: int  # dropped from a full backlog since start
+    rejected: Mapping[tuple[str, str], int] = field(default_factory=dict)  # by the controller: (kind, reason)
+    last_rejected: str = ""  # the latest rejection: what, the field and the reason
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,9 @@ class AgentStatus:
         link = "connected" if self.link.connected else "disconnected"
         if not self.link.connected and self.link.last_error:
             link += f" ({self.link.last_error[:160]})"  # e.g. a missing certificate: say it where admins look
+        rejected = sum(self.link.rejected.values())
         return (
             f"{self.workloads} workloads, controller {self.link.controller} {link}, "
             f"BPF {'on' if self.capture.bpf_active else 'off'}, backlog {self.link.backlog_batches} batches"
+            + (f", {rejected} messages rejected (last: {self.link.last_rejected[:160]})" if rejected else "")
         )

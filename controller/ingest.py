@@ -1,22 +1,30 @@
 """The agent stream: hello, welcome, then telemetry in and acknowledgements out.
 
-A bad batch is answered with a Reject naming the field; the stream (and every other agent's) carries on.
+Every message is checked first (controller/stream_validation.py). A bad one (a batch with a NaN, an
+observation of an unknown service, a result that answers no command) is answered with a Reject naming the
+field and counted by host, kind and reason; it changes nothing, and the stream (and every other agent's)
+carries on: the agent drops a rejected batch from its backlog instead of resending it, and its host never
+looks down because of it (any message, even a refused one, shows the agent is alive).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from controller.config import ControllerConfig
 from controller.registry import AgentRegistry, AgentSession
 from controller.store import Store
+from controller.stream_validation import Fleet, Problem, check_hello, check_message
 from shadowplane import __version__
 from shadowplane.clock import now_ms
+from shadowplane.logs import Throttle
 from shadowplane.pki import Identity
 from shadowplane.tls import peer_identity
 from shadowplane.v1 import agent_pb2 as apb
@@ -24,60 +32,23 @@ from shadowplane.v1 import agent_pb2_grpc as agrpc
 
 log = logging.getLogger(__name__)
 
-MAX_SAMPLES_PER_BATCH = 4096
-MAX_HISTOGRAM_BUCKETS = 64
 
-
-def check_hello(hello: apb.Hello, cfg: ControllerConfig) -> str | None:
-    if not hello.host:
-        return "hello.host is empty: set `host` in the agent's config"
-    if not hello.instance_id:
-        return "hello.instance_id is empty"
-    allowed = {h.name for h in cfg.host}
-    if allowed and hello.host not in allowed:
-        return f"host {hello.host!r} is not in the controller's [[host]] list: add it there"
-    names = [w.name for w in hello.workloads]
-    if len(set(names)) != len(names):
-        return "hello.workloads: duplicate workload names"
-    return None
-
-
-def check_agent_identity(who: Identity | None, host: str) -> str | None:
+def check_agent_identity(who: Identity | None, host: str) -> Problem | None:
     """With TLS, an agent must present its own host's agent certificate."""
     if who is None:
         return None  # plaintext: nothing to check (the operator was warned)
     if who.role != "agent":
-        return f"certificate of {who.name!r} has role {who.role!r}; agents need an agent certificate"
+        return Problem(
+            "hello.host",
+            "wrong_certificate",
+            f"certificate of {who.name!r} has role {who.role!r}; agents need an agent certificate",
+        )
     if who.name != host:
-        return f"certificate names host {who.name!r} but the agent says it is {host!r}"
-    return None
-
-
-def check_batch(hello: apb.Hello, batch: apb.TelemetryBatch) -> tuple[str, str] | None:
-    """(field, reason) for a batch that must not be stored, or None."""
-    if batch.seq == 0:
-        return "seq", "must be >= 1"
-    if len(batch.samples) > MAX_SAMPLES_PER_BATCH:
-        return "samples", f"{len(batch.samples)} samples; at most {MAX_SAMPLES_PER_BATCH} per batch"
-    known = {w.name for w in hello.workloads}
-    for i, s in enumerate(batch.samples):
-        where = f"samples[{i}]"
-        if s.workload not in known:
-            return f"{where}.workload", f"{s.workload!r} is not one of the workloads this agent announced"
-        if s.end_unix_ms <= s.start_unix_ms or s.start_unix_ms <= 0:
-            return (
-                f"{where}.end_unix_ms",
-                f"interval [{s.start_unix_ms}, {s.end_unix_ms}) is empty or negative",
-            )
-        for name, h in (
-            ("syscalls.latency", s.syscalls.latency),
-            ("block_io.latency", s.block_io.latency),
-            ("tcp.srtt", s.tcp.srtt),
-        ):
-            if len(h.counts) > MAX_HISTOGRAM_BUCKETS:
-                return f"{where}.{name}", f"{len(h.counts)} buckets; at most {MAX_HISTOGRAM_BUCKETS}"
-        if s.resources.cpu_seconds < 0:
-            return f"{where}.resources.cpu_seconds", "negative"
+        return Problem(
+            "hello.host",
+            "wrong_certificate",
+            f"certificate names host {who.name!r} but the agent says it is {host!r}",
+        )
     return None
 
 
@@ -101,23 +72,40 @@ class AgentStreamService(agrpc.AgentStreamServicer):
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self.cfg, self.store, self.registry, self.listener, self.clock = cfg, store, registry, listener, clock
+        self.fleet = Fleet.of(cfg)
+        # One log line per host, kind and reason, then one a minute: a broken agent must not flood the log.
+        self._throttle = Throttle(60.0)
 
     async def Connect(
         self,
         request_iterator: AsyncIterator[apb.AgentMessage],
         context: grpc.aio.ServicerContext[apb.AgentMessage, apb.ControllerMessage],
     ) -> AsyncIterator[apb.ControllerMessage]:
-        first = await anext(aiter(request_iterator), None)
+        try:
+            first = await anext(aiter(request_iterator), None)
+        except DecodeError as e:
+            await self._undecodable("", context, e)
+            return
         if first is None or first.WhichOneof("body") != "hello":
+            kind = (first.WhichOneof("body") if first else None) or "none"
+            self._count(
+                "", kind, Problem("body", "unexpected", "the first message must be hello"), context.peer()
+            )
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message on the stream must be hello"
             )
             return
         hello = first.hello
-        problem = check_hello(hello, self.cfg) or check_agent_identity(peer_identity(context), hello.host)
+        problem = check_hello(hello, self.fleet, self.clock())
+        status = grpc.StatusCode.INVALID_ARGUMENT
+        if problem is None or problem.code == "unknown_host":
+            status = grpc.StatusCode.PERMISSION_DENIED
+            problem = problem or check_agent_identity(peer_identity(context), hello.host)
         if problem:
-            log.warning("refused agent from %s: %s", context.peer(), problem)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
+            # A refused stream names no host we know: its label is "" unless the name is one of the fleet's.
+            host = hello.host if hello.host in self.fleet.hosts else ""
+            self._count(host, "hello", problem, context.peer())
+            await context.abort(status, f"{problem.field}: {problem.detail}")
             return
         now = self.clock()
         resume = self.store.register_agent(hello, context.peer(), now)
@@ -133,23 +121,27 @@ class AgentStreamService(agrpc.AgentStreamServicer):
         yield apb.ControllerMessage(
             welcome=apb.Welcome(controller_version=__version__, resume_after_seq=resume)
         )
-        inbox: asyncio.Queue[apb.AgentMessage | None] = asyncio.Queue()
+        inbox: asyncio.Queue[apb.AgentMessage | DecodeError | None] = asyncio.Queue()
 
         async def pump() -> None:
             try:
                 async for msg in request_iterator:
                     await inbox.put(msg)
+            except DecodeError as e:  # gRPC ends the call on bytes that do not parse: say why, then end
+                await inbox.put(e)
             finally:
                 await inbox.put(None)
 
         pump_task = asyncio.create_task(pump())
+        waits: set[asyncio.Task[Any]] = set()
         try:
             while True:
                 get = asyncio.create_task(inbox.get())
                 out = asyncio.create_task(session.outbox.get())
                 closed = asyncio.create_task(session.closed.wait())
-                done, pending = await asyncio.wait({get, out, closed}, return_when=asyncio.FIRST_COMPLETED)
-                for t in pending:
+                waits = {get, out, closed}
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for t in waits - done:
                     t.cancel()
                 if closed in done:
                     return
@@ -159,46 +151,87 @@ class AgentStreamService(agrpc.AgentStreamServicer):
                     msg = get.result()
                     if msg is None:
                         return
+                    if isinstance(msg, DecodeError):
+                        await self._undecodable(session.host, context, msg)
+                        return
                     reply = self._handle(session, msg)
                     if reply is not None:
                         yield reply
         finally:
+            for t in waits:  # the client went away while we waited: leave no task behind
+                t.cancel()
             pump_task.cancel()
             self.registry.detach(session)
             if self.listener is not None and self.registry.get(session.host) is None:
                 self.listener.on_disconnect(session.host)
             log.info("agent %s disconnected", hello.host)
 
+    async def _undecodable(
+        self,
+        host: str,
+        context: grpc.aio.ServicerContext[apb.AgentMessage, apb.ControllerMessage],
+        e: DecodeError,
+    ) -> None:
+        p = Problem("body", "undecodable", f"not an AgentMessage ({e}): is the peer a Shadowplane agent?")
+        self._count(host, "undecodable", p, host or context.peer())
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{p.field}: {p.detail}")
+
+    def _count(self, host: str, kind: str, p: Problem, who: str) -> None:
+        view = self.registry.rejections.add(host, kind, p, self.clock())
+        quiet = self._throttle((host, kind, p.code))
+        if quiet is not None:
+            log.warning(
+                "refused %s from %s: %s: %s%s (%d so far)",
+                kind,
+                who,
+                p.field,
+                p.detail,
+                f"; {quiet} more not logged" if quiet else "",
+                view.count,
+            )
+
     def _handle(self, session: AgentSession, msg: apb.AgentMessage) -> apb.ControllerMessage | None:
         now = self.clock()
-        session.last_heard_ms = now
-        kind = msg.WhichOneof("body")
+        session.last_heard_ms = now  # any message, even one refused below, shows the agent is alive
+        kind, problem = check_message(msg, session.hello, self.fleet, now)
+        reply = None
+        try:
+            if kind == "result":  # even a malformed result ends the wait of the command it names, saying why
+                problem = self.registry.resolve(session, msg.result, problem)
+            elif problem is None:
+                reply, problem = self._apply(session, kind, msg, now)
+        except sqlite3.OperationalError:
+            raise  # the store cannot write (disk full, locked): end the stream, the agent resends later
+        except Exception as e:  # a check missed something: refuse this message, keep the stream
+            log.exception("%s from %s passed its checks but failed; refused it", kind, session.host)
+            problem = Problem(kind, "internal", f"the controller failed on it: {type(e).__name__}: {e}")
+        if problem is None:
+            return reply
+        self._count(session.host, kind, problem, session.host)
+        return apb.ControllerMessage(
+            reject=apb.Reject(
+                seq=msg.telemetry.seq if kind == "telemetry" else 0,
+                field=problem.field,
+                reason=problem.detail,
+                kind=kind,
+                reason_code=problem.code,
+            )
+        )
+
+    def _apply(
+        self, session: AgentSession, kind: str, msg: apb.AgentMessage, now: int
+    ) -> tuple[apb.ControllerMessage | None, Problem | None]:
+        """Act on a message that passed its checks: (the reply, or a problem found only now)."""
         if kind == "telemetry":
             batch = msg.telemetry
-            problem = check_batch(session.hello, batch)
-            if problem:
-                field, reason = problem
-                log.warning("rejected batch %d from %s: %s: %s", batch.seq, session.host, field, reason)
-                self.store.skip_batch(session.host, session.instance_id, batch.seq, now)
-                return apb.ControllerMessage(reject=apb.Reject(seq=batch.seq, field=field, reason=reason))
-            self.store.append_batch(session.host, session.instance_id, batch, now)
+            try:
+                self.store.append_batch(session.host, session.instance_id, batch, now)
+            except (sqlite3.IntegrityError, OverflowError, ValueError) as e:  # a value the checks let through
+                return None, Problem("samples", "store_refused", f"the store refused the batch: {e}")
             session.capture = batch.capture
-            return apb.ControllerMessage(ack=apb.TelemetryAck(seq=batch.seq))
-        if kind == "heartbeat":
-            return None
-        if kind == "result":
-            session.resolve(msg.result)
-            return None
-        if kind == "observation":
-            if self.listener is not None:
-                self.listener.on_observation(session.host, msg.observation)
-            return None
-        if kind == "lease_event":
-            if self.listener is not None:
-                self.listener.on_lease_event(session.host, msg.lease_event)
-            return None
-        if kind == "hello":
-            return apb.ControllerMessage(
-                reject=apb.Reject(field="hello", reason="hello is only valid as the first message")
-            )
-        return None
+            return apb.ControllerMessage(ack=apb.TelemetryAck(seq=batch.seq)), None
+        if kind == "observation" and self.listener is not None:
+            self.listener.on_observation(session.host, msg.observation)
+        if kind == "lease_event" and self.listener is not None:
+            self.listener.on_lease_event(session.host, msg.lease_event)
+        return None, None  # a heartbeat, or nobody listening

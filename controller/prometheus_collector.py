@@ -65,6 +65,14 @@ class ControllerCollector(Collector):
         for a in st.agents:
             seen.add_metric([a.host], max(0.0, (st.now_ms - a.last_heard_ms) / 1000))
         yield seen
+        rejected = CounterMetricFamily(
+            "shadowplane_controller_agent_messages_rejected",
+            "Messages refused on agent streams, by host, kind (hello, telemetry, result, ...) and reason",
+            labels=["host", "kind", "reason"],
+        )
+        for r in st.rejected:
+            rejected.add_metric([r.host, r.kind, r.reason], r.count)
+        yield rejected
         yield from self._services(st)
         yield from self._events()
         if st.scaling is not None:

@@ -68,7 +68,9 @@ class Controller:
     def status(self) -> ControllerStatus:
         """The whole view, for /metrics."""
         now = now_ms()
-        return ControllerStatus(now, self.agents(), self.services(), self.scaling_view(now))
+        return ControllerStatus(
+            now, self.agents(), self.services(), self.scaling_view(now), self.registry.rejections.views()
+        )
 
     def agents(self) -> tuple[AgentView, ...]:
         return self.registry.views()
@@ -156,11 +158,12 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "controller listening on %s (port %d), store %s, %d services",
+        "controller listening on %s (port %d), store %s, %d services, incarnation %s",
         cfg.listen,
         c.port,
         cfg.store.path,
         len(cfg.service),
+        registry.incarnation,
     )
     counters = EventCounters()
     events.listeners.append(counters)

@@ -32,6 +32,19 @@ class AgentView:
 
 
 @dataclass(frozen=True)
+class RejectedView:
+    """Messages of one kind an agent's streams had refused for one reason, since the controller started."""
+
+    host: str  # "" for a stream refused before it named a known host
+    kind: str  # the AgentMessage body: "hello", "telemetry", "observation", "result", ...
+    reason: str  # the reason code, e.g. "not_finite", "unknown_workload", "wrong_answer"
+    count: int
+    last_field: str  # of the latest one, e.g. "samples[0].resources.cpu_seconds"
+    last_detail: str
+    last_ms: int
+
+
+@dataclass(frozen=True)
 class ObserverView:
     """One observer's view of one target of a service: up True/False, or None when it has none."""
 
@@ -102,6 +115,7 @@ class ControllerStatus:
     agents: tuple[AgentView, ...]
     services: tuple[ServiceView, ...]
     scaling: ScalingView | None  # None when scaling is disabled
+    rejected: tuple[RejectedView, ...] = ()  # what agent streams had refused, by host, kind and reason
 
     def service(self, name: str) -> ServiceView | None:
         return next((s for s in self.services if s.name == name), None)

@@ -17,6 +17,8 @@ import logging
 import os
 import re
 import sys
+import time
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +118,26 @@ def setup(level: str = "info", target: str | None = None, component: str | None 
             "logging to stderr: the journal needs python3-systemd (apt-get install python3-systemd)"
         )
     return where
+
+
+class Throttle:
+    """Whether to log a condition that repeats (the same bad input, every second): the first time for each
+    key, then at most once per `seconds`. Calling it returns None to stay quiet, else how many occurrences
+    were not logged since the last line."""
+
+    def __init__(
+        self, seconds: float, clock: Callable[[], float] = time.monotonic, max_keys: int = 1024
+    ) -> None:
+        self.seconds, self.clock, self.max_keys = seconds, clock, max_keys
+        self._last: dict[Hashable, tuple[float, int]] = {}  # key -> (last logged, quiet since)
+
+    def __call__(self, key: Hashable) -> int | None:
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.seconds:
+            self._last[key] = (last[0], last[1] + 1)
+            return None
+        if last is None and len(self._last) >= self.max_keys:
+            self._last.clear()  # forgetting only means logging a key once more
+        self._last[key] = (now, 0)
+        return last[1] if last is not None else 0

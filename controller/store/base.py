@@ -57,10 +57,6 @@ class Store(Protocol):
         """Store a batch atomically, at most once per (host, instance, seq); False if it was a duplicate."""
         ...
 
-    def skip_batch(self, host: str, instance_id: str, seq: int, now_ms: int) -> None:
-        """Mark a rejected batch as handled, so a resumed agent does not resend it."""
-        ...
-
     def touch_agent(self, host: str, instance_id: str, now_ms: int) -> None: ...
 
     def agents(self) -> list[AgentRecord]:

@@ -170,13 +170,6 @@ class SqliteStore:
             )
             return True
 
-    def skip_batch(self, host: str, instance_id: str, seq: int, now_ms: int) -> None:
-        self.db.execute(
-            """UPDATE agents SET last_seq = MAX(last_seq, ?), last_seen_ms = ?
-               WHERE host = ? AND instance_id = ?""",
-            (seq, now_ms, host, instance_id),
-        )
-
     def touch_agent(self, host: str, instance_id: str, now_ms: int) -> None:
         self.db.execute(
             "UPDATE agents SET last_seen_ms = ? WHERE host = ? AND instance_id = ?",

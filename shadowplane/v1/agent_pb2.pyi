@@ -154,9 +154,12 @@ class CommandResult(_message.Message):
     HOOK_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
     ok: _builtins.bool
     error: _builtins.str
+    incarnation: _builtins.str
+    """Command.incarnation, echoed: the controller refuses a result meant for an earlier controller."""
     @_builtins.property
     def vote(self) -> Global___VoteReply: ...
     @_builtins.property
@@ -175,10 +178,11 @@ class CommandResult(_message.Message):
         hook: Global___HookResult | None = ...,
         address: Global___AddressState | None = ...,
         limits: Global___LimitsApplied | None = ...,
+        incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "detail", b"detail", "hook", b"hook", "limits", b"limits", "vote", b"vote"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "command_id", b"command_id", "detail", b"detail", "error", b"error", "hook", b"hook", "limits", b"limits", "ok", b"ok", "vote", b"vote"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "command_id", b"command_id", "detail", b"detail", "error", b"error", "hook", b"hook", "incarnation", b"incarnation", "limits", b"limits", "ok", b"ok", "vote", b"vote"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_detail: _TypeAlias = _typing.Literal["vote", "hook", "address", "limits"]  # noqa: Y015
     _WhichOneofArgType_detail: _TypeAlias = _typing.Literal["detail", b"detail"]  # noqa: Y015
@@ -358,26 +362,38 @@ Global___TelemetryAck: _TypeAlias = TelemetryAck  # noqa: Y015
 
 @_typing.final
 class Reject(_message.Message):
-    """A batch the controller refused; it will never be stored, so the agent drops it from its backlog."""
+    """A message the controller refused (it changed nothing). For a telemetry batch, `seq` names it: it will never
+    be stored, so the agent drops it from its backlog.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQ_FIELD_NUMBER: _builtins.int
     FIELD_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     field: _builtins.str
+    """e.g. "samples[0].resources.cpu_seconds" """
     reason: _builtins.str
+    """for people: what is wrong and how to fix it"""
+    kind: _builtins.str
+    """the AgentMessage body refused: "telemetry", "observation", "result", ..."""
+    reason_code: _builtins.str
+    """short and stable ("not_finite", "too_large", ...): the metrics' reason label"""
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
         field: _builtins.str = ...,
         reason: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        reason_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "reason", b"reason", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "kind", b"kind", "reason", b"reason", "reason_code", b"reason_code", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -388,6 +404,7 @@ class Command(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COMMAND_ID_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     WATCH_FIELD_NUMBER: _builtins.int
     VOTE_FIELD_NUMBER: _builtins.int
     ACQUIRE_FIELD_NUMBER: _builtins.int
@@ -395,6 +412,9 @@ class Command(_message.Message):
     RUN_HOOK_FIELD_NUMBER: _builtins.int
     SET_LIMITS_FIELD_NUMBER: _builtins.int
     command_id: _builtins.str
+    """unique per controller start: "<incarnation>-<n>" """
+    incarnation: _builtins.str
+    """Unique per controller start; the agent echoes it in its CommandResult."""
     @_builtins.property
     def watch(self) -> Global___Watch: ...
     @_builtins.property
@@ -411,6 +431,7 @@ class Command(_message.Message):
         self,
         *,
         command_id: _builtins.str = ...,
+        incarnation: _builtins.str = ...,
         watch: Global___Watch | None = ...,
         vote: Global___Vote | None = ...,
         acquire: Global___Acquire | None = ...,
@@ -420,7 +441,7 @@ class Command(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "action", b"action", "release", b"release", "run_hook", b"run_hook", "set_limits", b"set_limits", "vote", b"vote", "watch", b"watch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "action", b"action", "command_id", b"command_id", "release", b"release", "run_hook", b"run_hook", "set_limits", b"set_limits", "vote", b"vote", "watch", b"watch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "action", b"action", "command_id", b"command_id", "incarnation", b"incarnation", "release", b"release", "run_hook", b"run_hook", "set_limits", b"set_limits", "vote", b"vote", "watch", b"watch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["watch", "vote", "acquire", "release", "run_hook", "set_limits"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015

@@ -31,6 +31,7 @@ from controller.scaling.loop import ScalingLoop
 from controller.scaling.planner import Target
 from controller.status import ControllerStatus
 from controller.store import EventRecord, ServiceRecord, SqliteStore
+from controller.stream_validation import Problem
 from lab.procs import free_port
 from shadowplane.clock import now_ms
 from shadowplane.prometheus import MetricsConfig, add_log2, log2_buckets, serve
@@ -131,7 +132,15 @@ def agent_status(totals: Totals, *, bpf: bool, holding: bool) -> AgentStatus:
             dropped_events={"task_storage_full": 5} if bpf else {},
             histogram_buckets=BUCKETS if bpf else {},
         ),
-        link=LinkView("127.0.0.1:7400", connected=True, last_error="", backlog_batches=0, batches_dropped=3),
+        link=LinkView(
+            "127.0.0.1:7400",
+            connected=True,
+            last_error="",
+            backlog_batches=0,
+            batches_dropped=3,
+            rejected={("telemetry", "not_finite"): 2},
+            last_rejected="telemetry batch 9: samples[0].resources.cpu_seconds: nan is not a finite number",
+        ),
         leases=(
             LeaseView("db", held=False, token=None),
             LeaseView("web", held=holding, token=7 if holding else None),
@@ -164,6 +173,7 @@ def test_agent_metrics_are_running_totals_of_the_shipped_deltas() -> None:
     assert value(text, "shadowplane_agent_bpf_active") == 1
     assert value(text, "shadowplane_agent_controller_connected") == 1
     assert value(text, "shadowplane_agent_telemetry_batches_dropped_total") == 3
+    assert value(text, 'shadowplane_agent_messages_rejected_total{kind="telemetry",reason="not_finite"}') == 2
     assert value(text, 'shadowplane_agent_lease_held{service="web"}') == 1
     assert value(text, 'shadowplane_agent_lease_token{service="web"}') == 7
     assert value(text, 'shadowplane_agent_lease_held{service="db"}') == 0  # configured, not held
@@ -217,7 +227,11 @@ class Parts:
     def status(self) -> ControllerStatus:
         now = now_ms()
         return ControllerStatus(
-            now, self.registry.views(), self.failover.service_views(), self.scaling.status(now)
+            now,
+            self.registry.views(),
+            self.failover.service_views(),
+            self.scaling.status(now),
+            self.registry.rejections.views(),
         )
 
     def render(self) -> str:
@@ -256,6 +270,9 @@ def test_controller_metrics_show_owner_transitions_forecast_demand_and_shadows(t
     }
     c.scaling.applied[("s1", "web")] = AppliedLimits(cpu_cores=1.2, memory_bytes=2 * GIB)
     c.scaling.readiness[("s1", "web")] = Readiness(True, "limits in place")
+    # s1's stream sent a batch with a NaN, refused twice
+    for _ in range(2):
+        c.registry.rejections.add("s1", "telemetry", Problem("samples[0].x", "not_finite", "nan"), now)
 
     text = c.render()
     assert value(text, 'shadowplane_service_owner_info{owner="s1",service="web"}') == 1
@@ -269,6 +286,10 @@ def test_controller_metrics_show_owner_transitions_forecast_demand_and_shadows(t
     assert value(text, 'shadowplane_service_observer_up{observer="s1",service="web",target="p1"}') == 0
     assert value(text, "shadowplane_controller_agents_connected") == 1
     assert value(text, 'shadowplane_controller_agent_last_seen_seconds{host="s1"}') < 60
+    rejected = (
+        'shadowplane_controller_agent_messages_rejected_total{host="s1",kind="telemetry",reason="not_finite"}'
+    )
+    assert value(text, rejected) == 2
     assert value(text, 'shadowplane_demand_cpu_cores{service="web"}') == pytest.approx(0.5)
     assert value(text, 'shadowplane_demand_memory_bytes{service="web"}') == 512 * 2**20
     assert value(text, 'shadowplane_forecast_cpu_cores{q="0.99",service="web"}') == 0.9

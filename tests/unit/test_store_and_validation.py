@@ -3,8 +3,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from controller.config import ControllerConfig, HostEntry
-from controller.ingest import check_batch, check_hello
 from controller.store import SqliteStore
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import telemetry_pb2 as tpb
@@ -55,35 +53,6 @@ def test_store_limit_per_workload_and_prune(tmp_path: Path) -> None:
     assert len(st.samples("h1", workload="other")) == 0
     assert st.prune(older_than_ms=10_000) == 4
     assert len(st.samples("h1", limit=100)) == 6
-
-
-def test_skip_batch_advances_resume_point(tmp_path: Path) -> None:
-    st = SqliteStore(tmp_path / "c.db")
-    st.register_agent(hello(), "p", 1)
-    st.skip_batch("h1", "i1", 3, 2)
-    assert st.register_agent(hello(), "p", 3) == 3
-
-
-def test_check_batch_names_the_field() -> None:
-    h = hello()
-    assert check_batch(h, batch(1, 5000)) is None
-    assert check_batch(h, batch(0, 5000)) == ("seq", "must be >= 1")
-    field, reason = check_batch(h, batch(1, 5000, workload="db")) or ("", "")
-    assert field == "samples[0].workload" and "not one of the workloads" in reason
-    bad = batch(1, 5000)
-    bad.samples[0].end_unix_ms = bad.samples[0].start_unix_ms
-    assert (check_batch(h, bad) or ("",))[0] == "samples[0].end_unix_ms"
-    bad = batch(1, 5000)
-    bad.samples[0].block_io.latency.counts.extend([1] * 65)
-    assert (check_batch(h, bad) or ("",))[0] == "samples[0].block_io.latency"
-
-
-def test_check_hello_enforces_the_host_list() -> None:
-    cfg = ControllerConfig(host=[HostEntry(name="h1")])
-    assert check_hello(hello(), cfg) is None
-    problem = check_hello(hello(host="intruder"), cfg)
-    assert problem is not None and "not in the controller's [[host]] list" in problem
-    assert check_hello(hello(host=""), cfg) is not None
 
 
 def test_a_schema_2_store_keeps_its_decisions_and_overrides(tmp_path: Path) -> None:
