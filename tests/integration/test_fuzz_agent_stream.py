@@ -32,10 +32,10 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from agentd.config import NAME_RE
 from agentd.link import Backlog, ControllerLink
 from controller.stream_validation import MAX_OUTPUT_TAIL_CHARS, MAX_TEXT_CHARS
 from lab.procs import free_port, wait_for_port
+from shadowplane.config import NAME_RE
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import telemetry_pb2 as tpb
 from tests.integration.test_bad_input import Controller, ScriptedAgent, sample
