@@ -79,7 +79,7 @@ class FakeAgent:
             session.last_heard_ms = now_ms()
             cmd = msg.command
             kind = cmd.WhichOneof("action")
-            r = apb.CommandResult(command_id=cmd.command_id, ok=True)
+            r = apb.CommandResult(command_id=cmd.command_id, ok=True, incarnation=cmd.incarnation)
             if kind == "vote":
                 r.vote.CopyFrom(self.role.vote(cmd.vote))
             elif kind == "watch":
@@ -92,10 +92,13 @@ class FakeAgent:
             elif kind == "release":
                 if not self.answers_release:
                     continue  # hung: it never answers
-                r.address.CopyFrom(apb.AddressState(service="web", holds_address=False))
+                r.address.CopyFrom(
+                    apb.AddressState(service="web", token=cmd.release.token, holds_address=False)
+                )
             elif kind == "run_hook":
-                r.hook.found = False
-            session.resolve(r)
+                r.hook.CopyFrom(apb.HookResult(phase=cmd.run_hook.phase, found=False))
+            problem = self.registry.resolve(session, r)
+            assert problem is None, problem
 
 
 async def setup(
