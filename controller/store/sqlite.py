@@ -180,7 +180,9 @@ class SqliteStore:
         rows = self.db.execute(
             """SELECT host, instance_id, hello, peer, last_seq, first_seen_ms, last_seen_ms, last_telemetry_ms
                FROM agents a
-               WHERE first_seen_ms = (SELECT MAX(first_seen_ms) FROM agents b WHERE b.host = a.host)
+               -- the instance heard from last: a newer instance that came and went (a rogue with the
+               -- host's certificate, an aborted start) must not hide the agent that is running
+               WHERE last_seen_ms = (SELECT MAX(last_seen_ms) FROM agents b WHERE b.host = a.host)
                ORDER BY host"""
         ).fetchall()
         return [

@@ -42,6 +42,9 @@ def test_store_dedupes_and_resumes(tmp_path: Path) -> None:
     # a new agent instance (restarted agent) starts its own sequence
     assert st.register_agent(hello(instance="i2"), "peer", 6) == 0
     assert [a.instance_id for a in st.agents()] == ["i2"]
+    # an instance that came and went (a rogue with the host's certificate) does not hide the one that runs
+    st.touch_agent("h1", "i1", 7)
+    assert [a.instance_id for a in st.agents()] == ["i1"]
 
 
 def test_store_limit_per_workload_and_prune(tmp_path: Path) -> None:
