@@ -68,6 +68,11 @@ class Snapshot:
     now_ms: int
     primary_grace_over: bool = True  # the controller has waited long enough for primaries to connect
     request: Request | None = None
+    # How long a majority has said the owner stopped renewing, and how long health checks take to see a
+    # target down (fall x interval + timeout): a lease shorter than detection lapses first when an owner is
+    # cut off, and only the health checks can tell that from an agent's hiccup.
+    renewing_down_for_ms: int = 0
+    detection_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,16 +134,26 @@ def decide(s: Snapshot) -> Decision:
         return Decision("failover", best[0], why, planned=s.owner in s.connected)
     if s.renewing.majority_down:
         why = f"owner {s.owner} stopped renewing its lease ({s.renewing.describe()})"
-        if s.owner in s.connected:
+        if s.renewing_down_for_ms < s.detection_ms:
+            # Cut off, or an agent's hiccup? The health checks are about to say; reacquiring on a host that
+            # is cut off would only wait for it to answer.
+            return Decision(
+                "none",
+                "",
+                f"{why}; waiting up to {s.detection_ms - s.renewing_down_for_ms} ms for the health checks",
+            )
+        if s.owner in s.connected and owner_health.majority_up:
             return Decision(
                 "reacquire", s.owner, f"{why}; its agent is connected, so it takes a new token", planned=True
             )
         best = candidates(s, s.owner)
         if not best:
             return Decision("none", "", f"{why}; no ready host to take over")
-        # The owner's service may be fine but its agent is gone: only the kernel's address lifetime
-        # guarantees its VIP is gone, which the orchestrator waits out for any owner it cannot hear from.
-        return Decision("failover", best[0], f"{why} and its agent is gone; waiting out the address lifetime")
+        # The owner's agent is gone, or its service is not seen up: it may still hold the VIP, which only the
+        # kernel's address lifetime guarantees gone; the orchestrator waits that out unless it confirms.
+        connected = s.owner in s.connected
+        state = "its service is not seen up by a majority" if connected else "its agent is gone"
+        return Decision("failover", best[0], f"{why} and {state}", planned=connected)
     if (
         s.owner != s.primary
         and s.failback == "auto"

@@ -38,6 +38,7 @@ class ServiceRuntime:
     cfg: ServiceConfig
     task: asyncio.Task[ServiceRecord] | None = None
     primary_up_since_ms: int | None = None
+    renewing_down_since_ms: int | None = None  # since when a majority says the owner stopped renewing
     stable_since: float = field(default_factory=time.monotonic)
     last_noted: str = ""
 
@@ -160,6 +161,11 @@ class FailoverLoop:
         svc = rt.cfg
         rec = self.orchestrator.service_state(svc.name)
         health = {h: self._health(rt, h) for h in rt.targets()}
+        renewing, now = self._renewing(rt, rec), now_ms()
+        if not renewing.majority_down:
+            rt.renewing_down_since_ms = None
+        elif rt.renewing_down_since_ms is None:
+            rt.renewing_down_since_ms = now
         return Snapshot(
             name=svc.name,
             primary=svc.primary,
@@ -171,12 +177,14 @@ class FailoverLoop:
             token=rec.token,
             last_failover_ms=rec.last_failover_ms,
             health=health,
-            renewing=self._renewing(rt, rec),
+            renewing=renewing,
             connected=self.alive(),
             primary_up_since_ms=rt.primary_up_since_ms,
-            now_ms=now_ms(),
+            now_ms=now,
             primary_grace_over=time.monotonic() - self.started > self.cfg.failover.placement_grace_seconds,
             request=request,
+            renewing_down_for_ms=now - rt.renewing_down_since_ms if rt.renewing_down_since_ms else 0,
+            detection_ms=_detection_ms(svc),
         )
 
     def service_views(self) -> tuple[ServiceView, ...]:
@@ -371,3 +379,9 @@ def controller_lease_observer(cfg: ControllerConfig, store: Store) -> LeaseObser
         if rec is not None:
             observer.restore(svc.name, rec.token, rec.candidate if rec.phase == "acquiring" else rec.owner)
     return observer
+
+
+def _detection_ms(svc: ServiceConfig) -> int:
+    """How long the health checks take to see a target down: `fall` failed probes, the last at its timeout."""
+    h = svc.health
+    return int((h.fall * h.interval_seconds + h.timeout_seconds) * 1000)

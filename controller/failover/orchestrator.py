@@ -12,6 +12,9 @@ Order (and why):
    until the kernel's lifetime of it could have run out, so the wait is the longest *address* wait.
 6. the new owner renews with a majority, adds the address and announces it (GARP / unsolicited NA).
 7. DNS record switch, after-hooks, the old owner's limits back to plan.
+
+A reacquire (the owner's agent let its lease lapse, its service is fine) runs steps 3 to 6 on the same host:
+no hooks, and no command to it waits longer than a renewal round needs (`_command_timeout`).
 """
 
 from __future__ import annotations
@@ -89,7 +92,10 @@ class Orchestrator:
         # A failing owner serves nobody: preparing the new owner runs alongside fencing the old one. A
         # planned move changes nothing until the new owner is ready.
         urgent = d.action == "failover"
-        prepare = asyncio.create_task(self._prepare(svc, new, env))
+        # A reacquire keeps the service where it is: no data moves, so no before- or after- hooks, and no
+        # long hook timeouts spent on an owner that may not answer.
+        same_host = old == new
+        prepare = asyncio.create_task(self._prepare(svc, new, env, hooks=not same_host))
         if not urgent and not await prepare and svc.hook_failure == "abort":
             self.events.record(
                 "takeover-aborted",
@@ -105,12 +111,16 @@ class Orchestrator:
         )
         release: asyncio.Task[bool] | None = None
         if old and d.planned and not urgent:
-            if not await self._hook(svc, old, "before-release", env) and svc.hook_failure == "abort":
+            if (
+                not same_host
+                and not await self._hook(svc, old, "before-release", env)
+                and svc.hook_failure == "abort"
+            ):
                 self.events.record(
                     "takeover-aborted", svc.name, old, "before-release hook failed; old owner kept"
                 )
                 return self._save(replace(rec, phase="stable", candidate=""))
-            release = asyncio.create_task(self._release(svc, old, old_token, 2.0))
+            release = asyncio.create_task(self._release(svc, old, old_token, self._command_timeout()))
         elif old and old in self._alive():
             # It may still hear us (its service died, its agent did not): a confirmed release saves the wait.
             release = asyncio.create_task(self._release(svc, old, old_token, 0.5))
@@ -152,7 +162,9 @@ class Orchestrator:
 
         try:
             result = await self.registry.call(
-                new, apb.Command(acquire=self._acquire_msg(svc, token)), timeout=5.0
+                new,
+                apb.Command(acquire=self._acquire_msg(svc, token)),
+                timeout=self._command_timeout() + svc.garp_count * svc.garp_interval_seconds,
             )
             ok, error = result.ok, result.error
         except CommandError as e:
@@ -190,7 +202,8 @@ class Orchestrator:
             # service moves again (each attempt is an event).
             addr = self.cfg.host_entry(new).address
             await self.dns_updates.point(svc.name, svc.dns, new, addr, self.events.record)
-        await self._hook(svc, new, "after-takeover", env)
+        if not same_host:
+            await self._hook(svc, new, "after-takeover", env)
         if old and old != new:
             if released or (d.planned and not urgent):
                 await self._hook(svc, old, "after-release", env)
@@ -203,9 +216,15 @@ class Orchestrator:
                     self.events.record("resize-failed", svc.name, old, f"could not restore limits: {e}")
         return rec
 
-    async def _prepare(self, svc: ServiceConfig, new: str, env: dict[str, str]) -> bool:
+    def _command_timeout(self) -> float:
+        """How long a release or an acquire may take on a healthy agent: a renewal round and a netlink
+        call or two. Waiting longer on one that does not answer only lengthens the outage: a failed acquire
+        leaves the service without an owner, which the next tick places again with a newer token."""
+        return max(1.0, 2 * self.cfg.failover.lease_seconds)
+
+    async def _prepare(self, svc: ServiceConfig, new: str, env: dict[str, str], hooks: bool = True) -> bool:
         """The new owner's before-takeover hook, then its limits raised to the forecast."""
-        ok = await self._hook(svc, new, "before-takeover", env)
+        ok = await self._hook(svc, new, "before-takeover", env) if hooks else True
         if (ok or svc.hook_failure == "continue") and self.on_takeover is not None:
             try:
                 await self.on_takeover(svc, new)

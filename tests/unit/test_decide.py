@@ -91,6 +91,7 @@ def test_lapsed_lease_reacquires_or_fails_over_unplanned() -> None:
     d = decide(snap(renewing=lapsed, connected=frozenset({"s1", "s2"})))
     # Unplanned: the orchestrator cannot hear the old owner, so it waits out the address lifetime.
     assert (d.action, d.target, d.planned) == ("failover", "s1", False)
+    assert "its agent is gone" in d.reason
 
 
 def test_requests_are_checked() -> None:
@@ -101,3 +102,37 @@ def test_requests_are_checked() -> None:
     assert "neither" in decide(snap(request=Request("failover", to="x9"))).reason
     assert decide(snap(request=Request("failover", to="s2"))).target == "s2"
     assert "already on the primary" in decide(snap(request=Request("failback"))).reason
+
+
+def test_a_lapsed_lease_waits_for_the_health_checks_before_reacquiring() -> None:
+    """A cut-off owner's lease lapses before the checks fail when the lease is shorter than detection: the
+    loop waits for them rather than reacquiring on a host it cannot reach."""
+    lapsed = Tally(up=0, down=2, voters=3, down_by=("s1", "s2"))
+    d = decide(snap(renewing=lapsed, renewing_down_for_ms=300, detection_ms=800))
+    assert d.action == "none" and "waiting up to 500 ms for the health checks" in d.reason
+    # the checks have had their time and see the owner fine: its agent had a hiccup, it takes a new token
+    d = decide(snap(renewing=lapsed, renewing_down_for_ms=800, detection_ms=800))
+    assert (d.action, d.target) == ("reacquire", "p1")
+    # they see it down: a failover (not a reacquire on a host that does not answer)
+    down = Tally(up=0, down=2, voters=2, down_by=("s1", "s2"))
+    d = decide(
+        snap(
+            renewing=lapsed,
+            renewing_down_for_ms=300,
+            detection_ms=800,
+            health={"p1": down, "s1": UP, "s2": UP},
+        )
+    )
+    assert (d.action, d.target) == ("failover", "s1")
+    # undecided checks after detection: not a reacquire either
+    split = Tally(up=1, down=1, voters=3, down_by=("s1",))
+    d = decide(
+        snap(
+            renewing=lapsed,
+            renewing_down_for_ms=900,
+            detection_ms=800,
+            health={"p1": split, "s1": UP, "s2": UP},
+        )
+    )
+    assert (d.action, d.target, d.planned) == ("failover", "s1", True)
+    assert "not seen up by a majority" in d.reason
