@@ -103,6 +103,9 @@ class Spec:
     failback: Literal["auto", "manual", "never"] = "auto"
     hook_failure: Literal["abort", "continue"] = "abort"
     agent_bpf: bool = False  # BPF capture compiles per agent (seconds of CPU each); failover needs none
+    # Mutual TLS, as production runs, unless this is set: every daemon and the lab's own calls then run
+    # without certificates (`python -m lab up --plaintext`)
+    plaintext: bool = False
     http_port: int = 8080
     timings: Timings = field(default_factory=Timings)
     workdir: Path | None = None  # None: a fresh directory under /run/shadowplane-lab
