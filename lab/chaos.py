@@ -33,7 +33,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -63,10 +63,11 @@ class Figures:
     events_lost: int  # gaps in the event ids
     telemetry_lost: int  # sample intervals missing from the store, hosts whose agent ran throughout
     daemons_died: tuple[str, ...]  # lab daemons found dead that the scenario did not kill on purpose
+    rogue_grants: int = 0  # renewals a rogue host got granted (each one is a hole)
     note: str = ""
 
     def safe(self) -> bool:
-        return self.two_owner_samples == 0 and self.false_failovers == 0
+        return self.two_owner_samples == 0 and self.false_failovers == 0 and self.rogue_grants == 0
 
     def outage_within_bound(self) -> bool | None:
         if self.outage_bound_seconds is None:
@@ -94,7 +95,7 @@ class Chaos:
         self.quick = quick
         self.lab = Lab.up(self.spec)
         self.primary = self.lab.service().primary
-        self.log: Callable[[str], None] = lambda _: None
+        self.rogue_grants = 0
 
     def __enter__(self) -> Chaos:
         return self
@@ -141,20 +142,20 @@ class Chaos:
     # ---- one scenario ----
 
     def run(self, sc: Scenario) -> Figures:
-        note = ""
+        notes: list[str] = []
         if not self.wait_settled():
             self.rebuild()
-            note = "lab rebuilt before the scenario (it had not settled); "
+            notes.append("lab rebuilt before the scenario (it had not settled)")
             if not self.wait_settled():
                 raise LabError(f"{sc.name}: a fresh lab did not settle on {self.primary}")
         t = self.lab.plan.spec.timings
         baseline = last_event_id(self.lab)
         checker, poller = self.lab.vipcheck().start(), self.lab.poller().start()
-        self.checker = checker
+        self.checker, self.rogue_grants = checker, 0
         t0, t0_ms = time.monotonic(), int(time.time() * 1000)
         try:
             time.sleep(0.3)
-            note += sc.inject(self)
+            notes.append(sc.inject(self))
             settled = self.wait_settled()
             time.sleep(0.3)
         finally:
@@ -179,7 +180,8 @@ class Chaos:
             events_lost=ids_missing([e.id for e in events], baseline),
             telemetry_lost=lost,
             daemons_died=dead,
-            note=(note + ("" if settled else "did not settle again; ")).strip("; "),
+            rogue_grants=self.rogue_grants,
+            note="; ".join(n for n in [*notes, "" if settled else "did not settle again"] if n),
         )
         if not settled:
             self.rebuild()
@@ -413,8 +415,8 @@ def _rogue(with_cert: bool) -> Callable[[Chaos], str]:
         if out.returncode != 0:
             raise LabError(f"lab.rogue failed: {out.stderr.strip()[-500:]}")
         got = json.loads(out.stdout.strip().splitlines()[-1])
-        granted = sum(got.get("renew_granted", {}).values())
-        return f"rogue renewals granted: {granted}" if granted else ""
+        c.rogue_grants = sum(got.get("renew_granted", {}).values())
+        return ""
 
     return inject
 
@@ -438,7 +440,8 @@ SCENARIOS: tuple[Scenario, ...] = (
         "the fleet split in two: {p1, s1} | {ctl, s2}",
         _partition([("p1", "ctl"), ("p1", "s2"), ("s1", "ctl"), ("s1", "s2")], 4.0, 2.0),
         move_allowed=True,
-        outage_bounded=True,
+        # not the link-cut bound: the preferred shadow (s1) is cut off with the owner, and the controller may
+        # pick it before its own checks of s1 fail
     ),
     Scenario(
         "owner-agent-sigstop",
@@ -552,11 +555,11 @@ class Totals:
     scenarios: int
     two_owner_samples: int
     false_failovers: int
+    rogue_grants: int
     events_lost: int
     telemetry_lost: int
     daemons_died: int
     outages_over_bound: int
-    worst: dict[str, Any] = field(default_factory=dict)
 
 
 def totals(figs: list[Figures]) -> Totals:
@@ -564,6 +567,7 @@ def totals(figs: list[Figures]) -> Totals:
         len(figs),
         sum(f.two_owner_samples for f in figs),
         sum(f.false_failovers for f in figs),
+        sum(f.rogue_grants for f in figs),
         sum(f.events_lost for f in figs),
         sum(f.telemetry_lost for f in figs),
         sum(len(f.daemons_died) for f in figs),
@@ -573,7 +577,7 @@ def totals(figs: list[Figures]) -> Totals:
 
 HEADER = (
     f"{'scenario':<34} {'secs':>5} {'samples':>7} {'2 owners':>8} {'outage s':>9} {'bound s':>7}"
-    f" {'moves':>5} {'false':>5} {'ev lost':>7} {'tel lost':>8}  died / note"
+    f" {'moves':>5} {'false':>5} {'rogue':>5} {'ev lost':>7} {'tel lost':>8}  died / note"
 )
 
 
@@ -583,8 +587,8 @@ def row(f: Figures) -> str:
     tail = ", ".join(f.daemons_died) or "-"
     return (
         f"{f.scenario:<34} {f.seconds:>5.1f} {f.samples:>7} {f.two_owner_samples:>8} {out:>9} {bound:>7}"
-        f" {f.moves:>5} {f.false_failovers:>5} {f.events_lost:>7} {f.telemetry_lost:>8}  {tail}"
-        + (f" / {f.note}" if f.note else "")
+        f" {f.moves:>5} {f.false_failovers:>5} {f.rogue_grants:>5} {f.events_lost:>7}"
+        f" {f.telemetry_lost:>8}  {tail}" + (f" / {f.note}" if f.note else "")
     )
 
 

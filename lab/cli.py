@@ -224,10 +224,11 @@ def lab_chaos(args: argparse.Namespace) -> int:
     else:
         print(
             f"\n{t.scenarios} scenarios: {t.two_owner_samples} samples with two owners, {t.false_failovers}"
-            f" false failovers, {t.outages_over_bound} outages over their bound, {t.events_lost} events and"
+            f" false failovers, {t.rogue_grants} rogue renewals granted, {t.outages_over_bound} outages over"
+            f" their bound, {t.events_lost} events and"
             f" {t.telemetry_lost} telemetry intervals lost, {t.daemons_died} daemons died"
         )
-    return 0 if t.two_owner_samples == 0 and t.false_failovers == 0 else 1
+    return 0 if t.two_owner_samples == t.false_failovers == t.rogue_grants == 0 else 1
 
 
 def lab_down(args: argparse.Namespace) -> int:

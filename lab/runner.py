@@ -684,7 +684,8 @@ class Lab:
 
     def stop_process(self, name: str) -> None:
         """SIGTERM a process the lab started (its group), SIGKILL after the grace period."""
-        _stop_processes([r for r in self.state.processes if r.name == name], self._popens, {})
+        popens = {name: self._popens[name]} if name in self._popens else {}
+        _stop_processes([r for r in self.state.processes if r.name == name], popens, {})
 
     def cut_link(self, host: str) -> None:
         """Take the host's port on the bridge down: its eth0 loses carrier, nothing gets in or out."""
