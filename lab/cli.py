@@ -16,7 +16,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from lab.spec import MAX_PRIMARIES, MAX_SHADOWS, Spec, Timings
+from lab.spec import MAX_PRIMARIES, MAX_SHADOWS, Spec, Timings, shipped_timings, timings_text
 from shadowplane import logs
 
 PROG = "python -m lab"
@@ -90,6 +90,17 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int, default=1, help="--random: the schedule's seed")
     ch.add_argument("--quick", action="store_true", help="short faults (the test suite's durations)")
     ch.add_argument("--plaintext", action="store_true", help="a lab without TLS")
+    ch.add_argument(
+        "--timings",
+        choices=["lab", "defaults"],
+        default="lab",
+        help="the lab's fast timings, or the shipped config defaults (lease, renewals, checks)",
+    )
+    ch.add_argument("--lease", type=float, metavar="SECONDS", help="override: lease_seconds")
+    ch.add_argument("--renew", type=float, metavar="SECONDS", help="override: renew_interval_seconds")
+    ch.add_argument("--health-interval", type=float, metavar="SECONDS", help="override: health interval")
+    ch.add_argument("--health-timeout", type=float, metavar="SECONDS", help="override: health timeout")
+    ch.add_argument("--fall", type=int, help="override: health checks failed in a row that make a host down")
     ch.add_argument("--json", action="store_true", help="one JSON object per scenario, then the totals")
     ch.set_defaults(func=lab_chaos)
 
@@ -187,6 +198,18 @@ def lab_step_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def chaos_timings(args: argparse.Namespace) -> Timings:
+    t = shipped_timings() if args.timings == "defaults" else Timings()
+    overrides = {
+        "lease_seconds": args.lease,
+        "renew_interval_seconds": args.renew,
+        "health_interval_seconds": args.health_interval,
+        "health_timeout_seconds": args.health_timeout,
+        "health_fall": args.fall,
+    }
+    return replace(t, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def lab_chaos(args: argparse.Namespace) -> int:
     from lab import chaos
     from lab.runner import LabError
@@ -211,7 +234,9 @@ def lab_chaos(args: argparse.Namespace) -> int:
 
     if not args.json:
         print(chaos.HEADER, flush=True)
-    spec = replace(chaos.chaos_spec(), plaintext=args.plaintext)
+    spec = chaos.chaos_spec(chaos_timings(args), args.plaintext)
+    if not args.json:
+        print(f"timings: {timings_text(spec.timings)}", flush=True)
     try:
         figs = chaos.run_scenarios(chosen, args.quick, show, spec)
     except LabError as e:
