@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from agentd.actuate.address import Addresses
+from agentd.actuate.fence import Fence
 from agentd.actuate.hooks import run_hook
 from agentd.actuate.limits import LimitsError, apply_limits
 from agentd.cgroupfs import CgroupLayout
@@ -26,6 +27,7 @@ class CommandHandler:
     ) -> None:
         self.cfg, self.layout, self.observer, self.report = cfg, layout, observer, report
         self.addresses = Addresses()
+        self.fence = Fence(self.addresses)
         self.channels = Channels(cfg.tls, cfg.controller)
         self.holders: dict[str, LeaseHolder] = {}
         self.newest_token: dict[str, int] = {}
@@ -88,7 +90,7 @@ class CommandHandler:
         resolved.observers.extend(self.cfg.controller if o == "controller" else o for o in a.observers)
         if resolved.vip and not resolved.interface:
             resolved.interface = self._interface(a.service)
-        holder = LeaseHolder(self.cfg.host, resolved, self.addresses, self.channels, self.report)
+        holder = LeaseHolder(self.cfg.host, resolved, self.addresses, self.channels, self.report, self.fence)
         try:
             state = await holder.start()
         except Exception as e:
@@ -129,4 +131,5 @@ class CommandHandler:
             await holder.release("agent stopping")
         self.holders = {}
         await self.channels.close()
+        self.fence.close()
         self.addresses.close()

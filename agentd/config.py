@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from dataclasses import dataclass, field
@@ -77,8 +78,9 @@ class AgentConfig:
     peer_listen: str = field(
         default="",
         metadata=check(
-            lambda v: host_port(v) if v else None,
-            doc="HOST:PORT where this agent answers lease renewals from service owners (observers need it)",
+            lambda v: (host_port(v) or peer_address_problem(v)) if v else None,
+            doc="HOST:PORT where this agent answers lease renewals from service owners (observers need "
+            "it); owners on other hosts dial exactly this address, so it is this host's own address",
         ),
     )
     hooks_dir: Path = field(
@@ -105,7 +107,44 @@ class AgentConfig:
             return f"workload: cgroup {twice!r} is used by two workloads"
         if len(self.workload) > self.capture.max_workloads:
             return f"workload: {len(self.workload)} workloads exceed capture.max_workloads"
+        if self.peer_listen and _is_loopback(self.peer_listen) and not _is_loopback(self.controller):
+            return (
+                f"peer_listen: {self.peer_listen} is a loopback address, which owners on other hosts cannot "
+                "reach (and on their own host it is themselves); set it to this host's address on the "
+                "service network, e.g. 10.0.0.11:7401 (loopback only when the whole fleet is this one "
+                "machine, controller included)"
+            )
         return None
+
+
+def _host(hostport: str) -> str:
+    return hostport.rsplit(":", 1)[0].strip("[]")
+
+
+def _is_loopback(hostport: str) -> bool:
+    host = _host(hostport)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def peer_address_problem(v: str) -> str | None:
+    """The peer address is handed to owners as this observer's address: a wildcard would make them dial
+    themselves (or whoever answers there)."""
+    host = _host(v)
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = host in ("", "*")
+    if wildcard:
+        return (
+            f"{v} listens on every address, but owners dial this address to reach this observer; set this "
+            "host's own address on the service network, e.g. 10.0.0.11:7401"
+        )
+    return None
 
 
 def load_agent_config(path: str | Path) -> AgentConfig:

@@ -2,7 +2,10 @@
 
 - Owner (`LeaseHolder`): holds a service's address only while a majority of the service's observers keep
   renewing its lease; the moment the lease runs out (or a newer token shows up) it removes the address
-  itself. The deadline is a timer in the event loop, set from when each renewal round was *sent*.
+  itself. The deadline is set from when each renewal round was *sent*, for the shortest lease the
+  granting observers promised, and kept by the fence's own thread (agentd/actuate/fence.py), so a busy
+  event loop cannot keep an address past it. Observers are authenticated as the hosts the controller
+  named (their certificates), so nobody can answer for another observer.
 - Observer (`ObserverRole`): keeps the leases of the services it observes (shadowplane.lease_observer, the
   same observer the controller runs), answers the coordinator's votes, runs the health checks the controller
   asks for, and tells the controller what it sees.
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from agentd.actuate.address import Addresses, Vip, announce
+from agentd.actuate.fence import Fence
 from shadowplane import lease as leases
 from shadowplane.clock import now_ms
 from shadowplane.healthcheck import CheckSpec, Tracker, run_check, spec_from_proto
@@ -39,20 +43,27 @@ class LeaseError(RuntimeError):
 
 
 class Channels:
-    """One gRPC channel per observer address, reused across renewals."""
+    """One gRPC channel per observer (address and the name it must prove), reused across renewals."""
 
     def __init__(self, tls: TlsConfig, controller: str) -> None:
         self.tls, self.controller = tls, controller
-        self._stubs: dict[str, lgrpc.LeaseAsyncStub] = {}
+        self._stubs: dict[tuple[str, str], lgrpc.LeaseAsyncStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
-    def stub(self, address: str) -> lgrpc.LeaseAsyncStub:
-        if address not in self._stubs:
-            role = "controller" if address == self.controller else "agent"
-            ch = aio_channel(address, self.tls, role, options=[("grpc.enable_retries", 0)])
+    def stub(self, address: str, name: str) -> lgrpc.LeaseAsyncStub:
+        """A stub to the observer `name` ("controller" or a host) at `address`. With TLS the observer's
+        certificate must carry that name (the controller's role name, or the host's own name), so an agent
+        of another host, or this one, cannot answer in its place."""
+        key = (address, name)
+        if key not in self._stubs:
+            opts: list[tuple[str, object]] = [("grpc.enable_retries", 0)]
+            if name == "controller" or not name:
+                ch = aio_channel(address, self.tls, "controller" if name else "agent", options=opts)
+            else:
+                ch = aio_channel(address, self.tls, "agent", options=opts, server_name=name)
             self._channels.append(ch)
-            self._stubs[address] = lgrpc.LeaseStub(ch)
-        return self._stubs[address]
+            self._stubs[key] = lgrpc.LeaseStub(ch)
+        return self._stubs[key]
 
     async def close(self) -> None:
         for ch in self._channels:
@@ -66,15 +77,14 @@ class LeaseHolder:
 
     host: str
     acquire: apb.Acquire
-    addresses: Addresses
+    addresses: Addresses | None
     channels: Channels
     report: Report
-    valid_until: float = float("-inf")  # loop time
+    fence: Fence
+    valid_until: float = float("-inf")  # loop time (time.monotonic)
     vip: Vip | None = None
     refusals: dict[str, str] = field(default_factory=dict)
     _loop_task: asyncio.Task[None] | None = None
-    _guard: asyncio.TimerHandle | None = None
-    _lifetime_set_at: float = float("-inf")
     lost: bool = False
 
     @property
@@ -89,18 +99,30 @@ class LeaseHolder:
     def lease(self) -> float:
         return self.acquire.lease_ms / 1000
 
+    @property
+    def fence_key(self) -> str:
+        # per token: a holder that was superseded on this host can never drop its successor's deadline
+        return f"{self.service}@{self.token}"
+
+    def observers(self) -> list[tuple[str, str]]:
+        """(address, name) of each observer; the name is "" from a controller that did not send names."""
+        names = list(self.acquire.observer_names)
+        if len(names) != len(self.acquire.observers):
+            names = [""] * len(self.acquire.observers)
+        return list(zip(self.acquire.observers, names, strict=True))
+
     async def start(self) -> apb.AddressState:
-        """Renew once with a majority, then add and announce the address, then keep renewing."""
+        """Renew once with a majority (which adds the address), keep renewing, then announce it."""
         if self.acquire.vip:
             self.vip = Vip.parse(self.acquire.vip, self.acquire.interface or "eth0")
         if not await self._round():
             detail = "; ".join(f"{k}: {v}" for k, v in sorted(self.refusals.items())) or "no replies"
             n = len(self.acquire.observers)
             raise LeaseError(f"token {self.token}: no majority of {n} observers renewed ({detail})")
+        # Renewals go on while the announcements are sent: a long announcement burst must not eat the lease.
+        self._loop_task = asyncio.create_task(self._renew_forever())
         sent = 0
-        if self.vip is not None:
-            self.addresses.hold(self.vip, leases.address_lifetime_seconds(self.lease))
-            self._lifetime_set_at = asyncio.get_running_loop().time()
+        if self.vip is not None and self.addresses is not None:
             ifindex = self.addresses.ifindex(self.vip.interface)
             mac = self.addresses.mac(self.vip.interface)
             sent = await asyncio.to_thread(
@@ -111,54 +133,69 @@ class LeaseHolder:
                 self.acquire.garp_count,
                 self.acquire.garp_interval_ms / 1000,
             )
-        self._loop_task = asyncio.create_task(self._renew_forever())
         self._event("acquired", f"token {self.token}, {sent} announcements")
         return apb.AddressState(
             service=self.service,
             token=self.token,
-            holds_address=self.vip is not None,
+            holds_address=self.vip is not None and not self.lost,
             announcements_sent=sent,
         )
 
-    async def _renew_one(self, address: str) -> lpb.RenewReply | None:
+    async def _renew_one(self, address: str, name: str) -> lpb.RenewReply | None:
+        who = name or address
         try:
-            return await self.channels.stub(address).Renew(
+            reply = await self.channels.stub(address, name).Renew(
                 lpb.RenewRequest(service=self.service, token=self.token, holder=self.host),
                 timeout=max(0.02, self.acquire.renew_interval_ms / 1000),
             )
         except grpc.aio.AioRpcError as e:
-            self.refusals[address] = e.code().name
+            self.refusals[who] = e.code().name
             return None
+        if name and reply.observer != name:
+            # Only the observer the controller named counts (also without TLS, where names are not proven).
+            self.refusals[who] = f"answered as {reply.observer!r}, not {name!r}"
+            return None
+        return reply
 
     async def _round(self) -> bool:
         loop = asyncio.get_running_loop()
         sent_at = loop.time()
-        replies = await asyncio.gather(*(self._renew_one(a) for a in self.acquire.observers))
-        granted = 0
-        for address, r in zip(self.acquire.observers, replies, strict=True):
+        observers = self.observers()
+        replies = await asyncio.gather(*(self._renew_one(a, n) for a, n in observers))
+        granted: list[lpb.RenewReply] = []
+        for (address, name), r in zip(observers, replies, strict=True):
             if r is None:
                 continue
+            who = name or address
             if r.granted:
-                granted += 1
-                self.refusals.pop(address, None)
+                granted.append(r)
+                self.refusals.pop(who, None)
             else:
-                self.refusals[address] = f"refused (knows token {r.promised_token})"
+                self.refusals[who] = f"refused (knows token {r.promised_token})"
             if r.promised_token > self.token:
-                self.lose(f"superseded: observer {r.observer or address} knows token {r.promised_token}")
+                self.lose(f"superseded: observer {who} voted for token {r.promised_token}")
                 return False
-        if granted < leases.majority(len(self.acquire.observers)) or self.lost:
+        if len(granted) < leases.majority(len(observers)) or self.lost:
             return False
-        self.valid_until = leases.owner_valid_until(sent_at, self.lease, self.acquire.drift_margin)
-        if self._guard is not None:
-            self._guard.cancel()
-        self._guard = loop.call_at(self.valid_until, self.lose, "lease ran out: no majority renewed in time")
-        if (
-            self.vip is not None
-            and loop.time() - self._lifetime_set_at > leases.address_lifetime_seconds(self.lease) / 2
+        # The lease is the shortest any granting observer promised: after a config change the owner and
+        # its observers may briefly disagree, and the observers' length is what a vote waits out.
+        lease = min([self.lease, *(r.valid_for_ms / 1000 for r in granted if r.valid_for_ms)])
+        valid_until = leases.owner_valid_until(sent_at, lease, self.acquire.drift_margin)
+        expired = self._expired_from_fence_thread(loop)
+        if not self.fence.hold(
+            self.fence_key, self.vip, valid_until, leases.address_lifetime_seconds(lease), expired
         ):
-            self.addresses.hold(self.vip, leases.address_lifetime_seconds(self.lease))
-            self._lifetime_set_at = loop.time()
+            self.lose("lease ran out before the renewals came back")
+            return False
+        self.valid_until = valid_until
         return True
+
+    def _expired_from_fence_thread(self, loop: asyncio.AbstractEventLoop) -> Callable[[bool], None]:
+        def expired(removed: bool) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the agent is stopping
+                loop.call_soon_threadsafe(self.lose, "lease ran out: no majority renewed in time")
+
+        return expired
 
     async def _renew_forever(self) -> None:
         interval = self.acquire.renew_interval_ms / 1000
@@ -169,18 +206,11 @@ class LeaseHolder:
             await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
 
     def lose(self, reason: str) -> None:
-        """Drop the address now. Synchronous on purpose: it runs from the deadline timer."""
+        """Drop the address now (if the fence has not already)."""
         if self.lost:
             return
         self.lost = True
-        if self._guard is not None:
-            self._guard.cancel()
-        removed = False
-        if self.vip is not None:
-            try:
-                removed = self.addresses.remove(self.vip)
-            except Exception:
-                log.exception("service %s: could not remove %s", self.service, self.vip.address)
+        removed = self.fence.drop(self.fence_key)
         if self._loop_task is not None and self._loop_task is not asyncio.current_task():
             self._loop_task.cancel()
         log.warning(
@@ -195,15 +225,15 @@ class LeaseHolder:
     async def release(self, reason: str) -> apb.AddressState:
         if not self.lost:
             self.lost = True
-            if self._guard is not None:
-                self._guard.cancel()
             if self._loop_task is not None:
                 self._loop_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._loop_task
-            if self.vip is not None:
-                self.addresses.remove(self.vip)
+            self.fence.drop(self.fence_key)
             self._event("released", reason)
+        if self.vip is not None and self.addresses is not None and self.addresses.has(self.vip):
+            # the fence dropped it already, or it was never added: make sure, the coordinator relies on it
+            self.addresses.remove(self.vip)
         return apb.AddressState(service=self.service, token=self.token, holds_address=False)
 
     def _event(self, what: str, reason: str) -> None:

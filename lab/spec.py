@@ -69,6 +69,7 @@ class Timings:
         controller and the agents use them (controller/failover/, agentd/failover.py)."""
         # only here: the orchestrator pulls in grpc, and this module is imported by the lab's light tools
         from controller.failover.orchestrator import VOTE_SAFETY_MS
+        from shadowplane.lease import address_expiry_seconds
 
         # The last answer before the cut can be from a request sent up to one poll interval earlier.
         last_answer = client_poll_interval
@@ -80,10 +81,13 @@ class Timings:
             + self.health_timeout_seconds
             + self.loop_interval_seconds
         )
-        # Fencing: the observers granted the cut owner's last renewal at the cut at the latest, and a vote
-        # makes the new owner wait until one lease after it (rounded up to the ms). The vote starts after
-        # detection, so the later of the two counts; then the orchestrator's margin for the vote replies.
-        takeover = max(detection, self.lease_seconds + 0.001) + VOTE_SAFETY_MS / 1000
+        # Fencing: the observers granted the cut owner's last renewal at the cut at the latest. The cut owner
+        # cannot confirm it let go (it might be hung, not cut off), so the new owner waits until its address
+        # has certainly expired in its kernel: one lease after that grant, plus the address's lifetime and
+        # the kernel's once-a-second check (rounded up to the ms). The vote starts after detection, so the
+        # later of the two counts; then the orchestrator's margin for the vote replies.
+        fenced = self.lease_seconds + address_expiry_seconds(self.lease_seconds) + 0.001
+        takeover = max(detection, fenced) + VOTE_SAFETY_MS / 1000
         # Acquire: the new owner's first renewal round (each renewal times out after a renew interval)
         # comes before it adds the address and sends its first gratuitous ARP / unsolicited NA.
         acquire = self.renew_interval_seconds

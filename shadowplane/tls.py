@@ -84,14 +84,19 @@ def add_port(server: grpc.aio.Server, address: str, cfg: TlsConfig) -> int:
 
 
 def aio_channel(
-    target: str, cfg: TlsConfig, role: str, options: Sequence[tuple[str, Any]] = ()
+    target: str,
+    cfg: TlsConfig,
+    role: str,
+    options: Sequence[tuple[str, Any]] = (),
+    server_name: str = "",
 ) -> grpc.aio.Channel:
     """A channel to a server of `role`: its certificate must carry that role's name (any host of the fleet
-    presents it), so we need not know every address it may have."""
+    presents it), so we need not know every address it may have. With `server_name`, it must carry that
+    name instead: one particular host (every agent certificate names its host)."""
     creds = channel_credentials(cfg)
     if creds is None:
         return grpc.aio.insecure_channel(target, options=list(options))
-    opts = [*options, ("grpc.ssl_target_name_override", ROLE_SAN[role])]
+    opts = [*options, ("grpc.ssl_target_name_override", server_name or ROLE_SAN[role])]
     return grpc.aio.secure_channel(target, creds, options=opts)
 
 

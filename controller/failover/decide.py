@@ -66,7 +66,6 @@ class Snapshot:
     connected: frozenset[str]
     primary_up_since_ms: int | None
     now_ms: int
-    address_lifetime_ms: int
     primary_grace_over: bool = True  # the controller has waited long enough for primaries to connect
     request: Request | None = None
 
@@ -77,7 +76,6 @@ class Decision:
     target: str = ""
     reason: str = ""
     planned: bool = False  # the old owner's agent is reachable: release first, then no lease wait
-    extra_wait_ms: int = 0
     damped: bool = False
     detail: dict[str, str] = field(default_factory=dict)
 
@@ -139,13 +137,8 @@ def decide(s: Snapshot) -> Decision:
         if not best:
             return Decision("none", "", f"{why}; no ready host to take over")
         # The owner's service may be fine but its agent is gone: only the kernel's address lifetime
-        # guarantees its VIP is gone, so wait that out too.
-        return Decision(
-            "failover",
-            best[0],
-            f"{why} and its agent is gone; waiting out the address lifetime",
-            extra_wait_ms=s.address_lifetime_ms,
-        )
+        # guarantees its VIP is gone, which the orchestrator waits out for any owner it cannot hear from.
+        return Decision("failover", best[0], f"{why} and its agent is gone; waiting out the address lifetime")
     if (
         s.owner != s.primary
         and s.failback == "auto"

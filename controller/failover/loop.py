@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from controller.config import ControllerConfig, ServiceConfig
 from controller.event_log import EventLog
@@ -23,11 +25,12 @@ from controller.status import ObserverView, ServiceView
 from controller.store import ServiceRecord, Store
 from shadowplane.clock import now_ms
 from shadowplane.healthcheck import CheckSpec, Tracker, run_check, spec_to_proto
-from shadowplane.lease import address_lifetime_seconds
 from shadowplane.lease_observer import LeaseObserver
 from shadowplane.v1 import agent_pb2 as apb
 
 log = logging.getLogger(__name__)
+
+CATCH_UP_RETRY_SECONDS = 1.0
 
 
 @dataclass
@@ -63,6 +66,9 @@ class FailoverLoop:
         self._checks: dict[tuple[str, str], Tracker] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._watched: dict[str, str] = {}  # host -> instance id that got its Watch
+        # (service, observer) -> (instance id, token, when) the observer was last asked to catch up to: an
+        # observer grants renewals only of a token it voted for, so one that missed the vote is brought up
+        self._caught_up: dict[tuple[str, str], tuple[str, int, float]] = {}
         self.started = time.monotonic()
         for rt in self.services.values():
             rec = self.orchestrator.service_state(rt.cfg.name)
@@ -107,6 +113,7 @@ class FailoverLoop:
                 rt.primary_up_since_ms = None
             if rt.busy:
                 continue
+            self._catch_up_observers(rt)
             d = decide(self.snapshot(rt))
             if d.accepted:
                 self._start(rt, d)
@@ -162,7 +169,6 @@ class FailoverLoop:
             connected=self.alive(),
             primary_up_since_ms=rt.primary_up_since_ms,
             now_ms=now_ms(),
-            address_lifetime_ms=_address_lifetime_ms(self.cfg.failover.lease_seconds),
             primary_grace_over=time.monotonic() - self.started > self.cfg.failover.placement_grace_seconds,
             request=request,
         )
@@ -244,6 +250,37 @@ class FailoverLoop:
         return tally(rt.cfg.observer_names(), views, exclude=rec.owner)
 
     # ---- observers ----
+
+    def _catch_up_observers(self, rt: ServiceRuntime) -> None:
+        """Vote the current owner's token again at every observer agent that has not voted for it: one that
+        restarted (a new instance), or one whose lease reports show an older token (it missed the vote).
+        At most once a second per observer while it stays behind."""
+        rec = self.orchestrator.service_state(rt.cfg.name)
+        if not rec.owner or rec.phase != "stable":
+            return
+        sessions, alive, reports = self.registry.connected(), self.alive(), self.board.lease(rt.cfg.name)
+        now = time.monotonic()
+        for o in rt.cfg.observer_names():
+            session = sessions.get(o)
+            if o == "controller" or session is None or o not in alive:
+                continue
+            key = (rt.cfg.name, o)
+            asked = self._caught_up.get(key)
+            report = reports.get(o)
+            behind = report is not None and report.token < rec.token
+            same = asked is not None and asked[:2] == (session.instance_id, rec.token)
+            if same and asked is not None and (not behind or now - asked[2] < CATCH_UP_RETRY_SECONDS):
+                continue
+            self._caught_up[key] = (session.instance_id, rec.token, now)
+            self._background(self._catch_up(rt.cfg, o, rec.token, rec.owner))
+
+    async def _catch_up(self, svc: ServiceConfig, observer: str, token: int, owner: str) -> None:
+        if await self.orchestrator.catch_up(svc, observer, token, owner):
+            log.info("service %s: observer %s caught up to token %d (%s)", svc.name, observer, token, owner)
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.create_task(coro))
 
     def on_observation(self, observer: str, o: apb.Observation) -> None:
         prev = self.board.put(observer, o)
@@ -329,8 +366,3 @@ def controller_lease_observer(cfg: ControllerConfig, store: Store) -> LeaseObser
         if rec is not None:
             observer.restore(svc.name, rec.token, rec.candidate if rec.phase == "acquiring" else rec.owner)
     return observer
-
-
-def _address_lifetime_ms(lease_seconds: float) -> int:
-    # The kernel counts address lifetimes in whole seconds and checks them at most once a second.
-    return (address_lifetime_seconds(lease_seconds) + 1) * 1000

@@ -8,6 +8,8 @@ Order (and why):
 4. a planned move releases the old owner first (its agent confirms the address is gone), so no wait.
 5. a majority of observers vote for the new token; the new owner may add the address only after the
    longest wait they report (their last renewal of the old token + one lease), unless step 4 confirmed.
+   When the old owner did not confirm (it is cut off, hung, or gone), it is presumed to hold its address
+   until the kernel's lifetime of it could have run out, so the wait is the longest *address* wait.
 6. the new owner renews with a majority, adds the address and announces it (GARP / unsolicited NA).
 7. DNS record switch, after-hooks, the old owner's limits back to plan.
 """
@@ -27,7 +29,7 @@ from controller.failover.dns import point_record
 from controller.registry import AgentRegistry, CommandError
 from controller.store import ServiceRecord, Store
 from shadowplane.clock import now_ms
-from shadowplane.lease import majority
+from shadowplane.lease import address_expiry_seconds, majority
 from shadowplane.lease_observer import LeaseObserver
 from shadowplane.v1 import agent_pb2 as apb
 
@@ -35,6 +37,19 @@ log = logging.getLogger(__name__)
 
 ResourceHook = Callable[[ServiceConfig, str], Awaitable[None]]
 VOTE_SAFETY_MS = 5  # on top of the observers' waits: the time the vote replies spent on the wire
+
+
+@dataclass(frozen=True)
+class Waits:
+    """The longest waits a majority of voters reported (ms): until the old owner's lease has run out, and
+    until its address has certainly expired in its kernel (for an old owner that cannot confirm)."""
+
+    lease_ms: int
+    address_ms: int
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000 + 0.999)
 
 
 @dataclass
@@ -99,7 +114,7 @@ class Orchestrator:
             # It may still hear us (its service died, its agent did not): a confirmed release saves the wait.
             release = asyncio.create_task(self._release(svc, old, old_token, 0.5))
 
-        granted, wait_ms, problems = await self._votes(svc, token, new)
+        granted, waits, problems = await self._votes(svc, token, new)
         needed = majority(len(svc.observer_names()))
         if len(granted) < needed:
             self.events.record(
@@ -113,14 +128,18 @@ class Orchestrator:
             # ownership is unknown until the next placement.
             return self._save(replace(rec, owner="", phase="no-owner", candidate=""))
 
-        wait_s = (wait_ms + d.extra_wait_ms + VOTE_SAFETY_MS) / 1000
-        deadline = loop.time() + wait_s
+        # A confirmed release ends the wait for the lease; without one, the old owner (whoever the last
+        # grants went to, also after an interrupted takeover) may be hung with the address still in its
+        # kernel, so the wait is until its lifetime could have run out.
+        voted_at = loop.time()
+        wait_s = (waits.lease_ms + VOTE_SAFETY_MS) / 1000
         released = False
         if release is not None:
-            await asyncio.wait({release}, timeout=wait_s)
+            await asyncio.wait({release}, timeout=(waits.address_ms + VOTE_SAFETY_MS) / 1000)
             released = release.done() and release.result()
         if not released:
-            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            wait_s = (waits.address_ms + VOTE_SAFETY_MS) / 1000
+            await asyncio.sleep(max(0.0, voted_at + wait_s - loop.time()))
         if urgent and not await prepare and svc.hook_failure == "abort":
             self.events.record(
                 "takeover-aborted",
@@ -158,6 +177,7 @@ class Orchestrator:
             "token": token,
             "old_owner": old or "-",
             "waited_ms": 0 if released else round(wait_s * 1000),
+            "released": released,
             "announcements": result.address.announcements_sent,
         }
         self.events.record(
@@ -207,6 +227,7 @@ class Orchestrator:
             vip=svc.vip,
             interface=self._interface(svc),
             observers=[self._lease_address(o) for o in svc.observer_names()],
+            observer_names=svc.observer_names(),
             lease_ms=int(f.lease_seconds * 1000),
             renew_interval_ms=int(f.renew_interval_seconds * 1000),
             drift_margin=f.drift_margin,
@@ -230,39 +251,59 @@ class Orchestrator:
 
     async def _votes(
         self, svc: ServiceConfig, token: int, candidate: str
-    ) -> tuple[list[str], int, dict[str, str]]:
-        """Ask every observer; return as soon as a majority granted (their longest wait counts)."""
+    ) -> tuple[list[str], Waits, dict[str, str]]:
+        """Ask every observer; return as soon as a majority granted (their longest waits count)."""
         names = svc.observer_names()
         needed = majority(len(names))
         timeout = max(0.3, 4 * self.cfg.failover.renew_interval_seconds)
 
-        async def one(o: str) -> tuple[str, bool, int, str]:
+        async def one(o: str) -> tuple[str, Waits | None, str]:
             if o == "controller":
                 d = self.observer.vote(svc.name, token, candidate)
-                return o, d.granted, int(d.wait * 1000 + 0.999), d.reason
+                if not d.granted:
+                    return o, None, d.reason
+                return o, Waits(_ms(d.wait), _ms(d.address_wait)), d.reason
             try:
                 r = await self.registry.call(
                     o, apb.Command(vote=apb.Vote(service=svc.name, token=token, candidate=candidate)), timeout
                 )
             except CommandError as e:
-                return o, False, 0, str(e)
+                return o, None, str(e)
             if not r.vote.granted:
-                return o, False, 0, f"refused: already promised token {r.vote.promised_token}"
-            return o, True, r.vote.wait_ms, "granted"
+                return o, None, f"refused: already promised token {r.vote.promised_token}"
+            # An agent that predates address waits reports none: its lease wait plus the longest lifetime.
+            address_ms = r.vote.address_wait_ms or r.vote.wait_ms + _ms(
+                address_expiry_seconds(self.cfg.failover.lease_seconds)
+            )
+            return o, Waits(r.vote.wait_ms, address_ms), "granted"
 
         granted: list[str] = []
         problems: dict[str, str] = {}
-        wait = 0
+        waits = Waits(0, 0)
         for fut in asyncio.as_completed([one(o) for o in names]):
-            o, ok, w, why = await fut
-            if ok:
+            o, w, why = await fut
+            if w is not None:
                 granted.append(o)
-                wait = max(wait, w)
+                waits = Waits(max(waits.lease_ms, w.lease_ms), max(waits.address_ms, w.address_ms))
                 if len(granted) >= needed:
                     break
             else:
                 problems[o] = why
-        return granted, wait, problems
+        return granted, waits, problems
+
+    async def catch_up(self, svc: ServiceConfig, observer: str, token: int, owner: str) -> bool:
+        """Bring an observer that missed the vote for the current token (it was away, or restarted and
+        forgot) up to it: it grants renewals only of tokens it voted for. Voting the owner's own token again
+        changes no ownership; an observer that knows a newer token refuses."""
+        try:
+            r = await self.registry.call(
+                observer,
+                apb.Command(vote=apb.Vote(service=svc.name, token=token, candidate=owner)),
+                max(0.3, 4 * self.cfg.failover.renew_interval_seconds),
+            )
+        except CommandError:
+            return False
+        return r.vote.granted
 
     async def _release(self, svc: ServiceConfig, host: str, token: int, timeout: float) -> bool:
         """Ask `host` to drop the address; True only if it confirms it holds none."""

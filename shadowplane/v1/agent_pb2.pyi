@@ -543,20 +543,27 @@ class VoteReply(_message.Message):
     GRANTED_FIELD_NUMBER: _builtins.int
     WAIT_MS_FIELD_NUMBER: _builtins.int
     PROMISED_TOKEN_FIELD_NUMBER: _builtins.int
+    ADDRESS_WAIT_MS_FIELD_NUMBER: _builtins.int
     granted: _builtins.bool
     wait_ms: _builtins.int
     """until every renewal this observer granted for an older token has expired"""
     promised_token: _builtins.int
+    address_wait_ms: _builtins.int
+    """Until an owner that renewed with this observer, and then hung, has certainly lost its address: its last
+    renewal's lease plus the address's kernel lifetime (and the kernel's once-a-second check). The
+    coordinator waits this long when the old owner cannot confirm it released the address.
+    """
     def __init__(
         self,
         *,
         granted: _builtins.bool = ...,
         wait_ms: _builtins.int = ...,
         promised_token: _builtins.int = ...,
+        address_wait_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "promised_token", b"promised_token", "wait_ms", b"wait_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address_wait_ms", b"address_wait_ms", "granted", b"granted", "promised_token", b"promised_token", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -578,6 +585,7 @@ class Acquire(_message.Message):
     DRIFT_MARGIN_FIELD_NUMBER: _builtins.int
     GARP_COUNT_FIELD_NUMBER: _builtins.int
     GARP_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    OBSERVER_NAMES_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     token: _builtins.int
     vip: _builtins.str
@@ -592,6 +600,12 @@ class Acquire(_message.Message):
     def observers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Lease service addresses (HOST:PORT)"""
 
+    @_builtins.property
+    def observer_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Who answers at each of `observers` (same order): "controller" or an observer's host name. The owner
+        accepts an answer only from that certificate (TLS name check) and that name (RenewReply.observer).
+        """
+
     def __init__(
         self,
         *,
@@ -605,10 +619,11 @@ class Acquire(_message.Message):
         drift_margin: _builtins.float = ...,
         garp_count: _builtins.int = ...,
         garp_interval_ms: _builtins.int = ...,
+        observer_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drift_margin", b"drift_margin", "garp_count", b"garp_count", "garp_interval_ms", b"garp_interval_ms", "interface", b"interface", "lease_ms", b"lease_ms", "observers", b"observers", "renew_interval_ms", b"renew_interval_ms", "service", b"service", "token", b"token", "vip", b"vip"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drift_margin", b"drift_margin", "garp_count", b"garp_count", "garp_interval_ms", b"garp_interval_ms", "interface", b"interface", "lease_ms", b"lease_ms", "observer_names", b"observer_names", "observers", b"observers", "renew_interval_ms", b"renew_interval_ms", "service", b"service", "token", b"token", "vip", b"vip"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

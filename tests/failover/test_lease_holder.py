@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from agentd.actuate.fence import Fence
 from agentd.failover import Channels, LeaseHolder, ObserverRole
 from lab.procs import free_port
 from shadowplane.lease_observer import LeaseServicer
@@ -23,6 +24,7 @@ async def observers(n: int) -> tuple[list[ObserverRole], list[grpc.aio.Server], 
         role = ObserverRole(f"o{i}", report=lambda m: None)
         role.leases.started_at -= 10  # past the start-up grace
         role.leases.observe(["web"], LEASE_MS / 1000)
+        assert role.vote(apb.Vote(service="web", token=1, candidate="p1")).granted
         server = grpc.aio.server()
         lgrpc.add_LeaseServicer_to_server(LeaseServicer(role.leases), server)
         port = free_port()
@@ -34,16 +36,20 @@ async def observers(n: int) -> tuple[list[ObserverRole], list[grpc.aio.Server], 
     return roles, servers, addrs
 
 
-def holder(addrs: list[str], events: list[apb.AgentMessage], token: int = 1) -> LeaseHolder:
+def holder(
+    addrs: list[str], events: list[apb.AgentMessage], token: int = 1, names: list[str] | None = None
+) -> LeaseHolder:
     acq = apb.Acquire(
         service="web",
         token=token,
         observers=addrs,
+        observer_names=names if names is not None else [f"o{i}" for i in range(len(addrs))],
         lease_ms=LEASE_MS,
         renew_interval_ms=50,
         drift_margin=0.05,
     )
-    return LeaseHolder("p1", acq, None, Channels(TlsConfig(plaintext=True), ""), events.append)  # type: ignore[arg-type]
+    channels = Channels(TlsConfig(plaintext=True), "")
+    return LeaseHolder("p1", acq, None, channels, events.append, Fence(None))
 
 
 def test_lease_kept_while_a_majority_renews_and_lost_without() -> None:

@@ -27,7 +27,6 @@ def snap(**kw: object) -> Snapshot:
         connected=frozenset({"p1", "s1", "s2"}),
         primary_up_since_ms=0,
         now_ms=1_000_000,
-        address_lifetime_ms=3000,
     )
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
@@ -85,12 +84,13 @@ def test_no_owner_places_on_primary_or_a_ready_shadow() -> None:
     assert decide(snap(owner="", connected=frozenset())).action == "none"
 
 
-def test_lapsed_lease_reacquires_or_waits_out_the_address_lifetime() -> None:
+def test_lapsed_lease_reacquires_or_fails_over_unplanned() -> None:
     lapsed = Tally(up=0, down=2, voters=3, down_by=("s1", "s2"))
     d = decide(snap(renewing=lapsed))
-    assert (d.action, d.target) == ("reacquire", "p1")
+    assert (d.action, d.target, d.planned) == ("reacquire", "p1", True)
     d = decide(snap(renewing=lapsed, connected=frozenset({"s1", "s2"})))
-    assert (d.action, d.target, d.extra_wait_ms) == ("failover", "s1", 3000)
+    # Unplanned: the orchestrator cannot hear the old owner, so it waits out the address lifetime.
+    assert (d.action, d.target, d.planned) == ("failover", "s1", False)
 
 
 def test_requests_are_checked() -> None:
