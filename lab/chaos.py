@@ -16,7 +16,9 @@ What injects each fault (this kernel has no sch_netem, so loss and delay are not
   service phase turns "acquiring") or during an acquire (the VIP appears on the new owner);
 - loss: iptables `statistic --mode random` DROP on the host's outgoing packets;
 - delay: iptables NFQUEUE on the host's outgoing packets to a userspace delay line (lab/delayline.py);
-- CPU and I/O saturation: stress-ng in the owner's workload cgroup;
+- CPU and I/O saturation: stress-ng in the owner's workload cgroup (CPU: one worker per core; I/O: writers
+  with O_DIRECT, since the lab's hosts share one disk and one page cache: buffered writers and sync() would
+  stall every host's writes, not only the owner's);
 - rogue host: lab/rogue.py in the client's namespace, with an agent certificate of a fleet host (s2), or
   with none.
 """
@@ -64,6 +66,7 @@ class Figures:
     telemetry_lost: int  # sample intervals missing from the store, hosts whose agent ran throughout
     daemons_died: tuple[str, ...]  # lab daemons found dead that the scenario did not kill on purpose
     rogue_grants: int = 0  # renewals a rogue host got granted (each one is a hole)
+    settled: bool = True  # the lab came back: the primary owns the VIP, every agent connected and healthy
     note: str = ""
 
     def safe(self) -> bool:
@@ -128,6 +131,22 @@ class Chaos:
             time.sleep(0.1)
         return False
 
+    def unsettled(self) -> str:
+        """What keeps the lab from settling, for the figures' note."""
+        try:
+            (svc,) = self.lab.fleet().ListServices(fpb.ListServicesRequest(), timeout=2).services
+            rows = self.lab.list_hosts(timeout=2)
+        except grpc.RpcError as e:
+            return f"did not settle again: the controller did not answer ({e.code().name})"
+        bad = [
+            f"{r['host']} {r['health']}" for r in rows if not (r["connected"] and r["health"] == "healthy")
+        ]
+        return (
+            f"did not settle again: VIP on {','.join(self.lab.vip_holders()) or 'nobody'}, controller says"
+            f" {svc.owner or 'nobody'} ({svc.phase})"
+            + (f", hosts not healthy: {', '.join(bad)}" if bad else "")
+        )
+
     def daemons(self) -> list[str]:
         return [
             r.name
@@ -181,7 +200,8 @@ class Chaos:
             telemetry_lost=lost,
             daemons_died=dead,
             rogue_grants=self.rogue_grants,
-            note="; ".join(n for n in [*notes, "" if settled else "did not settle again"] if n),
+            settled=settled,
+            note="; ".join(n for n in [*notes, "" if settled else self.unsettled()] if n),
         )
         if not settled:
             self.rebuild()
@@ -382,7 +402,7 @@ def _stress(kind: str) -> Callable[[Chaos], str]:
         load = (
             ["--cpu", "0", "--cpu-method", "matrixprod"]  # one worker per CPU
             if kind == "cpu"
-            else ["--hdd", "2", "--hdd-bytes", "64M", "--io", "1", "--temp-path", str(scratch)]
+            else ["--hdd", "2", "--hdd-opts", "direct", "--hdd-bytes", "64M", "--temp-path", str(scratch)]
         )
         name = f"stress-{kind}-{p}"
         c.lab.spawn_load(p, ["stress-ng", *load, "--timeout", f"{seconds:g}s", "--quiet"], name)

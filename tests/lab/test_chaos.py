@@ -1,6 +1,7 @@
 """The fault-injection suite as pass/fail tests: every scenario of `lab chaos` (short faults) on one shared
 lab running with mutual TLS. In every scenario: no sample with two owners of the VIP, no daemon died,
-no event or telemetry interval lost; where the owner stays healthy (controller partition, CPU and I/O
+no event or telemetry interval lost, and the lab comes back (the primary owns the VIP, every agent
+connected and healthy); where the owner stays healthy (controller partition, CPU and I/O
 saturation, rogue hosts) nothing moves, no rogue renewal is granted and the client is answered again; where
 the lab's derived bound applies (`Timings.max_failover_outage_seconds`), the client's outage is within it."""
 
@@ -71,6 +72,7 @@ def test_scenario(chaos: Chaos, name: str) -> None:
     f = chaos.run(sc)
     print(row(f))
     assert f.two_owner_samples == 0, f"{name}: two hosts held the VIP in {f.two_owner_samples} samples ({f})"
+    assert f.settled, f"{name}: the lab did not come back to the primary with every agent healthy: {f.note}"
     assert f.daemons_died == (), f"{name}: daemons died: {f.daemons_died}"
     assert f.events_lost == 0 and f.telemetry_lost == 0, f
     assert f.rogue_grants == 0, f"{name}: observers granted a rogue host {f.rogue_grants} renewals"
