@@ -477,6 +477,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "the owner's agent hangs and its web server is killed at the same moment",
         _sigstop(True),
         move_allowed=True,
+        outage_bounded=True,  # the owner cannot confirm a release: the new owner waits out its address
         disturbs_agents=("p1",),
     ),
     Scenario(
@@ -496,6 +497,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "kill -9 of the owner's agent (its address stays until its lifetime)",
         _kill_agent,
         True,
+        outage_bounded=True,  # as for a cut link: nobody hears the owner, its address is waited out
         disturbs_agents=("p1",),
     ),
     Scenario(
