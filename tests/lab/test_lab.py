@@ -18,7 +18,7 @@ import pytest
 
 from agentd.cgroupfs import CgroupLayout
 from agentd.config import load_agent_config
-from controller.config import load_controller_config
+from controller.config import FailoverConfig, HealthCheckConfig, load_controller_config
 from lab import configs, topology
 from lab.poller import (
     Outage,
@@ -31,7 +31,7 @@ from lab.poller import (
 )
 from lab.procs import child_env, python_module, spawn
 from lab.runner import STATE_FILE, Lab, LabError
-from lab.spec import CGROUP_ROOT, PREFIX, Spec, SpecError, Timings, plan
+from lab.spec import CGROUP_ROOT, PREFIX, Spec, SpecError, Timings, plan, shipped_timings
 from lab.vipcheck import VipChecker
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import fleet_pb2_grpc as fgrpc
@@ -131,6 +131,25 @@ def test_failover_outage_bound_follows_the_slower_of_detection_and_fencing() -> 
     assert slow_client == pytest.approx(fencing_bound + 2 * 0.09), "one poll interval on each side"
 
 
+def test_shipped_timings_are_the_config_defaults() -> None:
+    # the outage benchmark's "shipped defaults" row is what a fleet gets from the config dataclasses
+    t = shipped_timings()
+    fo, hc = FailoverConfig(), HealthCheckConfig()
+    assert (t.lease_seconds, t.renew_interval_seconds, t.heartbeat_timeout_seconds) == (
+        fo.lease_seconds,
+        fo.renew_interval_seconds,
+        fo.heartbeat_timeout_seconds,
+    )
+    assert (t.health_interval_seconds, t.health_timeout_seconds, t.health_fall, t.health_rise) == (
+        hc.interval_seconds,
+        hc.timeout_seconds,
+        hc.fall,
+        hc.rise,
+    )
+    assert t.failback_hold_seconds == Timings().failback_hold_seconds, "the lab's pacing is kept"
+    assert plan(Spec(timings=t)).spec.validate() is None
+
+
 def rec(t: float, ok: bool, who: str = "") -> Record:
     return Record(sent=t, ok=ok, responder=who if ok else "", error="" if ok else "timeout")
 
@@ -169,7 +188,12 @@ def test_python_m_lab_from_the_checkout_lists_its_commands() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: python -m lab")
     listed = re.findall(r"^    (\S+)\s", out.stdout, re.M)
-    assert {"up", "down", "status", "scenario", "demo"} <= set(listed), out.stdout
+    assert {"up", "down", "status", "scenario", "demo", "chaos"} <= set(listed), out.stdout
+    chaos = subprocess.run(
+        [sys.executable, "-m", "lab", "chaos", "--list"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert chaos.returncode == 0, chaos.stderr
+    assert "cpu-saturation" in chaos.stdout and "rogue-agent-cert" in chaos.stdout
     step = subprocess.run(
         [sys.executable, "-m", "lab", "scenario", "step-load", "--help"],
         capture_output=True,
