@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from lab.spec import MAX_PRIMARIES, MAX_SHADOWS, Spec, Timings
+from lab.spec import MAX_PRIMARIES, MAX_SHADOWS, Spec, Timings, shipped_timings, timings_text
 from shadowplane import logs
 
 PROG = "python -m lab"
@@ -50,6 +50,11 @@ def parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--bpf", action="store_true", help="agents capture with BPF (slow to start)")
     up.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="no TLS anywhere (default: mutual TLS with a fleet CA made for this lab, as in production)",
+    )
+    up.add_argument(
         "--workdir", type=Path, help="configs and logs here (default: under /run/shadowplane-lab)"
     )
     up.add_argument("--no-wait", action="store_true", help="do not wait for the agents to connect")
@@ -71,6 +76,33 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--hold", type=float, default=5.0, help="failback hold time, seconds")
     demo.add_argument("--json", action="store_true", help="also print the summary as JSON (last line)")
     demo.set_defaults(func=lab_demo)
+
+    ch = lab_sub.add_parser(
+        "chaos",
+        help="fault injection: builds its own lab, injects faults, prints two-owner samples, outages, "
+        "false failovers, losses and dead daemons per scenario",
+    )
+    which = ch.add_mutually_exclusive_group()
+    which.add_argument("--scenario", action="append", metavar="NAME", help="run this one (repeatable)")
+    which.add_argument("--random", action="store_true", help="a random schedule of every scenario")
+    which.add_argument("--list", action="store_true", help="list the scenarios and what each injects")
+    ch.add_argument("--minutes", type=float, default=5.0, help="--random: how long")
+    ch.add_argument("--seed", type=int, default=1, help="--random: the schedule's seed")
+    ch.add_argument("--quick", action="store_true", help="short faults (the test suite's durations)")
+    ch.add_argument("--plaintext", action="store_true", help="a lab without TLS")
+    ch.add_argument(
+        "--timings",
+        choices=["lab", "defaults"],
+        default="lab",
+        help="the lab's fast timings, or the shipped config defaults (lease, renewals, checks)",
+    )
+    ch.add_argument("--lease", type=float, metavar="SECONDS", help="override: lease_seconds")
+    ch.add_argument("--renew", type=float, metavar="SECONDS", help="override: renew_interval_seconds")
+    ch.add_argument("--health-interval", type=float, metavar="SECONDS", help="override: health interval")
+    ch.add_argument("--health-timeout", type=float, metavar="SECONDS", help="override: health timeout")
+    ch.add_argument("--fall", type=int, help="override: health checks failed in a row that make a host down")
+    ch.add_argument("--json", action="store_true", help="one JSON object per scenario, then the totals")
+    ch.set_defaults(func=lab_chaos)
 
     sc = lab_sub.add_parser("scenario", help="run a demand scenario on the lab that is up")
     sc_sub = sc.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
@@ -110,6 +142,7 @@ def lab_up(args: argparse.Namespace) -> int:
         ipv6_vips=args.ipv6,
         failover="none" if args.no_failover else "shadowplane",
         agent_bpf=args.bpf,
+        plaintext=args.plaintext,
         timings=timings,
         workdir=args.workdir,
     )
@@ -163,6 +196,64 @@ def lab_step_load(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _err("interrupted")
     return 0
+
+
+def chaos_timings(args: argparse.Namespace) -> Timings:
+    t = shipped_timings() if args.timings == "defaults" else Timings()
+    overrides = {
+        "lease_seconds": args.lease,
+        "renew_interval_seconds": args.renew,
+        "health_interval_seconds": args.health_interval,
+        "health_timeout_seconds": args.health_timeout,
+        "health_fall": args.fall,
+    }
+    return replace(t, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def lab_chaos(args: argparse.Namespace) -> int:
+    from lab import chaos
+    from lab.runner import LabError
+
+    if args.list:
+        for s in chaos.SCENARIOS:
+            print(f"{s.name:<34} {s.what}")
+        return 0
+    try:
+        chosen: Any = (
+            chaos.random_schedule(args.minutes, args.seed)
+            if args.random
+            else [chaos.scenario(n) for n in args.scenario]
+            if args.scenario
+            else list(chaos.SCENARIOS)
+        )
+    except KeyError as e:
+        return _err(str(e.args[0]))
+
+    def show(f: chaos.Figures) -> None:
+        print(json.dumps(chaos.figures_json(f)) if args.json else chaos.row(f), flush=True)
+
+    if not args.json:
+        print(chaos.HEADER, flush=True)
+    spec = chaos.chaos_spec(chaos_timings(args), args.plaintext)
+    if not args.json:
+        print(f"timings: {timings_text(spec.timings)}", flush=True)
+    try:
+        figs = chaos.run_scenarios(chosen, args.quick, show, spec)
+    except LabError as e:
+        return _err(f"chaos: {e} (everything it made was removed)")
+    except KeyboardInterrupt:
+        return _err("interrupted; everything the chaos run made was removed")
+    t = chaos.totals(figs)
+    if args.json:
+        print(json.dumps({"totals": asdict(t)}))
+    else:
+        print(
+            f"\n{t.scenarios} scenarios: {t.two_owner_samples} samples with two owners, {t.false_failovers}"
+            f" false failovers, {t.rogue_grants} rogue renewals granted, {t.outages_over_bound} outages over"
+            f" their bound, {t.events_lost} events and"
+            f" {t.telemetry_lost} telemetry intervals lost, {t.daemons_died} daemons died"
+        )
+    return 0 if t.two_owner_samples == t.false_failovers == t.rogue_grants == 0 else 1
 
 
 def lab_down(args: argparse.Namespace) -> int:

@@ -1,15 +1,62 @@
 """The lab's configuration files, as text, from its plan: pure functions, so tests can load them with the
-daemons' own loaders without building anything."""
+daemons' own loaders without building anything; and the lab's certificates (`issue_certificates`, which
+writes them: every lab runs with mutual TLS unless its spec says `plaintext`)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from lab.spec import DNS_ZONE, PEER_PORT, Plan, ServicePlan
+from shadowplane import pki
 
 Value = str | int | float | bool | Sequence[str]
+
+CONTROLLER_CERT_NAME = "controller"  # the controller's certificate (role controller, its address as a SAN)
+OPERATOR_CERT_NAME = "lab"  # the lab's own Fleet calls (status, chaos, tests) as an operator
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One party's files, as a daemon's [tls] section names them."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def toml(self) -> dict[str, Value | Path]:
+        return {"ca": self.ca, "cert": self.cert, "key": self.key}
+
+
+def tls_dir(workdir: Path) -> Path:
+    return workdir / "tls"
+
+
+def credentials(workdir: Path, role: pki.Role, name: str) -> Credentials:
+    """Where `issue_certificates` puts `name`'s files (the names `shadowplane.pki.issue` gives them)."""
+    d = tls_dir(workdir)
+    return Credentials(d / "ca.pem", d / f"{role}-{name}.pem", d / f"{role}-{name}.key")
+
+
+def issue_certificates(plan: Plan, workdir: Path) -> None:
+    """A fresh fleet CA for this lab and every party's certificate, made with the same code as
+    `shadowctl certs` (shadowplane/pki.py): the controller (its address as a SAN), one agent certificate
+    per fleet host named as the host, and an operator certificate for the lab's own calls. The lab then
+    runs in the security mode production runs in (mutual TLS), so every lab test exercises it."""
+    d = tls_dir(workdir)
+    pki.init_ca(d, name="Shadowplane lab CA", days=30)
+    pki.issue(d, CONTROLLER_CERT_NAME, "controller", sans=(plan.host("ctl").ipv4,), days=30)
+    for h in plan.fleet_hosts():
+        pki.issue(d, h.name, "agent", sans=(h.ipv4, h.ipv6), days=30)
+    pki.issue(d, OPERATOR_CERT_NAME, "operator", days=30)
+
+
+def tls_table(plan: Plan, workdir: Path, role: pki.Role, name: str) -> str:
+    if plan.spec.plaintext:
+        return toml_table("[tls]", {"plaintext": True})
+    return toml_table("[tls]", credentials(workdir, role, name).toml())
 
 
 def toml_value(v: Value | Path) -> str:
@@ -33,8 +80,7 @@ def controller_toml(plan: Plan, workdir: Path, tsig_secret: str = "") -> str:
     out = [
         "# Written by `python -m lab up`; rewritten each time the lab comes up.\n",
         toml_table("", {"listen": plan.controller_address}),
-        # the lab's network exists only inside this machine's namespaces: no certificates to manage
-        toml_table("[tls]", {"plaintext": True}),
+        tls_table(plan, workdir, "controller", CONTROLLER_CERT_NAME),
         toml_table("[metrics]", {"listen": f"{plan.host('ctl').ipv4}:{METRICS_PORT}"}),
         toml_table("[store]", {"path": workdir / "controller.db"}),
         toml_table(
@@ -121,7 +167,7 @@ def agent_toml(plan: Plan, host: str, workdir: Path) -> str:
                 "hooks_dir": hooks_dir(workdir, h.name),
             },
         ),
-        toml_table("[tls]", {"plaintext": True}),
+        tls_table(plan, workdir, "agent", h.name),
         toml_table("[metrics]", {"listen": f"{h.ipv4}:{METRICS_PORT}"}),
         toml_table("[capture]", {"bpf": plan.spec.agent_bpf, "create_cgroups": True}),
     ]

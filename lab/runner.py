@@ -53,12 +53,16 @@ from lab.spec import (
 )
 from lab.vipcheck import VipChecker, holders, normalize, read_all
 from shadowctl.fleet_view import host_row
+from shadowplane.pki import ROLE_SAN
+from shadowplane.tls import TlsConfig, channel_credentials
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import fleet_pb2_grpc as fgrpc
 
 STATE_DIR = Path("/run/shadowplane-lab")
 STATE_FILE = STATE_DIR / "state.json"
 STOP_GRACE_SECONDS = 3.0
+IPTABLES = ("iptables-legacy", "ip6tables-legacy")  # tables in the lab's namespaces only
+DELAY_QUEUE = 7  # the NFQUEUE number of a host's delay line (one per namespace)
 
 
 class LabError(RuntimeError):
@@ -248,6 +252,8 @@ class Lab:
                 cgroup=first.cgroup(h.name),
             )
         if spec.failover == "shadowplane":
+            if not spec.plaintext:
+                configs.issue_certificates(p, self.workdir)
             self._start_controller_and_agents()
         if spec.dns:
             self._start_dns()
@@ -480,10 +486,22 @@ class Lab:
             h = self.plan.host("ctl")
             self._forwarder = topology.Forwarder(h.namespace, (h.ipv4, CONTROLLER_PORT))
             # no proxy: the environment's http_proxy must not see a loopback address
-            self._channel = grpc.insecure_channel(
-                self._forwarder.address, options=[("grpc.enable_http_proxy", 0)]
-            )
+            options: list[tuple[str, Any]] = [("grpc.enable_http_proxy", 0)]
+            creds = channel_credentials(self.operator_tls())
+            if creds is None:
+                self._channel = grpc.insecure_channel(self._forwarder.address, options=options)
+            else:
+                # the controller's certificate names its role, not the loopback door's address
+                options.append(("grpc.ssl_target_name_override", ROLE_SAN["controller"]))
+                self._channel = grpc.secure_channel(self._forwarder.address, creds, options=options)
         return fgrpc.FleetStub(self._channel)
+
+    def operator_tls(self) -> TlsConfig:
+        """The lab's operator credentials (what `shadowctl --ca/--cert/--key` would take), or plaintext."""
+        if self.plan.spec.plaintext:
+            return TlsConfig(plaintext=True)
+        c = configs.credentials(self.workdir, "operator", configs.OPERATOR_CERT_NAME)
+        return TlsConfig(ca=c.ca, cert=c.cert, key=c.key)
 
     def _close_grpc(self) -> None:
         if self._channel is not None:
@@ -587,6 +605,87 @@ class Lab:
         )
 
     # ---- faults ----
+
+    def pid(self, name: str) -> int:
+        return self._proc(name).pid
+
+    def signal(self, name: str, sig: int) -> None:
+        """Send `sig` to one lab process (only it, not its group): SIGSTOP/SIGCONT/SIGKILL faults. A killed
+        process is reaped here, so `alive` is false at once."""
+        os.kill(self._proc(name).pid, sig)
+        proc = self._popens.get(name)
+        if sig == signal.SIGKILL and proc is not None:
+            proc.wait(10)
+
+    def restart(self, name: str) -> None:
+        """Start a lab daemon ("controller", "agent-p1", "httpd-p1") again after a fault ended it: the same
+        command in the same namespace (and cgroup), logging to the same file."""
+        if self.alive(name):
+            raise LabError(f"{name} is running: stop it before restarting it")
+        rec = self._proc(name)
+        host = self.plan.host(rec.host)
+        kind = name.split("-")[0]
+        cgroup = self.plan.workloads(host.name)[0][0].cgroup(host.name) if kind == "httpd" else None
+        self._spawn(name, host, rec.argv, cgroup=cgroup, with_cgroups=kind == "agent")
+
+    def spawn_load(self, host: str, argv: Sequence[str], name: str) -> None:
+        """Run a load generator (e.g. stress-ng) in `host`'s namespace and in its first workload's cgroup,
+        as the host's own service would run; stopped with the lab, or by `stop_process`."""
+        h = self.plan.host(host)
+        self._spawn(name, h, argv, cgroup=self.plan.workloads(h.name)[0][0].cgroup(h.name))
+
+    # This kernel has no sch_netem (and nftables has no `queue`), so loss and delay are iptables rules in
+    # the host's namespace on its outgoing packets, where netem would sit: `statistic --mode random` drops,
+    # and NFQUEUE hands packets to a userspace delay line (lab/delayline.py).
+
+    def _iptables(self, host: str, *rule: str) -> None:
+        for tool in IPTABLES:
+            r = self.run_in(host, [tool, "-w", *rule], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise LabError(f"{tool} {' '.join(rule)} in {host}: {r.stderr.strip()}")
+
+    def add_loss(self, host: str, fraction: float) -> None:
+        """Drop `fraction` of the packets `host` sends, at random (netem's `loss`)."""
+        self._iptables(
+            host,
+            *("-A", "OUTPUT", "-o", "eth0", "-m", "statistic", "--mode", "random"),
+            *("--probability", f"{fraction:.4f}", "-j", "DROP"),
+        )
+
+    def add_delay(self, host: str, seconds: float) -> None:
+        """Hold every packet `host` sends for `seconds` (netem's `delay`), in a delay line process."""
+        name = f"delayline-{host}"
+        self._spawn(
+            name,
+            self.plan.host(host),
+            python_module("lab.delayline", "--queue", str(DELAY_QUEUE), "--delay", str(seconds)),
+        )
+        self._wait(
+            lambda: "delay line on" in self.logs(name), 10, f"the delay line in {host}", [self._proc(name)]
+        )
+        self._iptables(
+            host,
+            "-A",
+            "OUTPUT",
+            "-o",
+            "eth0",
+            "-j",
+            "NFQUEUE",
+            "--queue-num",
+            str(DELAY_QUEUE),
+            "--queue-bypass",
+        )
+
+    def clear_impairments(self, host: str) -> None:
+        """Remove the loss and delay rules from `host` and stop its delay line."""
+        self._iptables(host, "-F", "OUTPUT")
+        if any(r.name == f"delayline-{host}" for r in self.state.processes):
+            self.stop_process(f"delayline-{host}")
+
+    def stop_process(self, name: str) -> None:
+        """SIGTERM a process the lab started (its group), SIGKILL after the grace period."""
+        popens = {name: self._popens[name]} if name in self._popens else {}
+        _stop_processes([r for r in self.state.processes if r.name == name], popens, {})
 
     def cut_link(self, host: str) -> None:
         """Take the host's port on the bridge down: its eth0 loses carrier, nothing gets in or out."""

@@ -96,6 +96,53 @@ class Timings:
         return last_answer + takeover + acquire + first_answer + SCHEDULING_MARGIN_SECONDS
 
 
+def _defaults(cls: type[Any]) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def shipped_timings(base: Timings | None = None) -> Timings:
+    """`base` (the lab's timings) with everything that paces detection and failover taken from the shipped
+    config defaults, read from the config dataclasses: the lease, renewals, the controller's loop and
+    heartbeat timeout, the health checks, the announcements, the agent's heartbeats and reconnects. The
+    rest (failback hold, flap window, telemetry interval, placement grace) stays the lab's, so the same
+    runs can repeat a failover every few seconds."""
+    # only here: the daemons' configs are not what the lab's light tools need to import
+    from agentd.config import AgentConfig
+    from controller.config import FailoverConfig, HealthCheckConfig, ServiceConfig
+
+    fo, hc, svc, agent = (
+        _defaults(FailoverConfig),
+        _defaults(HealthCheckConfig),
+        _defaults(ServiceConfig),
+        _defaults(AgentConfig),
+    )
+    return dataclasses.replace(
+        base or Timings(),
+        lease_seconds=fo["lease_seconds"],
+        renew_interval_seconds=fo["renew_interval_seconds"],
+        heartbeat_timeout_seconds=fo["heartbeat_timeout_seconds"],
+        loop_interval_seconds=fo["loop_interval_seconds"],
+        health_interval_seconds=hc["interval_seconds"],
+        health_timeout_seconds=hc["timeout_seconds"],
+        health_fall=hc["fall"],
+        health_rise=hc["rise"],
+        garp_count=svc["garp_count"],
+        garp_interval_seconds=svc["garp_interval_seconds"],
+        agent_heartbeat_interval_seconds=agent["heartbeat_interval_seconds"],
+        agent_reconnect_max_seconds=agent["reconnect_max_seconds"],
+    )
+
+
+def timings_text(t: Timings) -> str:
+    """The timings that decide a failover, in one line (benchmarks and `lab chaos` print it)."""
+    return (
+        f"lease {t.lease_seconds:g} s, renew every {t.renew_interval_seconds:g} s, health checks every"
+        f" {t.health_interval_seconds:g} s (timeout {t.health_timeout_seconds:g} s, fall {t.health_fall},"
+        f" rise {t.health_rise}), heartbeat timeout {t.heartbeat_timeout_seconds:g} s, HA loop every"
+        f" {t.loop_interval_seconds:g} s"
+    )
+
+
 @dataclass(frozen=True)
 class Spec:
     primaries: int = 1
@@ -107,6 +154,9 @@ class Spec:
     failback: Literal["auto", "manual", "never"] = "auto"
     hook_failure: Literal["abort", "continue"] = "abort"
     agent_bpf: bool = False  # BPF capture compiles per agent (seconds of CPU each); failover needs none
+    # Mutual TLS, as production runs, unless this is set: every daemon and the lab's own calls then run
+    # without certificates (`python -m lab up --plaintext`)
+    plaintext: bool = False
     http_port: int = 8080
     timings: Timings = field(default_factory=Timings)
     workdir: Path | None = None  # None: a fresh directory under /run/shadowplane-lab

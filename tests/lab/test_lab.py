@@ -12,12 +12,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import psutil
 import pytest
 
 from agentd.cgroupfs import CgroupLayout
 from agentd.config import load_agent_config
-from controller.config import load_controller_config
+from controller.config import FailoverConfig, HealthCheckConfig, load_controller_config
 from lab import configs, topology
 from lab.poller import (
     Outage,
@@ -30,8 +31,10 @@ from lab.poller import (
 )
 from lab.procs import child_env, python_module, spawn
 from lab.runner import STATE_FILE, Lab, LabError
-from lab.spec import CGROUP_ROOT, PREFIX, Spec, SpecError, Timings, plan
+from lab.spec import CGROUP_ROOT, PREFIX, Spec, SpecError, Timings, plan, shipped_timings
 from lab.vipcheck import VipChecker
+from shadowplane.v1 import fleet_pb2 as fpb
+from shadowplane.v1 import fleet_pb2_grpc as fgrpc
 from tests.support import ROOT, need_root, remove_leftover_lab, wait_until
 
 # ---- pure: plan, configs, outages ----
@@ -69,7 +72,9 @@ def test_configs_load_with_the_daemons_own_loaders(tmp_path: Path) -> None:
     cfg = load_controller_config(ctl)
     assert cfg.listen == "10.77.0.2:7400"
     assert cfg.store.path == tmp_path / "controller.db"
-    assert cfg.tls.plaintext
+    # mutual TLS unless the spec says plaintext, with the files `issue_certificates` makes
+    assert not cfg.tls.plaintext
+    assert (cfg.tls.ca, cfg.tls.cert) == (tmp_path / "tls/ca.pem", tmp_path / "tls/controller-controller.pem")
     t = Timings()
     assert (cfg.failover.lease_seconds, cfg.failover.renew_interval_seconds) == (t.lease_seconds, 0.05)
     assert [(h.name, h.address) for h in cfg.host] == [
@@ -89,6 +94,11 @@ def test_configs_load_with_the_daemons_own_loaders(tmp_path: Path) -> None:
     assert (a.controller, a.host, a.peer_listen) == ("10.77.0.2:7400", "s1", "10.77.0.21:7401")
     assert a.hooks_dir == tmp_path / "hooks" / "s1"
     assert a.capture.bpf is False
+    assert (a.tls.cert, a.tls.key) == (tmp_path / "tls/agent-s1.pem", tmp_path / "tls/agent-s1.key")
+    plain = plan(Spec(plaintext=True))
+    agent.write_text(configs.agent_toml(plain, "s1", tmp_path))
+    ctl.write_text(configs.controller_toml(plain, tmp_path))
+    assert load_agent_config(agent).tls.plaintext and load_controller_config(ctl).tls.plaintext
     assert [(w.name, w.cgroup, w.role, w.interface) for w in a.workload] == [
         ("web1", "/splab/s1/web1", "shadow", "eth0"),
         ("web2", "/splab/s1/web2", "shadow", "eth0"),
@@ -119,6 +129,25 @@ def test_failover_outage_bound_follows_the_slower_of_detection_and_fencing() -> 
     assert slow_checks.max_failover_outage_seconds() == pytest.approx(0.01 + 3.125 + 0.05 + 0.01 + 0.05)
     slow_client = Timings().max_failover_outage_seconds(client_poll_interval=0.1)
     assert slow_client == pytest.approx(fencing_bound + 2 * 0.09), "one poll interval on each side"
+
+
+def test_shipped_timings_are_the_config_defaults() -> None:
+    # the outage benchmark's "shipped defaults" row is what a fleet gets from the config dataclasses
+    t = shipped_timings()
+    fo, hc = FailoverConfig(), HealthCheckConfig()
+    assert (t.lease_seconds, t.renew_interval_seconds, t.heartbeat_timeout_seconds) == (
+        fo.lease_seconds,
+        fo.renew_interval_seconds,
+        fo.heartbeat_timeout_seconds,
+    )
+    assert (t.health_interval_seconds, t.health_timeout_seconds, t.health_fall, t.health_rise) == (
+        hc.interval_seconds,
+        hc.timeout_seconds,
+        hc.fall,
+        hc.rise,
+    )
+    assert t.failback_hold_seconds == Timings().failback_hold_seconds, "the lab's pacing is kept"
+    assert plan(Spec(timings=t)).spec.validate() is None
 
 
 def rec(t: float, ok: bool, who: str = "") -> Record:
@@ -159,7 +188,12 @@ def test_python_m_lab_from_the_checkout_lists_its_commands() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: python -m lab")
     listed = re.findall(r"^    (\S+)\s", out.stdout, re.M)
-    assert {"up", "down", "status", "scenario", "demo"} <= set(listed), out.stdout
+    assert {"up", "down", "status", "scenario", "demo", "chaos"} <= set(listed), out.stdout
+    chaos = subprocess.run(
+        [sys.executable, "-m", "lab", "chaos", "--list"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert chaos.returncode == 0, chaos.stderr
+    assert "cpu-saturation" in chaos.stdout and "rogue-agent-cert" in chaos.stdout
     step = subprocess.run(
         [sys.executable, "-m", "lab", "scenario", "step-load", "--help"],
         capture_output=True,
@@ -275,6 +309,55 @@ def test_agents_connect_to_the_controller(lab: Lab) -> None:
     assert {r["host"]: (r["connected"], r["health"]) for r in rows} == {
         h: (True, "healthy") for h in ("p1", "s1", "s2")
     }
+
+
+@pytest.mark.root
+@pytest.mark.lab
+def test_the_lab_runs_mutual_tls(lab: Lab) -> None:
+    # the lab's operator certificate works; no certificate, or an agent's, gets nothing from the Fleet API
+    assert lab.fleet().ListServices(fpb.ListServicesRequest(), timeout=5).services
+    fwd = topology.Forwarder(lab.host("ctl").namespace, (lab.host("ctl").ipv4, 7400))
+    try:
+        opts = [("grpc.enable_http_proxy", 0), ("grpc.ssl_target_name_override", "shadowplane-controller")]
+        tls = lab.operator_tls()
+        assert tls.ca is not None
+        agent = configs.credentials(lab.workdir, "agent", "s1")
+        attempts = {
+            "plaintext": grpc.insecure_channel(fwd.address, options=opts[:1]),
+            "no client certificate": grpc.secure_channel(
+                fwd.address, grpc.ssl_channel_credentials(tls.ca.read_bytes()), options=opts
+            ),
+            "an agent certificate": grpc.secure_channel(
+                fwd.address,
+                grpc.ssl_channel_credentials(
+                    tls.ca.read_bytes(), agent.key.read_bytes(), agent.cert.read_bytes()
+                ),
+                options=opts,
+            ),
+        }
+        for what, ch in attempts.items():
+            with ch, pytest.raises(grpc.RpcError) as e:
+                fgrpc.FleetStub(ch).Failover(fpb.FailoverRequest(service="web", to="s1"), timeout=3)
+            assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED), what
+    finally:
+        fwd.close()
+
+
+@pytest.mark.root
+@pytest.mark.lab
+def test_delay_line_holds_the_hosts_packets(lab: Lab) -> None:
+    # the stand-in for netem's delay (this kernel has none): every packet p1 sends waits 100 ms, and arrives
+    p1 = lab.host("p1").ipv4
+    lab.add_delay("p1", 0.1)
+    try:
+        t0 = time.monotonic()
+        assert lab.http_get("client", p1) == (200, "p1\n")
+        slow = time.monotonic() - t0
+    finally:
+        lab.clear_impairments("p1")
+    assert slow >= 0.2, "an HTTP GET takes two of p1's packets (SYN-ACK, answer): at least 200 ms"
+    assert "packets delayed" in lab.logs("delayline-p1") and not lab.alive("delayline-p1")
+    assert lab.http_get("client", p1) == (200, "p1\n")
 
 
 @pytest.mark.root
