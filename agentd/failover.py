@@ -286,7 +286,12 @@ class ObserverRole:
             d.reason,
             d.wait * 1000,
         )
-        return apb.VoteReply(granted=d.granted, wait_ms=int(d.wait * 1000 + 0.999), promised_token=d.promised)
+        return apb.VoteReply(
+            granted=d.granted,
+            wait_ms=int(d.wait * 1000 + 0.999),
+            promised_token=d.promised,
+            address_wait_ms=int(d.address_wait * 1000 + 0.999),
+        )
 
     # ---- what the controller asks us to watch ----
 

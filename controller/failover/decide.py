@@ -140,7 +140,8 @@ def decide(s: Snapshot) -> Decision:
             return Decision(
                 "none",
                 "",
-                f"{why}; waiting for the health checks (they take up to {s.detection_ms} ms to see a host down)",
+                f"{why}; waiting for the health checks "
+                f"(they take up to {s.detection_ms} ms to see a host down)",
             )
         if s.owner in s.connected and owner_health.majority_up:
             return Decision(

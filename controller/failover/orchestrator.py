@@ -288,8 +288,10 @@ class Orchestrator:
             if not r.vote.granted:
                 return o, None, f"refused: already promised token {r.vote.promised_token}"
             # An agent that predates address waits reports none: its lease wait plus the longest lifetime.
-            address_ms = r.vote.address_wait_ms or r.vote.wait_ms + _ms(
-                address_expiry_seconds(self.cfg.failover.lease_seconds)
+            address_ms = (
+                r.vote.address_wait_ms
+                if r.vote.HasField("address_wait_ms")
+                else r.vote.wait_ms + _ms(address_expiry_seconds(self.cfg.failover.lease_seconds))
             )
             return o, Waits(r.vote.wait_ms, address_ms), "granted"
 

@@ -577,6 +577,7 @@ class VoteReply(_message.Message):
     """Until an owner that renewed with this observer, and then hung, has certainly lost its address: its last
     renewal's lease plus the address's kernel lifetime (and the kernel's once-a-second check). The
     coordinator waits this long when the old owner cannot confirm it released the address.
+    unset: an agent older than address waits
     """
     def __init__(
         self,
@@ -584,13 +585,15 @@ class VoteReply(_message.Message):
         granted: _builtins.bool = ...,
         wait_ms: _builtins.int = ...,
         promised_token: _builtins.int = ...,
-        address_wait_ms: _builtins.int = ...,
+        address_wait_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_address_wait_ms", b"_address_wait_ms", "address_wait_ms", b"address_wait_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address_wait_ms", b"address_wait_ms", "granted", b"granted", "promised_token", b"promised_token", "wait_ms", b"wait_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_address_wait_ms", b"_address_wait_ms", "address_wait_ms", b"address_wait_ms", "granted", b"granted", "promised_token", b"promised_token", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__address_wait_ms: _TypeAlias = _typing.Literal["address_wait_ms"]  # noqa: Y015
+    _WhichOneofArgType__address_wait_ms: _TypeAlias = _typing.Literal["_address_wait_ms", b"_address_wait_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__address_wait_ms) -> _WhichOneofReturnType__address_wait_ms | None: ...
 
 Global___VoteReply: _TypeAlias = VoteReply  # noqa: Y015
 

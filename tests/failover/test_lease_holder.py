@@ -111,3 +111,16 @@ def test_acquire_fails_without_a_majority() -> None:
 
     msg = asyncio.run(scenario())
     assert "no majority of 3 observers renewed" in msg
+
+
+def test_an_observer_agent_reports_its_address_wait_with_its_vote() -> None:
+    """The coordinator waits out a silent owner's address with what the voters report; an agent that did not
+    say would make it fall back to a longer, older rule."""
+    role = ObserverRole("o0", report=lambda m: None)
+    role.leases.started_at -= 10
+    role.leases.observe(["web"], LEASE_MS / 1000)
+    assert role.vote(apb.Vote(service="web", token=1, candidate="p1")).granted
+    assert role.leases.renew("web", 1, "p1").granted
+    reply = role.vote(apb.Vote(service="web", token=2, candidate="s1"))
+    assert reply.granted and reply.HasField("address_wait_ms")
+    assert reply.address_wait_ms > reply.wait_ms > 0
