@@ -86,7 +86,7 @@ def test_configs_load_with_the_daemons_own_loaders(tmp_path: Path) -> None:
     web2 = cfg.service[1]
     assert (web2.name, web2.primary, web2.shadows, web2.vip) == ("web2", "p2", ["s1", "s2"], "10.77.0.102/24")
     assert (web2.failback, web2.failback_hold_seconds, web2.flap_window_seconds) == ("auto", 5.0, 0.0)
-    assert (web2.health.kind, web2.health.port, web2.health.fall) == ("http", 8080, 2)
+    assert (web2.health.kind, web2.health.port, web2.health.fall) == ("http", 8080, t.health_fall)
     assert web2.dns is not None and web2.dns.server == "10.77.0.53:53"
     agent = tmp_path / "agentd.toml"
     agent.write_text(configs.agent_toml(p, "s1", tmp_path))
@@ -122,11 +122,11 @@ def test_every_ip_command_names_a_lab_namespace() -> None:
 
 def test_failover_outage_bound_follows_the_slower_of_detection_and_fencing() -> None:
     # the lab's defaults: fencing a cut-off owner (its lease 0.25 s, then its address's kernel lifetime of
-    # 1 s and the kernel's once-a-second check) outlasts detection (2 x 50 ms checks + 100 ms + tick)
+    # 1 s and the kernel's once-a-second check) outlasts detection (3 x 0.2 s checks + 0.2 s + tick)
     fencing_bound = 0.01 + (0.25 + 2.0 + 0.001 + 0.005) + 0.05 + 0.01 + 0.05
     assert Timings().max_failover_outage_seconds() == pytest.approx(fencing_bound)
-    slow_checks = Timings(health_interval_seconds=1.0, health_fall=3)  # detection: 3 + 0.1 + 0.02 s
-    assert slow_checks.max_failover_outage_seconds() == pytest.approx(0.01 + 3.125 + 0.05 + 0.01 + 0.05)
+    slow_checks = Timings(health_interval_seconds=1.0, health_fall=3)  # detection: 3 + 0.2 + 0.02 s
+    assert slow_checks.max_failover_outage_seconds() == pytest.approx(0.01 + 3.225 + 0.05 + 0.01 + 0.05)
     slow_client = Timings().max_failover_outage_seconds(client_poll_interval=0.1)
     assert slow_client == pytest.approx(fencing_bound + 2 * 0.09), "one poll interval on each side"
 
