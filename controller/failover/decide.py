@@ -73,6 +73,7 @@ class Snapshot:
     # cut off, and only the health checks can tell that from an agent's hiccup.
     renewing_down_for_ms: int = 0
     detection_ms: int = 0
+    last_transition_ms: int = 0  # when the service last moved (or was placed)
 
 
 @dataclass(frozen=True)
@@ -155,14 +156,17 @@ def decide(s: Snapshot) -> Decision:
         connected = s.owner in s.connected
         state = "its service is not seen up by a majority" if connected else "its agent is gone"
         return Decision("failover", best[0], f"{why} and {state}", planned=connected)
+    # The hold counts from the later of the primary's recovery and the last move: an operator's move away
+    # from a healthy primary stands for the hold too, rather than being undone on the next tick.
+    healthy_since = max(s.primary_up_since_ms or 0, s.last_transition_ms)
     if (
         s.owner != s.primary
         and s.failback == "auto"
         and ready(s, s.primary)
         and s.primary_up_since_ms is not None
-        and s.now_ms - s.primary_up_since_ms >= s.failback_hold_ms
+        and s.now_ms - healthy_since >= s.failback_hold_ms
     ):
-        held = (s.now_ms - s.primary_up_since_ms) / 1000
+        held = (s.now_ms - healthy_since) / 1000
         return Decision(
             "failback",
             s.primary,

@@ -185,6 +185,7 @@ class FailoverLoop:
             request=request,
             renewing_down_for_ms=now - rt.renewing_down_since_ms if rt.renewing_down_since_ms else 0,
             detection_ms=_detection_ms(svc),
+            last_transition_ms=rec.last_transition_ms,
         )
 
     def service_views(self) -> tuple[ServiceView, ...]:

@@ -138,3 +138,12 @@ def test_a_lapsed_lease_waits_for_the_health_checks_before_reacquiring() -> None
     )
     assert (d.action, d.target, d.planned) == ("failover", "s1", True)
     assert "not seen up by a majority" in d.reason
+
+
+def test_the_failback_hold_counts_from_the_last_move_too() -> None:
+    """An operator's move away from a healthy primary stands for the hold, not one tick."""
+    s = snap(owner="s1", primary_up_since_ms=0, now_ms=1_000_000, last_transition_ms=999_000)
+    d = decide(s)
+    assert d.action == "none"  # moved 1 s ago, hold 5 s
+    d = decide(dataclasses.replace(s, now_ms=1_004_000))
+    assert (d.action, d.target) == ("failback", "p1") and "healthy for 5.0 s" in d.reason
