@@ -34,14 +34,15 @@ class SpecError(ValueError):
 # On 2 cores the lab's controller, three agents, three web servers and the test's client poller and
 # split-brain checker share the CPUs: each step of a failover (probe result, report, loop tick, vote,
 # acquire, announcement) may start a few ms late. 50 ms covers that with room, and stays small next to the
-# quarter of a second a lab failover takes.
+# 2.3 s a lab failover takes (mostly the wait for a cut-off owner's address to expire).
 SCHEDULING_MARGIN_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
 class Timings:
-    """Failure detection and movement timings. The defaults make a lab failover take a fraction of a
-    second; the config defaults (seconds) suit a real fleet."""
+    """Failure detection and movement timings. The lab runs the shipped health checks with a shorter
+    lease (its failover takes the 2.25 s address wait of a 0.25 s lease), and faster heartbeats,
+    placement and scaling so that a test or demo does not wait for them."""
 
     lease_seconds: float = 0.25
     renew_interval_seconds: float = 0.05
