@@ -288,9 +288,9 @@ class ObserverRole:
         )
         return apb.VoteReply(
             granted=d.granted,
-            wait_ms=int(d.wait * 1000 + 0.999),
+            wait_ms=leases.wait_ms(d.wait),
             promised_token=d.promised,
-            address_wait_ms=int(d.address_wait * 1000 + 0.999),
+            address_wait_ms=leases.wait_ms(d.address_wait),
         )
 
     # ---- what the controller asks us to watch ----

@@ -119,6 +119,11 @@ def address_expiry_seconds(lease: float) -> float:
     return address_lifetime_seconds(lease) + 1.0
 
 
+def wait_ms(seconds: float) -> int:
+    """A wait on the wire, in whole ms rounded up: rounding may lengthen a wait, never shorten it."""
+    return int(seconds * 1000 + 0.999)
+
+
 def majority(n: int) -> int:
     return n // 2 + 1
 

@@ -32,7 +32,7 @@ from controller.failover.dns import DnsUpdates
 from controller.registry import AgentRegistry, CommandError
 from controller.store import ServiceRecord, Store
 from shadowplane.clock import now_ms
-from shadowplane.lease import address_expiry_seconds, majority
+from shadowplane.lease import address_expiry_seconds, majority, wait_ms
 from shadowplane.lease_observer import LeaseObserver
 from shadowplane.v1 import agent_pb2 as apb
 
@@ -49,10 +49,6 @@ class Waits:
 
     lease_ms: int
     address_ms: int
-
-
-def _ms(seconds: float) -> int:
-    return int(seconds * 1000 + 0.999)
 
 
 @dataclass
@@ -271,18 +267,15 @@ class Orchestrator:
         """Ask every observer; return as soon as a majority granted (their longest waits count)."""
         names = svc.observer_names()
         needed = majority(len(names))
-        timeout = max(0.3, 4 * self.cfg.failover.renew_interval_seconds)
 
         async def one(o: str) -> tuple[str, Waits | None, str]:
             if o == "controller":
                 d = self.observer.vote(svc.name, token, candidate)
                 if not d.granted:
                     return o, None, d.reason
-                return o, Waits(_ms(d.wait), _ms(d.address_wait)), d.reason
+                return o, Waits(wait_ms(d.wait), wait_ms(d.address_wait)), d.reason
             try:
-                r = await self.registry.call(
-                    o, apb.Command(vote=apb.Vote(service=svc.name, token=token, candidate=candidate)), timeout
-                )
+                r = await self._ask_vote(svc, o, token, candidate)
             except CommandError as e:
                 return o, None, str(e)
             if not r.vote.granted:
@@ -291,7 +284,7 @@ class Orchestrator:
             address_ms = (
                 r.vote.address_wait_ms
                 if r.vote.HasField("address_wait_ms")
-                else r.vote.wait_ms + _ms(address_expiry_seconds(self.cfg.failover.lease_seconds))
+                else r.vote.wait_ms + wait_ms(address_expiry_seconds(self.cfg.failover.lease_seconds))
             )
             return o, Waits(r.vote.wait_ms, address_ms), "granted"
 
@@ -314,14 +307,18 @@ class Orchestrator:
         forgot) up to it: it grants renewals only of tokens it voted for. Voting the owner's own token again
         changes no ownership; an observer that knows a newer token refuses."""
         try:
-            r = await self.registry.call(
-                observer,
-                apb.Command(vote=apb.Vote(service=svc.name, token=token, candidate=owner)),
-                max(0.3, 4 * self.cfg.failover.renew_interval_seconds),
-            )
+            r = await self._ask_vote(svc, observer, token, owner)
         except CommandError:
             return False
         return r.vote.granted
+
+    async def _ask_vote(
+        self, svc: ServiceConfig, observer: str, token: int, candidate: str
+    ) -> apb.CommandResult:
+        """One observer agent's vote for `token` to `candidate` (a few renewal intervals to answer)."""
+        vote = apb.Vote(service=svc.name, token=token, candidate=candidate)
+        timeout = max(0.3, 4 * self.cfg.failover.renew_interval_seconds)
+        return await self.registry.call(observer, apb.Command(vote=vote), timeout)
 
     async def _release(self, svc: ServiceConfig, host: str, token: int, timeout: float) -> bool:
         """Ask `host` to drop the address; True only if it confirms it holds none."""
