@@ -73,6 +73,7 @@ class Timings:
         controller and the agents use them (controller/failover/, agentd/failover.py)."""
         # only here: the orchestrator pulls in grpc, and this module is imported by the lab's light tools
         from controller.failover.orchestrator import VOTE_SAFETY_MS
+        from shadowplane.healthcheck import detection_seconds
         from shadowplane.lease import address_expiry_seconds
 
         # The last answer before the cut can be from a request sent up to one poll interval earlier.
@@ -81,8 +82,7 @@ class Timings:
         # in a row make the owner down and the last of them fails at its timeout. Observers report a change
         # at once; the HA loop decides on its next tick.
         detection = (
-            self.health_fall * self.health_interval_seconds
-            + self.health_timeout_seconds
+            detection_seconds(self.health_fall, self.health_interval_seconds, self.health_timeout_seconds)
             + self.loop_interval_seconds
         )
         # Fencing: the observers granted the cut owner's last renewal at the cut at the latest. The cut owner

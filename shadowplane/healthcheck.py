@@ -29,6 +29,12 @@ def _argv(v: list[str]) -> str | None:
     return None
 
 
+def detection_seconds(fall: int, interval: float, timeout: float) -> float:
+    """How long checks take to see a target down: the first failing probe starts within one interval,
+    `fall` of them fail in a row, and the last fails at its timeout."""
+    return fall * interval + timeout
+
+
 @dataclass
 class ExecCheckConfig:
     """`[checks.NAME]` in agentd.toml (or controller.toml, for the controller's own probes): the command this

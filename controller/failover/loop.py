@@ -24,7 +24,14 @@ from controller.registry import AgentRegistry
 from controller.status import ObserverView, ServiceView
 from controller.store import ServiceRecord, Store
 from shadowplane.clock import now_ms
-from shadowplane.healthcheck import CheckSpec, Tracker, local_probe, run_check, spec_to_proto
+from shadowplane.healthcheck import (
+    CheckSpec,
+    Tracker,
+    detection_seconds,
+    local_probe,
+    run_check,
+    spec_to_proto,
+)
 from shadowplane.lease_observer import LeaseObserver
 from shadowplane.v1 import agent_pb2 as apb
 
@@ -383,6 +390,5 @@ def controller_lease_observer(cfg: ControllerConfig, store: Store) -> LeaseObser
 
 
 def _detection_ms(svc: ServiceConfig) -> int:
-    """How long the health checks take to see a target down: `fall` failed probes, the last at its timeout."""
     h = svc.health
-    return int((h.fall * h.interval_seconds + h.timeout_seconds) * 1000)
+    return int(detection_seconds(h.fall, h.interval_seconds, h.timeout_seconds) * 1000)
