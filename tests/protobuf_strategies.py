@@ -95,25 +95,30 @@ def scalars(fd: FieldDescriptor, names: Sequence[str]) -> st.SearchStrategy[Any]
 
 
 def messages(
-    descriptor: Descriptor, names: Sequence[str] = (), depth: int = 2, max_repeated: int = 5
+    descriptor: Descriptor,
+    names: Sequence[str] = (),
+    depth: int = 2,
+    max_repeated: int = 5,
+    long_repeated: int = 10_000,
 ) -> st.SearchStrategy[Message]:
-    """Messages of `descriptor`'s type with each field left unset or set to a generated value."""
+    """Messages of `descriptor`'s type with each field left unset or set to a generated value; a repeated
+    field may also be `long_repeated` copies of one value (0: never)."""
     cls = GetMessageClass(descriptor)
     fields: dict[str, st.SearchStrategy[Any]] = {}
     for fd in descriptor.fields:
         if fd.type == F.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry:
             key_fd, value_fd = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
             fields[fd.name] = st.dictionaries(
-                scalars(key_fd, names), _value(value_fd, names, depth), max_size=max_repeated
+                scalars(key_fd, names), _value(value_fd, names, depth, long_repeated), max_size=max_repeated
             )
         elif fd.is_repeated:
-            one = _value(fd, names, depth)
-            fields[fd.name] = st.one_of(
-                st.lists(one, max_size=max_repeated),
-                st.builds(lambda v: [v] * 10_000, one),  # a long repeated field
+            one = _value(fd, names, depth, long_repeated)
+            lists = st.lists(one, max_size=max_repeated)
+            fields[fd.name] = (
+                st.one_of(lists, st.builds(lambda v: [v] * long_repeated, one)) if long_repeated else lists
             )
         else:
-            fields[fd.name] = _value(fd, names, depth)
+            fields[fd.name] = _value(fd, names, depth, long_repeated)
 
     @st.composite
     def build(draw: st.DrawFn) -> Message:
@@ -141,12 +146,14 @@ def messages(
     return build()
 
 
-def _value(fd: FieldDescriptor, names: Sequence[str], depth: int) -> st.SearchStrategy[Any]:
+def _value(
+    fd: FieldDescriptor, names: Sequence[str], depth: int, long_repeated: int
+) -> st.SearchStrategy[Any]:
     if fd.type != F.TYPE_MESSAGE:
         return scalars(fd, names)
     if depth <= 0:
         return st.just(GetMessageClass(fd.message_type)())
-    return messages(fd.message_type, names, depth - 1)
+    return messages(fd.message_type, names, depth - 1, long_repeated=long_repeated)
 
 
 def near(valid: Message, names: Sequence[str] = ()) -> st.SearchStrategy[Message]:
