@@ -212,6 +212,33 @@ def test_deb_carries_no_lab_code(packages: tuple[Path, Path]) -> None:
     assert lab_paths(paths) == [], "the lab is a checkout tool: pyproject.toml's packages.find leaves it out"
 
 
+def test_deb_ships_bytecode_python_never_rewrites(packages: tuple[Path, Path], tmp_path: Path) -> None:
+    """Installing must be unpacking (compiling the venv on a slow host took minutes), and the sandboxed
+    daemons cannot write bytecode: every module of ours ships compiled, hash-based and unchecked (flags 0b01:
+    Python uses it without comparing it to the source, whose file times dpkg does not keep), and tracebacks
+    name the installed files, not the build stage."""
+    deb, _ = packages
+    run("dpkg-deb", "-x", str(deb), str(tmp_path))
+    site = next((tmp_path / "opt/shadowplane/venv/lib").glob("python3*/site-packages"))
+    ours = [
+        p for pkg in ("agentd", "controller", "shadowctl", "shadowplane") for p in (site / pkg).rglob("*.py")
+    ]
+    assert len(ours) > 50, ours
+    for source in ours:
+        pyc = (
+            source.parent
+            / "__pycache__"
+            / f"{source.stem}.cpython-{sys.version_info[0]}{sys.version_info[1]}.pyc"
+        )
+        assert pyc.exists(), f"{source.relative_to(tmp_path)} ships without bytecode"
+        header = pyc.read_bytes()[:16]
+        assert int.from_bytes(header[4:8], "little") == 0b01, f"{pyc.name}: not unchecked hash-based"
+    code = (
+        site / "agentd/__pycache__" / f"daemon.cpython-{sys.version_info[0]}{sys.version_info[1]}.pyc"
+    ).read_bytes()
+    assert b"/opt/shadowplane/venv/lib/" in code and b"build/package" not in code
+
+
 def test_lintian_reports_no_errors(packages: tuple[Path, Path]) -> None:
     deb, _ = packages
     out = run("lintian", "--tag-display-limit", "0", str(deb), check=False)
@@ -234,14 +261,15 @@ def test_rpm_metadata(packages: tuple[Path, Path]) -> None:
         "/opt/shadowplane/venv/bin/python",
     ):
         assert f in files
-    assert not [f for f in files if "__pycache__" in f]
+    assert [f for f in files if f.endswith("/agentd/__pycache__/daemon.cpython-311.pyc")], "no bytecode"
     assert lab_paths(files) == [], "the lab is a checkout tool: pyproject.toml's packages.find leaves it out"
     assert set(run("rpm", "-qpc", str(rpm)).stdout.split()) == {
         "/etc/shadowplane/agentd.toml",
         "/etc/shadowplane/controller.toml",
     }
     scripts = run("rpm", "-qp", "--scripts", str(rpm)).stdout
-    assert "useradd --system" in scripts and "compileall" in scripts
+    assert "useradd --system" in scripts
+    assert "compileall" not in scripts, "the bytecode ships in the package; nothing is compiled on install"
 
 
 @contextlib.contextmanager
