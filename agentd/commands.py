@@ -17,6 +17,7 @@ from agentd.actuate.limits import LimitsError, apply_limits
 from agentd.cgroupfs import CgroupLayout
 from agentd.config import AgentConfig
 from agentd.failover import Channels, LeaseError, LeaseHolder, ObserverRole, Report
+from agentd.held_leases import HeldLease
 from shadowplane.v1 import agent_pb2 as apb
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,35 @@ class CommandHandler:
             raise LimitsError(f"no workload {s.workload!r} on this host")
         return apply_limits(self.layout, workload.cgroup, s)
 
+    async def resume(self, held: HeldLease) -> bool:
+        """Take up a lease held before the agent restarted, if its observers still grant it (True)."""
+        if held.service in self.holders:
+            return False
+        holder = LeaseHolder(
+            self.cfg.host,
+            LeaseHolder.acquire_of(held),
+            self.addresses,
+            self.channels,
+            self.report,
+            self.fence,
+        )
+        self.newest_token[held.service] = max(self.newest_token.get(held.service, 0), held.token)
+        if not await holder.resume(held.stopped_at):
+            return False
+        if held.service in self.holders:  # the controller placed it meanwhile, with a newer token
+            holder.lose(f"superseded by token {self.holders[held.service].token}")
+            return False
+        self.holders[held.service] = holder
+        return True
+
+    def suspend(self, boot_id: str) -> list[HeldLease]:
+        """Stop renewing every lease, leaving the addresses to their kernel lifetimes; what to resume."""
+        out = [h for h in (holder.suspend(boot_id) for holder in self.holders.values()) if h is not None]
+        self.holders = {}
+        return out
+
     async def close(self) -> None:
+        # Leases still here were not suspended (the caller did not mean to come back): let them go.
         for holder in list(self.holders.values()):
             await holder.release("agent stopping")
         self.holders = {}
