@@ -82,7 +82,8 @@ async def main() -> dict:
         for role in roles:
             assert role.vote(apb.Vote(service="web", token=3, candidate="s1")).granted
     elif case == "other-boot":
-        held = [dataclasses.replace(h, boot_id="another-boot") for h in held_leases.peek(cfg.lease_state_file)]
+        recorded = held_leases.peek(cfg.lease_state_file)
+        held = [dataclasses.replace(h, boot_id="another-boot") for h in recorded]
         held_leases.save(cfg.lease_state_file, held)
     elif case == "no-record":  # the agent died without a clean stop
         cfg.lease_state_file.unlink()
