@@ -15,6 +15,7 @@ import psutil
 from prometheus_client import CollectorRegistry
 
 from agentd import held_leases
+from agentd.actuate.address import Vip
 from agentd.capture.bpf_capture import BpfCapture, BpfLoadError, unavailable_reason
 from agentd.capture.collector import ROLES, Collector
 from agentd.cgroupfs import CgroupLayout
@@ -221,8 +222,17 @@ class Agent:
         try:
             held_leases.save(self.cfg.lease_state_file, held)
         except OSError as e:
-            # Nothing recorded: the unit's release-all removes the addresses, as for a crash.
-            log.error("lease_state_file %s: cannot record the held leases (%s)", self.cfg.lease_state_file, e)
+            # Nothing recorded, so nothing can be resumed: let the addresses go now, as before.
+            log.error(
+                "lease_state_file %s: cannot record the held leases (%s); removing their addresses",
+                self.cfg.lease_state_file,
+                e,
+            )
+            for h in held:
+                if h.vip:
+                    await asyncio.to_thread(
+                        self.commands.addresses.remove, Vip.parse(h.vip, h.interface or "eth0")
+                    )
             return
         for h in held:
             log.info(
