@@ -33,12 +33,18 @@ class CommandHandler:
         self.channels = Channels(cfg.tls, cfg.controller)
         self.holders: dict[str, LeaseHolder] = {}
         self.newest_token: dict[str, int] = {}
+        self.stopping = False  # leases suspended (`suspend`): no lease command is honoured any more
 
     async def __call__(self, cmd: apb.Command) -> apb.CommandResult:
         kind = cmd.WhichOneof("action")
         # The incarnation echoed tells the controller this answers one of its own commands, not an
         # earlier controller's.
         r = apb.CommandResult(command_id=cmd.command_id, incarnation=cmd.incarnation, ok=True)
+        if self.stopping and kind in ("acquire", "release"):
+            # The leases are suspended: their addresses stay until their kernel lifetimes. Answering a
+            # release with "holds none" would let a move skip waiting that out: two owners.
+            r.ok, r.error = False, "agent stopping: its addresses stay until their kernel lifetime runs out"
+            return r
         if kind == "watch":
             self.observer.watch(cmd.watch)
         elif kind == "vote":
@@ -154,6 +160,7 @@ class CommandHandler:
 
     def suspend(self, boot_id: str) -> list[HeldLease]:
         """Stop renewing every lease, leaving the addresses to their kernel lifetimes; what to resume."""
+        self.stopping = True
         out = [h for h in (holder.suspend(boot_id) for holder in self.holders.values()) if h is not None]
         self.holders = {}
         return out

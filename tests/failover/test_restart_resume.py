@@ -75,6 +75,9 @@ async def main() -> dict:
     ))
     await first.close()  # what SIGTERM runs
     stopped = time.monotonic()
+    # a planned move's release reaching the stopping agent: it must not confirm "holds none"
+    late = await first.commands(apb.Command(release=apb.Release(service="web", token=2)))
+    out["late_release"] = [late.ok, late.address.holds_address]
     out["held_after_stop"] = probe.has(vip)
     out["recorded"] = [h.token for h in held_leases.peek(cfg.lease_state_file)]
 
@@ -150,6 +153,7 @@ def test_a_restart_keeps_the_vip_while_the_observers_grant_the_token(netns: str,
     out = restart(netns, "granted", tmp_path)
     assert out["held_after_stop"] is True, "a stopping agent leaves its VIP to the kernel's lifetime"
     assert out["recorded"] == [2]
+    assert out["late_release"] == [False, False], "a stopping agent confirms no release: its VIP stays"
     assert out["held_after_release_all"] is True, "release-all keeps what the stopped agent recorded"
     assert out["resumed"] is True and out["held_after_start"] is True
     assert out["events"] == ["resumed"], "the controller hears the lease was resumed, not acquired"
