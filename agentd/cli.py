@@ -12,6 +12,7 @@ from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
+from agentd import held_leases
 from agentd.actuate.address import Addresses
 from agentd.capture.collector import Collector
 from agentd.cgroupfs import CgroupError, CgroupLayout
@@ -33,9 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=DEFAULT_CONFIG)
     chk = sub.add_parser("check-config", help="validate a config file and exit")
     chk.add_argument("--config", default=DEFAULT_CONFIG)
-    sub.add_parser(
+    rel = sub.add_parser(
         "release-all",
-        help="remove every service address this agent added (systemd runs it after the agent stops)",
+        help="remove every service address this agent added but those a cleanly stopped agent recorded "
+        "to resume (systemd runs it after the agent stops)",
+    )
+    rel.add_argument("--config", default=DEFAULT_CONFIG, help="where lease_state_file is set")
+    rel.add_argument(
+        "--all", action="store_true", help="remove recorded addresses too (and forget the record)"
     )
     probe = sub.add_parser("probe", help="print one cgroup's workload profile over N seconds")
     probe.add_argument("--cgroup", required=True, help="cgroup path, e.g. /shadowplane.slice/web")
@@ -125,6 +131,37 @@ def probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def release_all(config_path: str, everything: bool) -> int:
+    """Remove every marked address but those the agent recorded when it stopped cleanly on this boot
+    (its next start resumes them if the observers still grant the lease; until then the kernel lifetime
+    bounds them, as for a hung agent). Without a readable config or record, remove them all."""
+    keep: set[str] = set()
+    try:
+        state_file = load_agent_config(config_path).lease_state_file
+    except (ConfigError, OSError) as e:
+        print(f"release-all: {config_path}: {e}; removing every address", file=sys.stderr)
+    else:
+        try:
+            if everything:
+                held_leases.take(state_file)
+            else:
+                boot = held_leases.boot_id()
+                keep = {
+                    h.vip.split("/")[0] for h in held_leases.peek(state_file) if h.vip and h.boot_id == boot
+                }
+        except held_leases.StateFileError as e:
+            print(f"release-all: lease_state_file {state_file}: {e}; removing every address", file=sys.stderr)
+    addrs = Addresses()
+    try:
+        for a in addrs.remove_marked(keep=keep):
+            print(f"removed {a}")
+        for a in sorted(keep):
+            print(f"kept {a}: recorded by the stopped agent for its next start")
+    finally:
+        addrs.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup(args.log_level)
@@ -132,13 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "probe":
         return probe(args)
     if cmd == "release-all":
-        addrs = Addresses()
-        try:
-            for a in addrs.remove_all_marked():
-                print(f"removed {a}")
-        finally:
-            addrs.close()
-        return 0
+        return release_all(args.config, args.all)
     config_path = getattr(args, "config", DEFAULT_CONFIG)
     try:
         cfg = load_agent_config(config_path)

@@ -17,6 +17,7 @@ from agentd.actuate.limits import LimitsError, apply_limits
 from agentd.cgroupfs import CgroupLayout
 from agentd.config import AgentConfig
 from agentd.failover import Channels, LeaseError, LeaseHolder, ObserverRole, Report
+from agentd.held_leases import HeldLease
 from shadowplane.v1 import agent_pb2 as apb
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,18 @@ class CommandHandler:
         self.channels = Channels(cfg.tls, cfg.controller)
         self.holders: dict[str, LeaseHolder] = {}
         self.newest_token: dict[str, int] = {}
+        self.stopping = False  # leases suspended (`suspend`): no lease command is honoured any more
 
     async def __call__(self, cmd: apb.Command) -> apb.CommandResult:
         kind = cmd.WhichOneof("action")
         # The incarnation echoed tells the controller this answers one of its own commands, not an
         # earlier controller's.
         r = apb.CommandResult(command_id=cmd.command_id, incarnation=cmd.incarnation, ok=True)
+        if self.stopping and kind in ("acquire", "release"):
+            # The leases are suspended: their addresses stay until their kernel lifetimes. Answering a
+            # release with "holds none" would let a move skip waiting that out: two owners.
+            r.ok, r.error = False, "agent stopping: its addresses stay until their kernel lifetime runs out"
+            return r
         if kind == "watch":
             self.observer.watch(cmd.watch)
         elif kind == "vote":
@@ -130,7 +137,36 @@ class CommandHandler:
             raise LimitsError(f"no workload {s.workload!r} on this host")
         return apply_limits(self.layout, workload.cgroup, s)
 
+    async def resume(self, held: HeldLease) -> bool:
+        """Take up a lease held before the agent restarted, if its observers still grant it (True)."""
+        if held.service in self.holders:
+            return False
+        holder = LeaseHolder(
+            self.cfg.host,
+            LeaseHolder.acquire_of(held),
+            self.addresses,
+            self.channels,
+            self.report,
+            self.fence,
+        )
+        self.newest_token[held.service] = max(self.newest_token.get(held.service, 0), held.token)
+        if not await holder.resume(held.stopped_at):
+            return False
+        if held.service in self.holders:  # the controller placed it meanwhile, with a newer token
+            holder.lose(f"superseded by token {self.holders[held.service].token}")
+            return False
+        self.holders[held.service] = holder
+        return True
+
+    def suspend(self, boot_id: str) -> list[HeldLease]:
+        """Stop renewing every lease, leaving the addresses to their kernel lifetimes; what to resume."""
+        self.stopping = True
+        out = [h for h in (holder.suspend(boot_id) for holder in self.holders.values()) if h is not None]
+        self.holders = {}
+        return out
+
     async def close(self) -> None:
+        # Leases still here were not suspended (the caller did not mean to come back): let them go.
         for holder in list(self.holders.values()):
             await holder.release("agent stopping")
         self.holders = {}

@@ -91,6 +91,15 @@ class AgentConfig:
         default=Path("/etc/shadowplane/hooks"),
         metadata=check(doc="transition hooks: <hooks_dir>/<service>/<phase> executables"),
     )
+    lease_state_file: Path = field(
+        default=Path("/run/shadowplane-agentd/leases.json"),
+        metadata=check(
+            absolute_path,
+            doc="where a stopping agent records the leases it holds, so that its next start on the same "
+            "boot resumes them and keeps their VIPs (the unit keeps /run/shadowplane-agentd across "
+            "restarts: RuntimeDirectoryPreserve=restart)",
+        ),
+    )
     cgroup_root: Path = field(
         default=Path("/sys/fs/cgroup"), metadata=check(doc="where cgroup hierarchies are mounted")
     )

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import platform
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +14,8 @@ import grpc
 import psutil
 from prometheus_client import CollectorRegistry
 
-from agentd.actuate.address import Addresses
+from agentd import held_leases
+from agentd.actuate.address import Vip
 from agentd.capture.bpf_capture import BpfCapture, BpfLoadError, unavailable_reason
 from agentd.capture.collector import ROLES, Collector
 from agentd.cgroupfs import CgroupLayout
@@ -57,8 +59,11 @@ class Agent:
             for w in cfg.workload:
                 for d in self.layout.ensure(w.cgroup):
                     log.info("workload %s: created cgroup directory %s", w.name, d)
-        self.bpf, self.bpf_reason = start_capture(cfg)
-        self.collector = Collector(self.layout, cfg.workload, self.bpf)
+        # The capture is loaded by `start`, after the leases held before a restart are resumed: building
+        # it takes seconds to tens of seconds, longer than a lease.
+        self.bpf: BpfCapture | None = None
+        self.bpf_reason = "not loaded yet"
+        self.collector = Collector(self.layout, cfg.workload, None)
         self.instance_id = uuid.uuid4().hex
         self.seq = 0
         self.totals = Totals()
@@ -160,16 +165,19 @@ class Agent:
         self.totals.add(batch)
         return batch
 
+    async def start(self) -> None:
+        """Resume the leases held before a restart, serve the peer port, then load the capture (slow)."""
+        await self.start_failover_roles()
+        self.bpf, self.bpf_reason = await asyncio.to_thread(start_capture, self.cfg)
+        self.collector = Collector(self.layout, self.cfg.workload, self.bpf)
+
     async def start_failover_roles(self) -> None:
-        """No address survives an agent that is not running: drop any we left behind, then serve."""
-        stale = Addresses()
-        try:
-            for address in stale.remove_all_marked():
-                log.warning("removed %s left by an earlier run: this agent holds no lease yet", address)
-        finally:
-            stale.close()
+        """Resume what the last run of this agent held when it stopped (agentd/held_leases.py) if its
+        observers still grant it; every other address an earlier run left behind is removed, then serve."""
         self.commands = CommandHandler(self.cfg, self.layout, self.observer, self.link.send)
         self.link.on_command = self.commands
+        await self.resume_held_leases(self.commands)
+        self._remove_stale_addresses(self.commands)
         if self.cfg.peer_listen:
             self.peer_server = grpc.aio.server(interceptors=[RefuseUndecodable()])
             lgrpc.add_LeaseServicer_to_server(LeaseServicer(self.observer.leases), self.peer_server)
@@ -177,8 +185,64 @@ class Agent:
                 raise OSError(f"peer_listen: cannot listen on {self.cfg.peer_listen}")
             await self.peer_server.start()
 
+    async def resume_held_leases(self, commands: CommandHandler) -> None:
+        path = self.cfg.lease_state_file
+        try:
+            records = held_leases.take(path)
+        except held_leases.StateFileError as e:
+            log.warning("lease_state_file %s: unreadable, nothing resumed (%s)", path, e)
+            return
+        boot, now = held_leases.boot_id(), time.monotonic()
+        resumable = []
+        for held in records:
+            problem = held_leases.resume_problem(held, self.cfg.host, boot, now)
+            if problem is None:
+                resumable.append(held)
+            else:
+                log.warning("service %s: lease %d not resumed: %s", held.service, held.token, problem)
+        results = await asyncio.gather(*(commands.resume(h) for h in resumable), return_exceptions=True)
+        for held, result in zip(resumable, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("service %s: resuming lease %d failed: %s", held.service, held.token, result)
+
+    def _remove_stale_addresses(self, commands: CommandHandler) -> None:
+        """No address survives an agent that is not running but those it resumed: drop the rest."""
+        kept = {h.vip.address for h in commands.holders.values() if h.vip is not None and not h.lost}
+        for address in commands.addresses.remove_marked(keep=kept):
+            log.warning("removed %s left by an earlier run: this agent does not hold its lease", address)
+
+    async def stop(self) -> None:
+        """Stop renewing but keep the addresses (each to its kernel lifetime), and record the leases for
+        the next start (agentd/held_leases.py): a restart within the lease moves no VIP."""
+        if self.commands is None:
+            return
+        held = self.commands.suspend(held_leases.boot_id())
+        if not held:
+            return
+        try:
+            held_leases.save(self.cfg.lease_state_file, held)
+        except OSError as e:
+            # Nothing recorded, so nothing can be resumed: let the addresses go now, as before.
+            log.error(
+                "lease_state_file %s: cannot record the held leases (%s); removing their addresses",
+                self.cfg.lease_state_file,
+                e,
+            )
+            for h in held:
+                if h.vip:
+                    await asyncio.to_thread(
+                        self.commands.addresses.remove, Vip.parse(h.vip, h.interface or "eth0")
+                    )
+            return
+        for h in held:
+            log.info(
+                "service %s: stopped renewing lease %d%s; recorded for the next start",
+                h.service,
+                h.token,
+                f", {h.vip} left to its kernel lifetime" if h.vip else "",
+            )
+
     async def run(self) -> None:
-        await self.start_failover_roles()
         link_task = asyncio.create_task(self.link.run())
         loop = asyncio.get_running_loop()
         next_at = loop.time() + self.cfg.interval_seconds
@@ -194,6 +258,7 @@ class Agent:
             link_task.cancel()
 
     async def close(self) -> None:
+        await self.stop()
         if self.commands is not None:
             await self.commands.close()
         await self.observer.close()
@@ -206,6 +271,11 @@ class Agent:
 
 async def serve(cfg: AgentConfig, config_file: str = "/etc/shadowplane/agentd.toml") -> None:
     agent = Agent(cfg, config_file)
+    try:
+        await agent.start()
+    except BaseException:
+        await agent.close()
+        raise
     registry = CollectorRegistry()
     registry.register(AgentCollector(agent.status))
     registry.register(agent.loop_lag.collector("shadowplane_agent_loop_lag_seconds", "agent"))

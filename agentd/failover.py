@@ -24,6 +24,7 @@ import grpc
 
 from agentd.actuate.address import Addresses, Vip, announce
 from agentd.actuate.fence import Fence
+from agentd.held_leases import HeldLease
 from shadowplane import lease as leases
 from shadowplane.clock import now_ms
 from shadowplane.healthcheck import (
@@ -137,6 +138,81 @@ class LeaseHolder:
             token=self.token,
             holds_address=self.vip is not None and not self.lost,
             announcements_sent=sent,
+        )
+
+    async def resume(self, stopped_at: float) -> bool:
+        """Take up a lease this host held before its agent restarted (agentd/held_leases.py): renew the same
+        token with the same observers until a majority grants it (the address stays, its lifetime refreshed)
+        or one lease has passed, or an observer knows a newer token. False: not resumed, and the caller
+        removes the address. Sends no announcements: the address never left this host."""
+        if self.acquire.vip:
+            self.vip = Vip.parse(self.acquire.vip, self.acquire.interface or "eth0")
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + max(self.lease, 3 * self.acquire.renew_interval_ms / 1000)
+        # The first rounds may time out while the new channels connect: retrying is safe, the observers
+        # grant only the token they voted for, whenever asked.
+        while not await self._round():
+            if self.lost or loop.time() >= give_up_at:
+                detail = "; ".join(f"{k}: {v}" for k, v in sorted(self.refusals.items())) or "no replies"
+                self.lose(f"not resumed after the restart: no majority renewed token {self.token} ({detail})")
+                return False
+            await asyncio.sleep(self.acquire.renew_interval_ms / 1000)
+        self._loop_task = asyncio.create_task(self._renew_forever())
+        paused = time.monotonic() - stopped_at
+        log.info(
+            "service %s: resumed lease %d after the agent restarted (renewals paused %.0f ms)%s",
+            self.service,
+            self.token,
+            paused * 1000,
+            f", {self.vip.address} kept on {self.vip.interface}" if self.vip else "",
+        )
+        self._event("resumed", f"token {self.token} after a restart; renewals paused {paused * 1000:.0f} ms")
+        return True
+
+    def suspend(self, boot_id: str) -> HeldLease | None:
+        """The agent is stopping and means to come back: stop renewing, leave the address to its kernel
+        lifetime (as for a hung agent, which every move already waits out), and say what to resume. None if
+        this holder holds nothing."""
+        if self.lost or self.valid_until == float("-inf"):
+            return None
+        self.lost = True  # no round in flight may hold the address again in the fence
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self.fence.forget(self.fence_key)
+        a = self.acquire
+        return HeldLease(
+            service=self.service,
+            token=self.token,
+            host=self.host,
+            vip=a.vip,
+            interface=a.interface,
+            observers=tuple(a.observers),
+            observer_names=tuple(a.observer_names),
+            lease_ms=a.lease_ms,
+            renew_interval_ms=a.renew_interval_ms,
+            drift_margin=a.drift_margin,
+            garp_count=a.garp_count,
+            garp_interval_ms=a.garp_interval_ms,
+            valid_until=self.valid_until,
+            stopped_at=time.monotonic(),
+            boot_id=boot_id,
+        )
+
+    @staticmethod
+    def acquire_of(held: HeldLease) -> apb.Acquire:
+        """The Acquire a held lease was granted by, as the holder keeps it (observers resolved)."""
+        return apb.Acquire(
+            service=held.service,
+            token=held.token,
+            vip=held.vip,
+            interface=held.interface,
+            observers=list(held.observers),
+            observer_names=list(held.observer_names),
+            lease_ms=held.lease_ms,
+            renew_interval_ms=held.renew_interval_ms,
+            drift_margin=held.drift_margin,
+            garp_count=held.garp_count,
+            garp_interval_ms=held.garp_interval_ms,
         )
 
     def _announce(self, vip: Vip, addresses: Addresses) -> int:

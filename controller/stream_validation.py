@@ -42,7 +42,7 @@ MAX_CORES = 65536  # CPU seconds per second of a sample beyond this is garbage (
 HISTOGRAM_UNITS = ("", "ns", "us")
 PRESSURES = ("cpu_pressure", "memory_pressure", "io_pressure")
 OBSERVATION_KINDS = ("health", "lease")
-LEASE_EVENTS = ("lost", "released", "acquired")
+LEASE_EVENTS = ("lost", "released", "acquired", "resumed")
 # The detail each command's result carries when it succeeds (None: none). A failed command may carry none.
 ANSWERS: Mapping[str, str | None] = {
     "watch": None,

@@ -13,7 +13,8 @@ What injects each fault (this kernel has no sch_netem, so loss and delay are not
 - partitions: blackhole routes between the two hosts' namespaces (`Lab.partition`);
 - link down / flapping: the host's bridge port set down and up (`Lab.cut_link`);
 - hung agent: SIGSTOP / SIGCONT; dead processes: SIGKILL; the controller killed during a vote (its stored
-  service phase turns "acquiring") or during an acquire (the VIP appears on the new owner);
+  service phase turns "acquiring") or during an acquire (the VIP appears on the new owner); restarts
+  (`systemctl restart`): SIGTERM, then the same command again;
 - loss: iptables `statistic --mode random` DROP on the host's outgoing packets;
 - delay: iptables NFQUEUE on the host's outgoing packets to a userspace delay line (lab/delayline.py);
 - CPU and I/O saturation: stress-ng in the owner's workload cgroup (CPU: one worker per core; I/O: writers
@@ -363,6 +364,18 @@ def _kill_agent(c: Chaos) -> str:
     return "" if moved else "the service did not move off the host whose agent died"
 
 
+def _restart(name: str) -> Callable[[Chaos], str]:
+    """`systemctl restart`: SIGTERM (the daemon's clean stop), then the same command again."""
+
+    def inject(c: Chaos) -> str:
+        c.lab.stop_process(name)
+        c.lab.restart(name)
+        time.sleep(c.hold(3.0, 2.0))
+        return ""
+
+    return inject
+
+
 def _flap(c: Chaos) -> str:
     p = c.primary
     end = time.monotonic() + c.hold(60.0, 6.0)
@@ -498,6 +511,22 @@ SCENARIOS: tuple[Scenario, ...] = (
         _kill_agent,
         True,
         outage_bounded=True,  # as for a cut link: nobody hears the owner, its address is waited out
+        disturbs_agents=("p1",),
+    ),
+    Scenario(
+        "controller-restart",
+        "SIGTERM and a new start of the controller (systemctl restart): the owner renews with the two "
+        "shadows meanwhile, a majority without the controller",
+        _restart("controller"),
+        move_allowed=False,
+    ),
+    Scenario(
+        "owner-agent-restart",
+        "SIGTERM and a new start of the owner's agent (systemctl restart); it resumes its lease only if the "
+        "observers still grant it. The lab's 0.25 s lease is shorter than a restart, so the service may "
+        "move meanwhile, and then the restarted agent must not take the VIP back",
+        _restart("agent-p1"),
+        move_allowed=True,
         disturbs_agents=("p1",),
     ),
     Scenario(

@@ -165,6 +165,8 @@ def agent_toml(plan: Plan, host: str, workdir: Path) -> str:
                 "reconnect_max_seconds": t.agent_reconnect_max_seconds,
                 "peer_listen": f"{h.ipv4}:{PEER_PORT}",
                 "hooks_dir": hooks_dir(workdir, h.name),
+                # what a restarted agent resumes (systemd's /run/shadowplane-agentd is one per host)
+                "lease_state_file": workdir / "agent-state" / h.name / "leases.json",
             },
         ),
         tls_table(plan, workdir, "agent", h.name),

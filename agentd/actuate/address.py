@@ -2,9 +2,11 @@
 
 Every VIP the agent adds is marked with IFA_PROTO = 0x53 and carries a kernel lifetime the agent keeps
 refreshing while it holds the lease. Two consequences:
-- at start, and when systemd stops or restarts the agent (ExecStopPost), `remove_all_marked()` drops
-  any VIP left behind: an agent that is not running never owns an address;
-- if the agent hangs without dying, the kernel itself deletes the address when the lifetime runs out.
+- at start, and when systemd stops or restarts the agent (ExecStopPost), `remove_marked()` drops any VIP
+  left behind but those a cleanly stopped agent recorded to resume (agentd/held_leases.py), which its
+  next start keeps only if the observers still grant the lease;
+- if the agent hangs, dies or stops without coming back, the kernel itself deletes the address when the
+  lifetime runs out.
 The lease guard in the running agent removes the address far sooner; these are the backstops.
 """
 
@@ -15,7 +17,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -138,11 +140,17 @@ class Addresses:
         return out
 
     def remove_all_marked(self) -> list[str]:
-        return self._run(self._remove_all_marked)
+        return self.remove_marked(keep=frozenset())
 
-    def _remove_all_marked(self) -> list[str]:
+    def remove_marked(self, keep: Set[str]) -> list[str]:
+        """Remove every marked address but those in `keep` (leases an agent resumed or means to resume)."""
+        return self._run(self._remove_marked, keep)
+
+    def _remove_marked(self, keep: Set[str]) -> list[str]:
         removed = []
         for idx, address, plen in self._marked():
+            if address in keep:
+                continue
             try:
                 self.ipr.addr("del", index=idx, address=address, prefixlen=plen)
                 removed.append(address)

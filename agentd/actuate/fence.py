@@ -76,6 +76,14 @@ class Fence:
             self._cond.notify()
             return held is not None and self._remove(service, held)
 
+    def forget(self, service: str) -> bool:
+        """Stop keeping `service`'s deadline and leave its address to the kernel's lifetime (an agent that
+        stops and means to resume the lease: agentd/held_leases.py); True if it was held."""
+        with self._cond:
+            held = self._held.pop(service, None)
+            self._cond.notify()
+            return held is not None
+
     def close(self) -> None:
         """Stop the thread. Addresses stay: whoever closes the fence has dropped or released them."""
         with self._cond:

@@ -251,7 +251,12 @@ class FailoverLoop:
             return None, tracker.detail if tracker is not None else "no result yet"
         session = self.registry.get(target)
         silent_ms = now_ms() - session.last_heard_ms if session else None
-        if silent_ms is None or silent_ms > self.cfg.failover.heartbeat_timeout_seconds * 1000:
+        timeout = self.cfg.failover.heartbeat_timeout_seconds
+        if session is None and time.monotonic() - self.started < timeout:
+            # Just (re)started: agents have not reconnected yet, which says nothing about them. An agent
+            # that is really gone is counted down one heartbeat timeout after this controller started.
+            return None, "agent not connected yet (the controller just started)"
+        if silent_ms is None or silent_ms > timeout * 1000:
             return False, "agent not connected" if session is None else f"agent silent for {silent_ms} ms"
         return tracker.up, tracker.detail
 
@@ -315,7 +320,7 @@ class FailoverLoop:
             )
 
     def on_lease_event(self, host: str, e: apb.LeaseEvent) -> None:
-        if e.what in ("lost", "released"):
+        if e.what in ("lost", "released", "resumed"):
             self.events.record(f"lease-{e.what}", e.service, host, e.reason, token=e.token)
 
     def on_disconnect(self, host: str) -> None:

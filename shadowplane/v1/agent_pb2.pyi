@@ -254,7 +254,7 @@ class LeaseEvent(_message.Message):
     service: _builtins.str
     token: _builtins.int
     what: _builtins.str
-    """"lost", "released", "acquired" """
+    """"lost", "released", "acquired", "resumed" (kept across an agent restart)"""
     reason: _builtins.str
     unix_ms: _builtins.int
     def __init__(

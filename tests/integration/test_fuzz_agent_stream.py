@@ -151,7 +151,7 @@ def valid_lease_event(draw: st.DrawFn) -> apb.AgentMessage:
         lease_event=apb.LeaseEvent(
             service="web",
             token=draw(u64),
-            what=draw(st.sampled_from(["lost", "released", "acquired"])),
+            what=draw(st.sampled_from(["lost", "released", "acquired", "resumed"])),
             reason=draw(text),
             unix_ms=draw(st.integers(1, NOW_MS)),
         )
@@ -219,7 +219,7 @@ HOSTILE: dict[str, list[tuple[str, st.SearchStrategy[Any]]]] = {
     ],
     "lease_event": [
         ("lease_event.service", text.filter(lambda s: s != "web")),
-        ("lease_event.what", text.filter(lambda s: s not in ("lost", "released", "acquired"))),
+        ("lease_event.what", text.filter(lambda s: s not in ("lost", "released", "acquired", "resumed"))),
         ("lease_event.token", u64_bad),
         ("lease_event.reason", long_text),
         (

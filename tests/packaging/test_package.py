@@ -82,7 +82,11 @@ def test_units_run_the_packaged_commands() -> None:
     for unit, cmd in ((agent, "shadowplane-agentd"), (ctl, "shadowplane-controller")):
         assert f"ExecStart=/usr/bin/{cmd} run --config /etc/shadowplane/" in unit
         assert "Type=notify" in unit and "WatchdogSec=" in unit and "Restart=on-failure" in unit
-    assert "ExecStopPost=/usr/bin/shadowplane-agentd release-all" in agent
+    # after anything but a clean stop (which records or removes the agent's addresses itself)
+    assert (
+        """ExecStopPost=/bin/sh -c '[ "$$SERVICE_RESULT" = success ] || exec /usr/bin/shadowplane-agentd"""
+        " release-all --config /etc/shadowplane/agentd.toml'" in agent
+    )
     assert "CAP_SYS_ADMIN" not in agent.split("CapabilityBoundingSet=")[1].splitlines()[0]
     assert (
         "User=shadowplane" in ctl
