@@ -7,10 +7,11 @@ import json
 import time
 from typing import Any
 
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shadowctl.client import fleet
+from shadowctl.terminal import console
 from shadowplane.v1 import fleet_pb2 as fpb
 
 
@@ -76,7 +77,7 @@ def services(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    console = Console()
+    out = console()
     for r in rows:
         t = Table(
             title=f"{r['name']}  vip {r['vip'] or '-'}  owner {r['owner'] or 'NOBODY'}  token {r['token']}"
@@ -96,10 +97,11 @@ def services(args: argparse.Namespace) -> int:
                 )
             role = "primary" if target == r["primary"] else "shadow"
             t.add_row(f"{target} ({role})", *cells)
-        console.print(t)
+        out.print(t)
         if r["last_transition"]:
             last = r["last_transition"]
-            console.print(f"  last transition: {_ago(last['unix_ms'])}: {last['kind']} {last['reason']}")
+            # reasons quote config sections ("[service.dns]"), which rich would take for markup
+            out.print(escape(f"  last transition: {_ago(last['unix_ms'])}: {last['kind']} {last['reason']}"))
     return 0
 
 
