@@ -10,6 +10,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from controller.failover.decide import NO_SHADOW
 from shadowctl.client import fleet
 from shadowctl.terminal import console
 from shadowplane.v1 import fleet_pb2 as fpb
@@ -48,6 +49,8 @@ def service_dict(s: fpb.ServiceStatus) -> dict[str, Any]:
         "token": s.token,
         "phase": s.phase,
         "failback": s.failback,
+        # a service without shadows is watched only: say so rather than let an empty list be read as a fault
+        "failover": "enabled" if s.shadows else NO_SHADOW,
         "primary_healthy_since_unix_ms": s.primary_healthy_since_unix_ms or None,
         "observers": [
             {"observer": o.observer, "target": o.target, "up": o.up if o.known else None, "detail": o.detail}
@@ -81,7 +84,7 @@ def services(args: argparse.Namespace) -> int:
     for r in rows:
         t = Table(
             title=f"{r['name']}  vip {r['vip'] or '-'}  owner {r['owner'] or 'NOBODY'}  token {r['token']}"
-            f"  phase {r['phase']}  failback {r['failback']}",
+            f"  phase {r['phase']}  " + (f"failback {r['failback']}" if r["shadows"] else escape(NO_SHADOW)),
             box=None,
         )
         t.add_column("TARGET")
