@@ -67,7 +67,7 @@ def copy_with_libraries(binary: Path, root: Path, name: str) -> None:
 def scratch_root(root: Path) -> Path:
     """A minimal merged-/usr tree that rpm can chroot into and run the scriptlets in; returns the
     directory the system's Python standard library must be bind-mounted on (read only)."""
-    for d in ("usr/bin", "usr/lib64", "etc", "run/systemd/system", "tmp", "var/lib", "dev/shm"):
+    for d in ("usr/bin", "usr/lib", "usr/lib64", "etc", "run/systemd/system", "tmp", "var/lib", "dev/shm"):
         (root / d).mkdir(parents=True, exist_ok=True)
     for link, target in (("bin", "usr/bin"), ("sbin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
         (root / link).symlink_to(target)
