@@ -73,6 +73,10 @@ def init(args: argparse.Namespace) -> int:
 def issue_cmd(args: argparse.Namespace) -> int:
     role = cast(Role, args.role)
     out: Path = TLS_DIR if args.install else args.out or args.dir / args.name
+    if args.install and not TLS_DIR.exists():
+        # Not the 0700 of a bundle: the controller runs as its own user and reads its files here.
+        TLS_DIR.mkdir(parents=True)
+        TLS_DIR.chmod(0o755)  # whatever the umask
     try:
         issued = issue(args.dir, args.name, role, tuple(args.san), days=args.days, out=out)
     except PkiError as e:

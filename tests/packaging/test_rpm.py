@@ -128,6 +128,8 @@ def test_rpm_payload_flags_and_dependencies(rpm_file: Path) -> None:
         "/etc/shadowplane/agentd.toml": ("cn", "-rw-r--r--", "root:root"),
         "/etc/shadowplane/controller.toml": ("cn", "-rw-r-----", "root:root"),
     }
+    # where `shadowctl certs` bundles are copied to, and the controller's user reads from
+    assert rows["/etc/shadowplane/tls"][1:3] == ("drwxr-xr-x", "root:root")
     for cmd in ("shadowctl", "shadowplane-agentd", "shadowplane-controller"):
         assert rows[f"/usr/bin/{cmd}"][3] == f"/opt/shadowplane/venv/bin/{cmd}"
         assert rows[f"/opt/shadowplane/venv/bin/{cmd}"][1] == "-rwxr-xr-x"

@@ -191,6 +191,7 @@ def test_install_writes_into_this_hosts_tls_directory(
     monkeypatch.setattr(certs_cmds, "TLS_DIR", host_tls)
     assert shadowctl(["certs", "issue", "web-1", "--dir", str(ca), "--install"]) == 0
     assert sorted(p.name for p in host_tls.iterdir()) == ["agent.key", "agent.pem", "ca.pem"]
+    assert mode(host_tls) == 0o755, "the controller's user must reach its files there"
     assert "copy" not in capsys.readouterr().out, "nothing to copy: the files are where they are read"
     # A host that trusts another fleet's CA is not silently given this one's certificate.
     other = tmp_path / "other-ca"
