@@ -108,12 +108,10 @@ class CommandHandler:
             holder.lose(f"acquire failed: {e}")
             raise LeaseError(str(e)) from e
         self.holders[a.service] = holder
-        log.info(
-            "service %s: acquired token %d%s",
-            a.service,
-            a.token,
-            f", {a.vip} on {a.interface}" if a.vip else "",
-        )
+        # The controller's command names no interface when the workload's config does: log where the address
+        # really went (the holder's), not the command's empty field.
+        where = f", {a.vip} on {holder.vip.interface}" if holder.vip is not None else ""
+        log.info("service %s: acquired token %d%s", a.service, a.token, where)
         return state
 
     def _interface(self, service: str) -> str:

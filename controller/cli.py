@@ -8,6 +8,7 @@ import logging
 import sys
 
 from controller.config import ControllerConfig, load_controller_config
+from controller.failover.decide import NO_SHADOW
 from controller.server import start
 from shadowplane import logs, sdnotify
 from shadowplane.config import ConfigError
@@ -50,9 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"shadowplane-controller: bad config: {e}", file=sys.stderr)
         return 2
+    watched_only = [s.name for s in cfg.service if not s.shadows]
     if args.cmd == "check-config":
         print(f"{path}: ok")
+        for name in watched_only:
+            print(f"service {name}: {NO_SHADOW}: watched and forecast only, nothing moves")
         return 0
+    for name in watched_only:
+        log.warning("service %s: %s: watched and forecast only, nothing moves", name, NO_SHADOW)
     if not cfg.host:
         log.warning(
             "no [[host]] list in %s: accepting any agent (fine for development, not for a fleet)", path

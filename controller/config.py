@@ -238,7 +238,13 @@ class DnsConfig:
 class ServiceConfig:
     name: str = field(metadata=check(valid_name, doc="service name (workloads name it in `service`)"))
     primary: str = field(metadata=check(valid_name, doc="host that owns the service when healthy"))
-    shadows: list[str] = field(default_factory=list, metadata=check(doc="hosts that take over, in order"))
+    shadows: list[str] = field(
+        default_factory=list,
+        metadata=check(
+            doc="hosts that take over, in order (empty: no failover; the primary is watched, its demand "
+            "forecast and captured, and nothing moves)"
+        ),
+    )
     observers: list[str] = field(
         default_factory=list,
         metadata=check(
@@ -247,7 +253,11 @@ class ServiceConfig:
         ),
     )
     vip: str = field(
-        default="", metadata=check(doc="virtual IP with prefix, e.g. 10.0.0.100/24 (empty: DNS only)")
+        default="",
+        metadata=check(
+            doc="virtual IP with prefix, e.g. 10.0.0.100/24 (empty: DNS only; a service with shadows needs "
+            "a vip, a [service.dns], or both)"
+        ),
     )
     garp_count: int = field(
         default=3, metadata=check(between(0, 100), doc="gratuitous ARPs / NAs after a move")
@@ -279,14 +289,17 @@ class ServiceConfig:
     )
 
     def validate(self) -> str | None:
-        if not self.vip and self.dns is None:
-            return "vip: a service needs a vip, a [service.dns] section, or both"
+        # A service without shadows is a trial or a watched-only service: nothing moves, so it needs no vip
+        # or DNS record; one with shadows needs something that moves to them.
+        if self.shadows and not self.vip and self.dns is None:
+            return (
+                "vip: a service with shadows needs a vip, a [service.dns] section, or both (what moves to "
+                "a shadow); or leave shadows empty for no failover"
+            )
         if self.vip:
             problem = ip_interface(self.vip)
             if problem:
                 return f"vip: {problem}"
-        if not self.shadows:
-            return "shadows: list at least one shadow host"
         if self.primary in self.shadows:
             return f"shadows: the primary {self.primary!r} cannot be its own shadow"
         return None

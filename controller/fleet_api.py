@@ -38,8 +38,11 @@ from shadowplane.clock import now_ms
 from shadowplane.tls import peer_identity
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import fleet_pb2_grpc as fgrpc
+from shadowplane.v1 import telemetry_pb2 as tpb
 
 DEFAULT_LIMIT = 60
+# A workload's role as its agent announced it, in the words an override's refusal uses.
+ROLE_NAMES = {tpb.ROLE_PRIMARY: "primary", tpb.ROLE_SHADOW: "shadow"}
 
 
 class Operations(Protocol):
@@ -222,7 +225,14 @@ class FleetService(fgrpc.FleetServicer):
             by=who.name if who else "plaintext client",
             unix_ms=now_ms(),
         )
-        problem = o.check({(a.host, w.name) for a in self.store.agents() for w in a.hello.workloads})
+        # Each workload as its agent announced it (role, service): holds apply to shadows only.
+        workloads = [(a.host, w) for a in self.store.agents() for w in a.hello.workloads]
+        known = {(host, w.name): ROLE_NAMES.get(w.role, "") for host, w in workloads}
+        service = next((w.service for host, w in workloads if (host, w.name) == (o.host, o.workload)), "")
+        shadows = tuple(
+            f"{host}/{w.name}" for host, w in workloads if w.service == service and w.role == tpb.ROLE_SHADOW
+        )
+        problem = o.check(known, shadows)
         if problem:
             return fpb.OverrideReply(accepted=False, reason=problem)
         self.store.set_override(o)

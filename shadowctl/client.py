@@ -13,6 +13,10 @@ from shadowplane.v1 import fleet_pb2_grpc as fgrpc
 
 DEFAULT_CONTROLLER = "127.0.0.1:7400"
 DEFAULT_TLS_DIR = Path("/etc/shadowplane/tls")
+# The names `shadowctl certs issue --role operator` gives an operator's files (shadowplane/pki.py).
+DEFAULT_CA, DEFAULT_CERT, DEFAULT_KEY = (
+    DEFAULT_TLS_DIR / n for n in ("ca.pem", "shadowctl.pem", "shadowctl.key")
+)
 
 
 class ClientError(RuntimeError):
@@ -23,11 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--controller", help="controller HOST:PORT (default: $SHADOWCTL_CONTROLLER or 127.0.0.1:7400)"
     )
-    p.add_argument("--ca", help=f"fleet CA (default: $SHADOWCTL_CA or {DEFAULT_TLS_DIR}/ca.pem)")
-    p.add_argument(
-        "--cert", help=f"your certificate (default: $SHADOWCTL_CERT or {DEFAULT_TLS_DIR}/shadowctl.pem)"
-    )
-    p.add_argument("--key", help=f"your key (default: $SHADOWCTL_KEY or {DEFAULT_TLS_DIR}/shadowctl.key)")
+    p.add_argument("--ca", help=f"fleet CA (default: $SHADOWCTL_CA or {DEFAULT_CA})")
+    p.add_argument("--cert", help=f"your certificate (default: $SHADOWCTL_CERT or {DEFAULT_CERT})")
+    p.add_argument("--key", help=f"your key (default: $SHADOWCTL_KEY or {DEFAULT_KEY})")
     p.add_argument(
         "--plaintext",
         action="store_true",
@@ -44,9 +46,9 @@ def tls_config(args: argparse.Namespace) -> TlsConfig:
     if getattr(args, "plaintext", False):
         return TlsConfig(plaintext=True)
     paths = {
-        "ca": args.ca or os.environ.get("SHADOWCTL_CA") or str(DEFAULT_TLS_DIR / "ca.pem"),
-        "cert": args.cert or os.environ.get("SHADOWCTL_CERT") or str(DEFAULT_TLS_DIR / "shadowctl.pem"),
-        "key": args.key or os.environ.get("SHADOWCTL_KEY") or str(DEFAULT_TLS_DIR / "shadowctl.key"),
+        "ca": args.ca or os.environ.get("SHADOWCTL_CA") or str(DEFAULT_CA),
+        "cert": args.cert or os.environ.get("SHADOWCTL_CERT") or str(DEFAULT_CERT),
+        "key": args.key or os.environ.get("SHADOWCTL_KEY") or str(DEFAULT_KEY),
     }
     missing = [f"--{k} {v}" for k, v in paths.items() if not Path(v).exists()]
     if missing:

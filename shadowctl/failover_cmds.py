@@ -7,10 +7,12 @@ import json
 import time
 from typing import Any
 
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from controller.failover.decide import NO_SHADOW
 from shadowctl.client import fleet
+from shadowctl.terminal import console
 from shadowplane.v1 import fleet_pb2 as fpb
 
 
@@ -47,6 +49,8 @@ def service_dict(s: fpb.ServiceStatus) -> dict[str, Any]:
         "token": s.token,
         "phase": s.phase,
         "failback": s.failback,
+        # a service without shadows is watched only: say so rather than let an empty list be read as a fault
+        "failover": "enabled" if s.shadows else NO_SHADOW,
         "primary_healthy_since_unix_ms": s.primary_healthy_since_unix_ms or None,
         "observers": [
             {"observer": o.observer, "target": o.target, "up": o.up if o.known else None, "detail": o.detail}
@@ -76,11 +80,11 @@ def services(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    console = Console()
+    out = console()
     for r in rows:
         t = Table(
             title=f"{r['name']}  vip {r['vip'] or '-'}  owner {r['owner'] or 'NOBODY'}  token {r['token']}"
-            f"  phase {r['phase']}  failback {r['failback']}",
+            f"  phase {r['phase']}  " + (f"failback {r['failback']}" if r["shadows"] else escape(NO_SHADOW)),
             box=None,
         )
         t.add_column("TARGET")
@@ -96,10 +100,11 @@ def services(args: argparse.Namespace) -> int:
                 )
             role = "primary" if target == r["primary"] else "shadow"
             t.add_row(f"{target} ({role})", *cells)
-        console.print(t)
+        out.print(t)
         if r["last_transition"]:
             last = r["last_transition"]
-            console.print(f"  last transition: {_ago(last['unix_ms'])}: {last['kind']} {last['reason']}")
+            # reasons quote config sections ("[service.dns]"), which rich would take for markup
+            out.print(escape(f"  last transition: {_ago(last['unix_ms'])}: {last['kind']} {last['reason']}"))
     return 0
 
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from shadowctl.client import fleet
 from shadowctl.fleet_view import ROLE, fmt_bytes, fmt_seconds, host_row, sample_row
+from shadowctl.terminal import console, interactive
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import fleet_pb2_grpc as fgrpc
 
@@ -26,8 +27,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="print snapshots as JSON (one per line)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.add_argument(
-        "--iterations", type=int, default=0, help="stop after N refreshes (default: forever; 1 with --json)"
+        "--iterations",
+        type=int,
+        default=0,
+        help="stop after N refreshes (default: forever on a terminal; 1 with --json or without a terminal)",
     )
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit (--iterations 1)")
     p.set_defaults(func=top)
 
 
@@ -45,7 +50,7 @@ def hosts(args: argparse.Namespace) -> int:
         bpf = "on" if r["bpf"] else "off"
         seen = f"{r['last_seen_seconds_ago']}s ago" if r["last_seen_seconds_ago"] is not None else "-"
         t.add_row(r["host"], r["health"], r["zone"] or "-", wl, bpf, seen, r["peer"])
-    Console().print(t)
+    console().print(t)
     for r in rows:
         if not r["bpf"] and r["bpf_unavailable_reason"]:
             print(f"{r['host']}: BPF off: {r['bpf_unavailable_reason']}")
@@ -106,20 +111,28 @@ def _table(rows: list[dict[str, Any]]) -> Table:
 
 def top(args: argparse.Namespace) -> int:
     channel, stub = fleet(args)
-    iterations = args.iterations or (1 if args.json else 0)
+    live = interactive() and not args.json
+    # Refreshing in place needs a terminal; into a pipe or a file (a script, cron, `| less`) a table that
+    # never ends would print nothing: one snapshot then, unless asked for more.
+    iterations = 1 if args.once else args.iterations or (0 if live else 1)
     n = 0
     with channel:
         try:
-            if args.json:
+            if not live:
                 while True:
-                    print(json.dumps(snapshot(stub, args.host, args.timeout)), flush=True)
+                    rows = snapshot(stub, args.host, args.timeout)
+                    if args.json:
+                        print(json.dumps(rows), flush=True)
+                    else:
+                        console().print(_table(rows))
+                        sys.stdout.flush()
                     n += 1
                     if iterations and n >= iterations:
                         return 0
                     time.sleep(args.interval)
-            with Live(_table([]), refresh_per_second=4, screen=False) as live:
+            with Live(_table([]), console=console(), refresh_per_second=4, screen=False) as screen:
                 while True:
-                    live.update(_table(snapshot(stub, args.host, args.timeout)))
+                    screen.update(_table(snapshot(stub, args.host, args.timeout)))
                     n += 1
                     if iterations and n >= iterations:
                         return 0

@@ -9,11 +9,12 @@ import time
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shadowctl.client import fleet
 from shadowctl.fleet_view import fmt_bytes
+from shadowctl.terminal import console
 from shadowplane.v1 import fleet_pb2 as fpb
 
 UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -75,7 +76,7 @@ def plan(args: argparse.Namespace) -> int:
         doc: dict[str, Any] = MessageToDict(resp, preserving_proto_field_name=True)
         print(json.dumps(doc, indent=2))
         return 0
-    console = Console()
+    out = console()
     t = Table("SHADOW", "SERVICE", "READY", "LIMITS NOW", "OVERRIDE", title="shadows", box=None)
     for s in resp.shadows:
         over = (
@@ -90,7 +91,7 @@ def plan(args: argparse.Namespace) -> int:
             f"{s.cpu_cores:.3f} cores, {fmt_bytes(s.memory_bytes)}",
             over,
         )
-    console.print(t)
+    out.print(t)
     for title, rows in (
         (f"next (cycle at {_when(resp.next_cycle_unix_ms)})", resp.next),
         ("last", resp.last),
@@ -122,10 +123,11 @@ def plan(args: argparse.Namespace) -> int:
                 _value(d.resource, d.predicted),
                 _value(d.resource, d.old),
                 _value(d.resource, d.new),
-                d.branch + (f" [{d.clamps}]" if d.clamps else ""),
+                # escaped: rich would take "[floor]" for markup and print nothing
+                escape(d.branch + (f" [{d.clamps}]" if d.clamps else "")),
                 d.result,
             )
-        console.print(t)
+        out.print(t)
     return 0
 
 

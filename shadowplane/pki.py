@@ -29,6 +29,9 @@ ROLE_SAN = {"agent": "shadowplane-agent", "controller": "shadowplane-controller"
 # an agent by that name would be taken for the controller there.
 RESERVED_NAMES = frozenset(ROLE_SAN.values())
 RESERVED_AGENT_NAMES = frozenset({"controller"})
+# The names the packaged configurations read in /etc/shadowplane/tls/ (agentd.toml's and controller.toml's
+# [tls], shadowctl's --cert/--key defaults), so that a bundle's files are used where they land.
+INSTALLED_STEM: dict[Role, str] = {"agent": "agent", "controller": "controller", "operator": "shadowctl"}
 
 
 class PkiError(RuntimeError):
@@ -39,6 +42,7 @@ class PkiError(RuntimeError):
 class Issued:
     cert: Path
     key: Path
+    ca: Path | None = None  # the CA certificate beside them, in a bundle
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:
@@ -82,7 +86,9 @@ def _write_public(path: Path, data: bytes) -> None:
 
 
 def check_names(name: str, role: str, sans: tuple[str, ...]) -> None:
-    """Refuse names that would let the certificate pass for something it is not."""
+    """Refuse names that would let the certificate pass for something it is not, or that are no file name."""
+    if not name or "/" in name or name.startswith("."):
+        raise PkiError(f"name {name!r} must be a host or person's name, without '/' or a leading '.'")
     for what, n in [("name", name)] + [("--san", s) for s in sans]:
         if n.lower() in RESERVED_NAMES:
             raise PkiError(
@@ -136,11 +142,20 @@ def issue(
     sans: tuple[str, ...] = (),
     days: int = 825,
     not_before: dt.datetime | None = None,
+    out: Path | None = None,
 ) -> Issued:
-    """Issue `name`'s certificate for `role`, signed by the CA in `directory`."""
+    """Issue `name`'s certificate for `role`, signed by the CA in `directory`.
+
+    With `out`, the certificate and key go there under the names the packaged configurations read
+    (`INSTALLED_STEM`: agent.pem, controller.pem, shadowctl.pem and their .key) with a copy of the CA
+    certificate as ca.pem: a directory whose files are copied to /etc/shadowplane/tls/ as they are (or that
+    directory itself). Without it they go beside the CA as `<role>-<name>.pem|.key`, for labs and tests that
+    keep every party's files in one directory.
+    """
     if role not in ROLES:
         raise PkiError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     check_names(name, role, sans)
+    ca_copy = None if out is None else _ca_destination(directory, out)
     try:
         ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
         ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
@@ -181,11 +196,35 @@ def issue(
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    stem = f"{role}-{name}"
-    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
+    if out is None:
+        cert_path, key_path = directory / f"{role}-{name}.pem", directory / f"{role}-{name}.key"
+    else:
+        if not out.exists():
+            out.mkdir(mode=0o700, parents=True)  # it will hold a private key
+        cert_path, key_path = out / f"{INSTALLED_STEM[role]}.pem", out / f"{INSTALLED_STEM[role]}.key"
     _write_private(key_path, _key_pem(key))
     _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return Issued(cert_path, key_path)
+    if ca_copy is not None:
+        _write_public(ca_copy, ca_cert.public_bytes(serialization.Encoding.PEM))
+    return Issued(cert_path, key_path, None if out is None else out / "ca.pem")
+
+
+def _ca_destination(directory: Path, out: Path) -> Path | None:
+    """Where the CA certificate is copied for a bundle in `out` (None: it is there already). A different CA
+    certificate there is refused: the host would then trust one fleet and present another's certificate."""
+    target = out / "ca.pem"
+    try:
+        ours = (directory / "ca.pem").read_bytes()
+    except FileNotFoundError:
+        raise PkiError(f"no CA in {directory}: run `shadowctl certs init --dir {directory}` first") from None
+    if not target.exists():
+        return target
+    if target.read_bytes() == ours:
+        return None
+    raise PkiError(
+        f"{target} is another CA's certificate than {directory / 'ca.pem'}: the host would trust one fleet "
+        f"and present another's certificate; issue from that CA (--dir), or remove {target} if it is stale"
+    )
 
 
 @dataclass(frozen=True)

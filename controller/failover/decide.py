@@ -91,6 +91,8 @@ class Decision:
 
 
 NONE = Decision("none")
+# What the status says of a service without shadows, and why nothing ever moves it.
+NO_SHADOW = "no shadow: failover disabled (service.shadows is empty)"
 
 
 def ready(s: Snapshot, host: str) -> bool:
@@ -121,6 +123,8 @@ def decide(s: Snapshot) -> Decision:
     if owner_health.majority_down:
         best = candidates(s, s.owner)
         why = f"owner {s.owner} is down ({owner_health.describe()}: {', '.join(owner_health.down_by)})"
+        if not s.shadows:
+            return Decision("none", "", f"{why}; {NO_SHADOW}")
         if not best:
             return Decision("none", "", f"{why}; no ready host to take over")
         if damped(s):
@@ -149,6 +153,8 @@ def decide(s: Snapshot) -> Decision:
                 "reacquire", s.owner, f"{why}; its agent is connected, so it takes a new token", planned=True
             )
         best = candidates(s, s.owner)
+        if not s.shadows:
+            return Decision("none", "", f"{why}; {NO_SHADOW}")
         if not best:
             return Decision("none", "", f"{why}; no ready host to take over")
         # The owner's agent is gone, or its service is not seen up: it may still hold the VIP, which only the
@@ -185,6 +191,8 @@ def _requested(s: Snapshot, r: Request) -> Decision:
         return Decision(
             "failback", s.primary, "failback requested by an operator", planned=s.owner in s.connected
         )
+    if not s.shadows:
+        return Decision("none", "", f"{NO_SHADOW}: add shadow hosts to move {s.name}")
     if r.to:
         if r.to not in (s.primary, *s.shadows):
             return Decision("none", "", f"{r.to} is neither the primary nor a shadow of {s.name}")

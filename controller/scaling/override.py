@@ -6,6 +6,7 @@ it every cycle (controller/scaling/planner.py).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,12 +29,25 @@ class Override:
     by: str = ""  # who set it (from the operator's certificate)
     unix_ms: int = 0
 
-    def check(self, known: set[tuple[str, str]]) -> str | None:
-        """Why this override cannot be accepted (None if it can): `known` is every (host, workload)."""
+    def check(self, known: Mapping[tuple[str, str], str], shadows: tuple[str, ...] = ()) -> str | None:
+        """Why this override cannot be accepted (None if it can): `known` is every (host, workload) with its
+        role ("primary" or "shadow"), `shadows` the HOST/WORKLOAD shadows of this workload's service."""
         if self.kind not in KINDS:
             return f"kind must be pin, bound, freeze or clear, not {self.kind!r}"
-        if (self.host, self.workload) not in known:
+        role = known.get((self.host, self.workload))
+        if role is None:
             return f"no workload {self.workload!r} on host {self.host!r} (see shadowctl plan)"
+        if role != "shadow" and self.kind != "clear":
+            # The scaling cycle sizes shadows only: a hold on anything else would be stored and shown, and
+            # never applied. (clear stays allowed: it removes a hold whatever it is on.)
+            example = f"e.g. shadowctl {self.kind} {shadows[0]}" if shadows else "see shadowctl plan"
+            return (
+                f"{self.host}/{self.workload} is "
+                + (f"a {role}" if role else "announced without a role by its agent")
+                + f": {self.kind} applies "
+                f"to shadows, whose limits the controller sizes; {self.kind} one of its service's shadows "
+                f"instead ({example})"
+            )
         if self.kind == "pin" and self.cpu_cores <= 0 and self.memory_bytes == 0:
             return "pin needs a CPU and/or a memory value"
         if self.cpu_cores < 0 or self.cpu_min < 0 or self.cpu_max < 0:

@@ -43,6 +43,12 @@ def test_plan_and_overrides_through_the_fleet_api(tmp_path: Path) -> None:
                 workloads=[tpb.WorkloadInfo(name="web", cgroup="/web", role=tpb.ROLE_SHADOW, service="web")],
             )
             c.store.register_agent(hello, "peer", now_ms())
+            primary = apb.Hello(
+                host="p1",
+                instance_id="p1-1",
+                workloads=[tpb.WorkloadInfo(name="web", cgroup="/web", role=tpb.ROLE_PRIMARY, service="web")],
+            )
+            c.store.register_agent(primary, "peer", now_ms())
             d = ScalingDecision(
                 now_ms(), "web", "s1", "web", "cpu", "p1/web", {"q0.5": 0.4, "target": 0.6}, 0.6, 1.0, 0.8,
                 "remove", clamps="floor", forecast_source="model", result="applied", applied=0.8,
@@ -56,6 +62,17 @@ def test_plan_and_overrides_through_the_fleet_api(tmp_path: Path) -> None:
                 assert not refused.accepted and "no workload 'db' on host 's1'" in refused.reason
                 refused = await fleet.SetOverride(fpb.Override(host="s1", workload="web", kind="pin"))
                 assert not refused.accepted and "pin needs a CPU and/or a memory value" in refused.reason
+                # A primary's limits are never sized: a hold on it would be stored and never applied.
+                for kind in ("pin", "bound", "freeze"):
+                    refused = await fleet.SetOverride(
+                        fpb.Override(host="p1", workload="web", kind=kind, cpu_cores=1, cpu_max=2)
+                    )
+                    assert not refused.accepted, kind
+                    assert refused.reason.startswith(f"p1/web is a primary: {kind} applies to shadows"), (
+                        refused.reason
+                    )
+                    assert f"e.g. shadowctl {kind} s1/web" in refused.reason, refused.reason
+                assert (await fleet.GetPlan(fpb.GetPlanRequest(workload="p1/web"))).shadows == []
                 ok = await fleet.SetOverride(
                     fpb.Override(host="s1", workload="web", kind="pin", cpu_cores=0.5, reason="load test")
                 )

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from agentd.config import AgentConfig, load_agent_config
-from controller.config import load_controller_config
+from controller.config import ControllerConfig, load_controller_config
 from shadowplane.config import ConfigError, reference
 
 GOOD = """
@@ -109,3 +111,52 @@ def test_reference_lists_every_key_with_default() -> None:
     assert rows["cgroup_root"] == '"/sys/fs/cgroup"' and rows["capture.bpf"] == "true"
     assert rows["host"] == "the system host name"
     assert rows["workload.role"] == "(required)"
+
+
+TRIAL = """
+[tls]
+plaintext = true
+[[host]]
+name = "box"
+address = "127.0.0.1"
+[[service]]
+name = "web"
+primary = "box"
+"""
+
+
+def test_a_service_without_shadows_is_a_trial_and_check_config_says_failover_is_off(tmp_path: Path) -> None:
+    """One host, a primary and nothing else: watched, captured, forecast; no vip, no DNS, no fake shadow."""
+    p = tmp_path / "c.toml"
+    p.write_text(TRIAL)
+    cfg = load_controller_config(p)
+    assert cfg.service[0].shadows == [] and cfg.service[0].vip == "" and cfg.service[0].dns is None
+    assert cfg.service[0].observer_names() == ["controller"]
+    out = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "check-config", "--config", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "service web: no shadow: failover disabled (service.shadows is empty)" in out.stdout, out.stdout
+
+
+def test_a_service_with_shadows_needs_something_to_move(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(
+        TRIAL.replace('address = "127.0.0.1"', 'address = "127.0.0.1"\n[[host]]\nname = "s1"')
+        + 'shadows = ["s1"]\n'
+    )
+    with pytest.raises(ConfigError) as e:
+        load_controller_config(p)
+    assert e.value.field == "service[0].vip"
+    assert "needs a vip, a [service.dns] section, or both" in str(e.value) and "shadows empty" in str(e.value)
+    p.write_text(p.read_text() + 'vip = "10.0.0.100/24"\n')
+    assert load_controller_config(p).service[0].shadows == ["s1"]
+
+
+def test_the_reference_says_what_an_empty_shadows_and_vip_mean() -> None:
+    rows = {k: m for k, _, m in reference(ControllerConfig)}
+    assert "empty: no failover" in rows["service.shadows"]
+    assert "a service with shadows needs a vip" in rows["service.vip"]

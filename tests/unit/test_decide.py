@@ -147,3 +147,33 @@ def test_the_failback_hold_counts_from_the_last_move_too() -> None:
     assert d.action == "none"  # moved 1 s ago, hold 5 s
     d = decide(dataclasses.replace(s, now_ms=1_004_000))
     assert (d.action, d.target) == ("failback", "p1") and "healthy for 5.0 s" in d.reason
+
+
+def test_a_service_without_shadows_never_moves_and_says_why() -> None:
+    lone = {"shadows": (), "health": {"p1": DOWN}, "connected": frozenset()}
+    d = decide(snap(**lone))
+    assert d.action == "none" and d.reason.endswith("no shadow: failover disabled (service.shadows is empty)")
+    assert "owner p1 is down" in d.reason
+    # its lease lapsed and the checks had their time: still nothing to move to
+    d = decide(snap(**lone, renewing=Tally(down=1, voters=1), renewing_down_for_ms=5000, detection_ms=800))
+    assert d.action == "none" and "no shadow: failover disabled" in d.reason
+    # an operator asking gets the same answer, naming the fix
+    d = decide(snap(**lone, request=Request("failover", force=True)))
+    assert (
+        d.action == "none"
+        and d.reason.startswith("no shadow: failover disabled")
+        and "add shadow" in d.reason
+    )
+    # with its agent back, an owner that stopped renewing takes a new token in place, as with shadows
+    d = decide(
+        snap(
+            shadows=(),
+            health={"p1": UP},
+            renewing=Tally(down=1, voters=1),
+            renewing_down_for_ms=5000,
+            detection_ms=800,
+        )
+    )
+    assert (d.action, d.target) == ("reacquire", "p1")
+    # and it is placed on its primary
+    assert decide(snap(shadows=(), owner="")).action == "place"
