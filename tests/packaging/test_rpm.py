@@ -137,7 +137,7 @@ def test_rpm_payload_flags_and_dependencies(rpm_file: Path) -> None:
     for unit in ("shadowplane-agentd.service", "shadowplane-controller.service"):
         assert rows[f"/usr/lib/systemd/system/{unit}"][1] == "-rw-r--r--"
     assert all(r[2] == "root:root" for r in rows.values()), "every file is root's"
-    assert not [p for p in rows if "__pycache__" in p], "bytecode is compiled on the host (%posttrans)"
+    assert [p for p in rows if p.endswith("/agentd/__pycache__/daemon.cpython-311.pyc")], "bytecode ships"
     assert lab_paths(list(rows)) == []
     requires = {line.strip() for line in run("rpm", "-qpR", str(rpm_file)).stdout.splitlines()}
     assert {r for r in requires if not r.startswith("rpmlib(")} == {
@@ -160,7 +160,7 @@ def test_rpm_scriptlets_install_reinstall_erase_in_a_scratch_root(rpm_file: Path
         assert f"{header} scriptlet (using /bin/sh)" in scripts, header
 
     # ---- install: %pre makes the user, %post sets controller.toml's group and the state directory,
-    # %posttrans byte-compiles the venv and reloads systemd
+    # %posttrans reloads systemd (the venv's bytecode is in the payload)
     rpm_in(root, stdlib, "--initdb")
     rpm_in(root, stdlib, "-i", "--nodeps", str(rpm_file))
     assert stub_calls(root) == [
@@ -176,7 +176,7 @@ def test_rpm_scriptlets_install_reinstall_erase_in_a_scratch_root(rpm_file: Path
         assert (root / "etc/shadowplane" / name).read_text() == (ROOT / "packaging/etc" / name).read_text()
     state = (root / "var/lib/shadowplane").stat()
     assert (stat.S_IMODE(state.st_mode), state.st_uid, state.st_gid) == (0o750, GID, GID)
-    assert pycache(root), "%posttrans compiled the venv's bytecode"
+    assert pycache(root), "the payload's bytecode is installed"
     # every file as the package says, but for the group %post gave controller.toml on purpose
     verify = run("rpm", "--root", str(root), "-V", "--nodeps", PKG, check=False).stdout.splitlines()
     assert [line.split() for line in verify] == [["......G..", "c", "/etc/shadowplane/controller.toml"]]
@@ -191,8 +191,8 @@ def test_rpm_scriptlets_install_reinstall_erase_in_a_scratch_root(rpm_file: Path
     assert calls[-1] == "systemctl try-restart shadowplane-controller.service", calls
     assert agentd.read_text().endswith('zone = "az9"  # edited\n'), "%config(noreplace): the edit is kept"
 
-    # ---- erase: %preun stops and disables both units and removes the bytecode; the store and the edited
-    # config are kept (.rpmsave)
+    # ---- erase: %preun stops and disables both units (rpm removes the payload, bytecode included); the
+    # store and the edited config are kept (.rpmsave)
     rpm_in(root, stdlib, "-e", PKG)
     assert stub_calls(root) == [
         "systemctl --no-reload disable --now shadowplane-agentd.service shadowplane-controller.service",

@@ -3,7 +3,7 @@
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
     # An upgraded controller restarts into the new version; the agent is restarted when the operator chooses,
-    # since its service addresses are released while it restarts (operations.md, "Upgrades").
+    # since its service addresses are kept only if it is back within one lease (README, "Restarting the daemons").
     systemctl try-restart shadowplane-controller.service >/dev/null 2>&1 || :
 fi
 exit 0
