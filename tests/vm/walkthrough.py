@@ -1,5 +1,5 @@
 """The README's "first hour" walkthrough, as the VM suite runs it: the shell blocks of that section, split
-into steps at blank lines, each run in the guest with bash exactly as written (from the directory holding
+into steps at each comment line that follows a blank line, each run in the guest with bash exactly as written (from the directory holding
 the .deb). The test follows the README, so the README cannot drift from what works on a stock host.
 """
 
@@ -48,7 +48,8 @@ def walkthrough_steps(readme: Path = ROOT / "README.md") -> list[str]:
     section = text[start : end if end > 0 else len(text)]
     steps: list[str] = []
     for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S):
-        for chunk in re.split(r"\n\s*\n", block):
+        # A step starts with a comment line after a blank line; blank lines inside a heredoc stay in its step.
+        for chunk in re.split(r"\n\s*\n(?=#)", block):
             if chunk.strip():
                 steps.append(chunk.strip("\n"))
     return steps
