@@ -80,7 +80,7 @@ class Held:
 
     cpu_quota_us: int | None
     memory_max: int | None
-    memory_high: int | None  # v1 has none: always 0 there
+    memory_high: int | None  # v1 has none: None there
     io_weight: int | None
 
 
@@ -93,7 +93,8 @@ def mismatches(want: Limits, held: Held) -> tuple[str, ...]:
         ("memory.high", want.memory_high, held.memory_high),
     ):
         if h is None:
-            out.append(f"{name} is missing")
+            if name != "memory.high":  # v1 has none; on v2 memory.max, of the same controller, says it
+                out.append(f"{name} is missing")
         elif h != w:
             out.append(f"{name} is {h or 'max'}, want {w or 'max'}")
     # io weights need a scheduler that honours them; a host without the file is told at apply time, and the
@@ -143,7 +144,7 @@ def read_held(layout: CgroupLayout, cgroup: str) -> Held:
     return Held(
         v1_quota,
         None if mem is None else (0 if int(mem) >= UNLIMITED_V1 else int(mem)),
-        0,
+        None,
         int(weight) if weight and weight.isdigit() else None,
     )
 
