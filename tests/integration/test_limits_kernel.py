@@ -73,6 +73,7 @@ def test_limits_are_read_back_and_written_again_when_reset(workload_cgroup: Work
     assert held(applied, second).ready
     cpu, mem = files(workload_cgroup)
     assert int(mem.read_text()) == 256 * MIB
+    assert cpu.read_text().split()[0] == "50000"  # v1 quota or v2 "quota period"
 
 
 def test_a_limit_that_cannot_be_written_does_not_stop_the_others(workload_cgroup: Workload) -> None:

@@ -118,7 +118,7 @@ class StandInSystemd:
     """Stands in for systemd (which cannot run on this machine: not PID 1): refuses properties it is told
     to, remembers what it was asked. The real one is asked in tests/vm."""
 
-    def __init__(self, refuse: set[str] = frozenset(), states: dict[str, UnitState] | None = None) -> None:
+    def __init__(self, refuse: frozenset[str] = frozenset(), states: dict[str, UnitState] | None = None) -> None:
         self.refuse, self.states = refuse, states or {}
         self.calls: list[tuple[str, str, list[Property]]] = []
 
@@ -137,7 +137,7 @@ class StandInSystemd:
 
 
 def test_a_refused_property_does_not_keep_the_others_from_being_set() -> None:
-    systemd = StandInSystemd(refuse={"IOWeight"})
+    systemd = StandInSystemd(refuse=frozenset({"IOWeight"}))
     out = SystemdWriter(systemd, "web.service").write(Limits(150_000, GIB, GIB // 2, 100))
     assert out == {
         "CPUQuotaPerSecUSec": "",
