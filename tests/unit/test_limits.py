@@ -118,7 +118,9 @@ class StandInSystemd:
     """Stands in for systemd (which cannot run on this machine: not PID 1): refuses properties it is told
     to, remembers what it was asked. The real one is asked in tests/vm."""
 
-    def __init__(self, refuse: frozenset[str] = frozenset(), states: dict[str, UnitState] | None = None) -> None:
+    def __init__(
+        self, refuse: frozenset[str] = frozenset(), states: dict[str, UnitState] | None = None
+    ) -> None:
         self.refuse, self.states = refuse, states or {}
         self.calls: list[tuple[str, str, list[Property]]] = []
 
