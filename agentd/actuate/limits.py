@@ -93,7 +93,9 @@ def mismatches(want: Limits, held: Held) -> tuple[str, ...]:
         ("memory.high", want.memory_high, held.memory_high),
     ):
         if h is None:
-            if name != "memory.high":  # v1 has none; on v2 memory.max, of the same controller, says it
+            # No file, no limit: held if none is wanted. v1 has no memory.high; on v2 memory.max, of the same
+            # controller, says it is missing.
+            if w and name != "memory.high":
                 out.append(f"{name} is missing")
         elif h != w:
             out.append(f"{name} is {h or 'max'}, want {w or 'max'}")
@@ -201,6 +203,8 @@ class CgroupfsWriter:
 
     def _write_v2(self, controller: str, path: Path, value: str) -> str:
         if not path.exists():
+            if value.startswith("max"):
+                return ""  # no limit needs no controller
             why = missing_controller(self.layout, path.parent, controller)
             if why is not None:
                 return why

@@ -238,3 +238,12 @@ def test_ready_only_while_the_newest_read_back_matches_what_was_applied() -> Non
     assert not said.ready and said.reason.endswith("cpu.max: cpu controller not enabled")
     # a sample read before the limits were applied says nothing about them
     assert held(a, sample(900, 0.0, 0)).ready
+
+
+def test_no_limit_needs_no_controller(tmp_path: Path) -> None:
+    v2_tree(tmp_path, "memory pids")  # no cpu.max: the cpu controller is off, as on a stock system.slice
+    layout = CgroupLayout.detect(tmp_path)
+    want = Limits(0, GIB, GIB // 2, 0)  # memory only
+    out = CgroupfsWriter(layout, "/system.slice/web.service").write(want)
+    assert out == {"cpu.max": "", "memory.max": "", "memory.high": ""}
+    assert mismatches(want, read_held(layout, "/system.slice/web.service")) == ()
