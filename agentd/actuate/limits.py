@@ -295,8 +295,10 @@ class WorkloadLimits:
         if any(tried.values()):
             return outcome(tried)
         off = mismatches(self.want, read_held(self.layout, self.cgroup))
+        if off and not self.layout.exists(self.cgroup):
+            # systemd keeps a stopped unit's limits and gives them to its cgroup when it starts
+            return f"set, but cgroup {self.cgroup} does not exist (is the workload running?): " + ", ".join(off)
         if off:
-            # written, and yet not held (e.g. a unit that is not running has no cgroup to hold them yet)
             return "set, but the kernel does not hold them: " + ", ".join(off)
         return ""
 

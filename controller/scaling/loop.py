@@ -61,6 +61,7 @@ class ScalingLoop:
         self.demand: dict[str, str] = {}  # service -> "host/workload" whose forecast drives it
         self.applied: dict[tuple[str, str], AppliedLimits] = {}
         self.readiness: dict[tuple[str, str], Readiness] = {}
+        self.reapplied_seen: dict[tuple[str, str], int] = {}  # the agent's limits_reapplied, last seen
         self.next_cycle_ms = 0
         self._model_mtime: float | None = None
         self.wake = asyncio.Event()
@@ -283,7 +284,10 @@ class ScalingLoop:
         host, workload = key
         if not any(d.changed for d in ds) and key in self.applied:
             rows = self.store.samples(host, workload, limit=1)
-            now = held(self.applied[key], rows[-1][1] if rows else None)
+            newest = rows[-1][1] if rows else None
+            if newest is not None:
+                self._note_reapplied(key, newest.resources.limits_reapplied)
+            now = held(self.applied[key], newest)
             if now.ready:
                 self.readiness[key] = now
                 return [replace(d, result="unchanged", applied=d.old) for d in ds]
@@ -336,6 +340,20 @@ class ScalingLoop:
             self.events.record("shadow-ready", "", host, f"{msg.workload}: limits applied again")
         self.readiness[key] = IN_PLACE
         return limits
+
+    def _note_reapplied(self, key: tuple[str, str], count: int) -> None:
+        """An event when the shadow's agent wrote its limits again since the last look (its count is
+        cumulative per agent run: lower means it restarted)."""
+        seen = self.reapplied_seen.get(key)
+        self.reapplied_seen[key] = count
+        if seen is not None and count > seen:
+            self.events.record(
+                "shadow-limits-reapplied",
+                "",
+                key[0],
+                f"{key[1]}: the kernel had lost its limits (reset e.g. by `systemctl daemon-reload`); the "
+                f"agent applied them again ({count - seen} time{'s' if count - seen > 1 else ''})",
+            )
 
     def _not_ready(self, key: tuple[str, str], reason: str) -> None:
         was = self.readiness.get(key)

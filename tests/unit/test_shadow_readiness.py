@@ -60,11 +60,13 @@ def test_readiness_follows_what_the_kernel_holds(tmp_path: Path) -> None:
     key, decisions = ("s1", "web"), [unchanged("cpu", 1.5), unchanged("memory", GIB)]
     seq = 0
 
-    def sampled(cpu: float, memory: int, problem: str = "") -> None:
+    def sampled(cpu: float, memory: int, problem: str = "", reapplied: int = 0) -> None:
         nonlocal seq
         seq += 1
         end = now_ms() + seq  # after the limits were applied
-        r = tpb.Resources(cpu_limit_cores=cpu, memory_limit_bytes=memory, limits_problem=problem)
+        r = tpb.Resources(
+            cpu_limit_cores=cpu, memory_limit_bytes=memory, limits_problem=problem, limits_reapplied=reapplied
+        )
         s = tpb.WorkloadSample(workload="web", start_unix_ms=end - 1000, end_unix_ms=end, resources=r)
         store.append_batch("s1", "i1", apb.TelemetryBatch(seq=seq, samples=[s]), now_ms())
 
@@ -76,12 +78,25 @@ def test_readiness_follows_what_the_kernel_holds(tmp_path: Path) -> None:
     sampled(1.5, GIB)
     assert cycle() == ["unchanged", "unchanged"] and len(registry.sent) == 1
     assert loop.readiness[key].ready
+    # reset and written again by the agent between two samples: still ready, and an event says so
+    sampled(1.5, GIB, reapplied=1)
+    assert cycle() == ["unchanged", "unchanged"] and loop.readiness[key].ready
+    (ev,) = [e for e in store.events() if e.kind == "shadow-limits-reapplied"]
+    assert ev.host == "s1" and ev.reason == (
+        "web: the kernel had lost its limits (reset e.g. by `systemctl daemon-reload`); the agent applied them "
+        "again (1 time)"
+    )
 
     # The kernel lost them (e.g. a daemon-reload) and the agent could not write them again: not ready,
     # said in an event; sent again; held again, said too.
-    sampled(0.0, 0, problem="cpu.max: cpu controller not enabled for /sys/fs/cgroup/system.slice: ...")
+    sampled(
+        0.0,
+        0,
+        reapplied=1,
+        problem="cpu.max: cpu controller not enabled for /sys/fs/cgroup/system.slice: ...",
+    )
     assert cycle() == ["applied", "applied"] and len(registry.sent) == 2
-    events = [(e.kind, e.reason) for e in store.events() if e.kind.startswith("shadow")]
+    events = [(e.kind, e.reason) for e in store.events() if e.kind in ("shadow-ready", "shadow-not-ready")]
     assert events == [
         (
             "shadow-not-ready",
