@@ -297,7 +297,9 @@ class WorkloadLimits:
         off = mismatches(self.want, read_held(self.layout, self.cgroup))
         if off and not self.layout.exists(self.cgroup):
             # systemd keeps a stopped unit's limits and gives them to its cgroup when it starts
-            return f"set, but cgroup {self.cgroup} does not exist (is the workload running?): " + ", ".join(off)
+            return f"set, but cgroup {self.cgroup} does not exist (is the workload running?): " + ", ".join(
+                off
+            )
         if off:
             return "set, but the kernel does not hold them: " + ", ".join(off)
         return ""

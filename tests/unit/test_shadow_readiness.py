@@ -83,8 +83,8 @@ def test_readiness_follows_what_the_kernel_holds(tmp_path: Path) -> None:
     assert cycle() == ["unchanged", "unchanged"] and loop.readiness[key].ready
     (ev,) = [e for e in store.events() if e.kind == "shadow-limits-reapplied"]
     assert ev.host == "s1" and ev.reason == (
-        "web: the kernel had lost its limits (reset e.g. by `systemctl daemon-reload`); the agent applied them "
-        "again (1 time)"
+        "web: the kernel had lost its limits (reset e.g. by `systemctl daemon-reload`); the agent applied "
+        "them again (1 time)"
     )
 
     # The kernel lost them (e.g. a daemon-reload) and the agent could not write them again: not ready,
