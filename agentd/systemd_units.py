@@ -45,6 +45,10 @@ class SystemdError(RuntimeError):
     pass
 
 
+class SystemdUnreachable(SystemdError):
+    """No systemd on the bus: every call would fail alike."""
+
+
 @dataclass(frozen=True)
 class UnitState:
     load_state: str  # loaded, not-found, masked, ...
@@ -135,6 +139,8 @@ class SystemdWriter:
         try:
             self.units.set_properties(self.unit, props)
             return {name: "" for name, _ in props}
+        except SystemdUnreachable as e:
+            return {name: str(e) for name, _ in props}
         except SystemdError:
             pass
         # systemd applies a call all or nothing: try each alone, so the others are set and each is told apart
@@ -188,7 +194,11 @@ class DBusUnits:
                 except (OSError, TimeoutError) as e:  # a dropped connection (dbus restarted): once more
                     self.close_locked()
                     if attempt == 2:
-                        raise SystemdError(f"cannot reach systemd on the D-Bus system bus: {e}") from None
+                        raise SystemdUnreachable(
+                            f"cannot reach systemd on the D-Bus system bus ({e}): is systemd this host's "
+                            "init? Without it, name the workload by its cgroup (cgroup = \"/...\") instead "
+                            "of `unit`"
+                        ) from None
         if reply.header.message_type == MessageType.error:
             name = str(reply.header.fields.get(HeaderFields.error_name, ""))
             text = str(reply.body[0]) if reply.body else name

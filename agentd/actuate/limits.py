@@ -261,8 +261,12 @@ def limits_applied(layout: CgroupLayout, cgroup: str, workload: str) -> apb.Limi
 
 
 def outcome(tried: dict[str, str]) -> str:
-    """Every limit's outcome, for an error: why each failed one failed, and that the others were set."""
-    return "; ".join(f"{name}: {why or 'set'}" for name, why in tried.items())
+    """Every limit's outcome, for an error: why each failed one failed, and that the others were set (one
+    reason said once for all the limits it stopped)."""
+    by_why: dict[str, list[str]] = {}
+    for name, why in tried.items():
+        by_why.setdefault(why or "set", []).append(name)
+    return "; ".join(f"{', '.join(names)}: {why}" for why, names in by_why.items())
 
 
 class WorkloadLimits:

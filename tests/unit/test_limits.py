@@ -19,6 +19,7 @@ from agentd.actuate.limits import (
     LimitsError,
     WorkloadLimits,
     mismatches,
+    outcome,
     plan,
     read_held,
 )
@@ -26,6 +27,7 @@ from agentd.cgroupfs import CgroupLayout
 from agentd.config import WorkloadConfig
 from agentd.systemd_units import (
     UINT64_MAX,
+    DBusUnits,
     Property,
     SystemdError,
     SystemdWriter,
@@ -191,7 +193,7 @@ def test_missing_cpu_controller_is_named_with_the_fix_and_memory_is_still_set(tm
         f"{tmp_path}/system.slice/cgroup.subtree_control"
     ) in said
     assert "or name the workload by its systemd unit" in said
-    assert "memory.max: set; memory.high: set" in said
+    assert "memory.max, memory.high: set" in said
     assert "Permission denied" not in said
     assert (d / "memory.max").read_text() == str(GIB)
     want = plan(apb.SetLimits(cpu_cores=1.5, memory_bytes=GIB), memory_in_use=4096)
@@ -247,3 +249,16 @@ def test_no_limit_needs_no_controller(tmp_path: Path) -> None:
     out = CgroupfsWriter(layout, "/system.slice/web.service").write(want)
     assert out == {"cpu.max": "", "memory.max": "", "memory.high": ""}
     assert mismatches(want, read_held(layout, "/system.slice/web.service")) == ()
+
+
+def test_a_unit_workload_without_systemd_says_what_to_do_instead() -> None:
+    # a real connection attempt (jeepney) to a bus that is not there, as on a host without systemd
+    units = DBusUnits("unix:path=/nonexistent/system_bus_socket")
+    try:
+        out = SystemdWriter(units, "nginx.service").write(Limits(150_000, GIB, GIB // 2, 0))
+    finally:
+        units.close()
+    (why,) = set(out.values())
+    assert why.startswith("cannot reach systemd on the D-Bus system bus")
+    assert 'name the workload by its cgroup (cgroup = "/...") instead of `unit`' in why
+    assert outcome(out).startswith("CPUQuotaPerSecUSec, MemoryMax, MemoryHigh: cannot reach systemd")
