@@ -196,7 +196,7 @@ class DBusUnits:
                     if attempt == 2:
                         raise SystemdUnreachable(
                             f"cannot reach systemd on the D-Bus system bus ({e}): is systemd this host's "
-                            "init? Without it, name the workload by its cgroup (cgroup = \"/...\") instead "
+                            'init? Without it, name the workload by its cgroup (cgroup = "/...") instead '
                             "of `unit`"
                         ) from None
         if reply.header.message_type == MessageType.error:
