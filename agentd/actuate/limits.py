@@ -27,9 +27,10 @@ from shadowplane.v1 import agent_pb2 as apb
 log = logging.getLogger(__name__)
 
 CPU_PERIOD_US = 100_000
-# Quotas in steps of 1 % of a core: systemd keeps CPUQuota= in whole percent in the drop-in that a
-# daemon-reload reads back, so a finer quota set through it would come back different; and the kernel's
-# smallest quota is 1 ms. The same rule for direct writes keeps both backends' limits comparable.
+# Quotas in steps of 1 % of a core: systemd writes the CPUQuota= that a daemon-reload reads back into its
+# drop-in in whole percent, truncated (hundredths in releases after some), so a finer quota set through it
+# would come back different; and the kernel's smallest quota is 1 ms. The same rule for direct writes keeps
+# both backends' limits comparable.
 CPU_QUOTA_STEP_US = 1000
 MEMORY_HIGH_FRACTION = 0.9
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")  # memory.max reads back rounded down to whole pages
