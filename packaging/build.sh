@@ -85,7 +85,8 @@ build_venv() {
   "$PIP" wheel -q --no-deps --disable-pip-version-check --wheel-dir "$WORK/wheels" .
   "$PY" -m venv --without-pip "$SVENV"
   # The project and its runtime dependencies only (no dev or test tools, no `train` extra: onnx is needed
-  # only to export models, onnxruntime serves them), at the locked versions. No bytecode: postinst makes it.
+  # only to export models, onnxruntime serves them), at the locked versions. Bytecode is compiled below, once
+  # the files are final.
   "$PIP" --python "$SVENV/bin/python" install -q --no-compile --no-warn-script-location \
     --disable-pip-version-check -c requirements.lock "$WORK"/wheels/shadowplane-*.whl
   local site=$SVENV/lib/python$PYVER/site-packages
@@ -108,6 +109,14 @@ build_venv() {
   "$SVENV/bin/python" -c 'import agentd.daemon, controller.server, shadowctl.cli, onnxruntime, numpy' \
     || { echo "build.sh: the staged venv cannot import the daemons" >&2; exit 1; }
   find "$SVENV" -depth -type d -name __pycache__ -exec rm -rf {} +
+  # The bytecode ships in the package, so installing is unpacking: compiling ~250 MB of venv in postinst
+  # took minutes on a slow host (over 2 min in the emulated test VM), during which the package was half
+  # configured. Hash-based and unchecked, as dpkg owns .py and .pyc alike and only an upgrade changes either:
+  # Python never rewrites them (the sandboxed daemons could not), and file times do not matter. The file
+  # names recorded in the bytecode are the installed ones (tracebacks name /opt/shadowplane/...). A module
+  # that does not compile (some wheels carry Python 2 test files) is skipped, as pip would.
+  "$SVENV/bin/python" -m compileall -q -j 0 --invalidation-mode unchecked-hash -s "$SVENV" -p "$VENV" \
+    "$SVENV/lib" >/dev/null || true
   if grep -rlI --fixed-strings "$WORK" "$SVENV"; then
     echo "build.sh: the files above still name the build directory" >&2
     exit 1

@@ -1,6 +1,5 @@
 # shadowplane %posttrans: runs last, once the old version's files are gone.
-# The venv ships without bytecode: compile it once, since the sandboxed daemons cannot write it themselves.
-/opt/shadowplane/venv/bin/python3 -m compileall -q -j 0 /opt/shadowplane/venv/lib >/dev/null 2>&1 || :
+# The venv's bytecode ships in the package (packaging/build.sh), so nothing is compiled here.
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
     # An upgraded controller restarts into the new version; the agent is restarted when the operator chooses,

@@ -4,6 +4,5 @@ if [ "$1" -eq 0 ]; then
         systemctl --no-reload disable --now shadowplane-agentd.service shadowplane-controller.service \
             >/dev/null 2>&1 || :
     fi
-    find /opt/shadowplane/venv -depth -type d -name __pycache__ -exec rm -rf {} + 2>/dev/null || :
 fi
 exit 0
