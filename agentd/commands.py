@@ -13,7 +13,7 @@ from pathlib import Path
 from agentd.actuate.address import Addresses
 from agentd.actuate.fence import Fence
 from agentd.actuate.hooks import run_hook
-from agentd.actuate.limits import LimitsError, apply_limits
+from agentd.actuate.limits import LimitsError, WorkloadLimits
 from agentd.cgroupfs import CgroupLayout
 from agentd.config import AgentConfig
 from agentd.failover import Channels, LeaseError, LeaseHolder, ObserverRole, Report
@@ -25,9 +25,15 @@ log = logging.getLogger(__name__)
 
 class CommandHandler:
     def __init__(
-        self, cfg: AgentConfig, layout: CgroupLayout, observer: ObserverRole, report: Report
+        self,
+        cfg: AgentConfig,
+        layout: CgroupLayout,
+        observer: ObserverRole,
+        report: Report,
+        limits: dict[str, WorkloadLimits] | None = None,
     ) -> None:
         self.cfg, self.layout, self.observer, self.report = cfg, layout, observer, report
+        self.limits = limits or {}  # by workload name: see agentd.daemon.workload_limits
         self.addresses = Addresses()
         self.fence = Fence(self.addresses)
         self.channels = Channels(cfg.tls, cfg.controller)
@@ -130,10 +136,10 @@ class CommandHandler:
         return await holder.release("released on the controller's request")
 
     def set_limits(self, s: apb.SetLimits) -> apb.LimitsApplied:
-        workload = next((w for w in self.cfg.workload if w.name == s.workload), None)
-        if workload is None:
+        limits = self.limits.get(s.workload)
+        if limits is None:
             raise LimitsError(f"no workload {s.workload!r} on this host")
-        return apply_limits(self.layout, workload.cgroup, s)
+        return limits.apply(s)
 
     async def resume(self, held: HeldLease) -> bool:
         """Take up a lease held before the agent restarted, if its observers still grant it (True)."""

@@ -27,18 +27,39 @@ from shadowplane.tls import TlsConfig
 @dataclass
 class WorkloadConfig:
     name: str = field(metadata=check(valid_name, doc="workload name, unique on this host"))
-    cgroup: str = field(
-        metadata=check(
-            absolute_path, doc="cgroup path, the same in every hierarchy (e.g. /shadowplane.slice/web)"
-        )
-    )
     role: Literal["primary", "shadow"] = field(
         metadata=check(doc="primary: serves; shadow: stands by for it")
     )
     service: str = field(metadata=check(valid_name, doc="the service this workload belongs to"))
+    cgroup: str = field(
+        default="",
+        metadata=check(
+            lambda v: absolute_path(v) if v else None,
+            doc="cgroup path, the same in every hierarchy (e.g. /shadowplane.slice/web); on hosts without "
+            "systemd, or a subtree delegated to the agent. Exactly one of `cgroup` and `unit`",
+        ),
+    )
+    unit: str = field(
+        default="",
+        metadata=check(
+            lambda v: unit_name_problem(v) if v else None,
+            doc="systemd unit that is this workload (e.g. nginx.service, web.slice): the agent finds its "
+            "cgroup and sets its limits through systemd. Exactly one of `cgroup` and `unit`",
+        ),
+    )
     interface: str = field(
         default="", metadata=check(doc="network interface that carries the service's VIP on this host")
     )
+
+    def validate(self) -> str | None:
+        if bool(self.cgroup) == bool(self.unit):
+            return (
+                'unit: set exactly one of `unit` (a systemd unit, e.g. unit = "nginx.service", on hosts '
+                "where systemd runs the workload) and `cgroup` (a cgroup path, e.g. cgroup = "
+                f'"/shadowplane.slice/{self.name}", on hosts without systemd); '
+                + ("both are set" if self.cgroup else "neither is set")
+            )
+        return None
 
 
 @dataclass
@@ -122,9 +143,9 @@ class AgentConfig:
         twice = repeated(w.name for w in self.workload)
         if twice is not None:
             return f"workload: name {twice!r} is used twice; workload names must be unique"
-        twice = repeated(w.cgroup for w in self.workload)
+        twice = repeated(w.cgroup or w.unit for w in self.workload)
         if twice is not None:
-            return f"workload: cgroup {twice!r} is used by two workloads"
+            return f"workload: cgroup or unit {twice!r} is used by two workloads"
         if len(self.workload) > self.capture.max_workloads:
             return f"workload: {len(self.workload)} workloads exceed capture.max_workloads"
         if self.peer_listen and _is_loopback(self.peer_listen) and not _is_loopback(self.controller):
@@ -164,6 +185,20 @@ def peer_address_problem(v: str) -> str | None:
             f"{v} listens on every address, but owners dial this address to reach this observer; set this "
             "host's own address on the service network, e.g. 10.0.0.11:7401"
         )
+    return None
+
+
+UNIT_SUFFIXES = (".service", ".slice", ".scope")
+
+
+def unit_name_problem(v: str) -> str | None:
+    """systemd's own rule for unit names (systemd.unit(5)): at most 255 characters of ASCII letters, digits,
+    ':', '-', '_', '.', '\\'; here also one of the types that have a cgroup of their own."""
+    if not v.endswith(UNIT_SUFFIXES):
+        return f"must name a systemd service, slice or scope (e.g. nginx.service, web.slice), got {v!r}"
+    stem = v.rsplit(".", 1)[0]
+    if not stem or len(v) > 255 or not all(c.isascii() and (c.isalnum() or c in ":-_.\\@") for c in v):
+        return f"{v!r} is not a valid systemd unit name (letters, digits, ':', '-', '_', '.', '\\', '@')"
     return None
 
 

@@ -9,6 +9,7 @@ import platform
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
 import psutil
@@ -16,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from agentd import held_leases
 from agentd.actuate.address import Vip
+from agentd.actuate.limits import CgroupfsWriter, LimitsWriter, WorkloadLimits
 from agentd.capture.bpf_capture import BpfCapture, BpfLoadError, unavailable_reason
 from agentd.capture.collector import ROLES, Collector
 from agentd.cgroupfs import CgroupLayout
@@ -25,6 +27,7 @@ from agentd.failover import ObserverRole
 from agentd.link import CHANNEL_OPTIONS, Backlog, ControllerLink
 from agentd.prometheus_collector import AgentCollector
 from agentd.status import AgentStatus, CaptureView, LeaseView, LinkView, Totals
+from agentd.systemd_units import DBusUnits, SystemdError, SystemdWriter, Units, prepare
 from shadowplane import __version__, prometheus, sdnotify
 from shadowplane.lease_observer import LeaseServicer
 from shadowplane.loop_lag import LoopLag
@@ -51,14 +54,57 @@ def start_capture(cfg: AgentConfig) -> tuple[BpfCapture | None, str]:
     return None, reason
 
 
+def resolve_units(cfg: AgentConfig, units: Units) -> AgentConfig:
+    """`cfg` with each unit workload's cgroup filled in from systemd. A unit systemd cannot place is logged
+    with the fix and given the cgroup a service gets by default; its limits then fail, saying why, until the
+    agent is restarted with the unit in place."""
+    out = []
+    for w in cfg.workload:
+        if w.unit:
+            try:
+                cgroup = prepare(units, w)
+            except SystemdError as e:
+                cgroup = f"/system.slice/{w.unit}"
+                log.error("workload %s: %s (reading %s meanwhile)", w.name, e, cgroup)
+            log.info("workload %s: systemd unit %s, cgroup %s", w.name, w.unit, cgroup)
+            w = replace(w, cgroup=cgroup)
+        out.append(w)
+    return replace(cfg, workload=out)
+
+
+def workload_limits(cfg: AgentConfig, layout: CgroupLayout, units: Units | None) -> dict[str, WorkloadLimits]:
+    """Each workload's limits keeper: through systemd for a unit, cgroup files for a cgroup path."""
+    out = {}
+    for w in cfg.workload:
+        writer: LimitsWriter = (
+            SystemdWriter(units, w.unit) if w.unit and units is not None else CgroupfsWriter(layout, w.cgroup)
+        )
+        out[w.name] = WorkloadLimits(w.name, layout, w.cgroup, writer)
+    return out
+
+
 class Agent:
-    def __init__(self, cfg: AgentConfig, config_file: str = "/etc/shadowplane/agentd.toml") -> None:
-        self.cfg = cfg
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        config_file: str = "/etc/shadowplane/agentd.toml",
+        units: Units | None = None,
+    ) -> None:
         self.layout = CgroupLayout.detect(cfg.cgroup_root)
+        # systemd's D-Bus API only where a workload names a unit: hosts without systemd never touch the bus
+        self.units = (
+            units if units is not None else (DBusUnits() if any(w.unit for w in cfg.workload) else None)
+        )
+        if self.units is not None:
+            cfg = resolve_units(cfg, self.units)
+        self.cfg = cfg
         if cfg.capture.create_cgroups:
             for w in cfg.workload:
+                if w.unit:
+                    continue  # systemd's tree: it makes a unit's cgroup when the unit starts
                 for d in self.layout.ensure(w.cgroup):
                     log.info("workload %s: created cgroup directory %s", w.name, d)
+        self.limits = workload_limits(cfg, self.layout, self.units)
         # The capture is loaded by `start`, after the leases held before a restart are resumed: building
         # it takes seconds to tens of seconds, longer than a lease.
         self.bpf: BpfCapture | None = None
@@ -154,8 +200,20 @@ class Agent:
         )
 
     def collect(self, seq: int) -> apb.TelemetryBatch:
-        """Read the kernel and cgroup files into batch `seq`; touches nothing the loop reads."""
-        return apb.TelemetryBatch(seq=seq, samples=self.collector.collect(), capture=self.capture_status())
+        """Read the kernel and cgroup files into batch `seq`; touches nothing the loop reads. Limits that
+        something reset are written again first, so the sample says what the kernel holds after that."""
+        for limits in self.limits.values():
+            try:
+                limits.check()
+            except Exception:  # one workload's limits must not cost every workload its sample
+                log.exception("workload %s: checking its limits failed", limits.name)
+        samples = self.collector.collect()
+        for s in samples:
+            kept = self.limits.get(s.workload)
+            if kept is not None:
+                s.resources.limits_problem = kept.problem
+                s.resources.limits_reapplied = kept.reapplied
+        return apb.TelemetryBatch(seq=seq, samples=samples, capture=self.capture_status())
 
     async def sample_off_loop(self) -> apb.TelemetryBatch:
         """The next batch: read in the sampler thread; the agent's own state changes on the loop."""
@@ -174,7 +232,7 @@ class Agent:
     async def start_failover_roles(self) -> None:
         """Resume what the last run of this agent held when it stopped (agentd/held_leases.py) if its
         observers still grant it; every other address an earlier run left behind is removed, then serve."""
-        self.commands = CommandHandler(self.cfg, self.layout, self.observer, self.link.send)
+        self.commands = CommandHandler(self.cfg, self.layout, self.observer, self.link.send, self.limits)
         self.link.on_command = self.commands
         await self.resume_held_leases(self.commands)
         self._remove_stale_addresses(self.commands)
@@ -267,6 +325,8 @@ class Agent:
         await asyncio.to_thread(self.sampler.shutdown)  # a sample still reading must finish before ...
         if self.bpf is not None:
             self.bpf.close()  # ... its map descriptors close
+        if isinstance(self.units, DBusUnits):
+            self.units.close()
 
 
 async def serve(cfg: AgentConfig, config_file: str = "/etc/shadowplane/agentd.toml") -> None:

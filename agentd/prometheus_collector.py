@@ -74,6 +74,18 @@ class AgentCollector(Collector):
         mem_lim = GaugeMetricFamily(
             "shadowplane_agent_memory_limit_bytes", "Memory limit (0: none)", labels=["workload"]
         )
+        reapplied = CounterMetricFamily(
+            "shadowplane_agent_limits_reapplied",
+            "Times the agent found the workload's limits reset (e.g. by systemctl daemon-reload) and wrote "
+            "them again",
+            labels=["workload"],
+        )
+        held = GaugeMetricFamily(
+            "shadowplane_agent_limits_held",
+            "1 if the kernel holds the limits the controller set (or none were set); 0: the sample's "
+            "limits_problem says why not",
+            labels=["workload"],
+        )
         for name, w in wl:
             if w.kernel and buckets:
                 for sc, n in list(w.syscalls.items()):
@@ -92,6 +104,8 @@ class AgentCollector(Collector):
             mem.add_metric([name], w.memory_bytes)
             cpu_lim.add_metric([name], w.cpu_limit_cores)
             mem_lim.add_metric([name], w.memory_limit_bytes)
+            reapplied.add_metric([name], w.limits_reapplied)
+            held.add_metric([name], int(w.limits_held))
         yield from (
             sys_total,
             lat,
@@ -106,6 +120,8 @@ class AgentCollector(Collector):
             mem,
             cpu_lim,
             mem_lim,
+            reapplied,
+            held,
         )
 
         dropped = CounterMetricFamily(

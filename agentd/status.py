@@ -39,6 +39,8 @@ class WorkloadTotals:
     memory_bytes: int = 0
     cpu_limit_cores: float = 0.0
     memory_limit_bytes: int = 0
+    limits_reapplied: int = 0  # cumulative: the agent found its limits reset and wrote them again
+    limits_held: bool = True  # the kernel holds the limits the controller set (or none were set)
     kernel: bool = False  # any sample had BPF profiles: without them, zeros would read as "no syscalls"
 
 
@@ -74,6 +76,7 @@ class Totals:
                 r.cpu_limit_cores,
                 r.memory_limit_bytes,
             )
+            w.limits_reapplied, w.limits_held = r.limits_reapplied, not r.limits_problem
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,14 @@ SAMPLE_COUNTERS: tuple[str, ...] = (
     *(f"tcp.{n}" for n in ("retransmits", "active_opens", "resets_sent", "resets_received")),
     *(
         f"resources.{n}"
-        for n in ("memory_bytes", "memory_limit_bytes", "io_read_bytes", "io_write_bytes", "cpu_throttled_us")
+        for n in (
+            "memory_bytes",
+            "memory_limit_bytes",
+            "io_read_bytes",
+            "io_write_bytes",
+            "cpu_throttled_us",
+            "limits_reapplied",
+        )
     ),
     *(f"resources.{p}.{n}" for p in PRESSURES for n in ("some_stall_us", "full_stall_us")),
 )
@@ -218,8 +225,10 @@ def check_sample(where: str, s: tpb.WorkloadSample, workloads: frozenset[str], n
         )
     if s.end_unix_ms - s.start_unix_ms > MAX_SAMPLE_MS:
         return Problem(f"{where}.end_unix_ms", "too_large", "the sample covers more than a day")
-    p = _time(f"{where}.end_unix_ms", s.end_unix_ms, now_ms) or _text(
-        f"{where}.cgroup", s.cgroup, MAX_PATH_CHARS
+    p = (
+        _time(f"{where}.end_unix_ms", s.end_unix_ms, now_ms)
+        or _text(f"{where}.cgroup", s.cgroup, MAX_PATH_CHARS)
+        or _text(f"{where}.resources.limits_problem", s.resources.limits_problem)
     )
     if p:
         return p

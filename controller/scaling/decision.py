@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from shadowplane.v1 import telemetry_pb2 as tpb
+
 
 @dataclass(frozen=True)
 class ScalingDecision:
@@ -44,6 +46,7 @@ class AppliedLimits:
     memory_bytes: int  # 0: no limit
     io_weight: int = 0
     memory_in_use_bytes: int = 0
+    at_ms: int = 0  # when the controller heard the read-back
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,26 @@ class Readiness:
 
     ready: bool
     reason: str
+
+
+IN_PLACE = Readiness(True, "limits in place")
+CPU_TOLERANCE_CORES = 1e-6  # quota / period as a float: the same files give the same number
+
+
+def held(applied: AppliedLimits, newest: tpb.WorkloadSample | None) -> Readiness:
+    """Whether the kernel still holds the applied limits, by the newest sample of the shadow: each carries the
+    limits its agent read from the kernel that interval (after writing again any that were reset). A sample
+    from before the limits were applied says nothing of them: the apply's own read-back is the newest word."""
+    if newest is None or newest.end_unix_ms <= applied.at_ms:
+        return IN_PLACE
+    r = newest.resources
+    if r.limits_problem:
+        return Readiness(False, f"the kernel does not hold the limits: {r.limits_problem}")
+    off = []
+    if abs(r.cpu_limit_cores - applied.cpu_cores) > CPU_TOLERANCE_CORES:
+        off.append(f"cpu {r.cpu_limit_cores:g} cores (applied {applied.cpu_cores:g})")
+    if r.memory_limit_bytes != applied.memory_bytes:
+        off.append(f"memory {r.memory_limit_bytes or 'max'} bytes (applied {applied.memory_bytes or 'max'})")
+    if off:
+        return Readiness(False, "the kernel no longer holds the applied limits: " + ", ".join(off))
+    return IN_PLACE

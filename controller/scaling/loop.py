@@ -25,7 +25,7 @@ from controller.predict.engine import PredictionEngine, judge_in_child, lower_pr
 from controller.predict.model import DEFAULT_MODEL, OnnxForecaster, load_model_bytes
 from controller.predict.series import history_from_store, series_from_store
 from controller.registry import AgentRegistry, CommandError
-from controller.scaling.decision import AppliedLimits, Readiness, ScalingDecision
+from controller.scaling.decision import IN_PLACE, AppliedLimits, Readiness, ScalingDecision, held
 from controller.scaling.planner import RESOURCES, ShadowNow, Target, decide_resource, io_weight
 from controller.status import DemandView, ForecastView, ScalingView, ShadowView
 from controller.store import Store
@@ -61,6 +61,7 @@ class ScalingLoop:
         self.demand: dict[str, str] = {}  # service -> "host/workload" whose forecast drives it
         self.applied: dict[tuple[str, str], AppliedLimits] = {}
         self.readiness: dict[tuple[str, str], Readiness] = {}
+        self.reapplied_seen: dict[tuple[str, str], int] = {}  # the agent's limits_reapplied, last seen
         self.next_cycle_ms = 0
         self._model_mtime: float | None = None
         self.wake = asyncio.Event()
@@ -282,8 +283,17 @@ class ScalingLoop:
         """Send one shadow's planned limits to its agent; the decisions with how that went."""
         host, workload = key
         if not any(d.changed for d in ds) and key in self.applied:
-            self.readiness[key] = Readiness(True, "limits in place")
-            return [replace(d, result="unchanged", applied=d.old) for d in ds]
+            rows = self.store.samples(host, workload, limit=1)
+            newest = rows[-1][1] if rows else None
+            if newest is not None:
+                self._note_reapplied(key, newest.resources.limits_reapplied)
+            now = held(self.applied[key], newest)
+            if now.ready:
+                self.readiness[key] = now
+                return [replace(d, result="unchanged", applied=d.old) for d in ds]
+            # The kernel lost them and the agent could not write them again: ask once more (its answer, read
+            # back from the kernel, decides readiness again).
+            self._not_ready(key, now.reason)
         cpu = next((d.new for d in ds if d.resource == "cpu"), 0.0)
         mem = next((d.new for d in ds if d.resource == "memory"), 0.0)
         service = ds[0].service
@@ -319,13 +329,31 @@ class ScalingLoop:
             self._not_ready(key, f"agent could not apply limits: {r.error}")
             return r.error
         limits = AppliedLimits(
-            r.limits.cpu_cores, r.limits.memory_bytes, r.limits.io_weight, r.limits.memory_in_use_bytes
+            r.limits.cpu_cores,
+            r.limits.memory_bytes,
+            r.limits.io_weight,
+            r.limits.memory_in_use_bytes,
+            at_ms=now_ms(),
         )
         self.applied[key] = limits
-        if not self.readiness.get(key, Readiness(True, "")).ready:
+        if not self.readiness.get(key, IN_PLACE).ready:
             self.events.record("shadow-ready", "", host, f"{msg.workload}: limits applied again")
-        self.readiness[key] = Readiness(True, "limits in place")
+        self.readiness[key] = IN_PLACE
         return limits
+
+    def _note_reapplied(self, key: tuple[str, str], count: int) -> None:
+        """An event when the shadow's agent wrote its limits again since the last look (its count is
+        cumulative per agent run: lower means it restarted)."""
+        seen = self.reapplied_seen.get(key)
+        self.reapplied_seen[key] = count
+        if seen is not None and count > seen:
+            self.events.record(
+                "shadow-limits-reapplied",
+                "",
+                key[0],
+                f"{key[1]}: the kernel had lost its limits (reset e.g. by `systemctl daemon-reload`); the "
+                f"agent applied them again ({count - seen} time{'s' if count - seen > 1 else ''})",
+            )
 
     def _not_ready(self, key: tuple[str, str], reason: str) -> None:
         was = self.readiness.get(key)

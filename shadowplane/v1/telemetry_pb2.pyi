@@ -267,6 +267,8 @@ class Resources(_message.Message):
     MEMORY_PRESSURE_FIELD_NUMBER: _builtins.int
     IO_PRESSURE_FIELD_NUMBER: _builtins.int
     CPU_THROTTLED_US_FIELD_NUMBER: _builtins.int
+    LIMITS_PROBLEM_FIELD_NUMBER: _builtins.int
+    LIMITS_REAPPLIED_FIELD_NUMBER: _builtins.int
     cpu_seconds: _builtins.float
     """CPU time consumed over the interval"""
     cpu_limit_cores: _builtins.float
@@ -280,6 +282,12 @@ class Resources(_message.Message):
     tasks: _builtins.int
     cpu_throttled_us: _builtins.int
     """delta"""
+    limits_problem: _builtins.str
+    """Non-empty: the kernel does not hold the limits the controller last set for this workload, and why (the
+    agent re-reads them every interval and writes again what was reset; this says that failed).
+    """
+    limits_reapplied: _builtins.int
+    """cumulative: times the agent found its limits reset and wrote them again"""
     @_builtins.property
     def cpu_pressure(self) -> Global___Pressure: ...
     @_builtins.property
@@ -300,10 +308,12 @@ class Resources(_message.Message):
         memory_pressure: Global___Pressure | None = ...,
         io_pressure: Global___Pressure | None = ...,
         cpu_throttled_us: _builtins.int = ...,
+        limits_problem: _builtins.str = ...,
+        limits_reapplied: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cpu_pressure", b"cpu_pressure", "io_pressure", b"io_pressure", "memory_pressure", b"memory_pressure"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_limit_cores", b"cpu_limit_cores", "cpu_pressure", b"cpu_pressure", "cpu_seconds", b"cpu_seconds", "cpu_throttled_us", b"cpu_throttled_us", "io_pressure", b"io_pressure", "io_read_bytes", b"io_read_bytes", "io_write_bytes", b"io_write_bytes", "memory_bytes", b"memory_bytes", "memory_limit_bytes", b"memory_limit_bytes", "memory_pressure", b"memory_pressure", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_limit_cores", b"cpu_limit_cores", "cpu_pressure", b"cpu_pressure", "cpu_seconds", b"cpu_seconds", "cpu_throttled_us", b"cpu_throttled_us", "io_pressure", b"io_pressure", "io_read_bytes", b"io_read_bytes", "io_write_bytes", b"io_write_bytes", "limits_problem", b"limits_problem", "limits_reapplied", b"limits_reapplied", "memory_bytes", b"memory_bytes", "memory_limit_bytes", b"memory_limit_bytes", "memory_pressure", b"memory_pressure", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

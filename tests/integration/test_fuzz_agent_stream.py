@@ -196,6 +196,8 @@ HOSTILE: dict[str, list[tuple[str, st.SearchStrategy[Any]]]] = {
         (f"{S}.resources.memory_bytes", u64_bad),
         (f"{S}.resources.io_write_bytes", u64_bad),
         (f"{S}.resources.cpu_throttled_us", u64_bad),
+        (f"{S}.resources.limits_reapplied", u64_bad),
+        (f"{S}.resources.limits_problem", long_text),
         (f"{S}.resources.memory_pressure.full_avg10", st.one_of(real_bad, st.floats(100.001, 1e9))),
         (f"{S}.syscalls.total", u64_bad),
         (f"{S}.syscalls.by_name{{read}}", u64_bad),

@@ -61,6 +61,29 @@ def test_good_config_loads_with_types(tmp_path: Path) -> None:
             "absolute",
         ),
         (GOOD.replace('service = "web"\n', ""), "workload[0].service", "is required"),
+        # a workload is a cgroup path or a systemd unit: exactly one, and the error says which to set
+        (
+            GOOD.replace(
+                'cgroup = "/shadowplane.slice/web"', 'cgroup = "/shadowplane.slice/web"\nunit = "web.service"'
+            ),
+            "workload[0].unit",
+            "set exactly one of `unit`",
+        ),
+        (
+            GOOD.replace('cgroup = "/shadowplane.slice/web"\n', ""),
+            "workload[0].unit",
+            'e.g. unit = "nginx.service"',
+        ),
+        (
+            GOOD.replace('cgroup = "/shadowplane.slice/web"', 'unit = "nginx"'),
+            "workload[0].unit",
+            "must name a systemd service, slice or scope",
+        ),
+        (
+            GOOD.replace('cgroup = "/shadowplane.slice/web"', 'unit = "ng inx.service"'),
+            "workload[0].unit",
+            "not a valid systemd unit name",
+        ),
         (
             GOOD.replace("syscall_latency_sample_every = 4", "syscall_latency_sample_every = 0"),
             "capture.syscall_latency_sample_every",
@@ -75,6 +98,13 @@ def test_bad_config_names_the_field(tmp_path: Path, text: str, field: str, words
     assert e.value.field == field
     assert words in str(e.value)
     assert str(tmp_path / "agentd.toml") in str(e.value)
+
+
+def test_a_workload_named_by_its_unit_loads(tmp_path: Path) -> None:
+    cfg = load_agent_config(
+        write(tmp_path, GOOD.replace('cgroup = "/shadowplane.slice/web"', 'unit = "web.slice"'))
+    )
+    assert (cfg.workload[0].unit, cfg.workload[0].cgroup) == ("web.slice", "")
 
 
 def test_syntax_error_and_missing_file(tmp_path: Path) -> None:

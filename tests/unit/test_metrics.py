@@ -169,6 +169,13 @@ def test_agent_metrics_are_running_totals_of_the_shipped_deltas() -> None:
     assert value(text, 'shadowplane_agent_tcp_state_changes_total{state="ESTABLISHED",workload="web"}') == 2
     assert value(text, 'shadowplane_agent_tcp_retransmits_total{workload="web"}') == 2
     assert value(text, 'shadowplane_agent_memory_limit_bytes{workload="web"}') == GIB
+    assert value(text, 'shadowplane_agent_limits_held{workload="web"}') == 1
+    held_not = sample("web", 0.1)
+    held_not.resources.limits_reapplied, held_not.resources.limits_problem = 2, "cpu.max: ..."
+    totals.add(apb.TelemetryBatch(seq=3, samples=[held_not]))
+    text = render(AgentCollector(lambda: agent_status(totals, bpf=True, holding=True)))
+    assert value(text, 'shadowplane_agent_limits_reapplied_total{workload="web"}') == 2  # the agent's count
+    assert value(text, 'shadowplane_agent_limits_held{workload="web"}') == 0
     assert value(text, 'shadowplane_agent_dropped_events_total{reason="task_storage_full"}') == 5
     assert value(text, "shadowplane_agent_bpf_active") == 1
     assert value(text, "shadowplane_agent_controller_connected") == 1

@@ -1,6 +1,7 @@
 """The README's "first hour" walkthrough, as the VM suite runs it: the shell blocks of that section, split
-into steps at each comment line that follows a blank line, each run in the guest with bash exactly as written (from the directory holding
-the .deb). The test follows the README, so the README cannot drift from what works on a stock host.
+into steps at each comment line that follows a blank line (blank lines inside a heredoc stay in their
+step), each run in the guest with bash exactly as written, from the directory holding the .deb. The test
+follows the README, so the README cannot drift from what works on a stock host.
 """
 
 from __future__ import annotations
