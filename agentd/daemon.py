@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from agentd.actuate.address import Addresses
 from agentd.capture.bpf_capture import BpfCapture, BpfLoadError, unavailable_reason
 from agentd.capture.collector import ROLES, Collector
+from agentd.capture.kernel_features import FeatureStatus
 from agentd.cgroupfs import CgroupLayout
 from agentd.commands import CommandHandler
 from agentd.config import AgentConfig
@@ -42,11 +43,27 @@ def start_capture(cfg: AgentConfig) -> tuple[BpfCapture | None, str]:
     reason = unavailable_reason()
     if reason is None:
         try:
-            return BpfCapture(cfg.capture.max_workloads, cfg.capture.syscall_latency_sample_every), ""
+            bpf = BpfCapture(cfg.capture.max_workloads, cfg.capture.syscall_latency_sample_every)
         except BpfLoadError as e:
             reason = str(e)
+        else:
+            log_features(bpf.features)
+            return bpf, ""
     log.warning("BPF capture unavailable, continuing with cgroup files only: %s", reason)
     return None, reason
+
+
+def log_features(features: tuple[FeatureStatus, ...]) -> None:
+    """Say once, at start, what this kernel lets the capture see and what it does not (and why)."""
+    have = [f.name for f in features if f.captured]
+    log.info("BPF capture loaded: %s", ", ".join(have))
+    for f in features:
+        if not f.captured:
+            log.warning("BPF capture: %s not captured on this kernel: %s", f.name, f.detail)
+
+
+def capture_features(features: tuple[FeatureStatus, ...]) -> list[tpb.CaptureFeature]:
+    return [tpb.CaptureFeature(name=f.name, captured=f.captured, detail=f.detail) for f in features]
 
 
 class Agent:
@@ -116,6 +133,7 @@ class Agent:
             unavailable_reason=self.bpf_reason,
             dropped_events=self.bpf.dropped_events() if self.bpf else {},
             histogram_buckets=self.bpf.histogram_buckets() if self.bpf else {},
+            features=self.bpf.features if self.bpf else (),
         )
 
     def capture_status(self) -> tpb.CaptureStatus:
@@ -126,6 +144,7 @@ class Agent:
             bpf_unavailable_reason=c.unavailable_reason,
             dropped_events=dict(c.dropped_events),
             telemetry_batches_dropped=self.link.backlog.dropped_total,
+            features=capture_features(c.features),
         )
 
     def hello(self) -> apb.Hello:
@@ -217,7 +236,7 @@ async def serve(cfg: AgentConfig, config_file: str = "/etc/shadowplane/agentd.to
         len(cfg.workload),
         cfg.interval_seconds,
         cfg.controller,
-        "on" if agent.bpf else "off",
+        agent.status().capture.bpf_summary(),
     )
     task = asyncio.create_task(agent.run())
 
