@@ -198,6 +198,21 @@ TRACEPOINT_PROBE(block, block_io_start) {
 }
 #endif
 
+#ifdef HAVE_BLOCK_RQ_INSERT
+// Without block_io_start (before 6.5): a request the submitter does not issue itself is inserted into the
+// queue in its context, and issued later by a kernel worker. The first owner seen is kept (a requeue
+// inserts again, from a worker).
+TRACEPOINT_PROBE(block, block_rq_insert) {
+    struct rq_key key = {.dev = args->dev, .sector = args->sector};
+    if (inflight.lookup(&key))
+        return 0;
+    u32 slot = current_slot();
+    if (slot != NO_SLOT)
+        remember_request(args->dev, args->sector, slot);
+    return 0;
+}
+#endif
+
 #ifdef HAVE_BLOCK_RQ
 TRACEPOINT_PROBE(block, block_rq_issue) {
     struct rq_key key = {.dev = args->dev, .sector = args->sector};

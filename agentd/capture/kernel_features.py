@@ -97,6 +97,12 @@ FEATURES: tuple[Feature, ...] = (
                 (Probe("block/block_io_start", ("dev", "sector")),),
                 "block requests attributed to the task that submitted them",
             ),
+            Source(
+                "HAVE_BLOCK_RQ_INSERT",
+                (Probe("block/block_rq_insert", ("dev", "sector")),),
+                "block requests attributed to the task that queued them (block:block_io_start is missing): "
+                "the submitter, unless a request reaches the queue from a kernel worker",
+            ),
         ),
         "block requests are attributed to the task that issues them to the device: buffered writes flushed "
         "by a kernel writeback worker, or requests a scheduler held back, count for no workload",
