@@ -86,7 +86,7 @@ class CaptureView:
     features: tuple[FeatureStatus, ...] = ()  # what this kernel lets the program capture (() without BPF)
 
     def bpf_summary(self) -> str:
-        """"on", "on (not captured on this kernel: a, b)" or "off"."""
+        """ "on", "on (not captured on this kernel: a, b)" or "off"."""
         if not self.bpf_active:
             return "off"
         missing = [f.name for f in self.features if not f.captured]

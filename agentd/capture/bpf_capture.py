@@ -82,7 +82,11 @@ def program_cflags(
     """Compile-time settings: sizes, and one flag per feature this kernel's tracepoints allow."""
     kernel = kernel or KernelView(TRACEFS)
     headers = Path("/lib/modules") / platform.release() / "source"
-    return [f"-DMAX_SLOTS={max_slots}", f"-DSAMPLE_EVERY={sample_every}", *compile_flags(kernel, features, headers)]
+    return [
+        f"-DMAX_SLOTS={max_slots}",
+        f"-DSAMPLE_EVERY={sample_every}",
+        *compile_flags(kernel, features, headers),
+    ]
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,8 @@ FEATURES: tuple[Feature, ...] = (
                 ),
                 "smoothed RTT samples matched to a socket by its addresses and ports (tcp:tcp_probe has no "
                 "skaddr on this kernel): a connection counts once established (connect) or once it "
-                "received (accept); identical address/port pairs in two network namespaces are not told apart",
+                "received (accept); identical address/port pairs in two network namespaces are not "
+                "told apart",
             ),
         ),
         "TCP smoothed round-trip times",
@@ -166,7 +167,13 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         "tcp_retransmits",
-        (Source("HAVE_TCP_RETRANSMIT", (Probe("tcp/tcp_retransmit_skb", ("skaddr",)),), "retransmitted segments"),),
+        (
+            Source(
+                "HAVE_TCP_RETRANSMIT",
+                (Probe("tcp/tcp_retransmit_skb", ("skaddr",)),),
+                "retransmitted segments",
+            ),
+        ),
         "TCP retransmits",
         requires=("tcp_states",),
     ),
@@ -178,7 +185,11 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         "tcp_resets_received",
-        (Source("HAVE_TCP_RECEIVE_RESET", (Probe("tcp/tcp_receive_reset", ("skaddr",)),), "resets received"),),
+        (
+            Source(
+                "HAVE_TCP_RECEIVE_RESET", (Probe("tcp/tcp_receive_reset", ("skaddr",)),), "resets received"
+            ),
+        ),
         "TCP resets received",
         requires=("tcp_states",),
     ),
@@ -270,9 +281,10 @@ def compile_flags(kernel: KernelView, features: tuple[FeatureStatus, ...], heade
     flags = [f"-D{s.flag}" for s in features if s.captured]
     # tcp:tcp_send_reset carries `enum sk_rst_reason` on newer kernels; bcc's generated struct names the enum,
     # so it must be declared when the installed headers do not.
-    if "enum sk_rst_reason" in kernel.format_text("tcp/tcp_send_reset") and not (
-        headers / "include/net/rst_reason.h"
-    ).exists():
+    if (
+        "enum sk_rst_reason" in kernel.format_text("tcp/tcp_send_reset")
+        and not (headers / "include/net/rst_reason.h").exists()
+    ):
         flags.append("-DDECLARE_SK_RST_REASON")
     return flags
 

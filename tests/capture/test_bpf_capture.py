@@ -153,7 +153,9 @@ conn.close()
 """
 
 
-def test_accepted_connection_is_attributed_to_the_server(capture: BpfCapture, workload_cgroup: Workload) -> None:
+def test_accepted_connection_is_attributed_to_the_server(
+    capture: BpfCapture, workload_cgroup: Workload
+) -> None:
     col = collector_for(capture, workload_cgroup)
     server = workload_cgroup.popen([sys.executable, "-c", TCP_SERVER], stdout=subprocess.PIPE)
     try:

@@ -45,7 +45,9 @@ def test_debian_12_kernel_gets_the_fallbacks_and_says_what_it_lacks(tmp_path: Pa
     # no block:block_io_start (6.5+): the owner is taken where a request is queued
     assert got["block_io_submitter"][:2] == (True, "HAVE_BLOCK_RQ_INSERT")
     assert "block:block_io_start is missing" in got["block_io_submitter"][2]
-    assert all(got[n][0] for n in ("syscalls", "block_io", "tcp_states", "tcp_retransmits", "tcp_socket_cleanup"))
+    assert all(
+        got[n][0] for n in ("syscalls", "block_io", "tcp_states", "tcp_retransmits", "tcp_socket_cleanup")
+    )
 
 
 def test_debian_12_kernel_compile_flags(tmp_path: Path) -> None:
@@ -116,7 +118,9 @@ def test_format_fields_reads_array_pointer_and_dynamic_fields() -> None:
 def test_every_flag_in_the_table_is_tested_by_the_program_and_back() -> None:
     program = (ROOT / "agentd/capture/bpf_program.c").read_text()
     used = set(re.findall(r"\b(HAVE_[A-Z0-9_]+)\b", program))
-    assert used == flag_names(), f"only in the C: {used - flag_names()}; only in the table: {flag_names() - used}"
+    assert used == flag_names(), (
+        f"only in the C: {used - flag_names()}; only in the table: {flag_names() - used}"
+    )
 
 
 def test_the_running_kernels_formats_are_read_field_by_field() -> None:
