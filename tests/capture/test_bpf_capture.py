@@ -185,7 +185,7 @@ def test_check_capture_says_what_this_kernel_lets_it_see() -> None:
         [sys.executable, "-m", "agentd.cli", "check-capture", "--json"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
@@ -213,7 +213,7 @@ def test_probe_command_prints_json_profile(workload_cgroup: Workload) -> None:
             check=True,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=300,  # bcc compiles for ~80 s in a software-emulated guest
         )
     finally:
         load.kill()
@@ -231,7 +231,7 @@ def test_probe_rejects_missing_cgroup() -> None:
         [sys.executable, "-m", "agentd.cli", "probe", "--cgroup", "/no-such-cgroup-here", "--seconds", "0.1"],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=120,
     )
     assert out.returncode == 2
     assert "--cgroup /no-such-cgroup-here: no such cgroup" in out.stderr
