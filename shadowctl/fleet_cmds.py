@@ -53,8 +53,9 @@ def hosts(args: argparse.Namespace) -> int:
     for r in rows:
         if not r["bpf"] and r["bpf_unavailable_reason"]:
             print(f"{r['host']}: BPF off: {r['bpf_unavailable_reason']}")
-        for name, detail in r["capture_missing"].items():
-            print(f"{r['host']}: not captured on this kernel: {name}: {detail}")
+        for f in r["capture_features"]:
+            if not f["captured"]:
+                print(f"{r['host']}: not captured on this kernel: {f['name']}: {f['detail']}")
     return 0
 
 
