@@ -418,7 +418,8 @@ TRACEPOINT_PROBE(tcp, tcp_probe) {
 
 #ifdef HAVE_TCP_PROBE_TUPLE
 TRACEPOINT_PROBE(tcp, tcp_probe) {
-    // saddr/daddr hold a struct sockaddr_in or sockaddr_in6 (by family), ports in network order.
+    // saddr/daddr hold a struct sockaddr_in or sockaddr_in6 (by family); sport/dport are in host order, as
+    // in the tuples recorded above.
     struct tcp_tuple key;
     __builtin_memset(&key, 0, sizeof(key));
     key.sport = args->sport;
