@@ -17,7 +17,7 @@ from agentd.actuate.address import Addresses
 from agentd.capture.collector import Collector
 from agentd.cgroupfs import CgroupError, CgroupLayout
 from agentd.config import AgentConfig, CaptureConfig, WorkloadConfig, load_agent_config
-from agentd.daemon import serve, start_capture
+from agentd.daemon import capture_features, serve, start_capture
 from shadowplane import logs
 from shadowplane.config import ConfigError
 from shadowplane.histogram import quantile, render
@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     rel.add_argument(
         "--all", action="store_true", help="remove recorded addresses too (and forget the record)"
     )
+    cap = sub.add_parser(
+        "check-capture",
+        help="load the BPF capture, print what this kernel lets it see and what not, and exit "
+        "(0: loaded, 1: not)",
+    )
+    cap.add_argument("--json", action="store_true", help="machine-readable output (a CaptureStatus)")
     probe = sub.add_parser("probe", help="print one cgroup's workload profile over N seconds")
     probe.add_argument("--cgroup", required=True, help="cgroup path, e.g. /shadowplane.slice/web")
     probe.add_argument("--seconds", type=float, default=5.0)
@@ -116,6 +122,7 @@ def probe(args: argparse.Namespace) -> int:
             bpf_active=bpf is not None,
             bpf_unavailable_reason=reason,
             dropped_events=bpf.dropped_events() if bpf else {},
+            features=capture_features(bpf.features) if bpf else [],
         )
     finally:
         if bpf is not None:
@@ -162,12 +169,35 @@ def release_all(config_path: str, everything: bool) -> int:
     return 0
 
 
+def check_capture(args: argparse.Namespace) -> int:
+    """Load the capture as the daemon would (with the default settings), say what it sees, unload it."""
+    bpf, reason = start_capture(AgentConfig(capture=CaptureConfig(create_cgroups=False)))
+    capture = tpb.CaptureStatus(
+        bpf_active=bpf is not None,
+        bpf_unavailable_reason=reason,
+        features=capture_features(bpf.features) if bpf else [],
+    )
+    if bpf is not None:
+        bpf.close()
+    if args.json:
+        print(json.dumps(MessageToDict(capture, preserving_proto_field_name=True), indent=2))
+    elif bpf is None:
+        print(f"BPF capture unavailable: {reason}")
+    else:
+        print("BPF capture loads on this kernel:")
+        for f in capture.features:
+            print(f"  [{'x' if f.captured else ' '}] {f.name}: {f.detail}")
+    return 0 if bpf is not None else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup(args.log_level)
     cmd = args.cmd or "run"
     if cmd == "probe":
         return probe(args)
+    if cmd == "check-capture":
+        return check_capture(args)
     if cmd == "release-all":
         return release_all(args.config, args.all)
     config_path = getattr(args, "config", DEFAULT_CONFIG)

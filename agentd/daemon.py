@@ -20,6 +20,7 @@ from agentd.actuate.address import Vip
 from agentd.actuate.limits import CgroupfsWriter, LimitsWriter, WorkloadLimits
 from agentd.capture.bpf_capture import BpfCapture, BpfLoadError, unavailable_reason
 from agentd.capture.collector import ROLES, Collector
+from agentd.capture.kernel_features import FeatureStatus
 from agentd.cgroupfs import CgroupLayout
 from agentd.commands import CommandHandler
 from agentd.config import AgentConfig
@@ -47,9 +48,12 @@ def start_capture(cfg: AgentConfig) -> tuple[BpfCapture | None, str]:
     reason = unavailable_reason()
     if reason is None:
         try:
-            return BpfCapture(cfg.capture.max_workloads, cfg.capture.syscall_latency_sample_every), ""
+            bpf = BpfCapture(cfg.capture.max_workloads, cfg.capture.syscall_latency_sample_every)
         except BpfLoadError as e:
             reason = str(e)
+        else:
+            log_features(bpf.features)
+            return bpf, ""
     log.warning("BPF capture unavailable, continuing with cgroup files only: %s", reason)
     return None, reason
 
@@ -81,6 +85,19 @@ def workload_limits(cfg: AgentConfig, layout: CgroupLayout, units: Units | None)
         )
         out[w.name] = WorkloadLimits(w.name, layout, w.cgroup, writer)
     return out
+
+
+def log_features(features: tuple[FeatureStatus, ...]) -> None:
+    """Say once, at start, what this kernel lets the capture see and what it does not (and why)."""
+    have = [f.name for f in features if f.captured]
+    log.info("BPF capture loaded: %s", ", ".join(have))
+    for f in features:
+        if not f.captured:
+            log.warning("BPF capture: %s not captured on this kernel: %s", f.name, f.detail)
+
+
+def capture_features(features: tuple[FeatureStatus, ...]) -> list[tpb.CaptureFeature]:
+    return [tpb.CaptureFeature(name=f.name, captured=f.captured, detail=f.detail) for f in features]
 
 
 class Agent:
@@ -167,6 +184,7 @@ class Agent:
             unavailable_reason=self.bpf_reason,
             dropped_events=self.bpf.dropped_events() if self.bpf else {},
             histogram_buckets=self.bpf.histogram_buckets() if self.bpf else {},
+            features=self.bpf.features if self.bpf else (),
         )
 
     def capture_status(self) -> tpb.CaptureStatus:
@@ -177,6 +195,7 @@ class Agent:
             bpf_unavailable_reason=c.unavailable_reason,
             dropped_events=dict(c.dropped_events),
             telemetry_batches_dropped=self.link.backlog.dropped_total,
+            features=capture_features(c.features),
         )
 
     def hello(self) -> apb.Hello:
@@ -347,7 +366,7 @@ async def serve(cfg: AgentConfig, config_file: str = "/etc/shadowplane/agentd.to
         len(cfg.workload),
         cfg.interval_seconds,
         cfg.controller,
-        "on" if agent.bpf else "off",
+        agent.status().capture.bpf_summary(),
     )
     task = asyncio.create_task(agent.run())
 

@@ -133,6 +133,15 @@ class AgentCollector(Collector):
         yield GaugeMetricFamily(
             "shadowplane_agent_bpf_active", "1 if eBPF capture runs", value=int(st.capture.bpf_active)
         )
+        feature = GaugeMetricFamily(
+            "shadowplane_agent_capture_feature",
+            "1 if this kernel lets the BPF capture see the feature, 0 if not (the agent's log and "
+            "CaptureStatus.features say why)",
+            labels=["feature"],
+        )
+        for f in st.capture.features:
+            feature.add_metric([f.name], int(f.captured))
+        yield feature
         yield GaugeMetricFamily(
             "shadowplane_agent_controller_connected",
             "1 while the controller stream is up",

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from agentd.capture.kernel_features import FeatureStatus
 from shadowplane.v1 import agent_pb2 as apb
 
 
@@ -85,6 +86,14 @@ class CaptureView:
     unavailable_reason: str  # why not, with the fix ("" while active)
     dropped_events: Mapping[str, int]  # cumulative, by reason (the program's names)
     histogram_buckets: Mapping[str, int]  # log2 buckets of each kernel histogram ({} without BPF)
+    features: tuple[FeatureStatus, ...] = ()  # what this kernel lets the program capture (() without BPF)
+
+    def bpf_summary(self) -> str:
+        """ "on", "on (not captured on this kernel: a, b)" or "off"."""
+        if not self.bpf_active:
+            return "off"
+        missing = [f.name for f in self.features if not f.captured]
+        return f"on (not captured on this kernel: {', '.join(missing)})" if missing else "on"
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,6 @@ class AgentStatus:
         rejected = sum(self.link.rejected.values())
         return (
             f"{self.workloads} workloads, controller {self.link.controller} {link}, "
-            f"BPF {'on' if self.capture.bpf_active else 'off'}, backlog {self.link.backlog_batches} batches"
+            f"BPF {self.capture.bpf_summary()}, backlog {self.link.backlog_batches} batches"
             + (f", {rejected} messages rejected (last: {self.link.last_rejected[:160]})" if rejected else "")
         )

@@ -81,6 +81,7 @@ def capture_message(c: CaptureView) -> tpb.CaptureStatus:
         bpf_unavailable_reason=c.bpf_unavailable_reason,
         dropped_events=dict(c.dropped_events or {}),
         telemetry_batches_dropped=c.telemetry_batches_dropped,
+        features=[tpb.CaptureFeature(name=f.name, captured=f.captured, detail=f.detail) for f in c.features],
     )
 
 

@@ -17,7 +17,7 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 
-from controller.status import AgentView, CaptureView, RejectedView
+from controller.status import AgentView, CaptureFeatureView, CaptureView, RejectedView
 from controller.stream_validation import Problem, check_answer
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import telemetry_pb2 as tpb
@@ -132,6 +132,7 @@ class AgentRegistry:
                     s.capture.bpf_unavailable_reason,
                     dict(s.capture.dropped_events),
                     s.capture.telemetry_batches_dropped,
+                    tuple(CaptureFeatureView(f.name, f.captured, f.detail) for f in s.capture.features),
                 ),
             )
             for s in self._sessions.values()

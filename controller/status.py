@@ -12,6 +12,15 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class CaptureFeatureView:
+    """One thing an agent's kernel lets its capture see, or not (and why)."""
+
+    name: str
+    captured: bool
+    detail: str
+
+
+@dataclass(frozen=True)
 class CaptureView:
     """What an agent last said about its own capture."""
 
@@ -19,6 +28,7 @@ class CaptureView:
     bpf_unavailable_reason: str = ""
     dropped_events: Mapping[str, int] | None = None
     telemetry_batches_dropped: int = 0
+    features: tuple[CaptureFeatureView, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ they claim to answer (a vote answered with an address state is no vote).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -166,12 +166,26 @@ def _histogram(where: str, h: tpb.Log2Histogram) -> Problem | None:
     return _first(_counter(f"{where}.counts[{i}]", n) for i, n in enumerate(h.counts))
 
 
+def _features(where: str, features: Sequence[tpb.CaptureFeature]) -> Problem | None:
+    if len(features) > MAX_MAP_ENTRIES:
+        return Problem(where, "too_long", f"{len(features)} entries; at most {MAX_MAP_ENTRIES}")
+    return _first(
+        p
+        for i, f in enumerate(features)
+        for p in (
+            _text(f"{where}[{i}].name", f.name, MAX_KEY_CHARS, required=True),
+            _text(f"{where}[{i}].detail", f.detail),
+        )
+    )
+
+
 def check_capture(where: str, c: tpb.CaptureStatus) -> Problem | None:
     return _first(
         (
             _text(f"{where}.bpf_unavailable_reason", c.bpf_unavailable_reason),
             _keys(f"{where}.dropped_events", c.dropped_events),
             _counter(f"{where}.telemetry_batches_dropped", c.telemetry_batches_dropped),
+            _features(f"{where}.features", c.features),
         )
     )
 

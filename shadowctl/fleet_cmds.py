@@ -47,13 +47,20 @@ def hosts(args: argparse.Namespace) -> int:
     t = Table("HOST", "HEALTH", "ZONE", "WORKLOADS", "BPF", "LAST SEEN", "PEER", box=None)
     for r in rows:
         wl = ", ".join(f"{w['name']}({w['role']})" for w in r["workloads"]) or "-"
-        bpf = "on" if r["bpf"] else "off"
+        bpf = (
+            ("on" + (f" ({len(r['capture_missing'])} missing)" if r["capture_missing"] else ""))
+            if r["bpf"]
+            else "off"
+        )
         seen = f"{r['last_seen_seconds_ago']}s ago" if r["last_seen_seconds_ago"] is not None else "-"
         t.add_row(r["host"], r["health"], r["zone"] or "-", wl, bpf, seen, r["peer"])
     console().print(t)
     for r in rows:
         if not r["bpf"] and r["bpf_unavailable_reason"]:
             print(f"{r['host']}: BPF off: {r['bpf_unavailable_reason']}")
+        for f in r["capture_features"]:
+            if not f["captured"]:
+                print(f"{r['host']}: not captured on this kernel: {f['name']}: {f['detail']}")
     return 0
 
 

@@ -30,6 +30,9 @@ def host_row(h: fpb.HostStatus, now_ms: int | None = None) -> dict[str, Any]:
         ],
         "bpf": h.capture.bpf_active,
         "bpf_unavailable_reason": h.capture.bpf_unavailable_reason,
+        "capture_features": [
+            {"name": f.name, "captured": f.captured, "detail": f.detail} for f in h.capture.features
+        ],
         "dropped_events": {k: v for k, v in h.capture.dropped_events.items() if v},
         "last_seen_seconds_ago": round((now_ms - h.last_seen_unix_ms) / 1000, 1)
         if h.last_seen_unix_ms

@@ -22,11 +22,11 @@ import numpy as np
 
 from agentd.capture.bpf_syscall import BpfMap, possible_cpus, recursion_misses
 from agentd.capture.kernel_counters import BlockCounters, KernelCounters, SyscallCounters, TcpCounters
+from agentd.capture.kernel_features import TRACEFS, FeatureStatus, KernelView, compile_flags, decide
 from agentd.capture.map_layout import LayoutError, MapLayout
 
 log = logging.getLogger(__name__)
 
-TRACEFS = Path("/sys/kernel/tracing")
 # The fields the agent reads from each counter map's value struct (bpf_program.c), checked at load.
 READS = {
     "sys_stats": ("count", "lat_ns"),
@@ -76,32 +76,17 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _tracepoint_exists(category: str, event: str) -> bool:
-    return (TRACEFS / "events" / category / event).is_dir()
-
-
-def _tracepoint_format(category: str, event: str) -> str:
-    try:
-        return (TRACEFS / "events" / category / event / "format").read_text()
-    except OSError:
-        return ""
-
-
-def program_cflags(max_slots: int, sample_every: int) -> list[str]:
-    """Compile-time settings, including which optional tracepoints this kernel has."""
-    cflags = [f"-DMAX_SLOTS={max_slots}", f"-DSAMPLE_EVERY={sample_every}"]
-    if _tracepoint_exists("sock", "sock_send_length") and _tracepoint_exists("sock", "sock_recv_length"):
-        cflags.append("-DHAVE_SOCK_LENGTH")
-    if _tracepoint_exists("block", "block_io_start"):
-        cflags.append("-DHAVE_BLOCK_IO_START")
-    if _tracepoint_exists("tcp", "tcp_destroy_sock"):
-        cflags.append("-DHAVE_TCP_DESTROY_SOCK")
-    headers_have_enum = (
-        Path("/lib/modules") / platform.release() / "source/include/net/rst_reason.h"
-    ).exists()
-    if "enum sk_rst_reason" in _tracepoint_format("tcp", "tcp_send_reset") and not headers_have_enum:
-        cflags.append("-DDECLARE_SK_RST_REASON")
-    return cflags
+def program_cflags(
+    max_slots: int, sample_every: int, features: tuple[FeatureStatus, ...], kernel: KernelView | None = None
+) -> list[str]:
+    """Compile-time settings: sizes, and one flag per feature this kernel's tracepoints allow."""
+    kernel = kernel or KernelView(TRACEFS)
+    headers = Path("/lib/modules") / platform.release() / "source"
+    return [
+        f"-DMAX_SLOTS={max_slots}",
+        f"-DSAMPLE_EVERY={sample_every}",
+        *compile_flags(kernel, features, headers),
+    ]
 
 
 @dataclass(frozen=True)
@@ -122,7 +107,12 @@ def _u32(v: int) -> bytes:
 class BpfCapture:
     """The loaded capture program. Not thread-safe: one reader, the agent's loop."""
 
-    def __init__(self, max_slots: int = 64, syscall_latency_sample_every: int = 8) -> None:
+    def __init__(
+        self, max_slots: int = 64, syscall_latency_sample_every: int = 8, kernel: KernelView | None = None
+    ) -> None:
+        kernel = kernel or KernelView(TRACEFS)
+        # What this kernel lets the program capture: decides the program's flags and what the agent reports.
+        self.features = decide(kernel)
         self.max_slots = max_slots
         self.sample_every = syscall_latency_sample_every
         self._ncpu = possible_cpus()
@@ -132,7 +122,7 @@ class BpfCapture:
         self._attachments: list[int] = []
         self._assignments: dict[str, SlotAssignment] = {}
         self.syscall_names: dict[int, str] = {}
-        self._load(program_cflags(max_slots, syscall_latency_sample_every))
+        self._load(program_cflags(max_slots, syscall_latency_sample_every, self.features, kernel))
 
     def _load(self, cflags: list[str]) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

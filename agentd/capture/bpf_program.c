@@ -5,10 +5,13 @@
 // slot, so the hot path is array lookups, never a per-event message to user space. User space reads the
 // cumulative values once per interval and ships deltas.
 //
-// Build-time constants (passed as -D by the loader): MAX_SLOTS, SAMPLE_EVERY, and HAVE_SOCK_LENGTH /
-// HAVE_BLOCK_IO_START / HAVE_TCP_DESTROY_SOCK for tracepoints that only newer kernels have.
+// Build-time constants (passed as -D by the loader): MAX_SLOTS, SAMPLE_EVERY, and one HAVE_* flag per way of
+// capturing a feature that this kernel's tracepoint formats allow (agentd/capture/kernel_features.py decides
+// them from the running kernel's formats and BTF, never from its version; each flag's code reads only the
+// tracepoints and fields that table lists for it).
 
 #include <uapi/linux/ptrace.h>
+#include <uapi/linux/in6.h>  // struct sockaddr_in6: older tcp:tcp_probe formats size saddr/daddr with it
 
 #ifdef DECLARE_SK_RST_REASON
 // tcp:tcp_send_reset carries this enum on kernels newer than the headers bcc compiles against.
@@ -65,7 +68,9 @@ struct task_cache {
 
 BPF_HASH(cgroup_slots, u64, u32, 4096);          // cgroup v2 id -> slot (written by user space)
 BPF_ARRAY(generation, u32, 1);                   // bumped by user space when cgroup_slots changes
-BPF_TASK_STORAGE(task_state, struct task_cache);
+#ifdef HAVE_SYSCALLS
+BPF_TASK_STORAGE(task_state, struct task_cache);  // needs kernel BTF, as bpf_get_current_task_btf() does
+#endif
 BPF_PERCPU_ARRAY(sys_stats, struct sys_slot, MAX_SLOTS);
 BPF_PERCPU_ARRAY(io_stats, struct io_slot, MAX_SLOTS);
 BPF_PERCPU_ARRAY(tcp_stats, struct tcp_slot, MAX_SLOTS);
@@ -83,9 +88,18 @@ static __always_inline struct miss_counts *miss_counts(void) {
             m_->reason++;                          \
     } while (0)
 
-static __always_inline u32 log2_bucket(u64 v) {
-    u32 b = bpf_log2l(v);
-    return b < LAT_BUCKETS ? b : LAT_BUCKETS - 1;
+// An index into an array of n (a power of two) entries. The clamp alone is correct C, but the compiler may
+// turn it into a form older verifiers (6.1: "R0 unbounded memory access") cannot follow; the mask, kept by
+// the empty asm (the compiler would drop it as a no-op after the clamp), is a bound every verifier tracks.
+static __always_inline u64 bounded(u64 i, u64 n) {
+    if (i >= n)
+        i = n - 1;
+    asm volatile("" : "+r"(i));
+    return i & (n - 1);
+}
+
+static __always_inline u64 log2_bucket(u64 v) {
+    return bounded(bpf_log2l(v), LAT_BUCKETS);
 }
 
 // Slot of the current task's cgroup, for events that are not on the syscall hot path.
@@ -97,6 +111,7 @@ static __always_inline u32 current_slot(void) {
 
 // ---- syscalls -----------------------------------------------------------------------------------
 
+#ifdef HAVE_SYSCALLS
 RAW_TRACEPOINT_PROBE(sys_enter) {
     u64 cg = bpf_get_current_cgroup_id();
     struct task_cache *tc = task_state.task_storage_get(
@@ -121,10 +136,8 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
     struct sys_slot *st = sys_stats.lookup(&slot);
     if (!st)
         return 0;
-    u32 nr = ctx->args[1];
-    if (nr >= NR_SYSCALLS)
-        nr = NR_SYSCALLS - 1;
-    st->count[nr & (NR_SYSCALLS - 1)]++;
+    // syscall numbers >= NR_SYSCALLS are counted in the last entry
+    st->count[bounded((u64)ctx->args[1], NR_SYSCALLS)]++;
     // Reading the clock twice costs more than everything else here, so latency is timed on one call in
     // SAMPLE_EVERY per thread; the counts above stay exact.
     if (++tc->sample_ctr >= SAMPLE_EVERY) {
@@ -149,6 +162,7 @@ RAW_TRACEPOINT_PROBE(sys_exit) {
         st->lat_ns[log2_bucket(delta)]++;
     return 0;
 }
+#endif  // HAVE_SYSCALLS
 
 // ---- block I/O ------------------------------------------------------------------------------------
 // Completions run in interrupt context, so the owner is recorded when the request starts, in the
@@ -184,6 +198,22 @@ TRACEPOINT_PROBE(block, block_io_start) {
 }
 #endif
 
+#ifdef HAVE_BLOCK_RQ_INSERT
+// Without block_io_start (before 6.5): a request the submitter does not issue itself is inserted into the
+// queue in its context, and issued later by a kernel worker. The first owner seen is kept (a requeue
+// inserts again, from a worker).
+TRACEPOINT_PROBE(block, block_rq_insert) {
+    struct rq_key key = {.dev = args->dev, .sector = args->sector};
+    if (inflight.lookup(&key))
+        return 0;
+    u32 slot = current_slot();
+    if (slot != NO_SLOT)
+        remember_request(args->dev, args->sector, slot);
+    return 0;
+}
+#endif
+
+#ifdef HAVE_BLOCK_RQ
 TRACEPOINT_PROBE(block, block_rq_issue) {
     struct rq_key key = {.dev = args->dev, .sector = args->sector};
     struct rq_val *val = inflight.lookup(&key);
@@ -233,12 +263,15 @@ TRACEPOINT_PROBE(block, block_rq_complete) {
     io->lat_us[log2_bucket((bpf_ktime_get_ns() - issued) / 1000)]++;
     return 0;
 }
+#endif  // HAVE_BLOCK_RQ
 
 // ---- TCP --------------------------------------------------------------------------------------------
 // Most TCP events fire in softirq context, where the current task is whoever was interrupted. A socket is
-// attributed to the cgroup of the task that last touched it from process context (connect, listen,
-// send, receive) and every later event on that socket is counted there.
+// attributed to the cgroup of the task that last touched it from process context (connect, listen, and
+// send/receive where the kernel has a tracepoint for them) and every later event on that socket is counted
+// there.
 
+#ifdef HAVE_INET_SOCK_SET_STATE
 BPF_HASH(sock_slots, u64, u32, 65536);
 
 static __always_inline void own_socket(u64 sk) {
@@ -252,8 +285,7 @@ static __always_inline void own_socket(u64 sk) {
         COUNT_MISS(tcp_socket_table_full);
 }
 
-static __always_inline struct tcp_slot *socket_stats(u64 sk) {
-    u32 *slot = sock_slots.lookup(&sk);
+static __always_inline struct tcp_slot *slot_stats(u32 *slot) {
     if (!slot)
         return 0;
     u32 s = *slot;
@@ -262,10 +294,52 @@ static __always_inline struct tcp_slot *socket_stats(u64 sk) {
     return tcp_stats.lookup(&s);
 }
 
+static __always_inline struct tcp_slot *socket_stats(u64 sk) {
+    return slot_stats(sock_slots.lookup(&sk));
+}
+
 #define IPPROTO_TCP_ 6
+#define AF_INET_ 2
+#define AF_INET6_ 10
+#define TCP_ESTABLISHED_ 1
 #define TCP_SYN_SENT_ 2
 #define TCP_CLOSE_ 7
 #define TCP_LISTEN_ 10
+
+#ifdef HAVE_TCP_PROBE_TUPLE
+// Where tcp:tcp_probe has no skaddr (before 6.10), its RTT samples are matched to a socket by the
+// connection's ports and addresses, which sock:inet_sock_set_state and tcp:tcp_rcv_space_adjust also carry:
+// each owned socket's tuple is remembered when it is established or receives, forgotten when it closes.
+struct tcp_tuple {
+    u16 sport;  // host order, as the tracepoints store them
+    u16 dport;
+    u8 saddr[16];  // IPv6, or IPv4 mapped (::ffff:a.b.c.d) as the tracepoints' saddr_v6/daddr_v6 hold it
+    u8 daddr[16];
+};
+
+BPF_HASH(tuple_slots, struct tcp_tuple, u32, 65536);
+
+#define TUPLE_FROM_V6_FIELDS(key, a)                              \
+    do {                                                          \
+        __builtin_memset(&(key), 0, sizeof(key));                 \
+        (key).sport = (a)->sport;                                 \
+        (key).dport = (a)->dport;                                 \
+        __builtin_memcpy((key).saddr, (a)->saddr_v6, 16);         \
+        __builtin_memcpy((key).daddr, (a)->daddr_v6, 16);         \
+    } while (0)
+
+static __always_inline void remember_tuple(struct tcp_tuple *key, u64 sk) {
+    u32 *slot = sock_slots.lookup(&sk);
+    if (!slot)
+        return;
+    u32 s = *slot;
+    u32 *have = tuple_slots.lookup(key);
+    if (have && *have == s)
+        return;
+    if (tuple_slots.update(key, &s) != 0)
+        COUNT_MISS(tcp_socket_table_full);
+}
+#endif
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     if (args->protocol != IPPROTO_TCP_)
@@ -278,6 +352,17 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
     struct tcp_slot *t = socket_stats(sk);
     if (t)
         t->state[state & 15]++;
+#ifdef HAVE_TCP_PROBE_TUPLE
+    // At SYN_SENT the local port may not be chosen yet; by ESTABLISHED the tuple is complete.
+    if (state == TCP_ESTABLISHED_ || state == TCP_CLOSE_) {
+        struct tcp_tuple key;
+        TUPLE_FROM_V6_FIELDS(key, args);
+        if (state == TCP_ESTABLISHED_)
+            remember_tuple(&key, sk);
+        else
+            tuple_slots.delete(&key);
+    }
+#endif
     if (state == TCP_CLOSE_)
         sock_slots.delete(&sk);
     return 0;
@@ -297,6 +382,23 @@ TRACEPOINT_PROBE(sock, sock_recv_length) {
 }
 #endif
 
+#if defined(HAVE_TCP_RCV_SPACE_ADJUST) || defined(HAVE_TCP_PROBE_TUPLE)
+// Runs in the receiving task's context (tcp_recvmsg): owns accepted sockets where sock:sock_recv_length is
+// missing, and records the tuple of a socket owned after it was established.
+TRACEPOINT_PROBE(tcp, tcp_rcv_space_adjust) {
+    u64 sk = (u64)args->skaddr;
+#ifdef HAVE_TCP_RCV_SPACE_ADJUST
+    own_socket(sk);
+#endif
+#ifdef HAVE_TCP_PROBE_TUPLE
+    struct tcp_tuple key;
+    TUPLE_FROM_V6_FIELDS(key, args);
+    remember_tuple(&key, sk);
+#endif
+    return 0;
+}
+#endif
+
 #ifdef HAVE_TCP_DESTROY_SOCK
 TRACEPOINT_PROBE(tcp, tcp_destroy_sock) {
     u64 sk = (u64)args->skaddr;
@@ -305,30 +407,64 @@ TRACEPOINT_PROBE(tcp, tcp_destroy_sock) {
 }
 #endif
 
+#ifdef HAVE_TCP_PROBE_SK
 TRACEPOINT_PROBE(tcp, tcp_probe) {
     struct tcp_slot *t = socket_stats((u64)args->skaddr);
     if (t)
         t->srtt_us[log2_bucket(args->srtt)]++;
     return 0;
 }
+#endif
 
+#ifdef HAVE_TCP_PROBE_TUPLE
+TRACEPOINT_PROBE(tcp, tcp_probe) {
+    // saddr/daddr hold a struct sockaddr_in or sockaddr_in6 (by family); sport/dport are in host order, as
+    // in the tuples recorded above.
+    struct tcp_tuple key;
+    __builtin_memset(&key, 0, sizeof(key));
+    key.sport = args->sport;
+    key.dport = args->dport;
+    if (args->family == AF_INET6_) {
+        __builtin_memcpy(key.saddr, args->saddr + 8, 16);  // sin6_addr
+        __builtin_memcpy(key.daddr, args->daddr + 8, 16);
+    } else if (args->family == AF_INET_) {
+        key.saddr[10] = key.saddr[11] = key.daddr[10] = key.daddr[11] = 0xff;
+        __builtin_memcpy(key.saddr + 12, args->saddr + 4, 4);  // sin_addr
+        __builtin_memcpy(key.daddr + 12, args->daddr + 4, 4);
+    } else {
+        return 0;
+    }
+    struct tcp_slot *t = slot_stats(tuple_slots.lookup(&key));
+    if (t)
+        t->srtt_us[log2_bucket(args->srtt)]++;
+    return 0;
+}
+#endif
+
+#ifdef HAVE_TCP_RETRANSMIT
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb) {
     struct tcp_slot *t = socket_stats((u64)args->skaddr);
     if (t)
         t->retransmits++;
     return 0;
 }
+#endif
 
+#ifdef HAVE_TCP_SEND_RESET
 TRACEPOINT_PROBE(tcp, tcp_send_reset) {
     struct tcp_slot *t = socket_stats((u64)args->skaddr);
     if (t)
         t->resets_sent++;
     return 0;
 }
+#endif
 
+#ifdef HAVE_TCP_RECEIVE_RESET
 TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
     struct tcp_slot *t = socket_stats((u64)args->skaddr);
     if (t)
         t->resets_received++;
     return 0;
 }
+#endif
+#endif  // HAVE_INET_SOCK_SET_STATE

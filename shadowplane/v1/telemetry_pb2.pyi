@@ -421,6 +421,7 @@ class CaptureStatus(_message.Message):
     BPF_UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
     DROPPED_EVENTS_FIELD_NUMBER: _builtins.int
     TELEMETRY_BATCHES_DROPPED_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     bpf_active: _builtins.bool
     bpf_unavailable_reason: _builtins.str
     """what is missing and how to fix it"""
@@ -430,6 +431,12 @@ class CaptureStatus(_message.Message):
     def dropped_events(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """by reason; every event the capture could not account"""
 
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaptureFeature]:
+        """What this kernel lets the capture see, one entry per feature (empty while BPF is off): decided at start
+        from the kernel's own tracepoint formats and BTF.
+        """
+
     def __init__(
         self,
         *,
@@ -437,11 +444,39 @@ class CaptureStatus(_message.Message):
         bpf_unavailable_reason: _builtins.str = ...,
         dropped_events: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         telemetry_batches_dropped: _builtins.int = ...,
+        features: _abc.Iterable[Global___CaptureFeature] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bpf_active", b"bpf_active", "bpf_unavailable_reason", b"bpf_unavailable_reason", "dropped_events", b"dropped_events", "telemetry_batches_dropped", b"telemetry_batches_dropped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bpf_active", b"bpf_active", "bpf_unavailable_reason", b"bpf_unavailable_reason", "dropped_events", b"dropped_events", "features", b"features", "telemetry_batches_dropped", b"telemetry_batches_dropped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CaptureStatus: _TypeAlias = CaptureStatus  # noqa: Y015
+
+@_typing.final
+class CaptureFeature(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CAPTURED_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """e.g. "syscalls", "tcp_srtt", "block_io_submitter" """
+    captured: _builtins.bool
+    detail: _builtins.str
+    """captured: how (and any limit); not: what is missing from the profiles, and what this kernel lacks"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        captured: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["captured", b"captured", "detail", b"detail", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureFeature: _TypeAlias = CaptureFeature  # noqa: Y015

@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from agentd.capture.kernel_features import FEATURES
 from lab.procs import free_port, wait_for_port
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import fleet_pb2_grpc as fgrpc
@@ -103,6 +104,10 @@ def test_hosts_and_top_report_the_agent(controller: tuple[Daemon, int], agent: D
     (host,) = json.loads(out.stdout)
     assert host["host"] == "it-host" and host["health"] == "healthy" and host["connected"]
     assert host["workloads"][0]["role"] == "primary"
+    # what the agent's kernel lets it capture reaches the operator, feature by feature
+    assert host["bpf"] is True
+    assert [f["name"] for f in host["capture_features"]] == [f.name for f in FEATURES]
+    assert all(f["detail"] for f in host["capture_features"])
     out = subprocess.run([*env_cmd, "top", "--json"], capture_output=True, text=True, check=True)
     (row,) = json.loads(out.stdout.splitlines()[0])
     assert row["workload"] == "web" and row["host"] == "it-host"

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agentd.capture.kernel_features import FeatureStatus
 from agentd.prometheus_collector import AgentCollector
 from agentd.status import AgentStatus, CaptureView, LeaseView, LinkView, Totals
 from controller.config import ControllerConfig, HostEntry, ServiceConfig
@@ -131,6 +132,14 @@ def agent_status(totals: Totals, *, bpf: bool, holding: bool) -> AgentStatus:
             unavailable_reason="" if bpf else "disabled by configuration (capture.bpf = false)",
             dropped_events={"task_storage_full": 5} if bpf else {},
             histogram_buckets=BUCKETS if bpf else {},
+            features=(
+                FeatureStatus("syscalls", True, "every system call counted by number"),
+                FeatureStatus(
+                    "tcp_srtt", False, "TCP smoothed round-trip times (no tracepoint tcp:tcp_probe)"
+                ),
+            )
+            if bpf
+            else (),
         ),
         link=LinkView(
             "127.0.0.1:7400",
@@ -178,6 +187,9 @@ def test_agent_metrics_are_running_totals_of_the_shipped_deltas() -> None:
     assert value(text, 'shadowplane_agent_limits_held{workload="web"}') == 0
     assert value(text, 'shadowplane_agent_dropped_events_total{reason="task_storage_full"}') == 5
     assert value(text, "shadowplane_agent_bpf_active") == 1
+    # what this kernel lets the capture see: a missing feature is 0, not absent
+    assert value(text, 'shadowplane_agent_capture_feature{feature="syscalls"}') == 1
+    assert value(text, 'shadowplane_agent_capture_feature{feature="tcp_srtt"}') == 0
     assert value(text, "shadowplane_agent_controller_connected") == 1
     assert value(text, "shadowplane_agent_telemetry_batches_dropped_total") == 3
     assert value(text, 'shadowplane_agent_messages_rejected_total{kind="telemetry",reason="not_finite"}') == 2
@@ -196,7 +208,14 @@ def test_agent_without_bpf_exports_no_kernel_zeros() -> None:
     assert "shadowplane_agent_syscall_latency_seconds_bucket{" not in text  # absent, not "no syscalls"
     assert "shadowplane_agent_block_io_bytes_total{" not in text
     assert "shadowplane_agent_lease_token{" not in text
+    assert "shadowplane_agent_capture_feature{" not in text
     promtool_check(text)
+
+
+def test_status_line_names_what_this_kernel_does_not_capture() -> None:
+    line = agent_status(Totals(), bpf=True, holding=False).line()
+    assert "BPF on (not captured on this kernel: tcp_srtt)" in line
+    assert ", BPF off, " in agent_status(Totals(), bpf=False, holding=False).line()
 
 
 # ---- the controller ----

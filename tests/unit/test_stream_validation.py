@@ -236,6 +236,16 @@ def test_a_bad_hello_names_the_field(path: str, value: object, field: str, code:
         assert "not in the controller's [[host]] list" in problem.detail
 
 
+def test_a_capture_feature_without_a_name_is_refused() -> None:
+    msg = apb.AgentMessage(hello=hello())
+    msg.hello.capture.features.add(name="syscalls", captured=True, detail="every system call")
+    assert check_hello(msg.hello, FLEET, NOW) is None
+    msg.hello.capture.features.add(name="", captured=False, detail="x")
+    problem = check_hello(msg.hello, FLEET, NOW)
+    assert problem is not None
+    assert (problem.field, problem.code) == ("hello.capture.features[1].name", "missing")
+
+
 def test_duplicate_workloads_in_a_hello() -> None:
     h = hello()
     h.workloads.add(name="web", cgroup="/w2")
