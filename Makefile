@@ -7,7 +7,7 @@ PACKAGES := shadowplane agentd controller shadowctl training
 # The namespace lab: linted and typed like the rest, but run from the checkout, never packaged.
 LAB := lab
 
-.PHONY: setup demo test lint typecheck proto proto-check unit bench lock clean package
+.PHONY: setup demo test lint typecheck proto proto-check unit bench lock clean package vm-image vm-image-background
 
 setup:
 	@bash scripts/setup-host.sh
@@ -15,8 +15,16 @@ setup:
 demo: setup
 	$(PY) -m lab demo
 
-test: setup lint typecheck proto-check
+# The VM suite's Debian 12 image (tests/vm/) is built in the background meanwhile (mostly downloads; its log
+# in build/vm/image.log): the VM tests take the same lock and wait for it.
+test: setup vm-image-background lint typecheck proto-check
 	$(PY) -m pytest -q -ra tests
+
+vm-image-background:
+	@mkdir -p build/vm && (flock build/vm/.lock bash scripts/build-vm-image.sh build/vm >build/vm/image.log 2>&1 &)
+
+vm-image:
+	@mkdir -p build/vm && flock build/vm/.lock bash scripts/build-vm-image.sh build/vm
 
 lint:
 	$(VENV)/bin/ruff check $(PACKAGES) $(LAB) tests bench scripts

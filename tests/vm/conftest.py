@@ -27,8 +27,15 @@ VERSION = next(
 )
 DEB = ROOT / f"dist/shadowplane_{VERSION}-1_amd64.deb"
 
-# Building the image (first run) and the packages (cold cache) each take minutes.
-pytestmark = pytest.mark.timeout(1800)
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Building the image and the package, booting, and the walkthrough under emulation take minutes, more
+    than the suite's default timeout; the first VM test pays for them."""
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.timeout(3600))
 
 
 def need_vm_host() -> None:
