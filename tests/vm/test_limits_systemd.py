@@ -16,6 +16,9 @@ import pytest
 
 from tests.vm.guest import Guest
 
+# Booting the guest and building the .deb may fall to this module's fixtures (minutes each, cold caches).
+pytestmark = pytest.mark.timeout(1800)
+
 MIB = 1 << 20
 PACKAGED_PYTHON = ["/opt/shadowplane/venv/bin/python"]
 # The agent unit's sandbox, as far as talking to systemd goes (systemd/shadowplane-agentd.service)
@@ -55,6 +58,29 @@ try:
 except LimitsError as e:
     out["error"] = str(e)
 print(json.dumps(out))
+"""
+
+# The agent daemon's own path: a unit workload resolved at start, limits applied as the controller's command
+# is, a sample taken (after the interval's re-check), a daemon-reload, another sample.
+AGENT = r"""
+import json, subprocess, sys
+from agentd.config import AgentConfig, CaptureConfig, WorkloadConfig
+from agentd.daemon import Agent
+from shadowplane.tls import TlsConfig
+from shadowplane.v1 import agent_pb2 as apb
+
+unit = sys.argv[1]
+cfg = AgentConfig(host="t", tls=TlsConfig(plaintext=True), capture=CaptureConfig(bpf=False),
+                  workload=[WorkloadConfig(name="web", role="shadow", service="web", unit=unit)])
+agent = Agent(cfg)
+agent.limits["web"].apply(apb.SetLimits(workload="web", cpu_cores=1.25, memory_bytes=512 << 20))
+samples = []
+for seq in (1, 2):
+    (s,) = agent.collect(seq).samples
+    r = s.resources
+    samples.append([s.cgroup, r.cpu_limit_cores, r.memory_limit_bytes, r.limits_reapplied, r.limits_problem])
+    subprocess.run(["systemctl", "daemon-reload"], check=True)
+print(json.dumps(samples))
 """
 
 # Limits written directly (the service has no runtime properties), a daemon-reload, then the check the running
@@ -101,15 +127,14 @@ def held(guest: Guest, cgroup: str) -> bool:
     )
 
 
-def agent_step(guest: Guest, python: list[str], script: str, *args: str, env: str = "") -> dict[str, Any]:
+def agent_step(guest: Guest, python: list[str], script: str, *args: str, env: str = "") -> Any:
     """Run the agent's code as the agent unit runs (its sandbox and capabilities), in a transient unit."""
     argv = ["systemd-run", "--wait", "--pipe", "--quiet", "--collect", *AGENT_SANDBOX]
     if env:
         argv += ["-p", f"Environment={env}"]
     r = guest.run(*argv, *python, "-c", script, *args, timeout=300)
     assert r.rc == 0, f"the agent's code failed in the guest:\n{r.out}\n{r.err}"
-    result: dict[str, Any] = json.loads(r.out.strip().splitlines()[-1])
-    return result
+    return json.loads(r.out.strip().splitlines()[-1])
 
 
 def install_service(guest: Guest, name: str) -> None:
@@ -159,6 +184,11 @@ def check_limits_through_systemd(guest: Guest, python: list[str], env: str = "")
         guest.run("systemctl", "restart", SERVICE).check()
         seen["after_restart"] = files(guest, cgroup)
         assert held(guest, cgroup), seen["after_restart"]
+        # 4b. The same through the agent daemon's code: the hello's cgroup is the unit's, and the samples
+        #     before and after a daemon-reload carry the limits, none reset.
+        samples = agent_step(guest, python, AGENT, SERVICE, env=env)
+        seen["agent_samples"] = samples
+        assert samples == [[cgroup, 1.25, 512 * MIB, 0, ""]] * 2, samples
         # 5. Limits written directly are reset by a reload (the issue's finding); the agent's next check
         #    writes them again. Memory only: its controller stays on in system.slice without our properties.
         guest.run("systemctl", "revert", SERVICE).check()  # drop the runtime properties
