@@ -6,14 +6,17 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
-from agentd import held_leases
+from agentd import capabilities, held_leases
 from agentd.actuate.address import Addresses
+from agentd.capture.bpf_capture import Builder, unavailable_reason
 from agentd.capture.collector import Collector
 from agentd.cgroupfs import CgroupError, CgroupLayout
 from agentd.config import AgentConfig, CaptureConfig, WorkloadConfig, load_agent_config
@@ -24,6 +27,8 @@ from shadowplane.histogram import quantile, render
 from shadowplane.v1 import telemetry_pb2 as tpb
 
 DEFAULT_CONFIG = "/etc/shadowplane/agentd.toml"
+
+log = logging.getLogger("shadowplane.agentd")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -209,8 +214,28 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "check-config":
         print(f"{config_path}: ok ({len(cfg.workload)} workloads)")
         return 0
+    builder = None
+    keep_text = os.environ.get(capabilities.KEEP_ENV)
+    if keep_text is not None:
+        # Before any thread exists (capabilities are per thread): the capture's build child keeps the
+        # start-up privileges it needs to attach, the daemon keeps only these.
+        try:
+            keep = capabilities.parse_keep(keep_text)
+            if cfg.capture.bpf and unavailable_reason() is None:
+                builder = Builder()
+            dropped = capabilities.keep_only(keep)
+        except capabilities.CapabilityError as e:
+            print(f"shadowplane-agentd: {e}", file=sys.stderr)
+            return 2
+        if dropped:
+            log.info(
+                "dropped %s (only the capture's build child keeps them, until it has attached); running "
+                "with %s",
+                ", ".join(dropped),
+                ", ".join(capabilities.names(keep)),
+            )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(cfg, str(Path(config_path).resolve())))
+        asyncio.run(serve(cfg, str(Path(config_path).resolve()), builder))
     return 0
 
 

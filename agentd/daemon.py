@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from agentd import held_leases
 from agentd.actuate.address import Vip
 from agentd.actuate.limits import CgroupfsWriter, LimitsWriter, WorkloadLimits
-from agentd.capture.bpf_capture import BpfCapture, BpfLoadError, unavailable_reason
+from agentd.capture.bpf_capture import BpfCapture, BpfLoadError, Builder, unavailable_reason
 from agentd.capture.collector import ROLES, Collector
 from agentd.capture.kernel_features import FeatureStatus
 from agentd.cgroupfs import CgroupLayout
@@ -41,19 +41,26 @@ from shadowplane.v1 import telemetry_pb2 as tpb
 log = logging.getLogger(__name__)
 
 
-def start_capture(cfg: AgentConfig) -> tuple[BpfCapture | None, str]:
-    """The BPF capture, or None and the reason (said once, with the fix) why the agent runs without it."""
+def start_capture(cfg: AgentConfig, builder: Builder | None = None) -> tuple[BpfCapture | None, str]:
+    """The BPF capture, or None and the reason (said once, with the fix) why the agent runs without it.
+    `builder`: a build child started earlier (with the start-up privileges), else one is started now."""
     if not cfg.capture.bpf:
+        if builder is not None:
+            builder.close()
         return None, "disabled by configuration (capture.bpf = false)"
     reason = unavailable_reason()
     if reason is None:
         try:
-            bpf = BpfCapture(cfg.capture.max_workloads, cfg.capture.syscall_latency_sample_every)
+            bpf = BpfCapture(
+                cfg.capture.max_workloads, cfg.capture.syscall_latency_sample_every, builder=builder
+            )
         except BpfLoadError as e:
             reason = str(e)
         else:
             log_features(bpf.features)
             return bpf, ""
+    elif builder is not None:
+        builder.close()
     log.warning("BPF capture unavailable, continuing with cgroup files only: %s", reason)
     return None, reason
 
@@ -242,10 +249,10 @@ class Agent:
         self.totals.add(batch)
         return batch
 
-    async def start(self) -> None:
+    async def start(self, builder: Builder | None = None) -> None:
         """Resume the leases held before a restart, serve the peer port, then load the capture (slow)."""
         await self.start_failover_roles()
-        self.bpf, self.bpf_reason = await asyncio.to_thread(start_capture, self.cfg)
+        self.bpf, self.bpf_reason = await asyncio.to_thread(start_capture, self.cfg, builder)
         self.collector = Collector(self.layout, self.cfg.workload, self.bpf)
 
     async def start_failover_roles(self) -> None:
@@ -348,10 +355,12 @@ class Agent:
             self.units.close()
 
 
-async def serve(cfg: AgentConfig, config_file: str = "/etc/shadowplane/agentd.toml") -> None:
+async def serve(
+    cfg: AgentConfig, config_file: str = "/etc/shadowplane/agentd.toml", builder: Builder | None = None
+) -> None:
     agent = Agent(cfg, config_file)
     try:
-        await agent.start()
+        await agent.start(builder)
     except BaseException:
         await agent.close()
         raise

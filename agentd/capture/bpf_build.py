@@ -1,6 +1,8 @@
 """Child process that compiles and attaches the capture program, then hands its descriptors to the agent.
 
-Run as `python -m agentd.capture.bpf_build SOCKET_FD JSON_OPTIONS`. It sends one message on the socket: a
+Run as `python -m agentd.capture.bpf_build SOCKET_FD`: it waits for one line of JSON options on the socket
+(the agent may start it early, while it still holds the privileges attaching needs: agentd/capabilities.py;
+end of file without options: it exits), builds, then sends one message on the socket: a
 JSON manifest (with each map's value layout, read from the C structs) and, as SCM_RIGHTS, the descriptors of
 every map, program and attachment, then exits without
 running bcc's exit handlers (which would detach what the agent now holds).
@@ -52,10 +54,24 @@ def build(options: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     return manifest, fds
 
 
+def read_options(sock: socket.socket) -> dict[str, Any] | None:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    options: dict[str, Any] = json.loads(data)
+    return options
+
+
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
+    options = read_options(sock)
+    if options is None:  # the agent did not need us after all (capture off, or it is stopping)
+        os._exit(0)
     try:
-        manifest, fds = build(json.loads(sys.argv[2]))
+        manifest, fds = build(options)
     except Exception as e:  # everything goes back to the agent as text; it decides what to log
         msg = json.dumps({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]})
         sock.sendall(msg.encode())

@@ -104,11 +104,57 @@ def _u32(v: int) -> bytes:
     return int(v).to_bytes(4, "little")
 
 
+class Builder:
+    """The child that compiles and attaches the program (agentd/capture/bpf_build.py), started at once and
+    given its options later: the agent starts it before it drops the capabilities only attaching needs, so
+    the child keeps them and the daemon does not (agentd/capabilities.py)."""
+
+    # bcc compiles for seconds on a server, over a minute on a small or emulated one
+    TIMEOUT_S = 300
+
+    def __init__(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agentd.capture.bpf_build", str(child.fileno())],
+                pass_fds=[child.fileno()],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self.sock = parent
+
+    def build(self, cflags: list[str]) -> tuple[bytes, list[int], bytes, int]:
+        """Its reply, the descriptors it handed over, its stderr and its exit status."""
+        with self.sock:
+            self.sock.sendall(json.dumps({"cflags": cflags}).encode() + b"\n")
+            msg, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 20, 1024)
+            _, stderr = self.proc.communicate(timeout=self.TIMEOUT_S)
+        return msg, fds, stderr, int(self.proc.returncode)
+
+    def close(self) -> None:
+        """Not needed after all: the child reads end of file and exits."""
+        self.sock.close()
+        try:
+            self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class BpfCapture:
     """The loaded capture program. Not thread-safe: one reader, the agent's loop."""
 
     def __init__(
-        self, max_slots: int = 64, syscall_latency_sample_every: int = 8, kernel: KernelView | None = None
+        self,
+        max_slots: int = 64,
+        syscall_latency_sample_every: int = 8,
+        kernel: KernelView | None = None,
+        builder: Builder | None = None,
     ) -> None:
         kernel = kernel or KernelView(TRACEFS)
         # What this kernel lets the program capture: decides the program's flags and what the agent reports.
@@ -122,30 +168,12 @@ class BpfCapture:
         self._attachments: list[int] = []
         self._assignments: dict[str, SlotAssignment] = {}
         self.syscall_names: dict[int, str] = {}
-        self._load(program_cflags(max_slots, syscall_latency_sample_every, self.features, kernel))
+        self._load(program_cflags(max_slots, syscall_latency_sample_every, self.features, kernel), builder)
 
-    def _load(self, cflags: list[str]) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with parent:
-            try:
-                proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "agentd.capture.bpf_build",
-                        str(child.fileno()),
-                        json.dumps({"cflags": cflags}),
-                    ],
-                    pass_fds=[child.fileno()],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                )
-            finally:
-                child.close()
-            msg, fds, _flags, _addr = socket.recv_fds(parent, 1 << 20, 1024)
-            _, stderr = proc.communicate(timeout=120)
+    def _load(self, cflags: list[str], builder: Builder | None) -> None:
+        msg, fds, stderr, returncode = (builder or Builder()).build(cflags)
         reply: dict[str, Any] = json.loads(msg.decode() or "{}")
-        if proc.returncode != 0 or "error" in reply:
+        if returncode != 0 or "error" in reply:
             for fd in fds:
                 os.close(fd)
             detail = reply.get("error") or "no reply"

@@ -87,7 +87,11 @@ def test_units_run_the_packaged_commands() -> None:
         """ExecStopPost=/bin/sh -c '[ "$$SERVICE_RESULT" = success ] || exec /usr/bin/shadowplane-agentd"""
         " release-all --config /etc/shadowplane/agentd.toml'" in agent
     )
-    assert "CAP_SYS_ADMIN" not in agent.split("CapabilityBoundingSet=")[1].splitlines()[0]
+    # CAP_SYS_ADMIN and CAP_SETPCAP only until the capture's build child is started: the agent drops them
+    assert "CAP_SYS_ADMIN CAP_SETPCAP" in agent.split("CapabilityBoundingSet=")[1].splitlines()[0]
+    assert (
+        'Environment="SHADOWPLANE_KEEP_CAPABILITIES=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_NET_RAW"' in agent
+    )
     assert (
         "User=shadowplane" in ctl
         and "CapabilityBoundingSet=\n" in ctl

@@ -31,7 +31,8 @@ def test_both_units_are_enabled_active_and_ready(walked: Walk, guest: Guest) -> 
     ctl = guest.run("systemctl", "show", "shadowplane-controller", "-p", "StatusText", "--value").check().out
     assert "listening on" in ctl and "1 agents connected" in ctl, ctl
     agent = guest.run("systemctl", "show", "shadowplane-agentd", "-p", "StatusText", "--value").check().out
-    assert "connected" in agent and "BPF on" in agent, agent
+    journal = guest.run("journalctl", "-u", "shadowplane-agentd", "--no-pager", "-o", "cat").out
+    assert "connected" in agent and "BPF on" in agent, f"{agent}\n--- the agent's journal\n{journal[-4000:]}"
 
 
 def test_the_service_address_is_held_by_the_primary(walked: Walk, guest: Guest) -> None:

@@ -64,7 +64,8 @@ def run_walkthrough(guest: Guest, dist: Path) -> Walk:
         t = time.monotonic()
         r = guest.run("/bin/bash", "-euo", "pipefail", "-c", f"cd {here}\n{script}", timeout=600)
         done.append(Step(script, r, time.monotonic() - t))
-        print(f"[first hour] {done[-1].first_line[:70]!r}: exit {r.rc} in {done[-1].seconds:.1f} s", flush=True)
+        step = done[-1]
+        print(f"[first hour] {step.first_line[:70]!r}: exit {r.rc} in {step.seconds:.1f} s", flush=True)
         if r.rc != 0:
             break
     return Walk(tuple(done), len(steps))
