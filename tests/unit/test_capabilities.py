@@ -65,3 +65,9 @@ def test_it_refuses_once_threads_run() -> None:
     assert "cannot drop capabilities with 2 threads running" in r.stdout, r.stdout + r.stderr
     eff = next(line for line in r.stdout.splitlines() if line.startswith("CapEff"))
     assert int(eff.split()[1], 16) & (1 << CAP_NAMES["CAP_SYS_ADMIN"]), "nothing was dropped"
+
+
+def test_the_agent_has_one_thread_when_it_drops() -> None:
+    """Importing the agent must start no thread (numpy would start OpenBLAS's pool: agentd/__init__.py)."""
+    r = child("import os\nimport agentd.cli\nprint(len(os.listdir('/proc/self/task')))")
+    assert r.stdout.strip() == "1", r.stdout + r.stderr

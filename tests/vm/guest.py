@@ -283,6 +283,18 @@ class Guest:
     def read_file(self, path: str) -> str:
         return self.run("cat", path).check().out
 
+    def journal(self, unit: str, lines: int = 60) -> str:
+        return self.run("journalctl", "-u", unit, "--no-pager", "-n", str(lines), "-o", "short-monotonic").out
+
+    def systemctl(self, action: str, *units: str, timeout: float = 900) -> None:
+        """`systemctl ACTION UNITS`; on failure the error carries each unit's journal."""
+        r = self.run("systemctl", action, *units, timeout=timeout)
+        if r.rc != 0:
+            journals = "\n".join(f"--- journal of {u}\n{self.journal(u)}" for u in units)
+            raise GuestError(
+                f"systemctl {action} {' '.join(units)} exited {r.rc}: {r.err.strip()}\n{journals}"
+            )
+
     def host_path(self, path: Path) -> str:
         """Where a file under the shared host directory appears in the guest."""
         return f"{HOST_SHARE}/{path.resolve().relative_to(ROOT)}"
