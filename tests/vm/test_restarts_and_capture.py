@@ -99,8 +99,8 @@ def test_restarting_the_owner_agent_keeps_the_address(walked: Walk, guest: Guest
     # the first placement under the new lease waits out the bound of a possible old owner
     wait_for("hello owned again", lambda: bool(hello(guest).get("owner")) and vip_held(guest), 900, every=5)
     before = hello(guest)
-    listed = guest.run("shadowctl", "events", "-n", "1", "--json", timeout=120).check().out.split("\n")
-    since_id = json.loads(listed[0])["id"] if listed[0] else 0
+    listed = guest.run("shadowctl", "events", "-n", "1", "--json", timeout=120).check().out.splitlines()
+    since_id = json.loads(listed[-1])["id"] if listed else 0
 
     # a second workload for the capture check below, added as an operator would: config, then a restart
     guest.write_file(f"/etc/systemd/system/{COUNT_UNIT}", UNIT)
@@ -130,7 +130,7 @@ def test_restarting_the_owner_agent_keeps_the_address(walked: Walk, guest: Guest
     after = hello(guest)
     assert after["owner"] == before["owner"] and after["token"] == before["token"], (before, after)
     events = [
-        json.loads(line) for line in guest.run("shadowctl", "events", "-n", "500", "--json").out.split()
+        json.loads(line) for line in guest.run("shadowctl", "events", "-n", "500", "--json").out.splitlines()
     ]
     kinds = [e["kind"] for e in events if e["id"] > since_id and e["service"] == "hello"]
     assert "lease-resumed" in kinds, kinds
