@@ -143,26 +143,27 @@ def save(path: Path, held: list[HeldLease]) -> None:
         raise
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StateFileError(str(e)) from None
+
+
 def peek(path: Path) -> list[HeldLease]:
     """The records, leaving the file (`release-all` reads what the next start will resume). A missing file
     is no records."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise StateFileError(str(e)) from None
-    return loads(text)
+    text = _read(path)
+    return [] if text is None else loads(text)
 
 
 def take(path: Path) -> list[HeldLease]:
     """The records, removing the file first: each is resumed at most once, and an agent that dies while
     resuming leaves none behind for `release-all` to keep."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    text = _read(path)
+    if text is None:
         return []
-    except OSError as e:
-        raise StateFileError(str(e)) from None
     path.unlink(missing_ok=True)
     return loads(text)
