@@ -47,11 +47,8 @@ def hosts(args: argparse.Namespace) -> int:
     t = Table("HOST", "HEALTH", "ZONE", "WORKLOADS", "BPF", "LAST SEEN", "PEER", box=None)
     for r in rows:
         wl = ", ".join(f"{w['name']}({w['role']})" for w in r["workloads"]) or "-"
-        bpf = (
-            ("on" + (f" ({len(r['capture_missing'])} missing)" if r["capture_missing"] else ""))
-            if r["bpf"]
-            else "off"
-        )
+        missing = [f for f in r["capture_features"] if not f["captured"]]
+        bpf = ("on" + (f" ({len(missing)} not captured)" if missing else "")) if r["bpf"] else "off"
         seen = f"{r['last_seen_seconds_ago']}s ago" if r["last_seen_seconds_ago"] is not None else "-"
         t.add_row(r["host"], r["health"], r["zone"] or "-", wl, bpf, seen, r["peer"])
     console().print(t)

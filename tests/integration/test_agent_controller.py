@@ -108,6 +108,9 @@ def test_hosts_and_top_report_the_agent(controller: tuple[Daemon, int], agent: D
     assert host["bpf"] is True
     assert [f["name"] for f in host["capture_features"]] == [f.name for f in FEATURES]
     assert all(f["detail"] for f in host["capture_features"])
+    # the table an operator reads (what the first hour runs), not only --json
+    table = subprocess.run([*env_cmd, "hosts"], capture_output=True, text=True)
+    assert table.returncode == 0 and "it-host" in table.stdout and "healthy" in table.stdout, table.stderr
     out = subprocess.run([*env_cmd, "top", "--json"], capture_output=True, text=True, check=True)
     (row,) = json.loads(out.stdout.splitlines()[0])
     assert row["workload"] == "web" and row["host"] == "it-host"
