@@ -168,7 +168,7 @@ def test_the_watchdog_restarts_a_hung_agent(walked: Walk, guest: Guest) -> None:
     unit = "shadowplane-agentd"
     pid = prop(guest, unit, "MainPID")
     restarts = int(prop(guest, unit, "NRestarts"))
-    guest.run("kill", "-STOP", pid).check()
+    guest.sh(f"kill -STOP {pid}").check()
     # WatchdogSec=30s as shipped, then RestartSec=2s and a start (slow under emulation)
     wait_for(
         "a new agent after the watchdog fired",
