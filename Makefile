@@ -18,7 +18,7 @@ demo: setup
 # The VM suite's Debian 12 image (tests/vm/) is built in the background meanwhile (mostly downloads; its log
 # in build/vm/image.log): the VM tests take the same lock and wait for it.
 test: setup vm-image-background lint typecheck proto-check
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=12 tests
 
 vm-image-background:
 	@mkdir -p build/vm && (flock build/vm/.lock bash scripts/build-vm-image.sh build/vm >build/vm/image.log 2>&1 &)
