@@ -96,15 +96,6 @@ def read_sets() -> Sets:
     return Sets(both("effective"), both("permitted"), both("inheritable"))
 
 
-def bounding_set() -> int:
-    libc = _libc()
-    out = 0
-    for n in CAP_BY_NUMBER:
-        if libc.prctl(PR_CAPBSET_READ, n, 0, 0, 0) == 1:
-            out |= 1 << n
-    return out
-
-
 def threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
