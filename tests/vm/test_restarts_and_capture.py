@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
 
+from tests.support import wait_until
 from tests.vm.guest import Guest
 from tests.vm.walkthrough import Walk
 
@@ -49,15 +49,6 @@ service = "count"
 
 def prop(guest: Guest, unit: str, name: str) -> str:
     return guest.run("systemctl", "show", unit, "-p", name, "--value").check().out.strip()
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float, every: float = 2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(every)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
 
 
 def hello(guest: Guest) -> dict[str, object]:
@@ -97,7 +88,7 @@ def test_restarting_the_owner_agent_keeps_the_address(walked: Walk, guest: Guest
     guest.run("chgrp", "shadowplane", "/etc/shadowplane/controller.toml").check()
     guest.systemctl("restart", "shadowplane-controller")
     # the first placement under the new lease waits out the bound of a possible old owner
-    wait_for("hello owned again", lambda: bool(hello(guest).get("owner")) and vip_held(guest), 900, every=5)
+    wait_until(lambda: bool(hello(guest).get("owner")) and vip_held(guest), 900, "hello owned again", 5)
     before = hello(guest)
     listed = guest.run("shadowctl", "events", "-n", "1", "--json", timeout=120).check().out.splitlines()
     since_id = json.loads(listed[-1])["id"] if listed else 0
@@ -116,10 +107,11 @@ def test_restarting_the_owner_agent_keeps_the_address(walked: Walk, guest: Guest
     ).check()  # fmt: skip
     try:
         guest.systemctl("restart", "shadowplane-agentd")
-        wait_for(
-            "the restarted agent resuming its lease",
+        wait_until(
             lambda: "resumed lease" in guest.journal("shadowplane-agentd", 200),
-            timeout=300,
+            300,
+            "the restarted agent resuming its lease",
+            2,
         )
         time.sleep(5)
     finally:
@@ -143,14 +135,18 @@ def test_restarting_the_owner_agent_keeps_the_address(walked: Walk, guest: Guest
 
 def test_the_capture_in_the_unit_counts_a_known_workload_within_2_percent(walked: Walk, guest: Guest) -> None:
     """Runs after the restart above, which added the workload."""
-    wait_for("the agent reporting the count workload", lambda: 'workload="count"' in metrics(guest), 300)
+    wait_until(lambda: 'workload="count"' in metrics(guest), 300, "the agent reporting the workload", 2)
     status = prop(guest, "shadowplane-agentd", "StatusText")
     assert "BPF on" in status and "not captured" not in status, status
     before = reads(guest)
     guest.run("touch", "/run/sp-count-go").check()
-    wait_for("the workload finishing", lambda: guest.run("test", "-e", "/run/sp-count-done").rc == 0, 600)
+    wait_until(
+        lambda: guest.run("test", "-e", "/run/sp-count-done").rc == 0, 600, "the workload finishing", 2
+    )
     # counted by the next samples (every interval_seconds)
-    wait_for("the reads reaching the agent's counters", lambda: reads(guest) - before >= READS * 0.98, 120)
+    wait_until(
+        lambda: reads(guest) - before >= READS * 0.98, 120, "the reads reaching the agent's counters", 2
+    )
     time.sleep(12)  # one more sample: nothing more may trickle in beyond the 2 %
     text = metrics(guest)
     counted = value(text, "shadowplane_agent_syscalls_total", workload="count", syscall="read") - before
@@ -170,13 +166,15 @@ def test_the_watchdog_restarts_a_hung_agent(walked: Walk, guest: Guest) -> None:
     restarts = int(prop(guest, unit, "NRestarts"))
     guest.sh(f"kill -STOP {pid}").check()
     # WatchdogSec=30s as shipped, then RestartSec=2s and a start (slow under emulation)
-    wait_for(
-        "a new agent after the watchdog fired",
+    wait_until(
         lambda: (
             prop(guest, unit, "MainPID") not in (pid, "0") and prop(guest, unit, "ActiveState") == "active"
         ),
-        timeout=600,
+        600,
+        "a new agent after the watchdog fired",
+        2,
     )
+
     assert int(prop(guest, unit, "NRestarts")) == restarts + 1
     journal = guest.journal(unit, 400)
     assert "Watchdog timeout" in journal and "Failed with result 'watchdog'" in journal, journal[-2000:]
