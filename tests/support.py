@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,22 @@ def wait_until(pred: Callable[[], object], timeout: float, what: str, interval: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def veth_namespace(tag: str, iface: str = "eth0", peer: str = "eth1", address: str = "") -> Iterator[str]:
+    """A network namespace of the test's own with lo and a veth pair (`iface`, `peer`) up inside it (this
+    kernel has no dummy module), `address` on `iface` if given. Deleted afterwards, also on failure."""
+    need_root()
+    ns = f"sptest-{tag}-{uuid.uuid4().hex[:6]}"
+    try:
+        for argv in (
+            ["ip", "netns", "add", ns],
+            ["ip", "-n", ns, "link", "add", iface, "type", "veth", "peer", "name", peer],
+            *(["ip", "-n", ns, "link", "set", link, "up"] for link in ("lo", iface, peer)),
+            *([["ip", "-n", ns, "addr", "add", address, "dev", iface]] if address else []),
+        ):
+            subprocess.run(argv, check=True, capture_output=True, text=True)
+        yield ns
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from tests.support import need_root
+from tests.support import veth_namespace
 
 IFACE = "sp-ux0"  # not eth0: the holder's fallback name must not pass for the resolved one
 
@@ -73,22 +72,10 @@ asyncio.run(main())
 """
 
 
-def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, text=True)
-
-
 @pytest.fixture
 def netns() -> Iterator[str]:
-    need_root()
-    ns = f"sptest-acq-{uuid.uuid4().hex[:6]}"
-    try:
-        sh("ip", "netns", "add", ns)
-        sh("ip", "-n", ns, "link", "add", IFACE, "type", "veth", "peer", "name", "sp-ux1")
-        for link in ("lo", IFACE, "sp-ux1"):
-            sh("ip", "-n", ns, "link", "set", link, "up")
+    with veth_namespace("acq", IFACE, "sp-ux1") as ns:
         yield ns
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def test_acquired_log_line_names_the_interface_the_address_went_on(netns: str) -> None:

@@ -9,13 +9,12 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from agentd.actuate.fence import Fence
-from tests.support import need_root
+from tests.support import veth_namespace
 
 # Runs inside the namespace: an owner with three observers, then a vote for a newer token at two of them
 # (what the coordinator does to move the service), and the owner's event loop blocked for three leases right
@@ -89,24 +88,10 @@ asyncio.run(main())
 """
 
 
-def sh(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, text=True)
-
-
 @pytest.fixture
 def netns() -> Iterator[str]:
-    need_root()
-    ns = f"sptest-fence-{uuid.uuid4().hex[:6]}"
-    try:
-        sh("ip", "netns", "add", ns)
-        sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        sh("ip", "-n", ns, "link", "set", "eth1", "up")
-        sh("ip", "-n", ns, "addr", "add", "10.89.0.1/24", "dev", "eth0")
+    with veth_namespace("fence", "eth0", "eth1", "10.89.0.1/24") as ns:
         yield ns
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def test_owner_drops_its_address_with_its_event_loop_blocked(netns: str) -> None:

@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from controller.registry import AgentRegistry
 from controller.store.sqlite import SqliteStore
 from shadowplane.config import build
 from shadowplane.healthcheck import Tracker
-from tests.support import need_root
+from tests.support import veth_namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,22 +116,8 @@ print(json.dumps(asyncio.run(main())))
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    need_root()
-    ns = f"sptest-rs-{uuid.uuid4().hex[:6]}"
-    try:
-        for argv in (
-            ["ip", "netns", "add", ns],
-            ["ip", "-n", ns, "link", "set", "lo", "up"],
-            # a veth pair inside the namespace (this kernel has no dummy module): eth0 carries the VIP
-            ["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0-peer"],
-            ["ip", "-n", ns, "addr", "add", "10.89.0.1/24", "dev", "eth0"],
-            ["ip", "-n", ns, "link", "set", "eth0-peer", "up"],
-            ["ip", "-n", ns, "link", "set", "eth0", "up"],
-        ):
-            subprocess.run(argv, check=True, capture_output=True)
+    with veth_namespace("rs", "eth0", "eth0-peer", "10.89.0.1/24") as ns:  # eth0 carries the VIP
         yield ns
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def restart(ns: str, case: str, workdir: Path) -> dict[str, object]:
