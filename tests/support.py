@@ -15,6 +15,8 @@ import pytest
 
 from agentd.capture.bpf_capture import unavailable_reason
 from agentd.cgroupfs import CgroupLayout
+from controller.config import ControllerConfig, HostEntry, ScalingConfig, ServiceConfig, StoreConfig
+from shadowplane.tls import TlsConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAINTEXT = "[tls]\nplaintext = true\n"  # tests on loopback run without TLS, and say so in their configs
@@ -157,3 +159,16 @@ def veth_namespace(tag: str, iface: str = "eth0", peer: str = "eth1", address: s
         yield ns
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def fleet_api_config(tmp_path: Path, port: int) -> ControllerConfig:
+    """A plaintext controller on loopback with one service, web (primary p1, shadow s1), whose scaling cycle
+    never runs during a test: what the Fleet API then shows is what the test put there."""
+    return ControllerConfig(
+        listen=f"127.0.0.1:{port}",
+        tls=TlsConfig(plaintext=True),
+        store=StoreConfig(path=tmp_path / "c.db"),
+        scaling=ScalingConfig(interval_seconds=3600),
+        host=[HostEntry("p1", address="127.0.0.1"), HostEntry("s1", address="127.0.0.1")],
+        service=[ServiceConfig("web", "p1", ["s1"], vip="10.0.0.100/24")],
+    )

@@ -8,33 +8,21 @@ from pathlib import Path
 
 import grpc
 
-from controller.config import ControllerConfig, HostEntry, ScalingConfig, ServiceConfig, StoreConfig
 from controller.scaling.decision import ScalingDecision
 from controller.server import start
 from lab.procs import free_port
 from shadowplane.clock import now_ms
-from shadowplane.tls import TlsConfig
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import fleet_pb2 as fpb
 from shadowplane.v1 import fleet_pb2_grpc as fgrpc
 from shadowplane.v1 import telemetry_pb2 as tpb
-
-
-def config(tmp_path: Path, port: int) -> ControllerConfig:
-    return ControllerConfig(
-        listen=f"127.0.0.1:{port}",
-        tls=TlsConfig(plaintext=True),
-        store=StoreConfig(path=tmp_path / "c.db"),
-        scaling=ScalingConfig(interval_seconds=3600),  # no cycle runs during the test: what we see is ours
-        host=[HostEntry("p1", address="127.0.0.1"), HostEntry("s1", address="127.0.0.1")],
-        service=[ServiceConfig("web", "p1", ["s1"], vip="10.0.0.100/24")],
-    )
+from tests.support import fleet_api_config
 
 
 def test_plan_and_overrides_through_the_fleet_api(tmp_path: Path) -> None:
     async def scenario() -> None:
         port = free_port()
-        c = await start(config(tmp_path, port))
+        c = await start(fleet_api_config(tmp_path, port))
         try:
             # s1's agent once said hello with its shadow workload; a decision was recorded for it
             hello = apb.Hello(

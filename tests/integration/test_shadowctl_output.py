@@ -14,28 +14,16 @@ import sys
 import termios
 from pathlib import Path
 
-from controller.config import ControllerConfig, HostEntry, ScalingConfig, ServiceConfig, StoreConfig
 from controller.scaling.decision import ScalingDecision
 from controller.server import Controller, start
 from lab.procs import free_port
 from shadowplane.clock import now_ms
-from shadowplane.tls import TlsConfig
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import telemetry_pb2 as tpb
+from tests.support import fleet_api_config
 
 ROOT = Path(__file__).resolve().parents[2]
 NARROW = 80  # what rich assumes when it cannot ask a terminal
-
-
-def config(tmp_path: Path, port: int) -> ControllerConfig:
-    return ControllerConfig(
-        listen=f"127.0.0.1:{port}",
-        tls=TlsConfig(plaintext=True),
-        store=StoreConfig(path=tmp_path / "c.db"),
-        scaling=ScalingConfig(interval_seconds=3600),  # no cycle runs during the test: what we see is ours
-        host=[HostEntry("p1", address="127.0.0.1"), HostEntry("s1", address="127.0.0.1")],
-        service=[ServiceConfig("web", "p1", ["s1"], vip="10.0.0.100/24")],
-    )
 
 
 def env() -> dict[str, str]:
@@ -80,7 +68,7 @@ def in_terminal(port: int, columns: int, *args: str) -> tuple[int, str]:
 
 
 async def fleet_with_data(tmp_path: Path, port: int) -> Controller:
-    c = await start(config(tmp_path, port))
+    c = await start(fleet_api_config(tmp_path, port))
     for host, role in (("p1", tpb.ROLE_PRIMARY), ("s1", tpb.ROLE_SHADOW)):
         hello = apb.Hello(
             host=host,
