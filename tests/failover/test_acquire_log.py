@@ -8,10 +8,13 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.support import veth_namespace
+
+ROOT = Path(__file__).resolve().parents[2]
 
 IFACE = "sp-ux0"  # not eth0: the holder's fallback name must not pass for the resolved one
 
@@ -19,16 +22,13 @@ IFACE = "sp-ux0"  # not eth0: the holder's fallback name must not pass for the r
 SCENARIO = r"""
 import asyncio, json, logging, sys, tempfile
 from pathlib import Path
-import grpc
 from agentd.actuate.address import Vip
 from agentd.cgroupfs import CgroupLayout
 from agentd.commands import CommandHandler
 from agentd.config import AgentConfig, WorkloadConfig
-from agentd.failover import ObserverRole
-from shadowplane.lease_observer import LeaseServicer
 from shadowplane.tls import TlsConfig
 from shadowplane.v1 import agent_pb2 as apb
-from shadowplane.v1 import lease_pb2_grpc as lgrpc
+from tests.lease_observers import serve_observers
 
 LEASE_MS, VIP, IFACE = 300, sys.argv[1], sys.argv[2]
 messages = []
@@ -41,17 +41,7 @@ logging.getLogger("agentd.commands").addHandler(Keep())
 logging.getLogger("agentd.commands").setLevel(logging.INFO)
 
 async def main():
-    roles, servers, addrs = [], [], []
-    for i in range(3):
-        role = ObserverRole(f"o{i}", report=lambda m: None)
-        role.leases.started_at -= 10
-        role.leases.observe(["web"], LEASE_MS / 1000)
-        role.vote(apb.Vote(service="web", token=1, candidate="p1"))
-        server = grpc.aio.server()
-        lgrpc.add_LeaseServicer_to_server(LeaseServicer(role.leases), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        roles.append(role); servers.append(server); addrs.append(f"127.0.0.1:{port}")
+    roles, servers, addrs = await serve_observers(3, LEASE_MS)
     tmp = Path(tempfile.mkdtemp())
     cfg = AgentConfig(host="p1", hooks_dir=tmp, tls=TlsConfig(plaintext=True), workload=[
         WorkloadConfig(name="web", cgroup="/web", role="primary", service="web", interface=IFACE)])
@@ -84,6 +74,7 @@ def test_acquired_log_line_names_the_interface_the_address_went_on(netns: str) -
         capture_output=True,
         text=True,
         timeout=60,
+        cwd=ROOT,  # the scenario imports tests.lease_observers
     )
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)

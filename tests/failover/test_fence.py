@@ -10,40 +10,31 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from agentd.actuate.fence import Fence
 from tests.support import veth_namespace
 
+ROOT = Path(__file__).resolve().parents[2]
+
 # Runs inside the namespace: an owner with three observers, then a vote for a newer token at two of them
 # (what the coordinator does to move the service), and the owner's event loop blocked for three leases right
 # then. A thread samples the address every millisecond.
 SCENARIO = r"""
 import asyncio, json, sys, threading, time
-import grpc
 from agentd.actuate.address import Addresses, Vip
 from agentd.actuate.fence import Fence
-from agentd.failover import Channels, LeaseHolder, ObserverRole
-from shadowplane.lease_observer import LeaseServicer
+from agentd.failover import Channels, LeaseHolder
 from shadowplane.tls import TlsConfig
 from shadowplane.v1 import agent_pb2 as apb
-from shadowplane.v1 import lease_pb2_grpc as lgrpc
+from tests.lease_observers import serve_observers
 
 LEASE_MS, VIP = 300, sys.argv[1]
 
 async def main():
-    roles, servers, addrs = [], [], []
-    for i in range(3):
-        role = ObserverRole(f"o{i}", report=lambda m: None)
-        role.leases.started_at -= 10
-        role.leases.observe(["web"], LEASE_MS / 1000)
-        role.vote(apb.Vote(service="web", token=1, candidate="p1"))
-        server = grpc.aio.server()
-        lgrpc.add_LeaseServicer_to_server(LeaseServicer(role.leases), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        roles.append(role); servers.append(server); addrs.append(f"127.0.0.1:{port}")
+    roles, servers, addrs = await serve_observers(3, LEASE_MS)
     addresses = Addresses()
     vip = Vip.parse(VIP, "eth0")
     acq = apb.Acquire(service="web", token=1, vip=VIP, interface="eth0", observers=addrs,
@@ -100,6 +91,7 @@ def test_owner_drops_its_address_with_its_event_loop_blocked(netns: str) -> None
         capture_output=True,
         text=True,
         timeout=60,
+        cwd=ROOT,  # the scenario imports tests.lease_observers
     )
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)

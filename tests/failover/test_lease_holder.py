@@ -5,35 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-import grpc
-
 from agentd.actuate.fence import Fence
 from agentd.failover import Channels, LeaseHolder, ObserverRole
-from lab.procs import free_port
-from shadowplane.lease_observer import LeaseServicer
 from shadowplane.tls import TlsConfig
 from shadowplane.v1 import agent_pb2 as apb
-from shadowplane.v1 import lease_pb2_grpc as lgrpc
+from tests.lease_observers import serve_observers
 
 LEASE_MS = 300
-
-
-async def observers(n: int) -> tuple[list[ObserverRole], list[grpc.aio.Server], list[str]]:
-    roles, servers, addrs = [], [], []
-    for i in range(n):
-        role = ObserverRole(f"o{i}", report=lambda m: None)
-        role.leases.started_at -= 10  # past the start-up grace
-        role.leases.observe(["web"], LEASE_MS / 1000)
-        assert role.vote(apb.Vote(service="web", token=1, candidate="p1")).granted
-        server = grpc.aio.server()
-        lgrpc.add_LeaseServicer_to_server(LeaseServicer(role.leases), server)
-        port = free_port()
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        roles.append(role)
-        servers.append(server)
-        addrs.append(f"127.0.0.1:{port}")
-    return roles, servers, addrs
 
 
 def holder(
@@ -54,7 +32,7 @@ def holder(
 
 def test_lease_kept_while_a_majority_renews_and_lost_without() -> None:
     async def scenario() -> tuple[bool, bool, float]:
-        _roles, servers, addrs = await observers(3)
+        _roles, servers, addrs = await serve_observers(3, LEASE_MS)
         events: list[apb.AgentMessage] = []
         h = holder(addrs, events)
         await h.start()
@@ -79,7 +57,7 @@ def test_lease_kept_while_a_majority_renews_and_lost_without() -> None:
 
 def test_vote_for_a_newer_token_takes_the_lease_away_at_once() -> None:
     async def scenario() -> tuple[bool, list[str]]:
-        roles, servers, addrs = await observers(3)
+        roles, servers, addrs = await serve_observers(3, LEASE_MS)
         events: list[apb.AgentMessage] = []
         h = holder(addrs, events)
         await h.start()
@@ -98,7 +76,7 @@ def test_vote_for_a_newer_token_takes_the_lease_away_at_once() -> None:
 
 def test_acquire_fails_without_a_majority() -> None:
     async def scenario() -> str:
-        _roles, servers, addrs = await observers(1)
+        _roles, servers, addrs = await serve_observers(1, LEASE_MS)
         h = holder([addrs[0], "127.0.0.1:1", "127.0.0.1:2"], [])
         try:
             await h.start()

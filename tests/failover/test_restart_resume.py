@@ -30,33 +30,20 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = r"""
 import asyncio, dataclasses, json, sys, time
 from pathlib import Path
-import grpc
 from agentd import held_leases
 from agentd.actuate.address import Addresses, Vip
 from agentd.cli import release_all
 from agentd.config import load_agent_config
 from agentd.daemon import Agent
-from agentd.failover import ObserverRole
-from shadowplane.lease_observer import LeaseServicer
 from shadowplane.v1 import agent_pb2 as apb
-from shadowplane.v1 import lease_pb2_grpc as lgrpc
+from tests.lease_observers import serve_observers
 
 case, workdir = sys.argv[1], Path(sys.argv[2])
 VIP, LEASE_MS = "10.89.0.100/24", 2000
 
 
 async def main() -> dict:
-    roles, servers, addrs = [], [], []
-    for i in range(3):
-        role = ObserverRole(f"o{i}", report=lambda m: None)
-        role.leases.started_at -= 10  # past the observers' start-up grace
-        role.leases.observe(["web"], LEASE_MS / 1000)
-        assert role.vote(apb.Vote(service="web", token=2, candidate="p1")).granted
-        server = grpc.aio.server()
-        lgrpc.add_LeaseServicer_to_server(LeaseServicer(role.leases), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        roles.append(role); servers.append(server); addrs.append(f"127.0.0.1:{port}")
+    roles, servers, addrs = await serve_observers(3, LEASE_MS, token=2)
     cfg_path = workdir / "agentd.toml"
     cfg_path.write_text(
         f'host = "p1"\ncontroller = "127.0.0.1:9"\nlease_state_file = "{workdir}/run/leases.json"\n'
