@@ -121,6 +121,8 @@ def probe(args: argparse.Namespace) -> int:
     workload = WorkloadConfig(name="probe", cgroup=args.cgroup, role="primary", service="probe")
     try:
         collector = Collector(layout, [workload], bpf)
+        if bpf is not None:
+            bpf.time_latency(True)  # a probe is one short look: time latency all along it
         time.sleep(args.seconds)
         (sample,) = collector.collect()
         capture = tpb.CaptureStatus(

@@ -68,13 +68,39 @@ class CaptureConfig:
     syscall_latency_sample_every: int = field(
         default=8,
         metadata=check(
-            between(1, 1024), doc="time 1 syscall in N per thread (counts stay exact); 1 = time all, costlier"
+            between(1, 1024),
+            doc="inside a timing window, time 1 in N of a workload's syscalls on each CPU (counts stay "
+            "exact); 1 = time all, costlier",
+        ),
+    )
+    syscall_latency_window_seconds: float = field(
+        default=1.0,
+        metadata=check(
+            between(0, 3600),
+            doc="syscall latency is timed only inside windows this long (sys_exit is attached only then: "
+            "outside them no syscall on the host pays for it); 0 = never time latency, counts only",
+        ),
+    )
+    syscall_latency_period_seconds: float = field(
+        default=10.0,
+        metadata=check(
+            between(0.1, 86400),
+            doc="one timing window per period, at a random point of it; equal to the window = time always",
         ),
     )
     max_workloads: int = field(default=64, metadata=check(between(1, 1024), doc="BPF slots for workloads"))
     create_cgroups: bool = field(
         default=True, metadata=check(doc="create a workload's missing cgroup directories at start")
     )
+
+    def validate(self) -> str | None:
+        if self.syscall_latency_window_seconds > self.syscall_latency_period_seconds:
+            return (
+                f"syscall_latency_window_seconds: {self.syscall_latency_window_seconds:g} is longer than "
+                f"syscall_latency_period_seconds ({self.syscall_latency_period_seconds:g}); make it at most "
+                "the period (equal: time latency always)"
+            )
+        return None
 
 
 @dataclass

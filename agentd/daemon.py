@@ -25,6 +25,7 @@ from agentd.cgroupfs import CgroupLayout
 from agentd.commands import CommandHandler
 from agentd.config import AgentConfig
 from agentd.failover import ObserverRole
+from agentd.latency_windows import WindowPlan, run_windows
 from agentd.link import CHANNEL_OPTIONS, Backlog, ControllerLink
 from agentd.prometheus_collector import AgentCollector
 from agentd.status import AgentStatus, CaptureView, LeaseView, LinkView, Totals
@@ -156,6 +157,7 @@ class Agent:
         # lease timers and self-fencing.
         self.sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
         self.loop_lag = LoopLag()
+        self.latency_windows: asyncio.Task[None] | None = None
 
     def status(self) -> AgentStatus:
         """The read model: what /metrics and systemd's status line render."""
@@ -254,6 +256,11 @@ class Agent:
         await self.start_failover_roles()
         self.bpf, self.bpf_reason = await asyncio.to_thread(start_capture, self.cfg, builder)
         self.collector = Collector(self.layout, self.cfg.workload, self.bpf)
+        if self.bpf is not None:
+            cap = self.cfg.capture
+            plan = WindowPlan(cap.syscall_latency_window_seconds, cap.syscall_latency_period_seconds)
+            log.info("BPF capture: %s", plan.describe())
+            self.latency_windows = asyncio.create_task(run_windows(plan, self.bpf.time_latency))
 
     async def start_failover_roles(self) -> None:
         """Resume what the last run of this agent held when it stopped (agentd/held_leases.py) if its
@@ -348,6 +355,8 @@ class Agent:
         await self.observer.close()
         if self.peer_server is not None:
             await self.peer_server.stop(0.2)
+        if self.latency_windows is not None:
+            self.latency_windows.cancel()
         await asyncio.to_thread(self.sampler.shutdown)  # a sample still reading must finish before ...
         if self.bpf is not None:
             self.bpf.close()  # ... its map descriptors close

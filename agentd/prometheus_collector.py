@@ -32,12 +32,19 @@ class AgentCollector(Collector):
         )
         lat = HistogramMetricFamily(
             "shadowplane_agent_syscall_latency_seconds",
-            "Latency of the timed system calls (1 in sample_every per thread)",
+            "Latency of the timed system calls: inside timing windows, 1 in sample_every of the workload's "
+            "calls on each CPU, those that start and end in the same window",
             labels=["workload"],
         )
         ratio = GaugeMetricFamily(
             "shadowplane_agent_syscall_latency_sample_ratio",
-            "Share of system calls whose latency is timed",
+            "Share of system calls whose latency is timed while a timing window is open",
+            labels=["workload"],
+        )
+        timed = CounterMetricFamily(
+            "shadowplane_agent_syscall_latency_timed_seconds",
+            "Time during which syscall latency was timed (timing windows open): the latency histogram's "
+            "observation time",
             labels=["workload"],
         )
         bops = CounterMetricFamily(
@@ -92,6 +99,7 @@ class AgentCollector(Collector):
                     sys_total.add_metric([name, sc], n)
                 add_log2(lat, [name], w.syscall_latency, 1e-9, buckets["syscall_latency"])
                 ratio.add_metric([name], 1 / w.sample_every)
+                timed.add_metric([name], w.latency_timed_seconds)
                 for op in ("read", "write", "discard"):
                     bops.add_metric([name, op], w.block_ops[op])
                     bbytes.add_metric([name, op], w.block_bytes[op])
@@ -110,6 +118,7 @@ class AgentCollector(Collector):
             sys_total,
             lat,
             ratio,
+            timed,
             bops,
             bbytes,
             blat,

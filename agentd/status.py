@@ -30,6 +30,7 @@ class WorkloadTotals:
     syscalls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     syscall_latency: list[int] = field(default_factory=list)
     sample_every: int = 1
+    latency_timed_seconds: float = 0.0  # of the histogram above: how long latency was timed
     block_ops: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     block_bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     block_latency: list[int] = field(default_factory=list)
@@ -57,6 +58,7 @@ class Totals:
                 w.syscalls[name] += n
             _add(w.syscall_latency, list(s.syscalls.latency.counts))
             w.sample_every = s.syscalls.latency_sample_every or 1
+            w.latency_timed_seconds += s.syscalls.latency_timed_seconds
             b = s.block_io
             for op, ops, nbytes in (
                 ("read", b.read_ops, b.read_bytes),

@@ -1,12 +1,21 @@
-"""What the agent's capture costs a syscall-heavy workload.
+"""What the agent's capture costs a syscall-heavy process: one it captures, and one it does not.
 
-Runs a syscall storm (`dd if=/dev/zero of=/dev/null bs=1 count=2000000`, ~4M syscalls) in a workload cgroup:
-without capture, with empty raw tracepoints on sys_enter/sys_exit (the floor any syscall latency capture
-pays), with the real agent daemon capturing that cgroup, and with the agent timing every syscall
-(syscall_latency_sample_every = 1). Prints the runtime ratio, ns added per syscall, the agent's steady CPU%
-and RSS, and the events it dropped. Needs root and BPF.
+A syscall storm (`dd if=/dev/zero of=/dev/null bs=1`: one read and one write per byte) runs for a fixed time
+(`--seconds`, default 20: two of the default latency periods) and its throughput gives the time per
+syscall. All rows run in one run, on this machine, so their ratios travel between machines:
 
-    .venv/bin/python bench/agent_overhead.py [--runs 7]
+- no capture (measured first and last; the mean is the reference);
+- empty raw tracepoints: sys_enter only (what exact counting cannot avoid), sys_enter + sys_exit (the floor
+  any latency capture pays);
+- the real agent daemon with production's capture defaults (latency timed 1 s in every 10 s), a storm in the
+  workload it captures and a storm in a cgroup it does not;
+- the same agent timing latency always (syscall_latency_window_seconds = period: sys_exit always attached).
+
+Prints each row's ratio to no capture and to both floors, ns added per syscall, whether the agent counted the
+captured storm exactly (its read count against dd's), the agent's CPU and RSS, and any dropped events. Needs
+root and BPF.
+
+    .venv/bin/python bench/agent_overhead.py [--seconds 20]
 """
 
 from __future__ import annotations
@@ -14,12 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -28,140 +39,216 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentd.capture.bpf_capture import unavailable_reason
 from agentd.cgroupfs import CgroupLayout
+from agentd.config import CaptureConfig
 from lab.procs import free_port, python_module, spawn, stop, wait_for_port
 
-COUNT = 2_000_000
 PLAINTEXT = "[tls]\nplaintext = true\n"  # loopback only
-SYSCALLS = 2 * COUNT
+DEFAULTS = CaptureConfig()
 
 
-def dd_seconds(procs_files: list[Path]) -> float:
+@dataclass(frozen=True)
+class Storm:
+    bytes: int  # = reads = writes
+    seconds: float
+
+    @property
+    def ns_per_syscall(self) -> float:
+        return self.seconds / (2 * self.bytes) * 1e9
+
+
+def storm(procs_files: list[Path], seconds: float) -> Storm:
+    """dd bs=1 for `seconds` in the given cgroup, stopped with SIGINT (dd then prints what it copied)."""
+
     def enter() -> None:
         for f in procs_files:
             f.write_text(str(os.getpid()))
 
-    out = subprocess.run(
-        ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", f"count={COUNT}"],
+    p = subprocess.Popen(
+        ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", "count=100000000000"],
         preexec_fn=enter,
-        capture_output=True,
+        stderr=subprocess.PIPE,
         text=True,
-        check=True,
     )
-    m = re.search(r"copied, ([0-9.]+) s", out.stderr)
-    assert m, out.stderr
-    return float(m.group(1))
-
-
-def median_run(procs_files: list[Path], runs: int) -> float:
-    return statistics.median(dd_seconds(procs_files) for _ in range(runs))
+    time.sleep(seconds)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    m = re.search(r"^(\d+) bytes .* copied, ([0-9.]+) s", err, re.MULTILINE)
+    assert m, err
+    return Storm(int(m.group(1)), float(m.group(2)))
 
 
 FLOOR = r"""
-import sys, time
+import sys
 from bcc import BPF
-b = BPF(text="RAW_TRACEPOINT_PROBE(sys_enter) { return 0; }\nRAW_TRACEPOINT_PROBE(sys_exit) { return 0; }")
+text = "RAW_TRACEPOINT_PROBE(sys_enter) { return 0; }\n"
+if sys.argv[1] == "both":
+    text += "RAW_TRACEPOINT_PROBE(sys_exit) { return 0; }\n"
+b = BPF(text=text)
 print("ready", flush=True)
 sys.stdin.read()
 """
 
 
-def with_floor(procs_files: list[Path], runs: int) -> float:
+def with_floor(which: str, procs_files: list[Path], seconds: float) -> Storm:
     p = subprocess.Popen(
-        [sys.executable, "-c", FLOOR], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", FLOOR, which], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     assert p.stdout and p.stdout.readline().strip() == "ready"
     try:
-        return median_run(procs_files, runs)
+        return storm(procs_files, seconds)
     finally:
         p.kill()
         p.wait()
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
+def metric(text: str, line_prefix: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(line_prefix + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@dataclass
+class AgentRun:
+    captured: Storm
+    uncaptured: Storm
+    counted_reads: int
+    timed_seconds: float
+    cpu_pct: float
+    rss_mb: float
+    dropped: dict[str, int]
+
+
 def with_agent(
-    work: Path, cgroup: str, procs_files: list[Path], runs: int, sample_every: int
-) -> dict[str, float]:
-    port = free_port()
+    work: Path,
+    cgroup: str,
+    captured: list[Path],
+    uncaptured: list[Path],
+    seconds: float,
+    window: float,
+    period: float,
+) -> AgentRun:
+    port, mport = free_port(), free_port()
     (work / "c.toml").write_text(f'listen = "127.0.0.1:{port}"\n[store]\npath = "{work}/c.db"\n' + PLAINTEXT)
     (work / "a.toml").write_text(
         f'controller = "127.0.0.1:{port}"\nhost = "bench"\ninterval_seconds = 1.0\n'
-        f"[capture]\nsyscall_latency_sample_every = {sample_every}\n"
+        f'[metrics]\nlisten = "127.0.0.1:{mport}"\n'
+        f"[capture]\nsyscall_latency_window_seconds = {window}\nsyscall_latency_period_seconds = {period}\n"
         f'[[workload]]\nname = "storm"\ncgroup = "{cgroup}"\nrole = "primary"\nservice = "storm"\n'
         + PLAINTEXT
     )
     ctl = spawn(python_module("controller.cli", "run", "--config", str(work / "c.toml")), work / "c.log")
     agent = spawn(python_module("agentd.cli", "run", "--config", str(work / "a.toml")), work / "a.log")
+    reads = 'shadowplane_agent_syscalls_total{syscall="read",workload="storm"}'
+    timed = 'shadowplane_agent_syscall_latency_timed_seconds_total{workload="storm"}'
     try:
         wait_for_port("127.0.0.1", port, 20, ctl)
-        deadline = time.monotonic() + 30
-        while "connected to controller" not in (work / "a.log").read_text():
+        wait_for_port("127.0.0.1", mport, 120, agent)
+        deadline = time.monotonic() + 120
+        while metric(scrape(mport), "shadowplane_agent_bpf_active") != 1.0:
             if time.monotonic() > deadline:
-                raise RuntimeError("agent did not connect:\n" + (work / "a.log").read_text())
-            time.sleep(0.1)
+                raise RuntimeError("agent did not load its capture:\n" + (work / "a.log").read_text())
+            time.sleep(0.2)
+        time.sleep(2.5)  # a sample or two taken: the counters below are the storm's alone
+        before = scrape(mport)
+        cap = storm(captured, seconds)
+        time.sleep(2.5)  # the agent samples every second: let it ship the storm's last reads
+        after = scrape(mport)
+        unc = storm(uncaptured, seconds)
         ap = psutil.Process(agent.pid)
-        t = median_run(procs_files, runs)
-        # steady state: agent sampling every second with nothing special going on
         cpu0, t0 = sum(ap.cpu_times()[:2]), time.monotonic()
-        time.sleep(10)
+        time.sleep(5)  # steady state: sampling every second, nothing else going on
         cpu_pct = 100 * (sum(ap.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
-        rss = ap.memory_info().rss
-        dropped = _dropped(port)
-        return {"seconds": t, "cpu_pct": cpu_pct, "rss_mb": rss / 2**20, **dropped}
+        text = scrape(mport)
+        dropped = {}
+        for line in text.splitlines():
+            m = re.match(r'shadowplane_agent_dropped_events_total\{reason="([^"]+)"\} (\S+)', line)
+            if m:
+                dropped[m.group(1)] = int(float(m.group(2)))
+        return AgentRun(
+            cap,
+            unc,
+            int(metric(after, reads) - metric(before, reads)),
+            metric(after, timed) - metric(before, timed),
+            cpu_pct,
+            ap.memory_info().rss / 2**20,
+            dropped,
+        )
     finally:
         stop(agent)
         stop(ctl)
 
 
-def _dropped(port: int) -> dict[str, float]:
-    import grpc
-
-    from shadowplane.v1 import fleet_pb2 as fpb
-    from shadowplane.v1 import fleet_pb2_grpc as fgrpc
-
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        hosts = fgrpc.FleetStub(ch).ListHosts(fpb.ListHostsRequest(), timeout=5).hosts
-    return {f"dropped:{k}": float(v) for h in hosts for k, v in h.capture.dropped_events.items()}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--seconds", type=float, default=20.0, help="length of each storm")
     args = ap.parse_args()
     reason = unavailable_reason()
     if reason:
         print(f"cannot benchmark: {reason}")
         return 1
     layout = CgroupLayout.detect()
-    cgroup = f"/sp-bench-{uuid.uuid4().hex[:6]}"
-    layout.ensure(cgroup)
-    procs_files = [d / "cgroup.procs" for d in layout.dirs(cgroup)]
+    tag = uuid.uuid4().hex[:6]
+    cg_in, cg_out = f"/sp-bench-{tag}", f"/sp-bench-other-{tag}"
+    for cg in (cg_in, cg_out):
+        layout.ensure(cg)
+    inside = [d / "cgroup.procs" for d in layout.dirs(cg_in)]
+    outside = [d / "cgroup.procs" for d in layout.dirs(cg_out)]
     work = Path(tempfile.mkdtemp(prefix="sp-bench-"))
+    w, p, s = DEFAULTS.syscall_latency_window_seconds, DEFAULTS.syscall_latency_period_seconds, args.seconds
     try:
-        base = median_run(procs_files, args.runs)
-        floor = with_floor(procs_files, args.runs)
-        agent8 = with_agent(work, cgroup, procs_files, args.runs, 8)
-        agent1 = with_agent(work, cgroup, procs_files, args.runs, 1)
-        base2 = median_run(procs_files, args.runs)
+        base1 = storm(outside, s)
+        enter_only = with_floor("enter", outside, s)
+        floor = with_floor("both", outside, s)
+        default = with_agent(work, cg_in, inside, outside, s, w, p)
+        always = with_agent(work, cg_in, inside, outside, s, p, p)
+        base2 = storm(outside, s)
     finally:
-        layout.remove(cgroup)
-    base = (base + base2) / 2
-
-    def row(name: str, t: float) -> str:
-        return (
-            f"{name:<52} {t:8.3f} s   ratio {t / base:5.2f}   +{(t - base) / SYSCALLS * 1e9:5.0f} ns/syscall"
-        )
+        for cg in (cg_in, cg_out):
+            layout.remove(cg)
+    base = (base1.ns_per_syscall + base2.ns_per_syscall) / 2
 
     print(
-        f"syscall storm: dd bs=1 count={COUNT} ({SYSCALLS:,} syscalls), median of {args.runs} runs, "
-        f"{os.cpu_count()} CPUs, kernel {os.uname().release}"
+        f"syscall storm: dd bs=1 for {s:g} s per row (one read + one write per byte), {os.cpu_count()} CPUs, "
+        f"kernel {os.uname().release}, {time.strftime('%Y-%m-%d')}"
     )
-    print(row("no capture", base))
-    print(row("empty raw tracepoints sys_enter+sys_exit (floor)", floor))
-    print(row("agent, full capture, latency timed 1 in 8 (default)", agent8["seconds"]))
-    print(row("agent, full capture, every syscall timed", agent1["seconds"]))
-    print(f"agent steady CPU (1 s sampling interval): {agent8['cpu_pct']:.2f}% of one core")
-    print(f"agent RSS after load: {agent8['rss_mb']:.1f} MB")
-    dropped = {k.split(":", 1)[1]: int(v) for k, v in agent8.items() if k.startswith("dropped:")}
-    print(f"dropped/missed events (exported in CaptureStatus.dropped_events): {dropped}")
+    print(
+        f"agent capture defaults: latency timed {w:g} s in every {p:g} s, "
+        f"1 in {DEFAULTS.syscall_latency_sample_every} calls inside a window"
+    )
+    print(f"no capture: {base1.ns_per_syscall:.0f} ns/syscall first, {base2.ns_per_syscall:.0f} last")
+    print(f"{'row':<58} {'ns/call':>8} {'x none':>7} {'x enter':>8} {'x floor':>8}")
+
+    def row(name: str, ns: float) -> None:
+        print(
+            f"{name:<58} {ns:8.0f} {ns / base:7.3f} {ns / enter_only.ns_per_syscall:8.3f} "
+            f"{ns / floor.ns_per_syscall:8.3f}   +{ns - base:.0f} ns"
+        )
+
+    row("no capture (mean of first and last)", base)
+    row("empty sys_enter (enter-only floor)", enter_only.ns_per_syscall)
+    row("empty sys_enter + sys_exit (the floor)", floor.ns_per_syscall)
+    row("agent defaults, storm in the captured workload", default.captured.ns_per_syscall)
+    row("agent defaults, storm in an uncaptured cgroup", default.uncaptured.ns_per_syscall)
+    row("agent timing latency always, captured", always.captured.ns_per_syscall)
+    row("agent timing latency always, uncaptured", always.uncaptured.ns_per_syscall)
+    print(
+        "targets (issue 12): uncaptured <= 1.05 x floor; captured with defaults <= 1.15 x floor; "
+        "host-wide average with windows <= 1.3 x no capture"
+    )
+    for name, run in (("defaults", default), ("always", always)):
+        exact = run.counted_reads / run.captured.bytes
+        print(
+            f"agent ({name}): counted {run.counted_reads:,} reads of dd's {run.captured.bytes:,} "
+            f"({exact:.4f}); latency timed {run.timed_seconds:.1f} s of the storm's {s:g} s; "
+            f"steady CPU {run.cpu_pct:.2f}% of a core; RSS {run.rss_mb:.0f} MB; "
+            f"dropped {run.dropped or 'none'}"
+        )
     return 0
 
 

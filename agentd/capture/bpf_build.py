@@ -19,11 +19,13 @@ import traceback
 from importlib import resources
 from typing import Any
 
-MAPS = ("cgroup_slots", "generation", "sys_stats", "io_stats", "tcp_stats", "misses")
+MAPS = ("cgroup_filter", "timing_window", "sys_stats", "io_stats", "tcp_stats", "misses")
+OPTIONAL_MAPS = ("task_state",)  # only where the program captures syscalls
 
 
 def build(options: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     from bcc import BPF
+    from bcc.libbcc import lib
     from bcc.syscall import syscalls
     from bcc.table import PerCpuArray, PerCpuHash
 
@@ -34,7 +36,7 @@ def build(options: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     manifest: dict[str, Any] = {
         "maps": [],
         "programs": [],
-        "attachments": 0,
+        "attachments": [],
         "syscalls": {int(nr): name.decode() for nr, name in syscalls.items()},
     }
     fds: list[int] = []
@@ -45,12 +47,21 @@ def build(options: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         layout = MapLayout(name, ctypes.sizeof(t.Key), ctypes.sizeof(leaf), percpu, describe_ctype(leaf))
         manifest["maps"].append(layout.to_manifest())
         fds.append(t.map_fd)
+    for name in OPTIONAL_MAPS:
+        # bcc's Table has no class for task storage: its descriptor and value type straight from the module
+        fd = lib.bpf_table_fd(b.module, name.encode())
+        if fd < 0:
+            continue
+        leaf = BPF._decode_table_type(json.loads(lib.bpf_table_leaf_desc(b.module, name.encode()).decode()))
+        layout = MapLayout(name, 4, ctypes.sizeof(leaf), False, describe_ctype(leaf))  # key: a pidfd
+        manifest["maps"].append(layout.to_manifest())
+        fds.append(fd)
     for name, fn in b.funcs.items():
         manifest["programs"].append(name.decode() if isinstance(name, bytes) else str(name))
         fds.append(fn.fd)
-    attach = list(b.tracepoint_fds.values()) + list(b.raw_tracepoint_fds.values())
-    manifest["attachments"] = len(attach)
-    fds.extend(attach)
+    attach = {**b.tracepoint_fds, **b.raw_tracepoint_fds}
+    manifest["attachments"] = [k.decode() if isinstance(k, bytes) else str(k) for k in attach]
+    fds.extend(attach.values())
     return manifest, fds
 
 

@@ -14,13 +14,17 @@ import platform
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agentd.capture.bpf_syscall import BpfMap, possible_cpus, recursion_misses
+from agentd.capture import cgroup_filter
+from agentd.capture.bpf_syscall import BpfMap, possible_cpus, raw_tracepoint_open, recursion_misses
+from agentd.capture.kernel_btf import CGROUP_ID_WALK, BtfError, KernelBtf
 from agentd.capture.kernel_counters import BlockCounters, KernelCounters, SyscallCounters, TcpCounters
 from agentd.capture.kernel_features import TRACEFS, FeatureStatus, KernelView, compile_flags, decide
 from agentd.capture.map_layout import LayoutError, MapLayout
@@ -41,6 +45,10 @@ READS = {
     ),
     "tcp_stats": ("state", "srtt_us", "retransmits", "resets_sent", "resets_received"),
 }
+
+
+SYS_EXIT = "sys_exit"  # the raw tracepoint (and bcc's name for its attachment) timed in windows only
+PROGRAM_SYS_EXIT = "raw_tracepoint__sys_exit"
 
 
 class BpfLoadError(RuntimeError):
@@ -85,8 +93,22 @@ def program_cflags(
     return [
         f"-DMAX_SLOTS={max_slots}",
         f"-DSAMPLE_EVERY={sample_every}",
+        *cgroup_filter.cflags(),
+        *cgroup_id_walk_flags(kernel.btf),
         *compile_flags(kernel, features, headers),
     ]
+
+
+def cgroup_id_walk_flags(btf_path: Path) -> list[str]:
+    """Offsets for the cgroup test's pointer walk, from this kernel's BTF; none (the program then calls
+    bpf_get_current_cgroup_id(), slower on every syscall) when BTF lacks or does not match the walk."""
+    try:
+        offsets = KernelBtf(btf_path).pointer_chain(CGROUP_ID_WALK)
+    except (OSError, BtfError) as e:
+        log.warning("cgroup test through bpf_get_current_cgroup_id(), slower: %s", e)
+        return []
+    names = ("TASK_CGROUPS_OFF", "CSS_SET_DFL_CGRP_OFF", "CGROUP_KN_OFF", "KERNFS_NODE_ID_OFF")
+    return ["-DCGROUP_ID_WALK", *(f"-D{n}={off}" for n, off in zip(names, offsets, strict=True))]
 
 
 @dataclass(frozen=True)
@@ -165,8 +187,15 @@ class BpfCapture:
         self._maps: dict[str, BpfMap] = {}
         self._layouts: dict[str, MapLayout] = {}
         self._programs: dict[str, int] = {}
-        self._attachments: list[int] = []
+        self._attachments: dict[str, int] = {}
         self._assignments: dict[str, SlotAssignment] = {}
+        self._filter: dict[int, tuple[int, int]] = {}  # entry index -> (cgroup id, slot) as written
+        self._unplaced = 0  # cgroups of captured workloads that found no room in the filter
+        # latency timing windows: sys_exit attached only while one is open
+        self._timing_lock = threading.Lock()
+        self._window = 0
+        self._window_opened: float | None = None
+        self._timed_ns = 0
         self.syscall_names: dict[int, str] = {}
         self._load(program_cflags(max_slots, syscall_latency_sample_every, self.features, kernel), builder)
 
@@ -188,7 +217,11 @@ class BpfCapture:
             )
         for name in reply["programs"]:
             self._programs[name] = next(it)
-        self._attachments = list(it)
+        self._attachments = dict(zip(reply["attachments"], it, strict=True))
+        # Latency is timed in windows (time_latency): between them sys_exit stays detached, and every
+        # syscall on the host is spared its cost.
+        if SYS_EXIT in self._attachments:
+            os.close(self._attachments.pop(SYS_EXIT))
         self.syscall_names = {int(k): v for k, v in reply.get("syscalls", {}).items()}
         try:
             for name, fields in READS.items():
@@ -239,17 +272,56 @@ class BpfCapture:
             m.update(_u32(slot), b"")
 
     def _write_cgroup_map(self, assignments: dict[str, SlotAssignment]) -> None:
-        table = self._maps["cgroup_slots"]
         want = {cg: a.slot for a in assignments.values() for cg in a.cgroup_ids}
-        for key in list(table.keys()):
-            if int.from_bytes(key, "little") not in want:
-                table.delete(key)
-        for cg, slot in want.items():
-            table.update(_u64(cg), _u32(slot))
-        # Tasks cache their slot; a new generation makes them look it up again.
-        gen_map = self._maps["generation"]
-        gen = int.from_bytes(gen_map.lookup(_u32(0)) or b"\0" * 4, "little")
-        gen_map.update(_u32(0), _u32(gen + 1))
+        placed, unplaced = cgroup_filter.layout(want, {idx: cg for idx, (cg, _) in self._filter.items()})
+        if len(unplaced) != self._unplaced:
+            if unplaced:
+                log.error(
+                    "%d cgroups of the captured workloads find no room in the capture's cgroup filter "
+                    "(at most %d cgroups): their events are not counted (dropped_events "
+                    "cgroups_not_captured); capture fewer cgroup trees",
+                    len(unplaced),
+                    cgroup_filter.MAX_CGROUPS,
+                )
+            self._unplaced = len(unplaced)
+        target = {idx: (cg, want[cg]) for idx, cg in placed.items()}
+        table, layout = self._maps["cgroup_filter"], self._layouts["cgroup_filter"]
+        # New and changed entries first, emptied ones last: a task that stays captured is never out of it.
+        for idx, (cg, slot) in target.items():
+            if self._filter.get(idx) != (cg, slot):
+                table.update(_u32(idx), layout.encode({"cgid": cg, "slot": slot}))
+        for idx in self._filter.keys() - target.keys():
+            table.update(_u32(idx), layout.encode({}))
+        self._filter = target
+
+    # ---- latency timing windows ----
+
+    def time_latency(self, on: bool) -> None:
+        """Open (attach sys_exit, then number the window) or close (unnumber, then detach) a timing window.
+        Called from a worker thread: attaching and detaching a tracepoint can take milliseconds."""
+        with self._timing_lock:
+            if on == (self._window_opened is not None) or PROGRAM_SYS_EXIT not in self._programs:
+                return
+            windows = self._maps["timing_window"]
+            if on:
+                self._attachments[SYS_EXIT] = raw_tracepoint_open(self._programs[PROGRAM_SYS_EXIT], SYS_EXIT)
+                self._window = self._window % 0xFFFFFFFF + 1
+                windows.update(_u32(0), _u32(self._window))
+                self._window_opened = time.monotonic()
+            else:
+                windows.update(_u32(0), _u32(0))
+                os.close(self._attachments.pop(SYS_EXIT))
+                assert self._window_opened is not None
+                self._timed_ns += int((time.monotonic() - self._window_opened) * 1e9)
+                self._window_opened = None
+
+    def latency_timed_ns(self) -> int:
+        """Nanoseconds since load during which syscall latency was timed (windows open)."""
+        with self._timing_lock:
+            open_ns = (
+                int((time.monotonic() - self._window_opened) * 1e9) if self._window_opened is not None else 0
+            )
+            return self._timed_ns + open_ns
 
     # ---- reading ----
 
@@ -266,7 +338,11 @@ class BpfCapture:
         io = self._slot("io_stats", slot)
         tcp = self._slot("tcp_stats", slot)
         return KernelCounters(
-            syscalls=SyscallCounters(by_nr=sys_["count"].tolist(), latency_ns=sys_["lat_ns"].tolist()),
+            syscalls=SyscallCounters(
+                by_nr=sys_["count"].tolist(),
+                latency_ns=sys_["lat_ns"].tolist(),
+                timed_ns=self.latency_timed_ns(),
+            ),
             block=BlockCounters(
                 read_ops=int(io["read_ops"][0]),
                 write_ops=int(io["write_ops"][0]),
@@ -291,6 +367,7 @@ class BpfCapture:
         layout = self._layouts["misses"]
         totals = layout.totals(raw, self._ncpu) if raw else {}
         out: dict[str, int] = {f.name: int(totals[f.name][0]) if totals else 0 for f in layout.fields}
+        out["cgroups_not_captured"] = self._unplaced  # now, not cumulative: 0 once they fit again
         for name, fd in self._programs.items():
             n = recursion_misses(fd)
             if n:
@@ -299,10 +376,11 @@ class BpfCapture:
 
     def close(self) -> None:
         """Detach everything: closing the last descriptor of an attachment detaches it."""
-        for fd in self._attachments:
+        self.time_latency(False)
+        for fd in self._attachments.values():
             os.close(fd)
         for fd in self._programs.values():
             os.close(fd)
         for m in self._maps.values():
             m.close()
-        self._attachments, self._programs, self._maps, self._layouts = [], {}, {}, {}
+        self._attachments, self._programs, self._maps, self._layouts = {}, {}, {}, {}

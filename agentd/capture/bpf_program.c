@@ -5,10 +5,15 @@
 // slot, so the hot path is array lookups, never a per-event message to user space. User space reads the
 // cumulative values once per interval and ships deltas.
 //
-// Build-time constants (passed as -D by the loader): MAX_SLOTS, SAMPLE_EVERY, and one HAVE_* flag per way of
-// capturing a feature that this kernel's tracepoint formats allow (agentd/capture/kernel_features.py decides
-// them from the running kernel's formats and BTF, never from its version; each flag's code reads only the
-// tracepoints and fields that table lists for it).
+// Build-time constants (passed as -D by the loader): MAX_SLOTS, SAMPLE_EVERY, the cgroup filter's size, the
+// offsets of the walk to the current cgroup id (read from the running kernel's BTF), and one HAVE_* flag per
+// way of capturing a feature that this kernel's tracepoint formats allow (agentd/capture/kernel_features.py
+// decides them from the running kernel's formats and BTF, never from its version; each flag's code reads only
+// the tracepoints and fields that table lists for it).
+//
+// What a process the agent does not capture pays: the bare cost of the attached tracepoints and one cgroup
+// test (a pointer walk and an array probe, no helper but bpf_get_current_task_btf), nothing else: no task
+// storage, no map update. sys_exit (latency) is attached only in timing windows (agentd/latency_windows.py).
 
 #include <uapi/linux/ptrace.h>
 #include <uapi/linux/in6.h>  // struct sockaddr_in6: older tcp:tcp_probe formats size saddr/daddr with it
@@ -35,6 +40,7 @@ struct miss_counts {
 struct sys_slot {
     u64 count[NR_SYSCALLS];
     u64 lat_ns[LAT_BUCKETS];   // log2 of nanoseconds, sampled
+    u64 sample_tick;           // this CPU's calls of this workload since the last timed one
 };
 
 struct io_slot {
@@ -55,19 +61,29 @@ struct tcp_slot {
     u64 resets_received;
 };
 
-// Per-task cache: which slot this task's cgroup maps to (valid while cgid and generation match), and the
-// entry timestamp of the syscall being timed, if any.
+// Per-task state of a captured task, created only when one of its syscalls is timed: the entry timestamp of
+// the syscall being timed and the timing window it was taken in.
 struct task_cache {
-    u64 cgid;
     u64 enter_ns;
     u32 slot;
-    u32 gen;
-    u32 nr;
-    u32 sample_ctr;
+    u32 window;
 };
 
-BPF_HASH(cgroup_slots, u64, u32, 4096);          // cgroup v2 id -> slot (written by user space)
-BPF_ARRAY(generation, u32, 1);                   // bumped by user space when cgroup_slots changes
+// The cgroup filter: an open-addressed table of the captured cgroups' v2 ids (the inode of each directory in
+// the unified hierarchy), each with its workload's slot. A plain array, so a lookup is inlined by the
+// verifier into a bounds check and an add; user space places each id within FILTER_PROBES entries of its hash
+// (agentd/capture/cgroup_filter.py, the one other definition of this hash). An empty entry (cgid 0) ends a
+// probe: most uncaptured tasks stop at the first entry.
+struct filter_entry {
+    u64 cgid;
+    u32 slot;
+    u32 pad;
+};
+
+BPF_ARRAY(cgroup_filter, struct filter_entry, FILTER_SIZE);  // written by user space
+// The current timing window's number (0: no window open): an entry timestamp is used only by the sys_exit of
+// the same window, so a syscall that started before sys_exit was attached is never timed from a stale stamp.
+BPF_ARRAY(timing_window, u32, 1);
 #ifdef HAVE_SYSCALLS
 BPF_TASK_STORAGE(task_state, struct task_cache);  // needs kernel BTF, as bpf_get_current_task_btf() does
 #endif
@@ -102,35 +118,48 @@ static __always_inline u64 log2_bucket(u64 v) {
     return bounded(bpf_log2l(v), LAT_BUCKETS);
 }
 
-// Slot of the current task's cgroup, for events that are not on the syscall hot path.
+// The current task's cgroup v2 id: what bpf_get_current_cgroup_id() returns, read by walking
+// current->cgroups->dfl_cgrp->kn->id with the offsets this kernel's BTF gives. Loads through the BTF pointer
+// bpf_get_current_task_btf() returns cost a few cycles each; a helper call costs tens of nanoseconds, paid by
+// every syscall of every process on the host.
+static __always_inline u64 current_cgroup_id(void) {
+#ifdef CGROUP_ID_WALK
+    char *task = (char *)bpf_get_current_task_btf();
+    char *cset = *(char **)(task + TASK_CGROUPS_OFF);
+    char *cgrp = *(char **)(cset + CSS_SET_DFL_CGRP_OFF);
+    char *kn = *(char **)(cgrp + CGROUP_KN_OFF);
+    return *(u64 *)(kn + KERNFS_NODE_ID_OFF);
+#else
+    return bpf_get_current_cgroup_id();
+#endif
+}
+
+// Slot of a cgroup id, NO_SLOT when it is not captured. The hash: Fibonacci hashing of the id, so the
+// consecutive ids of sibling cgroups land far apart.
+static __always_inline u32 slot_of(u64 cg) {
+    u32 h = (u32)((cg * 0x9E3779B97F4A7C15ULL) >> (64 - FILTER_BITS));
+#pragma unroll
+    for (u32 i = 0; i < FILTER_PROBES; i++) {
+        u32 idx = (h + i) & (FILTER_SIZE - 1);
+        struct filter_entry *e = cgroup_filter.lookup(&idx);
+        if (!e || e->cgid == 0)
+            return NO_SLOT;
+        if (e->cgid == cg)
+            return e->slot;
+    }
+    return NO_SLOT;
+}
+
+// Slot of the current task's cgroup: the test every program makes first.
 static __always_inline u32 current_slot(void) {
-    u64 cg = bpf_get_current_cgroup_id();
-    u32 *slot = cgroup_slots.lookup(&cg);
-    return slot ? *slot : NO_SLOT;
+    return slot_of(current_cgroup_id());
 }
 
 // ---- syscalls -----------------------------------------------------------------------------------
 
 #ifdef HAVE_SYSCALLS
 RAW_TRACEPOINT_PROBE(sys_enter) {
-    u64 cg = bpf_get_current_cgroup_id();
-    struct task_cache *tc = task_state.task_storage_get(
-        (struct task_struct *)bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-    if (!tc) {
-        COUNT_MISS(task_storage_full);
-        return 0;
-    }
-    u32 zero = 0;
-    u32 *gen = generation.lookup(&zero);
-    if (!gen)
-        return 0;
-    if (tc->cgid != cg || tc->gen != *gen) {
-        u32 *slot = cgroup_slots.lookup(&cg);
-        tc->cgid = cg;
-        tc->gen = *gen;
-        tc->slot = slot ? *slot : NO_SLOT;
-    }
-    u32 slot = tc->slot;
+    u32 slot = current_slot();
     if (slot >= MAX_SLOTS)
         return 0;
     struct sys_slot *st = sys_stats.lookup(&slot);
@@ -138,22 +167,40 @@ RAW_TRACEPOINT_PROBE(sys_enter) {
         return 0;
     // syscall numbers >= NR_SYSCALLS are counted in the last entry
     st->count[bounded((u64)ctx->args[1], NR_SYSCALLS)]++;
-    // Reading the clock twice costs more than everything else here, so latency is timed on one call in
-    // SAMPLE_EVERY per thread; the counts above stay exact.
-    if (++tc->sample_ctr >= SAMPLE_EVERY) {
-        tc->sample_ctr = 0;
-        tc->enter_ns = bpf_ktime_get_ns();
+    // Latency: one call in SAMPLE_EVERY of this workload on this CPU is timed, and only while a timing window
+    // is open (sys_exit attached); the counts above stay exact.
+    if (++st->sample_tick < SAMPLE_EVERY)
+        return 0;
+    st->sample_tick = 0;
+    u32 zero = 0;
+    u32 *window = timing_window.lookup(&zero);
+    if (!window || !*window)
+        return 0;
+    struct task_cache *tc = task_state.task_storage_get(
+        (struct task_struct *)bpf_get_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!tc) {
+        COUNT_MISS(task_storage_full);
+        return 0;
     }
+    tc->slot = slot;
+    tc->window = *window;
+    tc->enter_ns = bpf_ktime_get_ns();
     return 0;
 }
 
 RAW_TRACEPOINT_PROBE(sys_exit) {
+    if (current_slot() == NO_SLOT)
+        return 0;
     struct task_cache *tc = task_state.task_storage_get(
         (struct task_struct *)bpf_get_current_task_btf(), 0, 0);
     if (!tc || !tc->enter_ns)
         return 0;
     u64 delta = bpf_ktime_get_ns() - tc->enter_ns;
     tc->enter_ns = 0;
+    u32 zero = 0;
+    u32 *window = timing_window.lookup(&zero);
+    if (!window || *window != tc->window)
+        return 0;  // stamped in an earlier window: this exit is not that call's
     u32 slot = tc->slot;
     if (slot >= MAX_SLOTS)
         return 0;

@@ -19,6 +19,10 @@ _MAP_UPDATE_ELEM = 2
 _MAP_DELETE_ELEM = 3
 _MAP_GET_NEXT_KEY = 4
 _OBJ_GET_INFO_BY_FD = 15
+_RAW_TRACEPOINT_OPEN = 17
+_LINK_GET_FD_BY_ID = 30
+_LINK_GET_NEXT_ID = 31
+_LINK_TYPE_RAW_TRACEPOINT = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -31,6 +35,10 @@ class _MapElemAttr(ctypes.Structure):
         ("value", ctypes.c_uint64),  # also next_key
         ("flags", ctypes.c_uint64),
     ]
+
+
+class _RawTracepointAttr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_uint64), ("prog_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 class _InfoAttr(ctypes.Structure):
@@ -76,6 +84,23 @@ class _ProgInfo(ctypes.Structure):
         ("run_time_ns", ctypes.c_uint64),
         ("run_cnt", ctypes.c_uint64),
         ("recursion_misses", ctypes.c_uint64),
+    ]
+
+
+class _NextIdAttr(ctypes.Structure):
+    _fields_ = [("start_id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
+
+
+class _RawTracepointLinkInfo(ctypes.Structure):
+    # struct bpf_link_info's prefix for a raw tracepoint link
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("tp_name", ctypes.c_uint64),
+        ("tp_name_len", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
     ]
 
 
@@ -144,6 +169,38 @@ class BpfMap:
         os.close(self.fd)
 
 
+def program_id(prog_fd: int) -> int:
+    info = _ProgInfo()
+    attr = _InfoAttr(prog_fd, ctypes.sizeof(info), ctypes.addressof(info))
+    if _bpf(_OBJ_GET_INFO_BY_FD, attr) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"reading BPF program info: {os.strerror(err)}")
+    return int(info.id)
+
+
+def raw_tracepoint_links() -> list[tuple[str, int]]:
+    """Every raw tracepoint attachment on the host, as (tracepoint, program id): what the kernel runs."""
+    out: list[tuple[str, int]] = []
+    start = 0
+    while True:
+        nxt = _NextIdAttr(start, 0, 0)
+        if _bpf(_LINK_GET_NEXT_ID, nxt) != 0:
+            return out
+        start = nxt.next_id
+        fd = _bpf(_LINK_GET_FD_BY_ID, _NextIdAttr(start, 0, 0))
+        if fd < 0:
+            continue  # gone meanwhile
+        try:
+            name = ctypes.create_string_buffer(128)
+            info = _RawTracepointLinkInfo(tp_name=ctypes.addressof(name), tp_name_len=128)
+            if _bpf(_OBJ_GET_INFO_BY_FD, _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info))) != 0:
+                continue
+            if info.type == _LINK_TYPE_RAW_TRACEPOINT:
+                out.append((name.value.decode(), int(info.prog_id)))
+        finally:
+            os.close(fd)
+
+
 def recursion_misses(prog_fd: int) -> int:
     """Times the kernel skipped this program because another BPF program was running on that CPU."""
     info = _ProgInfo()
@@ -151,3 +208,15 @@ def recursion_misses(prog_fd: int) -> int:
     if _bpf(_OBJ_GET_INFO_BY_FD, attr) != 0:
         return 0
     return int(info.recursion_misses)
+
+
+def raw_tracepoint_open(prog_fd: int, tracepoint: str) -> int:
+    """Attach a loaded raw tracepoint program; closing the returned descriptor detaches it. Needs CAP_BPF
+    (or CAP_SYS_ADMIN), which the agent keeps: the latency windows attach sys_exit this way."""
+    name = ctypes.create_string_buffer(tracepoint.encode())
+    attr = _RawTracepointAttr(ctypes.addressof(name), prog_fd, 0)
+    fd = _bpf(_RAW_TRACEPOINT_OPEN, attr)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"attaching to raw tracepoint {tracepoint} failed: {os.strerror(err)}")
+    return fd

@@ -71,6 +71,7 @@ def kernel_profile(
         by_name=by_name,
         latency=histogram(d.syscalls.latency_ns, "ns"),
         latency_sample_every=sample_every,
+        latency_timed_seconds=d.syscalls.timed_ns / 1e9,
     )
     blk = tpb.BlockIOProfile(
         read_ops=d.block.read_ops,

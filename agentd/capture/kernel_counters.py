@@ -34,9 +34,14 @@ def _diff(now: list[int], before: list[int]) -> list[int]:
 class SyscallCounters:
     by_nr: list[int] = field(default_factory=list)
     latency_ns: list[int] = field(default_factory=list)
+    timed_ns: int = 0  # time during which latency was timed (timing windows open): the histogram's window
 
     def minus(self, before: SyscallCounters) -> SyscallCounters:
-        return SyscallCounters(_diff(self.by_nr, before.by_nr), _diff(self.latency_ns, before.latency_ns))
+        return SyscallCounters(
+            _diff(self.by_nr, before.by_nr),
+            _diff(self.latency_ns, before.latency_ns),
+            max(0, self.timed_ns - before.timed_ns),
+        )
 
 
 @dataclass

@@ -69,6 +69,18 @@ class MapLayout:
             out[f.name] = block.view(dt).astype(np.uint64).sum(axis=0, dtype=np.uint64)
         return out
 
+    def encode(self, values: Mapping[str, int]) -> bytes:
+        """One (not per-CPU) value with the named scalar fields set, the rest zero: what user space writes."""
+        if self.percpu:
+            raise LayoutError(f"map {self.name} is per-CPU: the agent does not write its values")
+        buf = bytearray(self.value_size)
+        for name, v in values.items():
+            f = self.field(name)
+            if f.count != 1:
+                raise LayoutError(f"map {self.name}: field {name} is an array")
+            buf[f.offset : f.offset + f.size] = int(v).to_bytes(f.size, "little")
+        return bytes(buf)
+
     def to_manifest(self) -> dict[str, Any]:
         return {
             "name": self.name,

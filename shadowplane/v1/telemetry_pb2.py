@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eshadowplane/v1/telemetry.proto\x12\x0eshadowplane.v1\"-\n\rLog2Histogram\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\"\xd9\x01\n\x0eSyscallProfile\x12\r\n\x05total\x18\x01 \x01(\x04\x12;\n\x07\x62y_name\x18\x02 \x03(\x0b\x32*.shadowplane.v1.SyscallProfile.ByNameEntry\x12.\n\x07latency\x18\x03 \x01(\x0b\x32\x1d.shadowplane.v1.Log2Histogram\x12\x1c\n\x14latency_sample_every\x18\x04 \x01(\r\x1a-\n\x0b\x42yNameEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xba\x01\n\x0e\x42lockIOProfile\x12\x10\n\x08read_ops\x18\x01 \x01(\x04\x12\x11\n\twrite_ops\x18\x02 \x01(\x04\x12\x12\n\nread_bytes\x18\x03 \x01(\x04\x12\x13\n\x0bwrite_bytes\x18\x04 \x01(\x04\x12.\n\x07latency\x18\x05 \x01(\x0b\x32\x1d.shadowplane.v1.Log2Histogram\x12\x13\n\x0b\x64iscard_ops\x18\x06 \x01(\x04\x12\x15\n\rdiscard_bytes\x18\x07 \x01(\x04\"\x8c\x02\n\nTcpProfile\x12\x43\n\rstate_changes\x18\x01 \x03(\x0b\x32,.shadowplane.v1.TcpProfile.StateChangesEntry\x12+\n\x04srtt\x18\x02 \x01(\x0b\x32\x1d.shadowplane.v1.Log2Histogram\x12\x13\n\x0bretransmits\x18\x03 \x01(\x04\x12\x14\n\x0c\x61\x63tive_opens\x18\x04 \x01(\x04\x12\x13\n\x0bresets_sent\x18\x05 \x01(\x04\x12\x17\n\x0fresets_received\x18\x06 \x01(\x04\x1a\x33\n\x11StateChangesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"s\n\x08Pressure\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x12\n\nsome_avg10\x18\x02 \x01(\x01\x12\x12\n\nfull_avg10\x18\x03 \x01(\x01\x12\x15\n\rsome_stall_us\x18\x04 \x01(\x04\x12\x15\n\rfull_stall_us\x18\x05 \x01(\x04\"\x87\x03\n\tResources\x12\x13\n\x0b\x63pu_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63pu_limit_cores\x18\x02 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x04 \x01(\x04\x12\x15\n\rio_read_bytes\x18\x05 \x01(\x04\x12\x16\n\x0eio_write_bytes\x18\x06 \x01(\x04\x12\r\n\x05tasks\x18\x07 \x01(\r\x12.\n\x0c\x63pu_pressure\x18\x08 \x01(\x0b\x32\x18.shadowplane.v1.Pressure\x12\x31\n\x0fmemory_pressure\x18\t \x01(\x0b\x32\x18.shadowplane.v1.Pressure\x12-\n\x0bio_pressure\x18\n \x01(\x0b\x32\x18.shadowplane.v1.Pressure\x12\x18\n\x10\x63pu_throttled_us\x18\x0b \x01(\x04\x12\x16\n\x0elimits_problem\x18\x0c \x01(\t\x12\x18\n\x10limits_reapplied\x18\r \x01(\x04\"\x99\x02\n\x0eWorkloadSample\x12\x10\n\x08workload\x18\x01 \x01(\t\x12\x0e\n\x06\x63group\x18\x02 \x01(\t\x12\x15\n\rstart_unix_ms\x18\x03 \x01(\x03\x12\x13\n\x0b\x65nd_unix_ms\x18\x04 \x01(\x03\x12\x30\n\x08syscalls\x18\x05 \x01(\x0b\x32\x1e.shadowplane.v1.SyscallProfile\x12\x30\n\x08\x62lock_io\x18\x06 \x01(\x0b\x32\x1e.shadowplane.v1.BlockIOProfile\x12\'\n\x03tcp\x18\x07 \x01(\x0b\x32\x1a.shadowplane.v1.TcpProfile\x12,\n\tresources\x18\x08 \x01(\x0b\x32\x19.shadowplane.v1.Resources\"a\n\x0cWorkloadInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x63group\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.shadowplane.v1.Role\x12\x0f\n\x07service\x18\x04 \x01(\t\"\x98\x02\n\rCaptureStatus\x12\x12\n\nbpf_active\x18\x01 \x01(\x08\x12\x1e\n\x16\x62pf_unavailable_reason\x18\x02 \x01(\t\x12H\n\x0e\x64ropped_events\x18\x03 \x03(\x0b\x32\x30.shadowplane.v1.CaptureStatus.DroppedEventsEntry\x12!\n\x19telemetry_batches_dropped\x18\x04 \x01(\x04\x12\x30\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32\x1e.shadowplane.v1.CaptureFeature\x1a\x34\n\x12\x44roppedEventsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"@\n\x0e\x43\x61ptureFeature\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61ptured\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PRIMARY\x10\x01\x12\x0f\n\x0bROLE_SHADOW\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eshadowplane/v1/telemetry.proto\x12\x0eshadowplane.v1\"-\n\rLog2Histogram\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\"\xf8\x01\n\x0eSyscallProfile\x12\r\n\x05total\x18\x01 \x01(\x04\x12;\n\x07\x62y_name\x18\x02 \x03(\x0b\x32*.shadowplane.v1.SyscallProfile.ByNameEntry\x12.\n\x07latency\x18\x03 \x01(\x0b\x32\x1d.shadowplane.v1.Log2Histogram\x12\x1c\n\x14latency_sample_every\x18\x04 \x01(\r\x12\x1d\n\x15latency_timed_seconds\x18\x05 \x01(\x01\x1a-\n\x0b\x42yNameEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xba\x01\n\x0e\x42lockIOProfile\x12\x10\n\x08read_ops\x18\x01 \x01(\x04\x12\x11\n\twrite_ops\x18\x02 \x01(\x04\x12\x12\n\nread_bytes\x18\x03 \x01(\x04\x12\x13\n\x0bwrite_bytes\x18\x04 \x01(\x04\x12.\n\x07latency\x18\x05 \x01(\x0b\x32\x1d.shadowplane.v1.Log2Histogram\x12\x13\n\x0b\x64iscard_ops\x18\x06 \x01(\x04\x12\x15\n\rdiscard_bytes\x18\x07 \x01(\x04\"\x8c\x02\n\nTcpProfile\x12\x43\n\rstate_changes\x18\x01 \x03(\x0b\x32,.shadowplane.v1.TcpProfile.StateChangesEntry\x12+\n\x04srtt\x18\x02 \x01(\x0b\x32\x1d.shadowplane.v1.Log2Histogram\x12\x13\n\x0bretransmits\x18\x03 \x01(\x04\x12\x14\n\x0c\x61\x63tive_opens\x18\x04 \x01(\x04\x12\x13\n\x0bresets_sent\x18\x05 \x01(\x04\x12\x17\n\x0fresets_received\x18\x06 \x01(\x04\x1a\x33\n\x11StateChangesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"s\n\x08Pressure\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x12\n\nsome_avg10\x18\x02 \x01(\x01\x12\x12\n\nfull_avg10\x18\x03 \x01(\x01\x12\x15\n\rsome_stall_us\x18\x04 \x01(\x04\x12\x15\n\rfull_stall_us\x18\x05 \x01(\x04\"\x87\x03\n\tResources\x12\x13\n\x0b\x63pu_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63pu_limit_cores\x18\x02 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12memory_limit_bytes\x18\x04 \x01(\x04\x12\x15\n\rio_read_bytes\x18\x05 \x01(\x04\x12\x16\n\x0eio_write_bytes\x18\x06 \x01(\x04\x12\r\n\x05tasks\x18\x07 \x01(\r\x12.\n\x0c\x63pu_pressure\x18\x08 \x01(\x0b\x32\x18.shadowplane.v1.Pressure\x12\x31\n\x0fmemory_pressure\x18\t \x01(\x0b\x32\x18.shadowplane.v1.Pressure\x12-\n\x0bio_pressure\x18\n \x01(\x0b\x32\x18.shadowplane.v1.Pressure\x12\x18\n\x10\x63pu_throttled_us\x18\x0b \x01(\x04\x12\x16\n\x0elimits_problem\x18\x0c \x01(\t\x12\x18\n\x10limits_reapplied\x18\r \x01(\x04\"\x99\x02\n\x0eWorkloadSample\x12\x10\n\x08workload\x18\x01 \x01(\t\x12\x0e\n\x06\x63group\x18\x02 \x01(\t\x12\x15\n\rstart_unix_ms\x18\x03 \x01(\x03\x12\x13\n\x0b\x65nd_unix_ms\x18\x04 \x01(\x03\x12\x30\n\x08syscalls\x18\x05 \x01(\x0b\x32\x1e.shadowplane.v1.SyscallProfile\x12\x30\n\x08\x62lock_io\x18\x06 \x01(\x0b\x32\x1e.shadowplane.v1.BlockIOProfile\x12\'\n\x03tcp\x18\x07 \x01(\x0b\x32\x1a.shadowplane.v1.TcpProfile\x12,\n\tresources\x18\x08 \x01(\x0b\x32\x19.shadowplane.v1.Resources\"a\n\x0cWorkloadInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x63group\x18\x02 \x01(\t\x12\"\n\x04role\x18\x03 \x01(\x0e\x32\x14.shadowplane.v1.Role\x12\x0f\n\x07service\x18\x04 \x01(\t\"\x98\x02\n\rCaptureStatus\x12\x12\n\nbpf_active\x18\x01 \x01(\x08\x12\x1e\n\x16\x62pf_unavailable_reason\x18\x02 \x01(\t\x12H\n\x0e\x64ropped_events\x18\x03 \x03(\x0b\x32\x30.shadowplane.v1.CaptureStatus.DroppedEventsEntry\x12!\n\x19telemetry_batches_dropped\x18\x04 \x01(\x04\x12\x30\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32\x1e.shadowplane.v1.CaptureFeature\x1a\x34\n\x12\x44roppedEventsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"@\n\x0e\x43\x61ptureFeature\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61ptured\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PRIMARY\x10\x01\x12\x0f\n\x0bROLE_SHADOW\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,32 +37,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TCPPROFILE_STATECHANGESENTRY']._serialized_options = b'8\001'
   _globals['_CAPTURESTATUS_DROPPEDEVENTSENTRY']._loaded_options = None
   _globals['_CAPTURESTATUS_DROPPEDEVENTSENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=2020
-  _globals['_ROLE']._serialized_end=2083
+  _globals['_ROLE']._serialized_start=2051
+  _globals['_ROLE']._serialized_end=2114
   _globals['_LOG2HISTOGRAM']._serialized_start=50
   _globals['_LOG2HISTOGRAM']._serialized_end=95
   _globals['_SYSCALLPROFILE']._serialized_start=98
-  _globals['_SYSCALLPROFILE']._serialized_end=315
-  _globals['_SYSCALLPROFILE_BYNAMEENTRY']._serialized_start=270
-  _globals['_SYSCALLPROFILE_BYNAMEENTRY']._serialized_end=315
-  _globals['_BLOCKIOPROFILE']._serialized_start=318
-  _globals['_BLOCKIOPROFILE']._serialized_end=504
-  _globals['_TCPPROFILE']._serialized_start=507
-  _globals['_TCPPROFILE']._serialized_end=775
-  _globals['_TCPPROFILE_STATECHANGESENTRY']._serialized_start=724
-  _globals['_TCPPROFILE_STATECHANGESENTRY']._serialized_end=775
-  _globals['_PRESSURE']._serialized_start=777
-  _globals['_PRESSURE']._serialized_end=892
-  _globals['_RESOURCES']._serialized_start=895
-  _globals['_RESOURCES']._serialized_end=1286
-  _globals['_WORKLOADSAMPLE']._serialized_start=1289
-  _globals['_WORKLOADSAMPLE']._serialized_end=1570
-  _globals['_WORKLOADINFO']._serialized_start=1572
-  _globals['_WORKLOADINFO']._serialized_end=1669
-  _globals['_CAPTURESTATUS']._serialized_start=1672
-  _globals['_CAPTURESTATUS']._serialized_end=1952
-  _globals['_CAPTURESTATUS_DROPPEDEVENTSENTRY']._serialized_start=1900
-  _globals['_CAPTURESTATUS_DROPPEDEVENTSENTRY']._serialized_end=1952
-  _globals['_CAPTUREFEATURE']._serialized_start=1954
-  _globals['_CAPTUREFEATURE']._serialized_end=2018
+  _globals['_SYSCALLPROFILE']._serialized_end=346
+  _globals['_SYSCALLPROFILE_BYNAMEENTRY']._serialized_start=301
+  _globals['_SYSCALLPROFILE_BYNAMEENTRY']._serialized_end=346
+  _globals['_BLOCKIOPROFILE']._serialized_start=349
+  _globals['_BLOCKIOPROFILE']._serialized_end=535
+  _globals['_TCPPROFILE']._serialized_start=538
+  _globals['_TCPPROFILE']._serialized_end=806
+  _globals['_TCPPROFILE_STATECHANGESENTRY']._serialized_start=755
+  _globals['_TCPPROFILE_STATECHANGESENTRY']._serialized_end=806
+  _globals['_PRESSURE']._serialized_start=808
+  _globals['_PRESSURE']._serialized_end=923
+  _globals['_RESOURCES']._serialized_start=926
+  _globals['_RESOURCES']._serialized_end=1317
+  _globals['_WORKLOADSAMPLE']._serialized_start=1320
+  _globals['_WORKLOADSAMPLE']._serialized_end=1601
+  _globals['_WORKLOADINFO']._serialized_start=1603
+  _globals['_WORKLOADINFO']._serialized_end=1700
+  _globals['_CAPTURESTATUS']._serialized_start=1703
+  _globals['_CAPTURESTATUS']._serialized_end=1983
+  _globals['_CAPTURESTATUS_DROPPEDEVENTSENTRY']._serialized_start=1931
+  _globals['_CAPTURESTATUS_DROPPEDEVENTSENTRY']._serialized_end=1983
+  _globals['_CAPTUREFEATURE']._serialized_start=1985
+  _globals['_CAPTUREFEATURE']._serialized_end=2049
 # @@protoc_insertion_point(module_scope)

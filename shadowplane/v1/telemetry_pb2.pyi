@@ -93,14 +93,19 @@ class SyscallProfile(_message.Message):
     BY_NAME_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
     LATENCY_SAMPLE_EVERY_FIELD_NUMBER: _builtins.int
+    LATENCY_TIMED_SECONDS_FIELD_NUMBER: _builtins.int
     total: _builtins.int
     latency_sample_every: _builtins.int
+    latency_timed_seconds: _builtins.float
+    """Seconds of this sample's interval during which latency was timed (0: none; the interval: always)."""
     @_builtins.property
     def by_name(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     @_builtins.property
     def latency(self) -> Global___Log2Histogram:
-        """Latency is timed on one syscall in `latency_sample_every` per thread (counts stay exact): the
-        histogram counts timed calls; multiply by latency_sample_every to estimate all calls.
+        """Counts are exact. Latency is timed only inside timing windows (capture.syscall_latency_window_seconds
+        in every capture.syscall_latency_period_seconds, at a random point of each period), on one call in
+        `latency_sample_every` of the workload's calls on each CPU, for calls that start and end inside the
+        same window: the histogram counts timed calls. Calls longer than a window are under-represented.
         """
 
     def __init__(
@@ -110,10 +115,11 @@ class SyscallProfile(_message.Message):
         by_name: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         latency: Global___Log2Histogram | None = ...,
         latency_sample_every: _builtins.int = ...,
+        latency_timed_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_name", b"by_name", "latency", b"latency", "latency_sample_every", b"latency_sample_every", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_name", b"by_name", "latency", b"latency", "latency_sample_every", b"latency_sample_every", "latency_timed_seconds", b"latency_timed_seconds", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -40,6 +40,7 @@ def capture(request: pytest.FixtureRequest) -> Iterator[BpfCapture]:
     need_bpf()
     kernel = OnlyWhat61Has() if request.param == "as-on-6.1" else None
     c = BpfCapture(max_slots=8, syscall_latency_sample_every=8, kernel=kernel)
+    c.time_latency(True)  # one window open for the whole module
     try:
         yield c
     finally:

@@ -76,6 +76,7 @@ def test_agent_metrics_over_http_pass_promtool(
     cfg.write_text(
         f'controller = "127.0.0.1:{port}"\nhost = "it-p1"\ninterval_seconds = 0.5\n'
         f'reconnect_max_seconds = 0.5\n[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
+        "[capture]\nsyscall_latency_window_seconds = 0.5\nsyscall_latency_period_seconds = 1.0\n"
         f'[[workload]]\nname = "web"\ncgroup = "{workload_cgroup.path}"\nrole = "primary"\nservice = "web"\n'
         + PLAINTEXT
     )
@@ -87,7 +88,10 @@ def test_agent_metrics_over_http_pass_promtool(
         def connected_with_samples() -> str:
             text = scrape(metrics_port)
             ok = series(text, "shadowplane_agent_controller_connected") == {"": 1.0}
-            return text if ok and 'shadowplane_agent_cpu_seconds_total{workload="web"}' in text else ""
+            timed = series(text, "shadowplane_agent_syscall_latency_timed_seconds_total")
+            no_bpf = series(text, "shadowplane_agent_bpf_active") == {"": 0.0}
+            bpf_timed = timed.get('{workload="web"}', 0) > 0 or no_bpf
+            return text if ok and bpf_timed and 'cpu_seconds_total{workload="web"}' in text else ""
 
         text = str(wait_until(connected_with_samples, 30, "the agent's first batch and a connected stream"))
         promtool_check(text)
@@ -97,7 +101,7 @@ def test_agent_metrics_over_http_pass_promtool(
         assert series(text, "shadowplane_agent_loop_lag_seconds_count")[""] > 0
         assert '{le="+Inf"}' in series(text, "shadowplane_agent_loop_lag_seconds_bucket")
         if series(text, "shadowplane_agent_bpf_active") == {"": 1.0}:
-            # dd's one-byte reads and writes: counted exactly, timed 1 in 8
+            # dd's one-byte reads and writes: counted exactly, timed 1 in 8 inside the timing windows
             calls = series(text, "shadowplane_agent_syscalls_total")
             assert calls['{syscall="read",workload="web"}'] > 1000
             buckets = series(text, "shadowplane_agent_syscall_latency_seconds_bucket")

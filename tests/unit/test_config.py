@@ -89,6 +89,14 @@ def test_good_config_loads_with_types(tmp_path: Path) -> None:
             "capture.syscall_latency_sample_every",
             "between 1 and 1024",
         ),
+        (
+            GOOD.replace(
+                "syscall_latency_sample_every = 4",
+                "syscall_latency_sample_every = 4\nsyscall_latency_window_seconds = 20",
+            ),
+            "capture.syscall_latency_window_seconds",
+            "longer than syscall_latency_period_seconds (10); make it at most the period",
+        ),
         (GOOD + GOOD[GOOD.index("[[workload]]") :], "workload", "used twice"),
     ],
 )

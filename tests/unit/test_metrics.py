@@ -112,6 +112,7 @@ def sample(workload: str, cpu_seconds: float, kernel: bool = True) -> tpb.Worklo
         s.syscalls.by_name["read"] = 100
         s.syscalls.latency.counts.extend([0, 0, 0, 4])  # timed calls in [8, 16) ns
         s.syscalls.latency_sample_every = 8
+        s.syscalls.latency_timed_seconds = 0.1
         s.block_io.write_ops, s.block_io.write_bytes = 2, 8192
         s.block_io.latency.counts.extend([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2])  # [1024, 2048) us
         s.tcp.state_changes["ESTABLISHED"] = 1
@@ -167,6 +168,8 @@ def test_agent_metrics_are_running_totals_of_the_shipped_deltas() -> None:
     assert value(text, 'shadowplane_agent_cpu_seconds_total{workload="web"}') == 0.75
     assert value(text, 'shadowplane_agent_syscalls_total{syscall="read",workload="web"}') == 200
     assert value(text, 'shadowplane_agent_syscall_latency_sample_ratio{workload="web"}') == 1 / 8
+    # the histogram's observation time: the timing windows of both samples
+    assert value(text, 'shadowplane_agent_syscall_latency_timed_seconds_total{workload="web"}') == 0.2
     lat = "shadowplane_agent_syscall_latency_seconds_bucket"
     assert value(text, f'{lat}{{le="8e-09",workload="web"}}') == 0
     assert value(text, f'{lat}{{le="1.6e-08",workload="web"}}') == 8

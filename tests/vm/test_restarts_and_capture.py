@@ -155,8 +155,13 @@ def test_the_capture_in_the_unit_counts_a_known_workload_within_2_percent(walked
     assert writes > 0, "no block write of the workload seen"
     tcp = value(text, "shadowplane_agent_tcp_state_changes_total", workload="count")
     assert tcp > 0, "no TCP state change of the workload seen"
+    # latency timing windows open (sys_exit attached and detached) under the unit's reduced capabilities
+    timed = value(text, "shadowplane_agent_syscall_latency_timed_seconds_total", workload="count")
+    assert timed > 0, "no syscall latency timing window opened in the unit"
+    assert "syscall latency is not timed" not in guest.journal("shadowplane-agentd", 400)
     print(
-        f"known workload: {counted:.0f} reads counted for {READS}, {writes:.0f} block writes, {tcp:.0f} TCP"
+        f"known workload: {counted:.0f} reads counted for {READS}, {writes:.0f} block writes, {tcp:.0f} TCP, "
+        f"latency timed {timed:.1f} s"
     )
 
 
