@@ -1,8 +1,10 @@
 """What the agent's capture costs a syscall-heavy process: one it captures, and one it does not.
 
 A syscall storm (`dd if=/dev/zero of=/dev/null bs=1`: one read and one write per byte) runs for a fixed time
-(`--seconds`, default 20: two of the default latency periods) and its throughput gives the time per
-syscall. All rows run in one run, on this machine, so their ratios travel between machines:
+(`--seconds`) and its throughput gives the time per syscall. Every row runs once per round (`--rounds`),
+rows interleaved so that drift in the machine's speed falls on all of them, and each row's figure pools its
+rounds (total syscalls over total time: the mean cost). All rows run in one run, on this machine, so their
+ratios travel between machines:
 
 - no capture (measured first and last; the mean is the reference);
 - empty raw tracepoints: sys_enter only (what exact counting cannot avoid), sys_enter + sys_exit (the floor
@@ -15,7 +17,7 @@ Prints each row's ratio to no capture and to both floors, ns added per syscall, 
 captured storm exactly (its read count against dd's), the agent's CPU and RSS, and any dropped events. Needs
 root and BPF.
 
-    .venv/bin/python bench/agent_overhead.py [--seconds 20]
+    .venv/bin/python bench/agent_overhead.py [--seconds 10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class AgentRun:
     uncaptured: Storm
     counted_reads: int
     timed_seconds: float
+    scraped_seconds: float
     cpu_pct: float
     rss_mb: float
     dropped: dict[str, int]
@@ -132,6 +135,7 @@ def with_agent(
     seconds: float,
     window: float,
     period: float,
+    uncaptured_first: bool,
 ) -> AgentRun:
     port, mport = free_port(), free_port()
     (work / "c.toml").write_text(f'listen = "127.0.0.1:{port}"\n[store]\npath = "{work}/c.db"\n' + PLAINTEXT)
@@ -155,18 +159,18 @@ def with_agent(
                 raise RuntimeError("agent did not load its capture:\n" + (work / "a.log").read_text())
             time.sleep(0.2)
         time.sleep(2.5)  # a sample or two taken: the counters below are the storm's alone
-        before = scrape(mport)
+        unc = storm(uncaptured, seconds) if uncaptured_first else None
+        before, t0 = scrape(mport), time.monotonic()
         cap = storm(captured, seconds)
         time.sleep(2.5)  # the agent samples every second: let it ship the storm's last reads
-        after = scrape(mport)
-        unc = storm(uncaptured, seconds)
+        after, t1 = scrape(mport), time.monotonic()
+        unc = unc or storm(uncaptured, seconds)
         ap = psutil.Process(agent.pid)
-        cpu0, t0 = sum(ap.cpu_times()[:2]), time.monotonic()
-        time.sleep(5)  # steady state: sampling every second, nothing else going on
-        cpu_pct = 100 * (sum(ap.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
-        text = scrape(mport)
+        cpu0, c0 = sum(ap.cpu_times()[:2]), time.monotonic()
+        time.sleep(3)  # steady state: sampling every second, nothing else going on
+        cpu_pct = 100 * (sum(ap.cpu_times()[:2]) - cpu0) / (time.monotonic() - c0)
         dropped = {}
-        for line in text.splitlines():
+        for line in scrape(mport).splitlines():
             m = re.match(r'shadowplane_agent_dropped_events_total\{reason="([^"]+)"\} (\S+)', line)
             if m:
                 dropped[m.group(1)] = int(float(m.group(2)))
@@ -175,6 +179,7 @@ def with_agent(
             unc,
             int(metric(after, reads) - metric(before, reads)),
             metric(after, timed) - metric(before, timed),
+            t1 - t0,
             cpu_pct,
             ap.memory_info().rss / 2**20,
             dropped,
@@ -184,9 +189,15 @@ def with_agent(
         stop(ctl)
 
 
+def pooled(storms: list[Storm]) -> Storm:
+    """Several storms as one: total bytes over total time (the mean cost, what a host pays on average)."""
+    return Storm(sum(x.bytes for x in storms), sum(x.seconds for x in storms))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=20.0, help="length of each storm")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of each storm")
+    ap.add_argument("--rounds", type=int, default=3, help="every row once per round, rows interleaved")
     args = ap.parse_args()
     reason = unavailable_reason()
     if reason:
@@ -201,53 +212,68 @@ def main() -> int:
     outside = [d / "cgroup.procs" for d in layout.dirs(cg_out)]
     work = Path(tempfile.mkdtemp(prefix="sp-bench-"))
     w, p, s = DEFAULTS.syscall_latency_window_seconds, DEFAULTS.syscall_latency_period_seconds, args.seconds
+    rows: dict[str, list[Storm]] = {}
+    agents: dict[str, list[AgentRun]] = {"defaults": [], "always": []}
     try:
-        base1 = storm(outside, s)
-        enter_only = with_floor("enter", outside, s)
-        floor = with_floor("both", outside, s)
-        default = with_agent(work, cg_in, inside, outside, s, w, p)
-        always = with_agent(work, cg_in, inside, outside, s, p, p)
-        base2 = storm(outside, s)
+        for r in range(args.rounds):
+            rows.setdefault("base", []).append(storm(outside, s))
+            rows.setdefault("enter", []).append(with_floor("enter", outside, s))
+            rows.setdefault("floor", []).append(with_floor("both", outside, s))
+            for name, window in (("defaults", w), ("always", p)):
+                run = with_agent(work, cg_in, inside, outside, s, window, p, uncaptured_first=r % 2 == 1)
+                agents[name].append(run)
+                rows.setdefault(f"{name} captured", []).append(run.captured)
+                rows.setdefault(f"{name} uncaptured", []).append(run.uncaptured)
     finally:
         for cg in (cg_in, cg_out):
             layout.remove(cg)
-    base = (base1.ns_per_syscall + base2.ns_per_syscall) / 2
+    ns = {k: pooled(v).ns_per_syscall for k, v in rows.items()}
+    spread = {
+        k: (min(x.ns_per_syscall for x in v), max(x.ns_per_syscall for x in v)) for k, v in rows.items()
+    }
+    base, enter_only, floor = ns["base"], ns["enter"], ns["floor"]
 
     print(
-        f"syscall storm: dd bs=1 for {s:g} s per row (one read + one write per byte), {os.cpu_count()} CPUs, "
-        f"kernel {os.uname().release}, {time.strftime('%Y-%m-%d')}"
+        f"syscall storm: dd bs=1, {args.rounds} rounds of {s:g} s per row, rows interleaved (one read + one "
+        f"write per byte), {os.cpu_count()} CPUs, kernel {os.uname().release}, {time.strftime('%Y-%m-%d')}"
     )
     print(
         f"agent capture defaults: latency timed {w:g} s in every {p:g} s, "
         f"1 in {DEFAULTS.syscall_latency_sample_every} calls inside a window"
     )
-    print(f"no capture: {base1.ns_per_syscall:.0f} ns/syscall first, {base2.ns_per_syscall:.0f} last")
-    print(f"{'row':<58} {'ns/call':>8} {'x none':>7} {'x enter':>8} {'x floor':>8}")
-
-    def row(name: str, ns: float) -> None:
+    print(
+        f"{'row (pooled over the rounds)':<50} {'ns/call':>8} {'rounds':>10} "
+        f"{'x none':>7} {'x enter':>8} {'x floor':>8}"
+    )
+    names = {
+        "base": "no capture",
+        "enter": "empty sys_enter (enter-only floor)",
+        "floor": "empty sys_enter + sys_exit (the floor)",
+        "defaults captured": "agent defaults, storm in the captured workload",
+        "defaults uncaptured": "agent defaults, storm in an uncaptured cgroup",
+        "always captured": "agent timing latency always, captured",
+        "always uncaptured": "agent timing latency always, uncaptured",
+    }
+    for key, label in names.items():
+        lo, hi = spread[key]
         print(
-            f"{name:<58} {ns:8.0f} {ns / base:7.3f} {ns / enter_only.ns_per_syscall:8.3f} "
-            f"{ns / floor.ns_per_syscall:8.3f}   +{ns - base:.0f} ns"
+            f"{label:<50} {ns[key]:8.0f} {lo:4.0f}-{hi:<5.0f} {ns[key] / base:7.3f} "
+            f"{ns[key] / enter_only:8.3f} {ns[key] / floor:8.3f}   +{ns[key] - base:.0f} ns"
         )
-
-    row("no capture (mean of first and last)", base)
-    row("empty sys_enter (enter-only floor)", enter_only.ns_per_syscall)
-    row("empty sys_enter + sys_exit (the floor)", floor.ns_per_syscall)
-    row("agent defaults, storm in the captured workload", default.captured.ns_per_syscall)
-    row("agent defaults, storm in an uncaptured cgroup", default.uncaptured.ns_per_syscall)
-    row("agent timing latency always, captured", always.captured.ns_per_syscall)
-    row("agent timing latency always, uncaptured", always.uncaptured.ns_per_syscall)
     print(
         "targets (issue 12): uncaptured <= 1.05 x floor; captured with defaults <= 1.15 x floor; "
         "host-wide average with windows <= 1.3 x no capture"
     )
-    for name, run in (("defaults", default), ("always", always)):
-        exact = run.counted_reads / run.captured.bytes
+    for name, runs in agents.items():
+        counted = sum(r.counted_reads for r in runs)
+        copied = sum(r.captured.bytes for r in runs)
+        timed = sum(r.timed_seconds for r in runs)
+        scraped = sum(r.scraped_seconds for r in runs)
+        dropped = {k: max(r.dropped.get(k, 0) for r in runs) for k in runs[0].dropped}
         print(
-            f"agent ({name}): counted {run.counted_reads:,} reads of dd's {run.captured.bytes:,} "
-            f"({exact:.4f}); latency timed {run.timed_seconds:.1f} s of the storm's {s:g} s; "
-            f"steady CPU {run.cpu_pct:.2f}% of a core; RSS {run.rss_mb:.0f} MB; "
-            f"dropped {run.dropped or 'none'}"
+            f"agent ({name}): counted {counted:,} reads of dd's {copied:,} ({counted / copied:.5f}); "
+            f"latency timed {timed:.1f} s of {scraped:.1f} s; steady CPU {runs[0].cpu_pct:.2f}% of a core; "
+            f"RSS {runs[0].rss_mb:.0f} MB; dropped {dropped or 'none'}"
         )
     return 0
 

@@ -29,11 +29,14 @@ def build(options: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     from bcc.syscall import syscalls
     from bcc.table import PerCpuArray, PerCpuHash
 
+    from agentd.capture.kernel_btf import cgroup_id_walk_cflags
     from agentd.capture.map_layout import MapLayout, describe_ctype
 
+    walk, slow = cgroup_id_walk_cflags()
     text = resources.files("agentd.capture").joinpath("bpf_program.c").read_text()
-    b = BPF(text=text, cflags=list(options["cflags"]))
+    b = BPF(text=text, cflags=[*options["cflags"], *walk])
     manifest: dict[str, Any] = {
+        "cgroup_test_slow": slow,
         "maps": [],
         "programs": [],
         "attachments": [],

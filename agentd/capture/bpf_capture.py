@@ -24,7 +24,6 @@ import numpy as np
 
 from agentd.capture import cgroup_filter
 from agentd.capture.bpf_syscall import BpfMap, possible_cpus, raw_tracepoint_open, recursion_misses
-from agentd.capture.kernel_btf import CGROUP_ID_WALK, BtfError, KernelBtf
 from agentd.capture.kernel_counters import BlockCounters, KernelCounters, SyscallCounters, TcpCounters
 from agentd.capture.kernel_features import TRACEFS, FeatureStatus, KernelView, compile_flags, decide
 from agentd.capture.map_layout import LayoutError, MapLayout
@@ -94,21 +93,8 @@ def program_cflags(
         f"-DMAX_SLOTS={max_slots}",
         f"-DSAMPLE_EVERY={sample_every}",
         *cgroup_filter.cflags(),
-        *cgroup_id_walk_flags(kernel.btf),
         *compile_flags(kernel, features, headers),
     ]
-
-
-def cgroup_id_walk_flags(btf_path: Path) -> list[str]:
-    """Offsets for the cgroup test's pointer walk, from this kernel's BTF; none (the program then calls
-    bpf_get_current_cgroup_id(), slower on every syscall) when BTF lacks or does not match the walk."""
-    try:
-        offsets = KernelBtf(btf_path).pointer_chain(CGROUP_ID_WALK)
-    except (OSError, BtfError) as e:
-        log.warning("cgroup test through bpf_get_current_cgroup_id(), slower: %s", e)
-        return []
-    names = ("TASK_CGROUPS_OFF", "CSS_SET_DFL_CGRP_OFF", "CGROUP_KN_OFF", "KERNFS_NODE_ID_OFF")
-    return ["-DCGROUP_ID_WALK", *(f"-D{n}={off}" for n, off in zip(names, offsets, strict=True))]
 
 
 @dataclass(frozen=True)
@@ -223,6 +209,11 @@ class BpfCapture:
         if SYS_EXIT in self._attachments:
             os.close(self._attachments.pop(SYS_EXIT))
         self.syscall_names = {int(k): v for k, v in reply.get("syscalls", {}).items()}
+        if reply.get("cgroup_test_slow"):
+            log.warning(
+                "BPF capture: cgroup test through bpf_get_current_cgroup_id(), slower: %s",
+                reply["cgroup_test_slow"],
+            )
         try:
             for name, fields in READS.items():
                 self._layouts[name].require(fields)

@@ -128,3 +128,16 @@ CGROUP_ID_WALK = (
     ("cgroup", "kn"),
     ("kernfs_node", "id"),
 )
+
+
+def cgroup_id_walk_cflags(path: Path = VMLINUX_BTF) -> tuple[list[str], str]:
+    """-D flags for the capture program's cgroup test: the walk's offsets from this kernel's BTF. Without them
+    (no BTF, or a kernel whose structs do not match the walk) the program calls bpf_get_current_cgroup_id(),
+    slower on every syscall: the second value says why, "" when the walk is used. Run in the build child:
+    parsing BTF allocates tens of MB the daemon need not keep."""
+    try:
+        offsets = KernelBtf(path).pointer_chain(CGROUP_ID_WALK)
+    except (OSError, BtfError) as e:
+        return [], str(e)
+    names = ("TASK_CGROUPS_OFF", "CSS_SET_DFL_CGRP_OFF", "CGROUP_KN_OFF", "KERNFS_NODE_ID_OFF")
+    return ["-DCGROUP_ID_WALK", *(f"-D{n}={off}" for n, off in zip(names, offsets, strict=True))], ""
