@@ -176,7 +176,8 @@ class BpfCapture:
         self._attachments: dict[str, int] = {}
         self._assignments: dict[str, SlotAssignment] = {}
         self._filter: dict[int, tuple[int, int]] = {}  # entry index -> (cgroup id, slot) as written
-        self._unplaced = 0  # cgroups of captured workloads that found no room in the filter
+        self._unplaced = 0  # cgroups of captured workloads that find no room in the filter now
+        self._refused: set[int] = set()  # every cgroup id the filter had no room for, since load
         # latency timing windows: sys_exit attached only while one is open
         self._timing_lock = threading.Lock()
         self._window = 0
@@ -265,6 +266,7 @@ class BpfCapture:
     def _write_cgroup_map(self, assignments: dict[str, SlotAssignment]) -> None:
         want = {cg: a.slot for a in assignments.values() for cg in a.cgroup_ids}
         placed, unplaced = cgroup_filter.layout(want, {idx: cg for idx, (cg, _) in self._filter.items()})
+        self._refused.update(unplaced)
         if len(unplaced) != self._unplaced:
             if unplaced:
                 log.error(
@@ -358,7 +360,8 @@ class BpfCapture:
         layout = self._layouts["misses"]
         totals = layout.totals(raw, self._ncpu) if raw else {}
         out: dict[str, int] = {f.name: int(totals[f.name][0]) if totals else 0 for f in layout.fields}
-        out["cgroups_not_captured"] = self._unplaced  # now, not cumulative: 0 once they fit again
+        # cumulative like the rest: cgroups the filter had no room for since load (their events not counted)
+        out["cgroups_not_captured"] = len(self._refused)
         for name, fd in self._programs.items():
             n = recursion_misses(fd)
             if n:

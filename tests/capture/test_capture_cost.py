@@ -122,3 +122,20 @@ def test_every_cgroup_of_a_deep_tree_is_captured(capture: BpfCapture, workload_c
         Workload(workload_cgroup.layout, c).run([*DD, "count=10000"])
     (s,) = col.collect()
     assert 30_000 <= s.syscalls.by_name["read"] <= 30_000 * 1.02
+
+
+def test_cgroups_the_filter_has_no_room_for_are_reported(
+    capture: BpfCapture, workload_cgroup: Workload, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the filter's limit made small: a workload of three cgroups, room for two (ids placed in id order, so
+    # the child made last is the one refused)
+    monkeypatch.setattr("agentd.capture.cgroup_filter.MAX_CGROUPS", 2)
+    kids = [f"{workload_cgroup.path}/a", f"{workload_cgroup.path}/b"]
+    for k in kids:
+        workload_cgroup.layout.ensure(k)
+    col = collector_for(capture, workload_cgroup)
+    assert capture.dropped_events()["cgroups_not_captured"] == 1
+    Workload(workload_cgroup.layout, kids[0]).run([*DD, "count=10000"])
+    Workload(workload_cgroup.layout, kids[1]).run([*DD, "count=10000"])
+    (s,) = col.collect()
+    assert 10_000 <= s.syscalls.by_name["read"] <= 10_200, "the placed child counted, the refused one not"
