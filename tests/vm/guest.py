@@ -53,6 +53,11 @@ class Result:
         return self
 
 
+# How long a stalled guest may take to answer again before it counts as hung, and the commands that are safe
+# to send twice.
+STALL_SECONDS = 300
+IDEMPOTENT = frozenset({"guest-exec-status", "guest-ping", "guest-info"})
+
 IMAGE_CACHE = ROOT / "build/vm"
 # `make test` starts the image build in the background under this lock (`flock`), so that it overlaps the
 # rest of the suite; whoever needs the image takes the lock, so it waits for that build instead of racing it.
@@ -163,6 +168,10 @@ class Guest:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            # the guest's console (kernel messages: an oops, a hung task) outlives the run, for a post-mortem
+            with contextlib.suppress(OSError):
+                IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
+                shutil.copy(workdir / "console.log", IMAGE_CACHE / "last-console.log")
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -233,8 +242,24 @@ class Guest:
                 return
 
     def call(self, command: str, timeout: float = 30, **arguments: Any) -> Any:
-        self._send({"execute": command, "arguments": arguments} if arguments else {"execute": command})
-        reply = self._recv(timeout)
+        request = {"execute": command, "arguments": arguments} if arguments else {"execute": command}
+        self._send(request)
+        try:
+            reply = self._recv(timeout)
+        except TimeoutError:
+            # A guest starved of CPU under emulation can stall past the timeout: resynchronise the channel
+            # (a late reply would otherwise answer the next command), then ask again where that is harmless.
+            try:
+                self._sync(timeout=STALL_SECONDS)
+            except (TimeoutError, OSError) as e:
+                raise TimeoutError(
+                    f"{command}: the guest agent stopped answering ({e}); console:\n{self.console()[-3000:]}"
+                ) from None
+            if command not in IDEMPOTENT:
+                stalled = f"{command}: no answer within {timeout:.0f} s (the guest stalled)"
+                raise TimeoutError(stalled) from None
+            self._send(request)
+            reply = self._recv(timeout)
         if "error" in reply:
             raise GuestError(f"{command}: {reply['error']}")
         return reply.get("return")
