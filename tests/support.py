@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agentd.capture.bpf_capture import unavailable_reason
+from agentd.capture.bpf_capture import BpfCapture, unavailable_reason
+from agentd.capture.collector import Collector
 from agentd.cgroupfs import CgroupLayout
+from agentd.config import WorkloadConfig
 from controller.config import ControllerConfig, HostEntry, ScalingConfig, ServiceConfig, StoreConfig
 from shadowplane.tls import TlsConfig
 
@@ -172,3 +174,9 @@ def fleet_api_config(tmp_path: Path, port: int) -> ControllerConfig:
         host=[HostEntry("p1", address="127.0.0.1"), HostEntry("s1", address="127.0.0.1")],
         service=[ServiceConfig("web", "p1", ["s1"], vip="10.0.0.100/24")],
     )
+
+
+def collector_for(capture: BpfCapture, w: Workload) -> Collector:
+    """A collector of one workload "t" in `w`'s cgroup, sampling through `capture`."""
+    wl = WorkloadConfig(name="t", cgroup=w.path, role="primary", service="t")
+    return Collector(w.layout, [wl], capture)

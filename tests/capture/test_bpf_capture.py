@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 
 from agentd.capture.bpf_capture import BpfCapture
-from agentd.capture.collector import Collector
 from agentd.capture.kernel_features import FEATURES, KernelView
-from agentd.config import WorkloadConfig
-from tests.support import Workload, need_bpf
+from tests.support import Workload, collector_for, need_bpf
 
 LINUX_6_1 = Path(__file__).parent / "formats/linux-6.1"
 
@@ -45,11 +43,6 @@ def capture(request: pytest.FixtureRequest) -> Iterator[BpfCapture]:
         yield c
     finally:
         c.close()
-
-
-def collector_for(capture: BpfCapture, w: Workload) -> Collector:
-    wl = WorkloadConfig(name="t", cgroup=w.path, role="primary", service="t")
-    return Collector(w.layout, [wl], capture)
 
 
 def test_syscall_count_matches_known_workload(capture: BpfCapture, workload_cgroup: Workload) -> None:

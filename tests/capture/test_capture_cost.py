@@ -13,9 +13,7 @@ import pytest
 
 from agentd.capture.bpf_capture import BpfCapture
 from agentd.capture.bpf_syscall import program_id, raw_tracepoint_links
-from agentd.capture.collector import Collector
-from agentd.config import WorkloadConfig
-from tests.support import Workload, need_bpf
+from tests.support import Workload, collector_for, need_bpf
 
 DD = ["dd", "if=/dev/zero", "of=/dev/null", "bs=1"]
 
@@ -28,11 +26,6 @@ def capture() -> Iterator[BpfCapture]:
         yield c
     finally:
         c.close()
-
-
-def collector_for(capture: BpfCapture, w: Workload) -> Collector:
-    wl = WorkloadConfig(name="t", cgroup=w.path, role="primary", service="t")
-    return Collector(w.layout, [wl], capture)
 
 
 def ours_attached(capture: BpfCapture) -> set[str]:
