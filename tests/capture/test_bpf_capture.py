@@ -87,8 +87,14 @@ def test_block_io_from_direct_writes(
         subprocess.run(["rm", "-f", target])
     (s,) = col.collect()
     b = s.block_io
-    assert b.write_ops >= 200 and b.write_bytes >= 200 * 64 * 1024
-    assert b.read_ops >= 200 and b.read_bytes >= 200 * 64 * 1024
+    # With block_io_start (6.5+) every request is attributed where its bio starts: all 200 of each. Without it
+    # (Debian 12's 6.1) a request the device refuses for a moment (queue busy) goes back to the queue without
+    # block_rq_insert and a kernel worker issues it: that request counts for no workload, the documented gap
+    # of HAVE_BLOCK_RQ_INSERT (kernel_features.py). Seen once in 200 reads on CI; allow 2 %.
+    submitter = {f.name: f.flag for f in capture.features}["block_io_submitter"]
+    least = 200 if submitter == "HAVE_BLOCK_IO_START" else 196
+    assert b.write_ops >= least and b.write_bytes >= least * 64 * 1024
+    assert b.read_ops >= least and b.read_bytes >= least * 64 * 1024
     assert sum(b.latency.counts) >= b.read_ops + b.write_ops
     assert b.latency.unit == "us"
 
