@@ -14,6 +14,7 @@ import dns.exception
 import dns.name
 import dns.tsig
 
+from controller.predict.allocation import AllocationPolicy
 from controller.scaling.rule import RuleParams
 from shadowplane.config import (
     at_least,
@@ -354,12 +355,25 @@ class ScalingConfig:
         default=60.0, metadata=check(between(1, 3600), doc="seconds between scaling cycles (1 s for demos)")
     )
     forecast_step_seconds: float = field(
-        default=0.0, metadata=check(non_negative, doc="history step fed to the forecaster (0: the interval)")
+        default=0.0,
+        metadata=check(
+            non_negative,
+            doc="real seconds of one forecast step (0: the model's own step, 300 s for the packaged model); "
+            "shorter compresses time for labs and demos: the model still takes a step for one of its own",
+        ),
     )
     model: str = field(default="", metadata=check(doc="ONNX forecast model (empty: the packaged default)"))
     target_coverage: float = field(
-        default=0.99,
+        default=0.993,
         metadata=check(between(0.51, 0.9999), doc="share of steps the forecast target should cover"),
+    )
+    lower_hold_seconds: float = field(
+        default=4 * 3600.0,
+        metadata=check(
+            non_negative,
+            doc="a limit is lowered only this long after its last change (raises are never held back): at "
+            "most a few changes per workload-day",
+        ),
     )
     # The seed rule's parameters; their defaults are the rule's own (controller/scaling/rule.py).
     up_threshold: float = field(
@@ -384,6 +398,20 @@ class ScalingConfig:
         default=0.0, metadata=check(non_negative, doc="never above this (0: host cores)")
     )
     memory_floor_bytes: int = field(default=64 * 2**20, metadata=check(non_negative, doc="memory floor"))
+    # An OOM kill costs more than slack: memory is never sized below what is used now, plus a guard, and
+    # comes down slowly (CPU limits only throttle, so CPU follows the rule as it is).
+    memory_guard: float = field(
+        default=0.2,
+        metadata=check(
+            between(0, 10),
+            doc="a memory limit stays at least (memory in use, by the shadow or by the demand's last step) x "
+            "(1 + this)",
+        ),
+    )
+    memory_lower_step: float = field(
+        default=0.1,
+        metadata=check(between(0, 1), doc="a memory limit comes down by at most this share per step"),
+    )
     memory_ceiling_bytes: int = field(
         default=0, metadata=check(non_negative, doc="memory ceiling (0: the host's memory)")
     )
@@ -396,6 +424,12 @@ class ScalingConfig:
     def rule_params(self) -> RuleParams:
         """The seed rule as configured: what the scaling loop runs and the backtest replays."""
         return RuleParams(self.up_threshold, self.up_factor, self.down_threshold, self.down_factor)
+
+    def allocation_policy(self) -> AllocationPolicy:
+        """The forecast-to-target policy as configured: what the scaling loop runs and the backtest replays.
+        A series starts with misses priced high (conservative) and earns its way down as covered steps
+        accumulate: a shadow may have to take over in its first hour."""
+        return AllocationPolicy(target_coverage=self.target_coverage, initial_price=1.0)
 
     def validate(self) -> str | None:
         if self.cpu_ceiling_cores and self.cpu_ceiling_cores < self.cpu_floor_cores:

@@ -48,6 +48,20 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="agents' telemetry interval",
     )
+    up.add_argument(
+        "--scaling-interval",
+        type=float,
+        default=Timings.scaling_interval_seconds,
+        metavar="SECONDS",
+        help="the controller's scaling interval, also its forecast step in the lab (time compressed)",
+    )
+    up.add_argument(
+        "--lower-hold",
+        type=float,
+        default=Timings.scaling_lower_hold_seconds,
+        metavar="SECONDS",
+        help="scaling.lower_hold_seconds, in the model's time (production's default: 14400)",
+    )
     up.add_argument("--bpf", action="store_true", help="agents capture with BPF (slow to start)")
     up.add_argument(
         "--plaintext",
@@ -118,6 +132,25 @@ def parser() -> argparse.ArgumentParser:
     step.add_argument("--sample", type=float, default=1.0, help="seconds between timeline rows")
     step.add_argument("--json", action="store_true", help="one JSON object per row")
     step.set_defaults(func=lab_step_load)
+    rp = sc_sub.add_parser(
+        "replay",
+        help="a real trace as the primary's CPU demand, time compressed: the shadow's real limit scored "
+        "against the measured demand, beside the backtest",
+    )
+    rp.add_argument("--trace", type=Path, required=True, metavar="FILE.csv", help="CSV timestamp,value")
+    rp.add_argument(
+        "--speed",
+        type=float,
+        required=True,
+        help="trace seconds per real second: the trace's step over the lab's forecast step (its scaling "
+        "interval), e.g. 150 for a 300 s trace on the default lab",
+    )
+    rp.add_argument("--peak-cores", type=float, default=1.0, help="the replayed rows' peak, in cores")
+    rp.add_argument("--start-row", type=int, default=0, help="first trace row to replay")
+    rp.add_argument("--warmup-rows", type=int, default=288, help="rows replayed but not scored (a day)")
+    rp.add_argument("--rows", type=int, default=288, help="rows scored after the warm-up")
+    rp.add_argument("--json", action="store_true", help="one JSON object per step, then the report")
+    rp.set_defaults(func=lab_replay)
     return p
 
 
@@ -134,6 +167,8 @@ def lab_up(args: argparse.Namespace) -> int:
         failback_hold_seconds=args.failback_hold,
         flap_window_seconds=args.flap_window,
         agent_interval_seconds=args.agent_interval,
+        scaling_interval_seconds=args.scaling_interval,
+        scaling_lower_hold_seconds=args.lower_hold,
     )
     spec = Spec(
         primaries=args.primaries,
@@ -195,6 +230,41 @@ def lab_step_load(args: argparse.Namespace) -> int:
         return _err(str(e))
     except KeyboardInterrupt:
         return _err("interrupted")
+    return 0
+
+
+def lab_replay(args: argparse.Namespace) -> int:
+    from lab.replay import ReplayStep, replay, report_dict
+    from lab.runner import Lab, LabError
+    from training.traces import TraceError, load_trace
+
+    if args.speed <= 0 or args.peak_cores <= 0 or args.warmup_rows < 0 or args.rows < 1 or args.start_row < 0:
+        return _err("--speed and --peak-cores must be > 0, --rows >= 1, --warmup-rows and --start-row >= 0")
+    try:
+        trace = load_trace(args.trace)
+    except TraceError as e:
+        return _err(str(e))
+
+    def show(s: ReplayStep) -> None:
+        if args.json:
+            print(json.dumps(s.__dict__), flush=True)
+        elif (s.row - args.start_row) % 12 == 0:
+            limit = s.shadow_cpu_limit_cores
+            print(f"row {s.row:6d}  asked {s.asked_cores:5.2f} cores  shadow limit {limit:5.2f}", flush=True)
+
+    try:
+        lab = Lab.attach()
+        try:
+            r = replay(
+                lab, trace, args.speed, args.peak_cores, args.start_row, args.warmup_rows, args.rows, show
+            )
+        finally:
+            lab._close_grpc()
+    except LabError as e:
+        return _err(str(e))
+    except KeyboardInterrupt:
+        return _err("interrupted")
+    print(json.dumps(report_dict(r)) if args.json else r.text())
     return 0
 
 

@@ -93,7 +93,16 @@ def controller_toml(plan: Plan, workdir: Path, tsig_secret: str = "") -> str:
                 "placement_grace_seconds": t.placement_grace_seconds,
             },
         ),
-        toml_table("[scaling]", {"interval_seconds": t.scaling_interval_seconds, "cpu_floor_cores": 0.1}),
+        toml_table(
+            "[scaling]",
+            {
+                "interval_seconds": t.scaling_interval_seconds,
+                # a lab forecast step lasts one scaling interval: time compressed, the model sees its steps
+                "forecast_step_seconds": t.scaling_interval_seconds,
+                "lower_hold_seconds": t.scaling_lower_hold_seconds,
+                "cpu_floor_cores": 0.1,
+            },
+        ),
     ]
     for h in plan.fleet_hosts():
         out.append(toml_table("[[host]]", {"name": h.name, "zone": h.zone, "address": h.ipv4}))

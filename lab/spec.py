@@ -50,6 +50,9 @@ class Timings:
     loop_interval_seconds: float = 0.02
     placement_grace_seconds: float = 3.0  # primaries connect within a second or two in the lab
     scaling_interval_seconds: float = 2.0  # a lab minute is a couple of seconds
+    # In the model's time (a lab step is one 300 s model step): two steps, so a demo or a test sees a limit
+    # come down within seconds; production holds 4 h (`lab up --lower-hold 14400` replays with that).
+    scaling_lower_hold_seconds: float = 600.0
     agent_interval_seconds: float = 1.0
     agent_heartbeat_interval_seconds: float = 0.05
     agent_reconnect_max_seconds: float = 0.5

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from controller.predict.allocation import AllocationPolicy
+from controller.config import ScalingConfig, load_controller_config
 from controller.predict.champion import decide_champion, recent_loss
 from controller.predict.fallback import StatisticalForecaster
 from controller.predict.model import DEFAULT_MODEL, Forecaster, ModelError, load_model
 from controller.predict.series import Series, series_from_store
+from shadowplane.config import ConfigError
 from training import train as tr
 from training.backtest import BacktestError, format_report, run_backtest, write_alloc_csv
 from training.event_weights import Event, load_events
@@ -68,21 +71,47 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser(
         "backtest",
-        help="replay a trace: the project's allocation vs the seed rule, VPA-style and Autopilot-style",
-        description="At each step, decide the shadow allocation from data up to --lead steps earlier; print "
-        "coverage, shortfall, slack and limit changes per day for the project and the baselines, and the "
-        "forecast's pinball loss and MASE. The first day is warm-up and is not scored.",
+        help="replay a trace through the controller's scaling step vs the seed rule, VPA and Autopilot",
+        description="At each step, decide the shadow's limit from data up to --lead steps earlier exactly as "
+        "the controller's scaling loop does with its configuration (--config; default: the controller's "
+        "defaults): forecast, calibration on the limit in force, target, seed rule, floors, ceilings, "
+        "memory's guard. Print coverage, shortfall, slack, limit changes per day (and for memory the steps "
+        "with the limit below usage) for the project and the baselines, and the forecast's pinball loss and "
+        "MASE. The first day is warm-up and is not scored.",
     )
     p.add_argument("--trace", type=Path, required=True, metavar="FILE.csv", help="CSV timestamp,value")
-    p.add_argument("--model", type=Path, metavar="MODEL.onnx", help="default: the packaged model")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="controller.toml",
+        help="the controller's configuration: its [scaling] table is replayed (default: its defaults)",
+    )
+    p.add_argument(
+        "--model", type=Path, metavar="MODEL.onnx", help="default: --config's scaling.model, or the packaged"
+    )
     p.add_argument("--fallback", action="store_true", help="use the statistical fallback instead of a model")
     p.add_argument(
         "--lead", type=int, default=1, metavar="STEPS", help="decide from data this many steps old"
     )
     p.add_argument("--out", type=Path, required=True, metavar="alloc.csv", help="per-step allocation CSV")
-    p.add_argument("--target-coverage", type=float, default=AllocationPolicy.target_coverage)
-    p.add_argument("--span", type=int, default=AllocationPolicy.span, help="steps one decision serves")
-    p.add_argument("--change-cost", type=float, default=AllocationPolicy.change_cost, help="hysteresis")
+    p.add_argument(
+        "--resource", choices=("cpu", "memory"), default="cpu", help="what the trace measures (default cpu)"
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="multiply the trace's values by F to get cores (cpu) or bytes (memory), e.g. 0.01 for percent "
+        "of a core; the configured floors and ceilings are in those units",
+    )
+    p.add_argument(
+        "--host-capacity",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="the shadow host's cores or bytes: the ceiling never exceeds it (default 0: unbounded)",
+    )
     p.set_defaults(func=backtest_cmd)
 
 
@@ -94,22 +123,28 @@ def _fail(msg: str) -> int:
 def backtest_cmd(args: argparse.Namespace) -> int:
     if args.lead < 1:
         return _fail(f"--lead must be >= 1, got {args.lead}")
-    policy = AllocationPolicy(
-        target_coverage=args.target_coverage, span=args.span, change_cost=args.change_cost
-    )
-    problem = policy.validate()
-    if problem:
-        return _fail(f"allocation policy: {problem}")
+    if not (args.scale > 0 and math.isfinite(args.scale)):
+        return _fail(f"--scale must be a positive number, got {args.scale}")
+    if not (args.host_capacity >= 0 and math.isfinite(args.host_capacity)):
+        return _fail(f"--host-capacity must be >= 0 (0: unbounded), got {args.host_capacity}")
+    scaling = ScalingConfig()
+    if args.config is not None:
+        try:
+            scaling = load_controller_config(args.config).scaling
+        except (ConfigError, OSError) as e:
+            return _fail(f"--config {args.config}: {e}")
     try:
         trace = load_trace(args.trace)
     except TraceError as e:
         return _fail(str(e))
+    if args.scale != 1.0:
+        trace = replace(trace, values=trace.values * args.scale)
     forecaster: Forecaster
     notes = []
     if args.fallback:
         forecaster = StatisticalForecaster()
     else:
-        path = args.model or DEFAULT_MODEL
+        path = args.model or scaling.model or DEFAULT_MODEL
         try:
             model = load_model(path)
         except ModelError as e:
@@ -126,7 +161,14 @@ def backtest_cmd(args: argparse.Namespace) -> int:
                 f"{model.info.step_seconds} s; features are in steps, so it still applies"
             )
     try:
-        report = run_backtest(trace, forecaster, args.lead, policy)
+        report = run_backtest(
+            trace,
+            forecaster,
+            args.lead,
+            scaling,
+            resource=args.resource,
+            host_capacity=args.host_capacity,
+        )
     except BacktestError as e:
         return _fail(str(e))
     report.notes.extend(notes)

@@ -6,6 +6,7 @@ own policy in the backtest, and returns one allocation per step (0 where nothing
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -100,4 +101,41 @@ def autopilot_max(
         while timestamps[window[0]] <= timestamps[i] - window_seconds:
             window.popleft()
         out[t] = values[window[0]]
+    return out
+
+
+def hindsight_blocks(
+    timestamps: npt.NDArray[np.int64],
+    values: F64,
+    scored: npt.NDArray[np.bool_],
+    coverage: float,
+    per_day: float = 7,
+) -> F64:
+    """Not a policy anyone can run: the limit an oracle that knows the whole trace would set with `per_day`
+    changes a day, as a bound on what any forecaster could reach under that change budget. The scored steps
+    are cut into equal blocks of 1/`per_day` day, each block's limit is one of its own values, and the misses
+    the coverage allows go (greedily, each to where it saves the most slack) to the blocks' highest values.
+    Equal blocks are a simplification: an oracle free to place its changes could do somewhat better."""
+    step = float(np.median(np.diff(timestamps))) if len(timestamps) > 1 else 1.0
+    block = max(1, round(DAY / step / per_day))
+    v = values[scored]
+    budget = math.floor((1 - coverage) * len(v) + 1e-9)
+    desc = [np.sort(v[i : i + block])[::-1] for i in range(0, len(v), block)]
+    misses = [0] * len(desc)
+    heap: list[tuple[float, int]] = []
+
+    def offer(b: int) -> None:
+        d, k = desc[b], misses[b]
+        if k + 1 < len(d):  # lowering the block's limit to its next value saves this much slack
+            heapq.heappush(heap, (-float(d[k] - d[k + 1]) * (len(d) - k - 1), b))
+
+    for b in range(len(desc)):
+        offer(b)
+    while budget > 0 and heap:
+        _, b = heapq.heappop(heap)
+        misses[b] += 1
+        budget -= 1
+        offer(b)
+    out = np.zeros(len(values))
+    out[scored] = np.concatenate([np.full(len(d), d[misses[b]]) for b, d in enumerate(desc)]) if desc else []
     return out

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 F64 = npt.NDArray[np.float64]
 DEFAULT_STEP_SECONDS = 300
+# Periods drift slowly and detecting them costs as much as the rest of featurisation: once an hour per row.
+PERIOD_REFRESH_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class PredictionEngine:
     def __init__(
         self,
         model_path: str | Path | None = DEFAULT_MODEL,
-        period_refresh_seconds: float = 3600.0,
+        period_refresh_seconds: float = PERIOD_REFRESH_SECONDS,
         threads: int = 0,
     ) -> None:
         self.fallback = StatisticalForecaster()

@@ -69,7 +69,7 @@ class SeriesBatch:
 
 
 def resample_workload(
-    cols: Columns, step_seconds: int, until_s: float | None = None
+    cols: Columns, step_seconds: float, until_s: float | None = None
 ) -> tuple[F64, dict[str, F64]]:
     """One workload's stored columns on the step grid: (step end times, values of every series by name),
     each step the mean or max of its samples as the schema says; NaN for steps without a sample."""
@@ -84,14 +84,14 @@ def resample_workload(
 def history_from_store(
     store: Store,
     now_ms: int,
-    step_seconds: int,
+    step_seconds: float,
     steps: int,
     host: str = "",
     resources: tuple[str, ...] = schema.RESOURCES,
 ) -> SeriesBatch:
     """Every workload's last `steps` steps ending at now, from the store. Steps with no sample are NaN; the
-    features treat them as unknown."""
-    since_ms = now_ms - steps * step_seconds * 1000
+    features treat them as unknown. The batch's step is `step_seconds` rounded to whole seconds."""
+    since_ms = now_ms - int(steps * step_seconds * 1000)
     now_s = now_ms / 1000.0
     keys, values, signals = [], [], []
     for (h, w), cols in sorted(store.resource_series(since_ms=since_ms, host=host).items()):
@@ -106,7 +106,7 @@ def history_from_store(
     return SeriesBatch(
         keys=tuple(keys),
         origin_ts=np.full(n, origin),
-        step_seconds=step_seconds,
+        step_seconds=max(1, round(step_seconds)),
         values=np.asarray(values, dtype=np.float64).reshape(n, len(resources), steps),
         signals=np.asarray(signals, dtype=np.float64).reshape(n, len(schema.SIGNALS), steps),
         resources=resources,

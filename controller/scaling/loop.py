@@ -1,5 +1,9 @@
-"""The scaling cycle: every interval, forecast every service's demand in one batch, plan each shadow's
-limits, send them to the shadows' agents, and record every decision with what the kernel then reports.
+"""The scaling cycle: once per forecast step (the model's own step, 300 s for the packaged model), forecast
+every service's demand in one batch from the history on that step, plan each shadow's limits with the
+planner's one path (controller/scaling/planner.py, which `shadowctl backtest` replays), send them to the
+shadows' agents, and record every decision with what the kernel then reports. Between steps the loop still
+wakes every interval: new shadows, overrides, lost limits and memory in use are acted on at once, but the
+rule moves a limit only once per step, as the backtest scores it.
 
 An agent that cannot be reached keeps its last limits (the agent fails static); the controller marks that
 shadow not ready instead of pretending it was resized.
@@ -10,23 +14,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from controller import telemetry_schema as schema
 from controller.config import ControllerConfig, ServiceConfig
 from controller.event_log import EventLog
-from controller.predict.allocation import AllocationPolicy, AllocationState, allocate, observe
+from controller.predict.allocation import AllocationState
 from controller.predict.engine import PredictionEngine, judge_in_child, lower_priority
 from controller.predict.model import DEFAULT_MODEL, OnnxForecaster, load_model_bytes
 from controller.predict.series import history_from_store, series_from_store
 from controller.registry import AgentRegistry, CommandError
 from controller.scaling.decision import IN_PLACE, AppliedLimits, Readiness, ScalingDecision, held
-from controller.scaling.planner import RESOURCES, ShadowNow, Target, decide_resource, io_weight
+from controller.scaling.planner import (
+    RESOURCES,
+    ShadowNow,
+    Target,
+    decide_resource,
+    forecast_target,
+    io_weight,
+)
 from controller.status import DemandView, ForecastView, ScalingView, ShadowView
 from controller.store import Store
 from controller.store.worker import StoreWorker
@@ -35,7 +48,24 @@ from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import telemetry_pb2 as tpb
 
 log = logging.getLogger(__name__)
-SHOWN_QUANTILES = (0.5, 0.9, 0.99)
+F64 = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class ServiceForecast:
+    """One service's demand forecast from the last complete step."""
+
+    key: str  # whose demand: "host/workload"
+    origin_s: float  # end of the last complete step, unix seconds
+    quantiles: tuple[float, ...]
+    curves: dict[str, F64]  # resource -> (horizon, quantiles)
+    last: dict[str, float]  # resource -> the demand in that step (NaN: unknown)
+    source: str
+
+
+def settle_seconds(step_seconds: float) -> float:
+    """How long after a step ends its last samples are waited for (agents send batches every few seconds)."""
+    return min(10.0, step_seconds / 5)
 
 
 class ScalingLoop:
@@ -52,12 +82,14 @@ class ScalingLoop:
         # History reads and forecasts run here, off the event loop (controller/store/worker.py).
         self.worker = worker or StoreWorker(store)
         self.engine = engine or PredictionEngine(cfg.scaling.model or DEFAULT_MODEL)
-        # A workload we have just met starts with misses priced high (conservative) and earns its way down as
-        # covered steps accumulate; the backtest's start price suits a day of warm-up nobody scores, not a
-        # shadow that may have to take over in its first hour.
-        self.policy = AllocationPolicy(target_coverage=cfg.scaling.target_coverage, initial_price=1.0)
-        self.states: dict[tuple[str, str], AllocationState] = {}
-        self.targets: dict[str, dict[str, Target]] = {}  # service -> resource -> target
+        self.policy = cfg.scaling.allocation_policy()
+        # per shadow resource (host, workload, resource): the calibration state and the step's target
+        self.states: dict[tuple[str, str, str], AllocationState] = {}
+        self.shadow_targets: dict[tuple[str, str, str], Target] = {}
+        self.ruled_origin: dict[tuple[str, str], float] = {}  # shadow -> the step its rule last ran for
+        self.changed_at: dict[tuple[str, str, str], float] = {}  # shadow resource -> step of its last change
+        self.forecasts: dict[str, ServiceForecast] = {}
+        self.targets: dict[str, dict[str, Target]] = {}  # service -> resource -> target (shown)
         self.demand: dict[str, str] = {}  # service -> "host/workload" whose forecast drives it
         self.applied: dict[tuple[str, str], AppliedLimits] = {}
         self.readiness: dict[tuple[str, str], Readiness] = {}
@@ -67,15 +99,29 @@ class ScalingLoop:
         self.wake = asyncio.Event()
 
     @property
-    def step_seconds(self) -> int:
-        return max(1, round(self.cfg.scaling.forecast_step_seconds or self.cfg.scaling.interval_seconds))
+    def step_seconds(self) -> float:
+        """Real seconds per forecast step: the model's own unless the lab compresses time."""
+        return self.cfg.scaling.forecast_step_seconds or float(self.engine.step_seconds)
+
+    @property
+    def time_compression(self) -> float:
+        """Model seconds per real second: 1 in production, more in a lab that compresses time."""
+        return self.engine.step_seconds / self.step_seconds
+
+    def last_complete_step(self, now: int) -> float:
+        """End (unix seconds) of the newest step whose samples have all arrived."""
+        step = self.step_seconds
+        return math.floor((now / 1000 - settle_seconds(step)) / step) * step
 
     # ---- the loop ----
 
     async def run(self) -> None:
         interval = self.cfg.scaling.interval_seconds
         while True:
-            self.next_cycle_ms = now_ms() + int(interval * 1000)
+            # every interval, and just after each step ends: the limit for a step is set as it begins
+            step = self.step_seconds
+            next_step_ms = int((self.last_complete_step(now_ms()) + step + settle_seconds(step)) * 1000)
+            self.next_cycle_ms = min(now_ms() + int(interval * 1000), next_step_ms + 1)
             # Cleared before the cycle, not after: an override stored while a cycle runs (the cycle awaits
             # agents and threads) wakes the next one instead of waiting a whole interval.
             self.wake.clear()
@@ -86,11 +132,12 @@ class ScalingLoop:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), max(0.0, (self.next_cycle_ms - now_ms()) / 1000))
 
-    async def cycle(self) -> list[ScalingDecision]:
+    async def cycle(self, now: int | None = None) -> list[ScalingDecision]:
+        """One cycle at `now` (unix ms; default: the clock)."""
         await self.consider_new_model()
-        await self.forecast(now_ms())
+        await self.forecast(now or now_ms())
         by_shadow: dict[tuple[str, str], list[ScalingDecision]] = {}
-        for d in self.plan(now_ms()):
+        for d in self.plan(now or now_ms()):
             by_shadow.setdefault((d.host, d.workload), []).append(d)
         done = await asyncio.gather(*(self._apply(k, ds) for k, ds in by_shadow.items()))
         stored = self.store.add_decisions([d for ds in done for d in ds])
@@ -155,47 +202,42 @@ class ScalingLoop:
     # ---- forecasting ----
 
     async def forecast(self, now_ms: int) -> None:
-        """One batched forecast of every workload; keep each service's targets. Reading the history (every
-        workload's last day or so) and featurising it take from milliseconds to seconds with the fleet's
-        size: the store worker does them, off the event loop; the targets change on it."""
+        """Once per step: one batched forecast of every service's demand from the history on the model's step
+        (as long as the model's lags and day-ago features need), ending with the last complete step. Reading
+        the history and featurising it take from milliseconds to seconds with the fleet's size: the store
+        worker does them, off the event loop."""
         self._pick_demand()
         if not self.demand:
             return
-        step, steps = self.step_seconds, self.engine.history_steps
-        batch = await self.worker.run(lambda store: history_from_store(store, now_ms, step, steps))
+        origin = self.last_complete_step(now_ms)
+        fresh = [
+            (f := self.forecasts.get(svc)) is not None and f.origin_s >= origin and f.key == key
+            for svc, key in self.demand.items()
+        ]
+        if all(fresh):
+            return
+        grid, steps = self.step_seconds, self.engine.history_steps
+        until = int(origin * 1000)
+        batch = await self.worker.run(lambda store: history_from_store(store, until, grid, steps))
         if not batch.keys:
             return
+        # The model takes one grid step for one of its own (a compressed lab day is still 288 steps).
+        batch = replace(batch, step_seconds=self.engine.step_seconds)
         fc = await self.worker.run(lambda _: self.engine.forecast(batch))  # niced thread, see worker.py
         source = fc.source if not fc.reason else f"{fc.source} ({fc.reason})"
         index = {k: i for i, k in enumerate(batch.keys)}
         for service, key in self.demand.items():
             if key not in index:
                 continue
-            targets: dict[str, Target] = {}
-            for r, resource in enumerate(batch.resources):
-                state = self.states.get((key, resource), AllocationState.initial(self.policy))
-                last = float(batch.values[index[key], r, -1])
-                if not np.isnan(last):
-                    state = observe(state, last, self.policy)
-                curve = fc.curve(key, resource)
-                # Slack is priced against the forecast's own median, not the slow running mean of usage: after
-                # a step in demand the running mean lags for hours and would make raising look too dear.
-                a = allocate(curve, fc.quantiles, replace(state, level=None), self.policy, first_step=0)
-                self.states[(key, resource)] = a.state
-                shown = {
-                    f"q{q:g}": float(curve[0, fc.quantiles.index(q)])
-                    for q in SHOWN_QUANTILES
-                    if q in fc.quantiles
-                }
-                # The priced policy may keep a low limit until misses have raised its price; a shadow that
-                # must be ready is never sized below what the forecast itself expects next.
-                median_next = float(np.interp(0.5, fc.quantiles, curve[0]))
-                target = max(a.allocation, median_next)
-                shown["target"] = target
-                if not np.isnan(a.quantile):
-                    shown["target_quantile"] = a.quantile if target == a.allocation else 0.5
-                targets[resource] = Target(target, shown, source)
-            self.targets[service] = targets
+            i = index[key]
+            self.forecasts[service] = ServiceForecast(
+                key=key,
+                origin_s=origin,
+                quantiles=fc.quantiles,
+                curves={r: fc.curve(key, r) for r in batch.resources},
+                last={r: float(batch.values[i, j, -1]) for j, r in enumerate(batch.resources)},
+                source=source,
+            )
 
     def _pick_demand(self) -> None:
         """Whose demand sizes each service's shadows: the primary's, or the owner's while a shadow serves."""
@@ -210,13 +252,18 @@ class ScalingLoop:
     # ---- planning ----
 
     def plan(self, now_ms: int) -> list[ScalingDecision]:
-        """Decisions for every shadow of every service, from the latest targets (nothing applied)."""
+        """Decisions for every shadow of every service (nothing applied). A shadow whose rule has not run for
+        the newest forecast step gets its step now: calibration on the limit it had, target, rule; the
+        others only their bounds and overrides."""
         overrides = self.store.overrides()
         out: list[ScalingDecision] = []
         for svc in self.cfg.service:
-            targets = self.targets.get(svc.name)
-            if not targets:
+            fc = self.forecasts.get(svc.name)
+            if fc is None:
                 continue
+            shown = self.targets.setdefault(svc.name, {})
+            if "io" in fc.curves:
+                shown["io"] = self._io_target(svc.name, fc)
             for host in svc.shadows:
                 s = self._shadow_now(svc, host)
                 if s is None:
@@ -224,20 +271,61 @@ class ScalingLoop:
                         False, f"no workload of service {svc.name} on {host}"
                     )
                     continue
+                due = self.ruled_origin.get((host, s.workload), -math.inf) < fc.origin_s
                 for resource in RESOURCES:
-                    if resource in targets:
-                        out.append(
-                            decide_resource(
-                                self.cfg.scaling,
-                                s,
-                                resource,
-                                self.demand[svc.name],
-                                targets[resource],
-                                overrides.get((host, s.workload)),
-                                now_ms,
-                            )
+                    if resource not in fc.curves:
+                        continue
+                    key = (host, s.workload, resource)
+                    current = s.cpu_cores if resource == "cpu" else float(s.memory_bytes)
+                    if due or key not in self.shadow_targets:
+                        value, forecast, state = forecast_target(
+                            fc.curves[resource],
+                            fc.quantiles,
+                            self.states.get(key, AllocationState.initial(self.policy)),
+                            fc.last[resource],
+                            current,
+                            self.policy,
                         )
+                        self.states[key] = state
+                        self.shadow_targets[key] = Target(value, forecast, fc.source)
+                    target = self.shadow_targets[key]
+                    shown[resource] = target
+                    out.append(
+                        decide_resource(
+                            self.cfg.scaling,
+                            s,
+                            resource,
+                            self.demand.get(svc.name, ""),
+                            target,
+                            overrides.get((host, s.workload)),
+                            now_ms,
+                            last_demand=fc.last[resource],
+                            due=due,
+                            # in the model's time: a lab that compresses time holds limits as long in steps
+                            since_change_s=(fc.origin_s - self.changed_at.get(key, -math.inf))
+                            * self.time_compression,
+                        )
+                    )
+                    if out[-1].new != out[-1].old:
+                        self.changed_at[key] = fc.origin_s
+                self.ruled_origin[(host, s.workload)] = fc.origin_s
         return out
+
+    def _io_target(self, service: str, fc: ServiceForecast) -> Target:
+        """The I/O weight's target: a weight has no limit to calibrate against, so against its own pick."""
+        key = ("", service, "io")
+        state = self.states.get(key, AllocationState.initial(self.policy))
+        if key in self.shadow_targets and state.allocation is not None:
+            prev = self.shadow_targets[key]
+            if prev.forecast.get("origin") == fc.origin_s:
+                return prev
+        value, forecast, state = forecast_target(
+            fc.curves["io"], fc.quantiles, state, fc.last["io"], state.allocation or 0.0, self.policy
+        )
+        self.states[key] = state
+        t = Target(value, {**forecast, "origin": fc.origin_s}, fc.source)
+        self.shadow_targets[key] = t
+        return t
 
     def workload_of(self, host: str, service: str) -> str:
         session = self.registry.get(host)

@@ -35,7 +35,7 @@ def controller(tmp_path: Path) -> Iterator[tuple[Daemon, int, int]]:
         f'listen = "127.0.0.1:{port}"\n'
         f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
         f'[store]\npath = "{tmp_path}/controller.db"\n'
-        "[scaling]\ninterval_seconds = 1\n"
+        "[scaling]\ninterval_seconds = 1\nforecast_step_seconds = 1\n"
         '[[host]]\nname = "it-p1"\naddress = "127.0.0.1"\n'
         '[[host]]\nname = "it-s1"\naddress = "127.0.0.1"\n'
         '[[service]]\nname = "web"\nprimary = "it-p1"\nshadows = ["it-s1"]\nvip = "10.250.0.1/24"\n'

@@ -1,17 +1,22 @@
 """The scaling loop end to end, in the lab: primary and shadow hosts in their own namespaces, a CPU load in
-the primary's cgroup that steps up and down, and the shadow's limit read from its own cgroup files."""
+the primary's cgroup that steps up and down, then a real trace replayed as its demand, and the shadow's
+limit read from its own cgroup files."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from lab.runner import Lab
+from lab.replay import replay
+from lab.runner import Lab, LabError
 from lab.scenario import Row, step_load
 from lab.spec import Spec, Timings
 from shadowplane.v1 import fleet_pb2 as fpb
 from tests.support import need_root
+from training.traces import load_trace
 
 INTERVAL = 2.0
 BEFORE, DURING, AFTER = 8.0, 14.0, 18.0
@@ -57,3 +62,20 @@ def test_every_decision_is_recorded_with_its_forecast(run: tuple[Lab, list[Row]]
         assert d.demand_from == "p1/web" and "q0.5" in d.forecast and "target" in d.forecast
         assert d.result in ("applied", "unchanged")
     assert plan.shadows[0].ready
+
+
+def test_a_replayed_trace_gets_the_limits_the_backtest_replays(
+    run: tuple[Lab, list[Row]], data_dir: Path
+) -> None:
+    lab, _ = run
+    trace = load_trace(data_dir / "nab_rds_cpu_cc0c53_3d.csv")
+    with pytest.raises(LabError, match="--speed 150"):
+        replay(lab, trace, speed=100, warmup_rows=1, rows=1)
+    r = replay(lab, trace, speed=300 / INTERVAL, peak_cores=0.8, start_row=400, warmup_rows=6, rows=20)
+    assert [s.row for s in r.steps] == list(range(400, 426))
+    assert r.measured_steps >= 18, "the agent measured the demand of (nearly) every step"
+    # the shadow's real cgroup limit is, step by step, what the backtest's path makes of the measured demand
+    assert r.same_limit_share >= 0.9, r.text()
+    assert abs(r.lab.coverage - r.backtest_measured.coverage) <= 0.1, r.text()
+    asked = np.array([s.asked_cores for s in r.steps])
+    assert asked.max() == pytest.approx(0.8) and np.all(r.measured[6:] > 0)

@@ -8,16 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from controller.config import ScalingConfig
 from controller.predict.fallback import StatisticalForecaster
 from controller.scaling.rule import RuleParams
 from training.backtest import (
     BacktestError,
     forecast_origins,
-    replay_allocation,
+    replay_controller,
     run_backtest,
+    scaled_to_coverage,
     write_alloc_csv,
 )
-from training.baselines import autopilot_max, seed_rule, vpa_recommender
+from training.baselines import autopilot_max, hindsight_blocks, seed_rule, vpa_recommender
 from training.scores import mase, pinball_loss, score_allocation, seasonal_naive
 from training.traces import Trace
 
@@ -104,8 +106,13 @@ def test_nothing_after_a_step_changes_its_allocation() -> None:
     w[k:] *= 50  # a different future
     fc = StatisticalForecaster()
     for lead in (1, 3):
-        a = replay_allocation(v, forecast_origins(fc, _trace(v)), fc.quantiles, lead).allocation
-        b = replay_allocation(w, forecast_origins(fc, _trace(w)), fc.quantiles, lead).allocation
+        cfg = ScalingConfig()
+        a = replay_controller(
+            _trace(v).timestamps, v, forecast_origins(fc, _trace(v)), fc.quantiles, cfg, lead=lead
+        ).allocation
+        b = replay_controller(
+            _trace(w).timestamps, w, forecast_origins(fc, _trace(w)), fc.quantiles, cfg, lead=lead
+        ).allocation
         np.testing.assert_array_equal(a[: k + lead], b[: k + lead])
         assert not np.array_equal(a[k + lead :], b[k + lead :])
         for base in (
@@ -124,11 +131,10 @@ def test_nothing_after_a_step_changes_its_allocation() -> None:
         )
 
 
-def test_run_backtest_scores_the_project_and_the_three_baselines(
-    periodic_trace: Trace, tmp_path: Path
-) -> None:
+def test_run_backtest_scores_the_project_and_the_baselines(periodic_trace: Trace, tmp_path: Path) -> None:
     r = run_backtest(periodic_trace, StatisticalForecaster(), lead=1)
-    assert [b.name for b in r.baselines] == ["seed rule", "VPA-style", "Autopilot-style"]
+    names = ["seed rule", "VPA-style", "VPA @ equal cov.", "Autopilot-style", "hindsight 7/day"]
+    assert [b.name for b in r.baselines] == names
     assert r.project.scores.steps == len(periodic_trace) - 288
     assert r.project.scores.coverage > 0.95, "the calibration holds coverage even for the fallback"
     assert len(r.forecast.pinball) == len(r.quantiles) and np.isfinite(r.forecast.mase)
@@ -136,7 +142,7 @@ def test_run_backtest_scores_the_project_and_the_three_baselines(
     write_alloc_csv(out, periodic_trace, r)
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == len(periodic_trace)
-    assert list(rows[0])[:4] == ["timestamp", "usage", "allocation", "quantile_used"]
+    assert list(rows[0])[:6] == ["timestamp", "usage", "allocation", "target", "branch", "quantile_used"]
     assert rows[0]["timestamp"] == "2014-02-14 14:27:00"
     # the coverage recomputed from the file is the printed one
     scored = rows[288:]
@@ -150,3 +156,47 @@ def test_backtest_refuses_what_it_cannot_score(periodic_trace: Trace) -> None:
     short = Trace("short", periodic_trace.timestamps[:100], periodic_trace.values[:100])
     with pytest.raises(BacktestError, match="warm-up"):
         run_backtest(short, StatisticalForecaster())
+
+
+def test_vpa_at_equal_coverage_is_scaled_in_hindsight_to_the_projects_coverage() -> None:
+    ts = np.arange(20, dtype=np.int64) * 12 * HOUR  # the first two rows are the warm-up day
+    usage = np.array([0.0, 0.0, *range(1, 19)], dtype=np.float64)
+    alloc = np.full(20, 9.0)
+    for cov in (0.5, 0.75, 1.0):
+        k = scaled_to_coverage(ts, usage, alloc, cov)
+        assert cov <= score_allocation(ts, usage, k).coverage < cov + 1 / 18
+        # the smallest such factor: 1 % less misses one more step
+        assert score_allocation(ts, usage, k * 0.99).coverage < cov
+    r_equal = scaled_to_coverage(ts, usage, alloc, 0.5)
+    assert r_equal[5] == pytest.approx(9.0)  # 9 of the 18 scored steps are at or under 9
+
+
+def test_memory_backtest_counts_steps_with_the_limit_below_usage(periodic_trace: Trace) -> None:
+    gib = float(2**30)
+    mem = Trace("mem", periodic_trace.timestamps, periodic_trace.values / periodic_trace.values.max() * gib)
+    r = run_backtest(mem, StatisticalForecaster(), resource="memory")
+    for res in [r.project, *r.baselines]:
+        scored = slice(len(mem) - res.scores.steps, None)
+        assert res.oom_risk_steps == int(np.sum(res.allocation[scored] < mem.values[scored]))
+    # the guard: never below the demand's last known step plus 20 % (less than 1 MiB is not worth a write)
+    a, last = r.project.allocation[2:], mem.values[1:-1]
+    assert np.all(a >= last * 1.2 - 2**20)
+    # and down by at most 10 % a step
+    assert np.all(r.project.allocation[2:] >= r.project.allocation[1:-1] * 0.9 - 1)
+
+
+def test_the_hindsight_bound_spends_its_misses_where_they_save_most() -> None:
+    day = 24
+    ts = np.arange(3 * day, dtype=np.int64) * HOUR  # hourly steps; blocks of a day with per_day=1
+    v = np.ones(3 * day)
+    v[day + 5] = 100.0  # one spike on day 2
+    v[2 * day :] = 2.0  # day 3 is level at 2
+    scored = np.ones(3 * day, dtype=bool)
+    # no miss allowed: every block at its own max
+    a = hindsight_blocks(ts, v, scored, 1.0, per_day=1)
+    assert a[:day].tolist() == [1.0] * day and a[day] == 100.0 and a[2 * day] == 2.0
+    # one miss allowed: it goes to the spike, whose block then drops to 1
+    a = hindsight_blocks(ts, v, scored, 1 - 1 / (3 * day), per_day=1)
+    assert a[day] == 1.0
+    assert score_allocation(ts, v, a, warmup_seconds=0).coverage == pytest.approx(1 - 1 / 72)
+    assert int(np.sum(np.diff(a) != 0)) == 1, "days 1 and 2 now both at 1: one change, into day 3"

@@ -153,3 +153,50 @@ def test_train_from_a_bad_events_file_exits_2(
         *TINY,
     )
     assert code == 2 and "expected a JSON list" in err
+
+
+def allocations(path: str) -> list[float]:
+    with open(path) as fh:
+        return [float(r["allocation"]) for r in csv.DictReader(fh)]
+
+
+def test_backtest_replays_the_controllers_configuration(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = str(data_dir / "nab_rds_cpu_cc0c53_3d.csv")
+    out = str(tmp_path / "a.csv")
+    base = ["backtest", "--trace", trace, "--fallback", "--out", out, "--scale", "0.01"]
+    code, text, _ = run(capsys, *base)
+    assert code == 0 and "VPA @ equal cov." in text and "slack vs VPA-style at equal coverage" in text
+    default_rows = allocations(out)
+    # the trace is CPU percent: at --scale 0.01 it is well under 1 core, so a configured floor of 2 decides
+    cfg = tmp_path / "controller.toml"
+    cfg.write_text("[tls]\nplaintext = true\n[scaling]\ncpu_floor_cores = 2.0\n")
+    code, text, _ = run(capsys, *base, "--config", str(cfg))
+    assert code == 0
+    assert min(allocations(out)[2:]) == 2.0 and min(default_rows[2:]) < 1.0
+    # memory: OOM-risk steps are reported
+    code, text, _ = run(capsys, *base, "--resource", "memory", "--scale", str(2**30))
+    assert code == 0 and "OOM-risk steps" in text and "(memory)" in text
+
+
+@pytest.mark.parametrize(
+    "extra, phrase",
+    [
+        (["--scale", "0"], "--scale must be a positive number"),
+        (["--host-capacity", "-1"], "--host-capacity must be >= 0"),
+        (["--config", "{missing}"], "--config"),
+        (["--config", "{bad}"], "scaling.target_coverage"),
+    ],
+)
+def test_backtest_bad_options_exit_2_naming_them(
+    extra: list[str], phrase: str, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tls]\nplaintext = true\n[scaling]\ntarget_coverage = 2\n")
+    extra = [e.format(missing=tmp_path / "none.toml", bad=bad) for e in extra]
+    trace = str(data_dir / "nab_rds_cpu_cc0c53_3d.csv")
+    code, out, err = run(
+        capsys, "backtest", "--trace", trace, "--fallback", "--out", str(tmp_path / "a.csv"), *extra
+    )
+    assert code == 2 and phrase in err and out == ""

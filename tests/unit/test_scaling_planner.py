@@ -34,12 +34,92 @@ def test_rule_branches_are_recorded_with_the_forecast() -> None:
 def test_ceiling_is_the_host_capacity_and_memory_keeps_what_is_used() -> None:
     d = decide_resource(CFG, shadow(cpu=3.0, host_cpu=4), "cpu", "p1/web", target(9.0), None, 0)
     assert d.new == 4.0 and "ceiling" in d.clamps
-    d = decide_resource(
-        CFG, shadow(mem=4 * GIB, in_use=3 * GIB), "memory", "p1/web", target(GIB / 2), None, 0
-    )
-    assert d.branch == "remove" and d.new == 3 * GIB and "in use" in d.clamps
     d = decide_resource(CFG, shadow(cpu=0.15), "cpu", "p1/web", target(0.0), None, 0)
     assert d.new == pytest.approx(0.1) and "floor" in d.clamps
+
+
+MEM = ScalingConfig(memory_guard=0.2, memory_lower_step=0.1, memory_floor_bytes=0)
+
+
+def test_memory_never_goes_below_what_is_in_use_plus_the_guard() -> None:
+    # the rule would halve the gap to 0.5 GiB and the slow way down allows 7.2 GiB: the guard holds 3.6
+    d = decide_resource(
+        MEM, shadow(mem=8 * GIB, in_use=3 * GIB, host_mem=16 * GIB), "memory", "p/w", target(GIB / 2), None, 0
+    )
+    assert d.branch == "remove" and d.new == pytest.approx(7.2 * GIB)
+    d = decide_resource(
+        MEM,
+        shadow(mem=int(3.8 * GIB), in_use=3 * GIB, host_mem=16 * GIB),
+        "memory",
+        "p/w",
+        target(GIB / 2),
+        None,
+        0,
+    )
+    assert d.new == pytest.approx(3.6 * GIB) and "in use" in d.clamps
+    # what the demand held in its last step counts like the shadow's own use (a takeover brings it along)
+    d = decide_resource(
+        MEM,
+        shadow(mem=int(3.8 * GIB), in_use=0, host_mem=16 * GIB),
+        "memory",
+        "p/w",
+        target(GIB / 2),
+        None,
+        0,
+        last_demand=3 * GIB,
+    )
+    assert d.new == pytest.approx(3.6 * GIB) and "in use" in d.clamps
+    # the guard stops at the ceiling; what the cgroup holds does not
+    d = decide_resource(
+        MEM,
+        shadow(mem=4 * GIB, in_use=int(3.5 * GIB), host_mem=4 * GIB),
+        "memory",
+        "p/w",
+        target(GIB / 2),
+        None,
+        0,
+    )
+    assert d.new == pytest.approx(4 * GIB)
+    d = decide_resource(
+        MEM, shadow(mem=6 * GIB, in_use=5 * GIB, host_mem=4 * GIB), "memory", "p/w", target(GIB / 2), None, 0
+    )
+    assert d.new == pytest.approx(5 * GIB) and "in use" in d.clamps
+
+
+def test_memory_comes_down_slowly_and_goes_up_at_once() -> None:
+    d = decide_resource(MEM, shadow(mem=10 * GIB, host_mem=64 * GIB), "memory", "p/w", target(GIB), None, 0)
+    assert d.branch == "remove" and d.new == pytest.approx(9 * GIB)
+    d = decide_resource(MEM, shadow(mem=GIB, host_mem=64 * GIB), "memory", "p/w", target(10 * GIB), None, 0)
+    assert d.branch == "add" and d.new == pytest.approx(14.5 * GIB)
+    # CPU has no such brake: throttling is not a kill
+    d = decide_resource(MEM, shadow(cpu=4.0), "cpu", "p/w", target(1.0), None, 0)
+    assert d.new == pytest.approx(2.5)
+
+
+def test_the_rule_moves_a_limit_once_per_forecast_step() -> None:
+    d = decide_resource(CFG, shadow(cpu=1.0), "cpu", "p/w", target(2.0), None, 0, due=False)
+    assert d.branch == "hold" and d.new == 1.0
+    # between steps the bounds still act: memory the shadow took since is guarded at once
+    d = decide_resource(
+        MEM,
+        shadow(mem=GIB, in_use=2 * GIB, host_mem=8 * GIB),
+        "memory",
+        "p/w",
+        target(GIB),
+        None,
+        0,
+        due=False,
+    )
+    assert d.new == pytest.approx(2.4 * GIB) and "in use" in d.clamps
+    # a shadow with no limit yet gets its first one at a step, not between
+    d = decide_resource(CFG, shadow(cpu=0.0), "cpu", "p/w", target(2.0), None, 0, due=False)
+    assert d.new == 0.0 and not d.changed
+
+
+def test_a_change_the_kernel_would_not_notice_is_not_made() -> None:
+    # the rule would halve 0.105 towards 0, the floor makes it 0.1: 0.005 cores is not worth a write
+    d = decide_resource(CFG, shadow(cpu=0.105), "cpu", "p/w", target(0.0), None, 0)
+    assert d.new == 0.105 and not d.changed
 
 
 def test_overrides_pin_bound_freeze() -> None:

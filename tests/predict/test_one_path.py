@@ -1,0 +1,147 @@
+"""The scaling loop and `shadowctl backtest` are one path: fed the same recorded history, the limits the
+controller's shadow holds step by step are the ones the backtest replays, for CPU and for memory, with the
+controller's defaults and with a configuration that changes every parameter the path reads.
+
+The store, the forecast model (the packaged ONNX file, through onnxruntime) and the scaling loop are real;
+the shadow's agent is a stand-in registry that answers SetLimits with what the agent's own limit planner
+(agentd.actuate.limits.plan) makes of them (the agent side is tested against cgroups in
+tests/integration/test_limits_kernel.py and tests/vm)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agentd.actuate.limits import plan as agent_plan
+from controller.config import ControllerConfig, ScalingConfig, ServiceConfig, StoreConfig
+from controller.event_log import EventLog
+from controller.registry import AgentRegistry
+from controller.scaling.loop import ScalingLoop, settle_seconds
+from controller.store import SqliteStore
+from shadowplane.tls import TlsConfig
+from shadowplane.v1 import agent_pb2 as apb
+from shadowplane.v1 import telemetry_pb2 as tpb
+from training.backtest import forecast_origins, replay_controller
+from training.traces import Trace
+
+STEP = 300
+GIB = 1 << 30
+
+
+class AgentLikeRegistry(AgentRegistry):
+    """Answers SetLimits with the limits the agent would hold (quota in 1 % steps, memory in pages)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def call(self, host: str, cmd: apb.Command, timeout: float) -> apb.CommandResult:
+        self.calls += 1
+        want = agent_plan(cmd.set_limits, 0)
+        limits = apb.LimitsApplied(
+            workload=cmd.set_limits.workload, cpu_cores=want.cpu_cores, memory_bytes=want.memory_max
+        )
+        return apb.CommandResult(command_id=cmd.command_id, ok=True, limits=limits)
+
+
+def recorded_history(steps: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step end times, CPU cores and memory bytes of a primary with a daily cycle, noise and a burst."""
+    rng = np.random.default_rng(seed)
+    k = np.arange(steps)
+    end = (1_790_000_000 // STEP) * STEP + (k + 1) * STEP
+    day = np.sin(2 * math.pi * k / 288)
+    cpu = np.maximum(0.05, 1.2 + 0.8 * day + rng.gamma(2, 0.08, steps))
+    cpu[300:310] += 2.5  # a burst the forecast cannot know
+    mem = (1.5 + 0.4 * day + rng.normal(0, 0.02, steps)) * GIB
+    return end, cpu, np.round(mem)
+
+
+def controller_limits(
+    tmp_path: Path, scaling: ScalingConfig, end: np.ndarray, cpu: np.ndarray, mem: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the scaling loop once per step over the recorded history; the limits the shadow held per step."""
+    store = SqliteStore(tmp_path / "c.db")
+    for host in ("p1", "s1"):
+        hello = apb.Hello(host=host, instance_id=f"{host}-1")
+        hello.workloads.add(name="web", service="web")
+        store.register_agent(hello, "peer", int(end[0]) * 1000)
+    for i in range(len(end)):
+        r = tpb.Resources(cpu_seconds=float(cpu[i]) * STEP, memory_bytes=int(mem[i]))
+        s = tpb.WorkloadSample(
+            workload="web",
+            start_unix_ms=int(end[i] - STEP) * 1000,
+            end_unix_ms=int(end[i]) * 1000,
+            resources=r,
+        )
+        store.append_batch("p1", "p1-1", apb.TelemetryBatch(seq=i + 1, samples=[s]), int(end[i]) * 1000)
+    cfg = ControllerConfig(
+        tls=TlsConfig(plaintext=True),
+        store=StoreConfig(path=tmp_path / "c.db"),
+        scaling=scaling,
+        service=[ServiceConfig("web", "p1", ["s1"], vip="10.0.0.100/24")],
+    )
+    registry = AgentLikeRegistry()
+    loop = ScalingLoop(cfg, store, registry, EventLog(store))
+    held_cpu, held_mem = np.zeros(len(end)), np.zeros(len(end))
+
+    async def run() -> None:
+        for i in range(len(end) - 1):
+            # the cycle just after step i ended, and one more within step i + 1 (the interval's wake-up):
+            # the second must change nothing
+            for now_s in (end[i] + settle_seconds(STEP) + 1, end[i] + STEP / 2):
+                await loop.cycle(int(now_s * 1000))
+                applied = loop.applied.get(("s1", "web"))
+                if applied is not None:
+                    held_cpu[i + 1], held_mem[i + 1] = applied.cpu_cores, applied.memory_bytes
+
+    asyncio.run(run())
+    loop.worker.close()
+    store.close()
+    assert registry.calls > 0
+    return held_cpu, held_mem
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        ScalingConfig(),
+        ScalingConfig(
+            target_coverage=0.95,
+            up_threshold=1.1,
+            up_factor=1.2,
+            down_threshold=0.9,
+            down_factor=0.3,
+            cpu_floor_cores=0.5,
+            cpu_ceiling_cores=3.0,
+            memory_floor_bytes=GIB,
+            memory_ceiling_bytes=3 * GIB,
+            memory_guard=0.3,
+            memory_lower_step=0.05,
+            lower_hold_seconds=1800,
+        ),
+    ],
+    ids=["defaults", "every-parameter-changed"],
+)
+def test_the_backtest_replays_what_the_controller_does_step_by_step(
+    tmp_path: Path, scaling: ScalingConfig
+) -> None:
+    end, cpu, mem = recorded_history(400, seed=4)
+    held_cpu, held_mem = controller_limits(tmp_path, scaling, end, cpu, mem)
+    model = ScalingLoop(
+        ControllerConfig(tls=TlsConfig(plaintext=True), store=StoreConfig(path=tmp_path / "x.db")),
+        SqliteStore(tmp_path / "x.db"),
+        AgentRegistry(),
+        EventLog(SqliteStore(tmp_path / "x.db")),
+    ).engine.forecaster
+    for resource, values, held in (("cpu", cpu, held_cpu), ("memory", mem, held_mem)):
+        trace = Trace("recorded", end.astype(np.int64), values.astype(np.float64))
+        curves = forecast_origins(model, trace)
+        replay = replay_controller(trace.timestamps, trace.values, curves, model.quantiles, scaling, resource)
+        # every step, exactly: same forecasts, same calibration, same rule, bounds and rounding
+        np.testing.assert_allclose(held, replay.allocation, rtol=1e-9, err_msg=resource)
+        changes = int(np.sum(np.diff(held[1:]) != 0))
+        assert changes >= 3, f"{resource}: the limit moved {changes} times: the comparison proves little"
