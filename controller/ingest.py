@@ -70,8 +70,11 @@ class AgentStreamService(agrpc.AgentStreamServicer):
         registry: AgentRegistry,
         listener: StreamListener | None = None,
         clock: Callable[[], int] = now_ms,
+        on_telemetry: Callable[[str, str, apb.TelemetryBatch, int], None] | None = None,
     ) -> None:
         self.cfg, self.store, self.registry, self.listener, self.clock = cfg, store, registry, listener, clock
+        # who keeps the forecast's history (the scaling loop): every batch the store accepted, once
+        self.on_telemetry = on_telemetry
         self.fleet = Fleet.of(cfg)
         # One log line per host, kind and reason, then one a minute: a broken agent must not flood the log.
         self._throttle = Throttle(60.0)
@@ -225,9 +228,11 @@ class AgentStreamService(agrpc.AgentStreamServicer):
         if kind == "telemetry":
             batch = msg.telemetry
             try:
-                self.store.append_batch(session.host, session.instance_id, batch, now)
+                new = self.store.append_batch(session.host, session.instance_id, batch, now)
             except (sqlite3.IntegrityError, OverflowError, ValueError) as e:  # a value the checks let through
                 return None, Problem("samples", "store_refused", f"the store refused the batch: {e}")
+            if new and self.on_telemetry is not None:
+                self.on_telemetry(session.host, session.instance_id, batch, now)
             session.capture = batch.capture
             return apb.ControllerMessage(ack=apb.TelemetryAck(seq=batch.seq)), None
         if kind == "observation" and self.listener is not None:

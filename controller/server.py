@@ -135,7 +135,10 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
         cfg, store, registry, events, failover, scaling, server, 0, health_servicer, [], worker, LoopLag()
     )
     agent_pb2_grpc.add_AgentStreamServicer_to_server(
-        AgentStreamService(cfg, store, registry, failover), server
+        AgentStreamService(
+            cfg, store, registry, failover, on_telemetry=scaling.on_telemetry if scaling else None
+        ),
+        server,
     )
     add_fleet_to_server(FleetService(cfg, store, events, c, worker), server)
     lease_pb2_grpc.add_LeaseServicer_to_server(LeaseServicer(observer), server)

@@ -181,8 +181,9 @@ class NumpyForecaster:
         step_seconds: float,
         signals: F64 | None = None,
         periods: Any = None,
+        signal_repeat: int = 1,
     ) -> F64:
-        f = build_features(history, origin_ts, step_seconds, self.spec, signals, periods)
+        f = build_features(history, origin_ts, step_seconds, self.spec, signals, periods, signal_repeat)
         y = net.forward(self.model.params, f.x, self.horizon, len(self.quantiles))
         return denormalise(y, f.level, f.scale)
 

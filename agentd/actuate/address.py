@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import socket
 import struct
 import time
@@ -94,13 +95,28 @@ class Addresses:
             a.get_attr("IFA_ADDRESS") == vip.address for a in self.ipr.get_addr(index=idx, family=vip.family)
         )
 
-    def hold(self, vip: Vip, lifetime: int) -> None:
-        """Add the VIP, or refresh its lifetime if present."""
-        self._run(self._hold, vip, lifetime)
+    def hold(
+        self,
+        vip: Vip,
+        lifetime: int,
+        deadline: float = math.inf,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> bool:
+        """Add the VIP, or refresh its lifetime if present, if `deadline` (on `clock`) has not passed. False
+        if it had passed just before the kernel call, or had by the time the call returned: then the process
+        was paused in between (SIGSTOP, a frozen VM, a long stall) while its lease may have moved to another
+        host, and the address is removed again at once."""
+        return self._run(self._hold, vip, lifetime, deadline, clock)
 
-    def _hold(self, vip: Vip, lifetime: int) -> None:
+    def _hold(self, vip: Vip, lifetime: int, deadline: float, clock: Callable[[], float]) -> bool:
         idx = self._index(vip.interface)
         extra = {"IFA_FLAGS": IFA_F_NODAD} if vip.family == socket.AF_INET6 else {}
+        # Checked here, on the thread that makes the kernel call and right before it, not only where the
+        # caller decided: a pause between a check and the call (a thread hand-off under load takes
+        # milliseconds) would add the address after the lease ran out. The kernel has no conditional add,
+        # so a pause inside the call itself is caught just after it, below.
+        if clock() >= deadline:
+            return False
         try:
             self.ipr.addr(
                 "replace",
@@ -113,6 +129,16 @@ class Addresses:
             )
         except NetlinkError as e:
             raise AddressError(f"cannot add {vip.address}/{vip.prefixlen} on {vip.interface}: {e}") from None
+        late = clock() - deadline
+        if late >= 0:
+            self._remove(vip)
+            log.warning(
+                "%s: paused %.3f s past the lease while adding it; removed it again",
+                vip.address,
+                late,
+            )
+            return False
+        return True
 
     def remove(self, vip: Vip) -> bool:
         """Remove the VIP; False if it was not there."""

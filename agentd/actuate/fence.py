@@ -7,7 +7,14 @@ blocked (a slow netlink call, a long telemetry read, a stalled callback). Only i
 coordinator waits that lifetime out for any owner that cannot confirm it let go (shadowplane.lease).
 
 Adding or refreshing an address and removing it at the deadline happen under one lock, and an address is
-only added or refreshed while its deadline is still ahead: after the deadline nothing here puts it back.
+only added or refreshed while its deadline is still ahead, checked again on the netlink thread right before
+the kernel call and right after it (`Addresses.hold`): a process paused between the check and the call
+(before this check the lab's `owner-agent-sigstop` scenario saw two owners for two 10 ms samples in one
+CI run: a SIGSTOP that lands between a check and the call lets the resumed agent add the address its
+successor holds) removes it again at once. The kernel has no conditional add, so a pause that lands inside
+the call itself (a window of tens of microseconds per renewal) still puts the address back until the check
+after it removes it: the add and the removal together took 1.4 ms median, 2.9 ms p99 on this machine
+(2026-12-02). That residue is what the kernel's address API leaves.
 """
 
 from __future__ import annotations
@@ -60,7 +67,8 @@ class Fence:
                 return False
             if vip is not None:
                 assert self.addresses is not None, "a fence without netlink holds no address"
-                self.addresses.hold(vip, lifetime)
+                if not self.addresses.hold(vip, lifetime, deadline, self.clock):
+                    return False  # the deadline passed on the way to the kernel (agentd/actuate/address.py)
             self._held[service] = _Held(vip, deadline, on_expiry)
             self._cond.notify()
             return True

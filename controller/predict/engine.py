@@ -80,7 +80,9 @@ class PredictionEngine:
         self.period_refresh_seconds = period_refresh_seconds
         # (rows, computed at, lag, log error) of the last batch. Periods drift slowly and detecting them
         # costs as much as the rest of featurisation, so they are refreshed hourly, not every cycle.
-        self._period_cache: tuple[list[tuple[str, str]], F64, npt.NDArray[np.int64], F64] | None = None
+        self._period_cache: (
+            tuple[tuple[tuple[str, ...], tuple[str, ...]], F64, npt.NDArray[np.int64], F64] | None
+        ) = None
         if model_path is not None:
             self.load(model_path)
 
@@ -124,15 +126,16 @@ class PredictionEngine:
         """Each row's cycle, from the cache where it is fresh; detected again for rows that are new or
         older than `period_refresh_seconds`. The cache is arrays aligned with the last batch's rows, so a
         fleet that has not changed costs no per-row Python work."""
-        rows = [(k, r) for k in batch.keys for r in batch.resources]
+        rows = (batch.keys, batch.resources)
+        n = len(batch.keys) * len(batch.resources)
         now = np.repeat(batch.origin_ts.astype(np.float64), len(batch.resources))
-        at, lag, err = np.full(len(rows), -np.inf), np.zeros(len(rows), np.int64), np.zeros(len(rows))
+        at, lag, err = np.full(n, -np.inf), np.zeros(n, np.int64), np.zeros(n)
         c = self._period_cache
-        if c is not None and c[0] == rows:
+        if c is not None and c[0] == rows:  # the same fleet as last cycle: no per-row Python work
             at, lag, err = c[1].copy(), c[2].copy(), c[3].copy()
         elif c is not None:
-            where = {key: i for i, key in enumerate(c[0])}
-            for i, key in enumerate(rows):
+            where = {key: i for i, key in enumerate((k, r) for k in c[0][0] for r in c[0][1])}
+            for i, key in enumerate((k, r) for k in batch.keys for r in batch.resources):
                 j = where.get(key)
                 if j is not None:
                     at[i], lag[i], err[i] = c[1][j], c[2][j], c[3][j]
@@ -148,20 +151,20 @@ class PredictionEngine:
         n, r, steps = batch.values.shape
         history = batch.values.reshape(n * r, steps)
         ts = np.repeat(batch.origin_ts.astype(np.float64), r)
-        # the signal features use the latest `window` steps only: cut before repeating per resource
+        # one row of signals per workload: its resources share them (the features are computed once)
         w = self.forecaster.spec.window
-        signals = None if batch.signals is None else np.repeat(batch.signals[:, :, -w:], r, axis=0)
+        signals = None if batch.signals is None else batch.signals[:, :, -w:]
         source, reason, version = self.source, self.reason, self.model_version
         try:
             curves = self.forecaster.predict_rows(
-                history, ts, batch.step_seconds, signals, self._periods_for(batch, history)
+                history, ts, batch.step_seconds, signals, self._periods_for(batch, history), signal_repeat=r
             )
         except Exception as e:  # the loop must go on: any model failure falls back for this cycle
             if self.forecaster is self.fallback:
                 raise
             reason = f"model {version} failed this cycle: {type(e).__name__}: {e}"
             log.error("%s; forecasting with the statistical fallback", reason)
-            curves = self.fallback.predict_rows(history, ts, batch.step_seconds, signals)
+            curves = self.fallback.predict_rows(history, ts, batch.step_seconds, signals, signal_repeat=r)
             source, version = "fallback", "fallback"
         fc = self.forecaster if source == "model" else self.fallback
         h, q = fc.horizon, len(fc.quantiles)

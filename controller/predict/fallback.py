@@ -40,6 +40,7 @@ class StatisticalForecaster:
         step_seconds: float,
         signals: F64 | None = None,
         periods: Periods | None = None,
+        signal_repeat: int = 1,
     ) -> F64:
         history = np.asarray(history, dtype=np.float64)
         rows, steps = history.shape

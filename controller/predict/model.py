@@ -60,8 +60,10 @@ class Forecaster(Protocol):
         step_seconds: float,
         signals: F64 | None = None,
         periods: Periods | None = None,
+        signal_repeat: int = 1,
     ) -> F64:
-        """(rows, horizon, quantiles) in the series' own units, monotone in the last axis."""
+        """(rows, horizon, quantiles) in the series' own units, monotone in the last axis. `signals` has a
+        row per `signal_repeat` rows of history (`features.build_features`)."""
         ...
 
 
@@ -180,8 +182,9 @@ class OnnxForecaster:
         step_seconds: float,
         signals: F64 | None = None,
         periods: Periods | None = None,
+        signal_repeat: int = 1,
     ) -> F64:
-        f = build_features(history, origin_ts, step_seconds, self.spec, signals, periods)
+        f = build_features(history, origin_ts, step_seconds, self.spec, signals, periods, signal_repeat)
         y = self.run(f.x)
         return denormalise(y, f.level, f.scale)
 

@@ -1,16 +1,17 @@
 """Stored telemetry as series on one step grid: what the engine forecasts from and what training learns from.
 
-The store keeps irregular samples (one per agent interval); the model works in steps. Both readers here
-resample the store's columns (`controller.telemetry_schema`: which columns, and how samples combine in a
-step) the same way:
+The store keeps irregular samples (one per agent interval); the model works in steps. Training and the
+champion/challenger read the store's columns here and resample them (`controller.telemetry_schema`: which
+columns, and how samples combine in a step):
 
-    batch = history_from_store(store, now_ms, step_seconds, steps)    # the engine, every cycle
     series = series_from_store(store.resource_series(...), step)       # training, champion/challenger
+
+The scaling cycle forecasts from `step_history.StepHistory`, the same steps kept in memory as telemetry
+arrives (binned and combined the same way; tests/predict/test_step_history.py pins that they agree).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,6 @@ import numpy.typing as npt
 
 from controller import telemetry_schema as schema
 from controller.predict.features import fill_unknown, resample
-from controller.store.base import Store
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -52,7 +52,9 @@ class SeriesBatch:
     origin_ts: F64  # (N,) unix seconds of each workload's latest step
     step_seconds: int
     values: F64  # (N, len(resources), steps), oldest first, NaN = unknown
-    signals: F64 | None = None  # (N, len(SIGNALS), steps) request-rate series, NaN = not captured
+    # (N, len(SIGNALS), the last steps) request-rate series, NaN = not captured; they may cover fewer steps
+    # than the values (the model reads only its recent window of them), aligned at the end
+    signals: F64 | None = None
     resources: tuple[str, ...] = schema.RESOURCES
 
     def __post_init__(self) -> None:
@@ -64,8 +66,13 @@ class SeriesBatch:
             )
         if self.origin_ts.shape != (n,):
             raise ValueError(f"origin_ts must have one entry per workload ({n}), got {self.origin_ts.shape}")
-        if self.signals is not None and self.signals.shape != (n, len(schema.SIGNALS), self.values.shape[2]):
-            raise ValueError(f"signals must be ({n}, {len(schema.SIGNALS)}, steps), got {self.signals.shape}")
+        sig = self.signals
+        if sig is not None and (sig.ndim != 3 or sig.shape[:2] != (n, len(schema.SIGNALS))):
+            raise ValueError(f"signals must be ({n}, {len(schema.SIGNALS)}, steps), got {sig.shape}")
+        if sig is not None and sig.shape[2] > self.values.shape[2]:
+            raise ValueError(
+                f"signals have {sig.shape[2]} steps, more than the values' {self.values.shape[2]}"
+            )
 
 
 def resample_workload(
@@ -79,38 +86,6 @@ def resample_workload(
     for s in schema.SERIES:
         grid, out[s.name] = resample(end_s, np.asarray(cols[s.column]), step_seconds, until_s, s.combine)
     return grid, out
-
-
-def history_from_store(
-    store: Store,
-    now_ms: int,
-    step_seconds: float,
-    steps: int,
-    host: str = "",
-    resources: tuple[str, ...] = schema.RESOURCES,
-) -> SeriesBatch:
-    """Every workload's last `steps` steps ending at now, from the store. Steps with no sample are NaN; the
-    features treat them as unknown. The batch's step is `step_seconds` rounded to whole seconds."""
-    since_ms = now_ms - int(steps * step_seconds * 1000)
-    now_s = now_ms / 1000.0
-    keys, values, signals = [], [], []
-    for (h, w), cols in sorted(store.resource_series(since_ms=since_ms, host=host).items()):
-        if not cols["end_ms"]:
-            continue
-        _, grids = resample_workload(cols, step_seconds, until_s=now_s)
-        keys.append(f"{h}/{w}")
-        values.append([_last_steps(grids[r], steps) for r in resources])
-        signals.append([_last_steps(grids[s], steps) for s in schema.SIGNALS])
-    n = len(keys)
-    origin = math.ceil(now_s / step_seconds) * float(step_seconds)
-    return SeriesBatch(
-        keys=tuple(keys),
-        origin_ts=np.full(n, origin),
-        step_seconds=max(1, round(step_seconds)),
-        values=np.asarray(values, dtype=np.float64).reshape(n, len(resources), steps),
-        signals=np.asarray(signals, dtype=np.float64).reshape(n, len(schema.SIGNALS), steps),
-        resources=resources,
-    )
 
 
 def series_from_store(
@@ -138,13 +113,4 @@ def series_from_store(
                     signals=sigs,
                 )
             )
-    return out
-
-
-def _last_steps(v: F64, steps: int) -> F64:
-    """The last `steps` values, NaN-padded in front when there are fewer."""
-    out = np.full(steps, np.nan)
-    k = min(steps, len(v))
-    if k:
-        out[-k:] = v[-k:]
     return out

@@ -27,9 +27,10 @@ from controller import telemetry_schema as schema
 from controller.config import ControllerConfig, ServiceConfig
 from controller.event_log import EventLog
 from controller.predict.allocation import AllocationState
-from controller.predict.engine import PredictionEngine, judge_in_child, lower_priority
+from controller.predict.engine import Forecast, PredictionEngine, judge_in_child, lower_priority
 from controller.predict.model import DEFAULT_MODEL, OnnxForecaster, load_model_bytes
-from controller.predict.series import history_from_store, series_from_store
+from controller.predict.series import SeriesBatch, series_from_store
+from controller.predict.step_history import StepHistory
 from controller.registry import AgentRegistry, CommandError
 from controller.scaling.decision import IN_PLACE, AppliedLimits, Readiness, ScalingDecision, held
 from controller.scaling.planner import (
@@ -63,9 +64,23 @@ class ServiceForecast:
     source: str
 
 
+# Kept in each stored decision's forecast record, for `ScalingLoop.restore`.
+MISS_LOG_PRICE, RULED_STEP, CHANGED_STEP = "miss_log_price", "ruled_step_s", "changed_step_s"
+
+
 def settle_seconds(step_seconds: float) -> float:
     """How long after a step ends its last samples are waited for (agents send batches every few seconds)."""
     return min(10.0, step_seconds / 5)
+
+
+def forecast_from(
+    history: StepHistory, engine: PredictionEngine, until_ms: int, keys: list[str]
+) -> tuple[SeriesBatch, Forecast | None]:
+    """A cycle's forecast: the workloads' history up to the step holding `until_ms`, cut from memory, and
+    the engine's one batched forecast of it (None when none of them has history yet)."""
+    # The model takes one grid step for one of its own (a compressed lab day is still 288 steps).
+    b = replace(history.batch(until_ms, keys), step_seconds=engine.step_seconds)
+    return b, engine.forecast(b) if b.keys else None
 
 
 class ScalingLoop:
@@ -96,6 +111,11 @@ class ScalingLoop:
         self.reapplied_seen: dict[tuple[str, str], int] = {}  # the agent's limits_reapplied, last seen
         self.next_cycle_ms = 0
         self._model_mtime: float | None = None
+        # The forecast's input, on its step, fed by ingest (`on_telemetry`) from the start; seeded from the
+        # store before the first forecast (batches arriving meanwhile are held, none counts twice).
+        self.history = self._new_history()
+        self._seeded = False
+        self._restored = False
         self.wake = asyncio.Event()
 
     @property
@@ -135,6 +155,8 @@ class ScalingLoop:
     async def cycle(self, now: int | None = None) -> list[ScalingDecision]:
         """One cycle at `now` (unix ms; default: the clock)."""
         await self.consider_new_model()
+        if not self._restored:
+            self.restore()
         await self.forecast(now or now_ms())
         by_shadow: dict[tuple[str, str], list[ScalingDecision]] = {}
         for d in self.plan(now or now_ms()):
@@ -199,6 +221,51 @@ class ScalingLoop:
             self.engine.adopt(await self.worker.run(lambda _: load_model_bytes(promoted, path, threads)))
         self.events.record("model", "", "", f"champion/challenger: {d.reason}", promoted=d.promote)
 
+    # ---- history ----
+
+    def _grid(self) -> tuple[float, int, int]:
+        """(real seconds per step, steps the model reads, steps of signals it reads)."""
+        return self.step_seconds, self.engine.history_steps, self.engine.forecaster.spec.window
+
+    def _new_history(self) -> StepHistory:
+        h = StepHistory(*self._grid())
+        h.begin_seed()
+        return h
+
+    def on_telemetry(self, host: str, instance_id: str, batch: apb.TelemetryBatch, now: int) -> None:
+        """A batch the store has just accepted at `now` (ingest calls this on the event loop)."""
+        self.history.add_batch(host, instance_id, batch, now)
+
+    async def _history(self, now: int) -> StepHistory:
+        """The history on the model's grid, seeded from the store once (at start, and when a new model
+        reads another grid): a restart or a new model does not forget. Reading and binning a day for the
+        fleet takes seconds at thousands of workloads: the store worker does it."""
+        h = self.history
+        grid = (h.step_seconds, h.steps, h.signal_steps)
+        if grid != self._grid():
+            log.info("forecast grid %s -> %s: history seeded again from the store", grid, self._grid())
+            h = self.history = self._new_history()
+            self._seeded = False
+        if not self._seeded:
+            since = h.seed_since_ms(now)
+            first = sorted(set(self.demand.values()))  # what each cycle cuts: the first rows, a view
+
+            def load(store: Store) -> dict[tuple[str, str], int]:
+                aggregates, seqs = store.step_aggregates(since, h.step_ms)
+                h.load(aggregates, now, first)
+                return seqs
+
+            try:
+                seqs = await self.worker.run(load)
+            except BaseException:
+                # Start over next cycle: every batch held so far is in the store, so the next seed has it.
+                self.history = self._new_history()
+                raise
+            h.end_seed(seqs)
+            self._seeded = True
+            log.info("forecast history seeded from the store: %d workloads", len(h.rows))
+        return h
+
     # ---- forecasting ----
 
     async def forecast(self, now_ms: int) -> None:
@@ -216,14 +283,29 @@ class ScalingLoop:
         ]
         if all(fresh):
             return
-        grid, steps = self.step_seconds, self.engine.history_steps
+        history = await self._history(now_ms)
         until = int(origin * 1000)
-        batch = await self.worker.run(lambda store: history_from_store(store, until, grid, steps))
-        if not batch.keys:
+        keys = sorted(set(self.demand.values()))  # only the workloads whose demand sizes a shadow
+        # copying a day of history and forecasting take tens of milliseconds for a big fleet: the niced
+        # worker thread does both (worker.py)
+        # The history's window moves every SPARE_STEPS steps: a copy of the whole fleet's history, done
+        # here in the worker (ingest holds its batches meanwhile) instead of on the event loop.
+        move = history.needs_move(now_ms)
+
+        def run(_: Store) -> tuple[SeriesBatch, Forecast | None]:
+            if move:
+                history.move_ahead(now_ms)
+            return forecast_from(history, self.engine, until, keys)
+
+        if move:
+            history.hold()
+        try:
+            batch, fc = await self.worker.run(run)
+        finally:
+            if move:
+                history.release()
+        if fc is None:
             return
-        # The model takes one grid step for one of its own (a compressed lab day is still 288 steps).
-        batch = replace(batch, step_seconds=self.engine.step_seconds)
-        fc = await self.worker.run(lambda _: self.engine.forecast(batch))  # niced thread, see worker.py
         source = fc.source if not fc.reason else f"{fc.source} ({fc.reason})"
         index = {k: i for i, k in enumerate(batch.keys)}
         for service, key in self.demand.items():
@@ -308,8 +390,32 @@ class ScalingLoop:
                     )
                     if out[-1].new != out[-1].old:
                         self.changed_at[key] = fc.origin_s
+                    # what a restarted controller needs to go on as this one would (`restore`)
+                    kept = {MISS_LOG_PRICE: self.states[key].log_price, RULED_STEP: fc.origin_s}
+                    if key in self.changed_at:
+                        kept[CHANGED_STEP] = self.changed_at[key]
+                    out[-1] = replace(out[-1], forecast={**out[-1].forecast, **kept})
                 self.ruled_origin[(host, s.workload)] = fc.origin_s
         return out
+
+    def restore(self) -> None:
+        """Once, before the first plan: each shadow resource's calibration (its miss price), the step its
+        rule last ran for with the target it chose then, and when its limit last changed (the lower hold),
+        from its latest stored decision. A restart (a package upgrade) neither forgets what calibration
+        learned nor lets a held limit drop at once, nor runs a step's rule twice."""
+        for d in self.store.decisions(last=1):
+            f, key = d.forecast, (d.host, d.workload, d.resource)
+            if MISS_LOG_PRICE not in f:
+                continue  # recorded by an older controller
+            self.states[key] = replace(AllocationState.initial(self.policy), log_price=f[MISS_LOG_PRICE])
+            if CHANGED_STEP in f:
+                self.changed_at[key] = f[CHANGED_STEP]
+            shadow = (d.host, d.workload)
+            if f[RULED_STEP] >= self.ruled_origin.get(shadow, -math.inf):
+                self.ruled_origin[shadow] = f[RULED_STEP]
+            recorded = {k: v for k, v in f.items() if k not in (MISS_LOG_PRICE, RULED_STEP, CHANGED_STEP)}
+            self.shadow_targets[key] = Target(d.predicted, recorded, d.forecast_source)
+        self._restored = True
 
     def _io_target(self, service: str, fc: ServiceForecast) -> Target:
         """The I/O weight's target: a weight has no limit to calibrate against, so against its own pick."""

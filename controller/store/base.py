@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from controller.scaling.decision import ScalingDecision
 from controller.scaling.override import Override
 from shadowplane.v1 import agent_pb2 as apb
@@ -48,6 +51,15 @@ class EventRecord:
     id: int = 0
 
 
+@dataclass(frozen=True)
+class StepAggregate:
+    """One workload's stored samples per step of a grid, as `Store.step_aggregates` returns them."""
+
+    steps: npt.NDArray[np.int64]  # step ids: a sample ending at t (ms) is in step ceil(t / step_ms)
+    counts: npt.NDArray[np.int64]  # samples per step
+    values: npt.NDArray[np.float64]  # (len(telemetry_schema.SERIES), steps): mean or max, per the schema
+
+
 class Store(Protocol):
     def register_agent(self, hello: apb.Hello, peer: str, now_ms: int) -> int:
         """Record an agent's (re)connection; return the highest batch seq stored for this instance."""
@@ -81,6 +93,14 @@ class Store(Protocol):
         """Every workload's telemetry series since the bound, for the prediction engine: per (host, workload),
         the column end_ms and one per `controller.telemetry_schema.SERIES`, oldest first. Empty host/workload
         = all."""
+        ...
+
+    def step_aggregates(
+        self, since_ms: int, step_ms: int
+    ) -> tuple[dict[tuple[str, str], StepAggregate], dict[tuple[str, str], int]]:
+        """Every workload's samples ending after `since_ms`, aggregated per step of `step_ms` (mean or max
+        per `telemetry_schema.SERIES`), and, from the same snapshot, the last batch seq stored per
+        (host, instance): a reader can tell which later batches the aggregates already hold."""
         ...
 
     def prune(self, older_than_ms: int) -> int:

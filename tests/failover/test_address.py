@@ -27,6 +27,13 @@ try:
         a.hold(vip, 30)
         sent = announce(vip, a.mac("eth0"), a.ifindex("eth0"), 3, 0.01)
         print(json.dumps({"sent": sent, "has": a.has(vip), "marked": [m[1] for m in a.marked()]}))
+    elif op in ("paused", "late"):
+        # A clock that says where the deadline is at each look: a "paused" owner passes the check before
+        # the kernel call and is past its deadline when the call returns (a SIGSTOP in between); a "late"
+        # one is past it before the call.
+        looks = iter([5.0, 15.0] if op == "paused" else [15.0])
+        held = a.hold(vip, 30, deadline=10.0, clock=lambda: next(looks))
+        print(json.dumps({"held": held, "has": a.has(vip), "marked": [m[1] for m in a.marked()]}))
     elif op == "release-all":
         print(json.dumps({"removed": a.remove_all_marked(), "has": a.has(vip)}))
 finally:
@@ -119,3 +126,14 @@ def test_kernel_lifetime_is_set_on_held_addresses(pair: tuple[str, str]) -> None
     info = json.loads(sh("ip", "-j", "-n", a, "addr", "show", "dev", "eth0"))[0]["addr_info"]
     held = next(x for x in info if x["local"] == "10.88.0.101")
     assert 0 < held["valid_life_time"] <= 30  # the kernel drops it by itself if the agent stops refreshing
+
+
+@pytest.mark.parametrize("op", ["paused", "late"])
+def test_an_owner_paused_on_its_way_to_the_kernel_does_not_keep_the_address(
+    pair: tuple[str, str], op: str
+) -> None:
+    """The lease ran out while the owner was on its way to add or refresh its address: it must not hold it
+    afterwards (its successor may), whether the deadline had passed before the kernel call or during it."""
+    a, _ = pair
+    r = in_ns(a, op, "10.88.0.102/24")
+    assert r == {"held": False, "has": False, "marked": []}, r

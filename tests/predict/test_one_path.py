@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 from agentd.actuate.limits import plan as agent_plan
 from controller.config import ControllerConfig, ScalingConfig, ServiceConfig, StoreConfig
 from controller.event_log import EventLog
+from controller.predict.engine import PredictionEngine
 from controller.registry import AgentRegistry
 from controller.scaling.loop import ScalingLoop, settle_seconds
 from controller.store import SqliteStore
@@ -60,6 +62,38 @@ def recorded_history(steps: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.
     return end, cpu, np.round(mem)
 
 
+RESTART_AT = 330  # a step more than a day in: the day-ago features are known
+
+
+async def restarted_forecasts_the_same(running: ScalingLoop, now: int) -> None:
+    """A controller started now on the same store (a restart, a package upgrade) has the history the running
+    one was fed, seeded from the store, and forecasts from it what the running one's model makes of it
+    (with its periods detected afresh: the running engine refreshes them hourly)."""
+    restarted = ScalingLoop(running.cfg, running.store, AgentRegistry(), running.events)
+    # what calibration learned, the lower hold's clock and the step's rule: from the stored decisions
+    restarted.restore()
+    shadow = [k for k in running.states if k[0] == "s1"]  # (the I/O weight calibrates against itself)
+    assert {k: restarted.states[k].log_price for k in shadow} == {
+        k: running.states[k].log_price for k in shadow
+    }
+    assert restarted.changed_at == running.changed_at and restarted.changed_at
+    assert restarted.ruled_origin == running.ruled_origin
+    assert {k: restarted.shadow_targets[k] for k in shadow} == {k: running.shadow_targets[k] for k in shadow}
+    await restarted.forecast(now)
+    origin = running.forecasts["web"].origin_s
+    assert restarted.forecasts["web"].origin_s == origin
+    day = running.history.batch(int(origin * 1000), ["p1/web"])
+    assert not np.isnan(day.values).any(), "a day and more of history on the model's step"
+    again = restarted.history.batch(int(origin * 1000), ["p1/web"])
+    np.testing.assert_allclose(again.values, day.values, rtol=1e-12)
+    fresh = PredictionEngine().forecast(replace(day, step_seconds=STEP))
+    for resource in ("cpu", "memory"):
+        np.testing.assert_allclose(
+            restarted.forecasts["web"].curves[resource], fresh.curve("p1/web", resource), rtol=1e-9
+        )
+    restarted.worker.close()
+
+
 def controller_limits(
     tmp_path: Path, scaling: ScalingConfig, end: np.ndarray, cpu: np.ndarray, mem: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -69,15 +103,6 @@ def controller_limits(
         hello = apb.Hello(host=host, instance_id=f"{host}-1")
         hello.workloads.add(name="web", service="web")
         store.register_agent(hello, "peer", int(end[0]) * 1000)
-    for i in range(len(end)):
-        r = tpb.Resources(cpu_seconds=float(cpu[i]) * STEP, memory_bytes=int(mem[i]))
-        s = tpb.WorkloadSample(
-            workload="web",
-            start_unix_ms=int(end[i] - STEP) * 1000,
-            end_unix_ms=int(end[i]) * 1000,
-            resources=r,
-        )
-        store.append_batch("p1", "p1-1", apb.TelemetryBatch(seq=i + 1, samples=[s]), int(end[i]) * 1000)
     cfg = ControllerConfig(
         tls=TlsConfig(plaintext=True),
         store=StoreConfig(path=tmp_path / "c.db"),
@@ -88,8 +113,22 @@ def controller_limits(
     loop = ScalingLoop(cfg, store, registry, EventLog(store))
     held_cpu, held_mem = np.zeros(len(end)), np.zeros(len(end))
 
+    def ingest(i: int) -> None:
+        """Step i's sample arrives, as the agent stream delivers it: stored, then handed to the loop."""
+        r = tpb.Resources(cpu_seconds=float(cpu[i]) * STEP, memory_bytes=int(mem[i]))
+        s = tpb.WorkloadSample(
+            workload="web",
+            start_unix_ms=int(end[i] - STEP) * 1000,
+            end_unix_ms=int(end[i]) * 1000,
+            resources=r,
+        )
+        batch = apb.TelemetryBatch(seq=i + 1, samples=[s])
+        if store.append_batch("p1", "p1-1", batch, int(end[i]) * 1000):
+            loop.on_telemetry("p1", "p1-1", batch, int(end[i]) * 1000)
+
     async def run() -> None:
         for i in range(len(end) - 1):
+            ingest(i)
             # the cycle just after step i ended, and one more within step i + 1 (the interval's wake-up):
             # the second must change nothing
             for now_s in (end[i] + settle_seconds(STEP) + 1, end[i] + STEP / 2):
@@ -97,6 +136,8 @@ def controller_limits(
                 applied = loop.applied.get(("s1", "web"))
                 if applied is not None:
                     held_cpu[i + 1], held_mem[i + 1] = applied.cpu_cores, applied.memory_bytes
+            if i == RESTART_AT:
+                await restarted_forecasts_the_same(loop, int(now_s * 1000))
 
     asyncio.run(run())
     loop.worker.close()

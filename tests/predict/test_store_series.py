@@ -9,7 +9,7 @@ import pytest
 
 from controller.predict.engine import PredictionEngine
 from controller.predict.model import load_model
-from controller.predict.series import history_from_store
+from controller.predict.step_history import history_from_store
 from controller.store.sqlite import SqliteStore
 from shadowctl.cli import main
 from shadowplane.v1 import agent_pb2 as apb
