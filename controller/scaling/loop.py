@@ -156,7 +156,8 @@ class ScalingLoop:
         """One cycle at `now` (unix ms; default: the clock)."""
         await self.consider_new_model()
         if not self._restored:
-            self.restore()
+            # a window query over every stored decision: the worker reads it, off the event loop
+            self.restore(await self.worker.run(lambda store: store.decisions(last=1)))
         await self.forecast(now or now_ms())
         by_shadow: dict[tuple[str, str], list[ScalingDecision]] = {}
         for d in self.plan(now or now_ms()):
@@ -398,12 +399,13 @@ class ScalingLoop:
                 self.ruled_origin[(host, s.workload)] = fc.origin_s
         return out
 
-    def restore(self) -> None:
+    def restore(self, latest: list[ScalingDecision]) -> None:
         """Once, before the first plan: each shadow resource's calibration (its miss price), the step its
         rule last ran for with the target it chose then, and when its limit last changed (the lower hold),
-        from its latest stored decision. A restart (a package upgrade) neither forgets what calibration
-        learned nor lets a held limit drop at once, nor runs a step's rule twice."""
-        for d in self.store.decisions(last=1):
+        from its latest stored decision (`latest`: `Store.decisions(last=1)`). A restart (a package
+        upgrade) neither forgets what calibration learned nor lets a held limit drop at once, nor runs a
+        step's rule twice."""
+        for d in latest:
             f, key = d.forecast, (d.host, d.workload, d.resource)
             if MISS_LOG_PRICE not in f:
                 continue  # recorded by an older controller

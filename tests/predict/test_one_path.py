@@ -71,7 +71,7 @@ async def restarted_forecasts_the_same(running: ScalingLoop, now: int) -> None:
     (with its periods detected afresh: the running engine refreshes them hourly)."""
     restarted = ScalingLoop(running.cfg, running.store, AgentRegistry(), running.events)
     # what calibration learned, the lower hold's clock and the step's rule: from the stored decisions
-    restarted.restore()
+    restarted.restore(running.store.decisions(last=1))
     shadow = [k for k in running.states if k[0] == "s1"]  # (the I/O weight calibrates against itself)
     assert {k: restarted.states[k].log_price for k in shadow} == {
         k: running.states[k].log_price for k in shadow
