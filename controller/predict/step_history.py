@@ -104,8 +104,8 @@ class _Window:
             counts[:u, :keep] = self.counts[:u, shift:]
             self.values, self.counts, self.base = values, counts, self.base + shift
 
-    def merge(self, row: int, step: int, count: int, vals: F64) -> None:
-        """Fold `count` samples whose combined values are `vals` into the row's `step`."""
+    def add(self, row: int, step: int, vals: F64) -> None:
+        """Fold one sample's values into the row's `step` (a running mean, or the max)."""
         col = self._column(step)
         if col < 0:
             return  # older than the window: no forecast reads it
@@ -114,8 +114,8 @@ class _Window:
         if c == 0:
             v[:] = vals
         else:
-            v[:] = np.where(self.maxed, np.fmax(v, vals), (v * c + vals * count) / (c + count))
-        self.counts[row, col] = c + count
+            v[:] = np.where(self.maxed, np.fmax(v, vals), v + (vals - v) / (c + 1))
+        self.counts[row, col] = c + 1
 
     def load(self, row: int, steps: I64, counts: I64, vals: F64) -> None:
         """Set an empty row's steps from per-step aggregates (steps ascending)."""
@@ -209,8 +209,8 @@ class StepHistory:
                 continue
             vals = np.array([float(x) for x in schema.values(s)])
             row = self._row(f"{host}/{s.workload}")
-            self.resources.merge(row, step, 1, vals[self._res])
-            self.signals.merge(row, step, 1, vals[self._sig])
+            self.resources.add(row, step, vals[self._res])
+            self.signals.add(row, step, vals[self._sig])
 
     # ---- moving the window off the event loop ----
 
@@ -287,8 +287,8 @@ class StepHistory:
         stored_seq: dict[tuple[str, str], int],
         now_ms: int,
     ) -> None:
-        """`load` then `end_seed`, in one thread."""
-        self._seeding = True
+        """`begin_seed`, `load` then `end_seed`, in one thread."""
+        self.begin_seed()
         self.load(aggregates, now_ms)
         self.end_seed(stored_seq)
 

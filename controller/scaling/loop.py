@@ -237,10 +237,11 @@ class ScalingLoop:
         """A batch the store has just accepted at `now` (ingest calls this on the event loop)."""
         self.history.add_batch(host, instance_id, batch, now)
 
-    async def _history(self, now: int) -> StepHistory:
+    async def _history(self, now: int, first: list[str]) -> StepHistory:
         """The history on the model's grid, seeded from the store once (at start, and when a new model
         reads another grid): a restart or a new model does not forget. Reading and binning a day for the
-        fleet takes seconds at thousands of workloads: the store worker does it."""
+        fleet takes seconds at thousands of workloads: the store worker does it. The workloads `first`
+        (those each cycle forecasts) take the first rows, so cutting them is a view."""
         h = self.history
         grid = (h.step_seconds, h.steps, h.signal_steps)
         if grid != self._grid():
@@ -249,7 +250,6 @@ class ScalingLoop:
             self._seeded = False
         if not self._seeded:
             since = h.seed_since_ms(now)
-            first = sorted(set(self.demand.values()))  # what each cycle cuts: the first rows, a view
 
             def load(store: Store) -> dict[tuple[str, str], int]:
                 aggregates, seqs = store.step_aggregates(since, h.step_ms)
@@ -284,13 +284,12 @@ class ScalingLoop:
         ]
         if all(fresh):
             return
-        history = await self._history(now_ms)
-        until = int(origin * 1000)
         keys = sorted(set(self.demand.values()))  # only the workloads whose demand sizes a shadow
-        # copying a day of history and forecasting take tens of milliseconds for a big fleet: the niced
-        # worker thread does both (worker.py)
-        # The history's window moves every SPARE_STEPS steps: a copy of the whole fleet's history, done
-        # here in the worker (ingest holds its batches meanwhile) instead of on the event loop.
+        history = await self._history(now_ms, keys)
+        until = int(origin * 1000)
+        # Forecasting takes tens of milliseconds for a big fleet, and every SPARE_STEPS steps the history's
+        # window moves (a copy of the whole fleet's history): the niced worker thread does both
+        # (worker.py), ingest holding its batches during a move instead of the event loop waiting.
         move = history.needs_move(now_ms)
 
         def run(_: Store) -> tuple[SeriesBatch, Forecast | None]:

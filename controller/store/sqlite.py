@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sqlite3
 import time
@@ -244,7 +245,8 @@ class SqliteStore:
             raise ValueError(f"step_ms must be at least 1, got {step_ms}")
         # SQLite bins and combines (one row per workload and step instead of one per sample: a day at a
         # 10 s interval is 30 times fewer rows to bring into Python); one read transaction for both
-        # queries, so the seqs describe exactly the samples aggregated.
+        # queries, so the seqs describe exactly the samples aggregated. A deferred BEGIN, not `_tx()`'s
+        # BEGIN IMMEDIATE: this long read must not hold the write lock the event loop's ingest needs.
         combine = ", ".join(f"{'MAX' if s.combine == 'max' else 'AVG'}({s.column})" for s in schema.SERIES)
         self.db.execute("BEGIN")
         try:
@@ -261,16 +263,11 @@ class SqliteStore:
         finally:
             self.db.execute("COMMIT")
         out: dict[tuple[str, str], StepAggregate] = {}
-        start = 0
-        for end in range(1, len(rows) + 1):
-            if end < len(rows) and rows[end][:2] == rows[start][:2]:
-                continue
-            part = rows[start:end]
+        for (host, workload), part in itertools.groupby(rows, key=lambda r: (r[0], r[1])):
             a = np.array([r[2:] for r in part], dtype=np.float64)
-            out[(str(part[0][0]), str(part[0][1]))] = StepAggregate(
+            out[(str(host), str(workload))] = StepAggregate(
                 a[:, 0].astype(np.int64), a[:, 1].astype(np.int64), np.ascontiguousarray(a[:, 2:].T)
             )
-            start = end
         return out, seqs
 
     def prune(self, older_than_ms: int) -> int:
