@@ -25,7 +25,7 @@ from agentd.actuate import limits
 from controller.config import ScalingConfig
 from controller.predict.allocation import AllocationState
 from controller.predict.engine import PERIOD_REFRESH_SECONDS
-from controller.predict.features import Periods, detect_periods, sliding_history
+from controller.predict.features import Periods, detect_periods, period_slots, sliding_history
 from controller.predict.model import Forecaster
 from controller.scaling.planner import ShadowNow, Target, decide_resource, forecast_target
 from shadowplane.v1 import agent_pb2 as apb
@@ -113,23 +113,23 @@ def forecast_origins(
     period_refresh_seconds: float = PERIOD_REFRESH_SECONDS,
 ) -> F64:
     """The forecaster's curve from every row of the trace as origin: (rows, horizon, Q). Row o uses the
-    values up to and including row o only. Each row's cycle is detected again only once
-    `period_refresh_seconds` have passed since the last detection, as the controller's engine caches it
-    (0: at every row)."""
+    values up to and including row o only. Each row's cycle is the one detected for its slot of
+    `period_refresh_seconds` (features.period_slots), as the controller's engine detects it (0: at every
+    row)."""
     step = step_seconds or trace.step_seconds
     steps = forecaster.spec.history_steps(step)
     hist = sliding_history(trace.values, steps)
     ts = trace.timestamps.astype(np.float64)
-    detect_at = np.zeros(len(trace), dtype=bool)
-    last = -math.inf
-    for i, t in enumerate(ts):
-        if t - last >= period_refresh_seconds:
-            detect_at[i], last = True, t
-    rows = np.flatnonzero(detect_at)
+    _, back = period_slots(ts, step, period_refresh_seconds)
+    src = np.arange(len(trace)) - back  # the row at each slot's first step
+    # A slot that began before the trace has no history at its start: no cycle, as in the controller,
+    # whose history there is unknown.
+    known = src >= 0
+    rows = np.unique(src[known])
     found = detect_periods(np.asarray(hist[rows]), forecaster.spec)
-    owner = np.maximum.accumulate(np.where(detect_at, np.arange(len(trace)), 0))  # last detection row
-    where = np.searchsorted(rows, owner)
-    lag, err = found.lag[where], found.log_error[where]
+    lag, err = np.zeros(len(trace), dtype=np.int64), np.zeros(len(trace))
+    where = np.searchsorted(rows, src[known])
+    lag[known], err[known] = found.lag[where], found.log_error[where]
     out = np.empty((len(trace), forecaster.horizon, len(forecaster.quantiles)))
     for start in range(0, len(trace), chunk):
         h = np.asarray(hist[start : start + chunk])

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from controller.predict.champion import ChampionDecision, decide_champion, recent_loss
 from controller.predict.fallback import StatisticalForecaster
-from controller.predict.features import Periods, detect_periods
+from controller.predict.features import Periods, detect_periods, period_slots
 from controller.predict.model import (
     DEFAULT_MODEL,
     Forecaster,
@@ -78,8 +78,8 @@ class PredictionEngine:
         self.reason = "no model loaded"
         self.threads = threads
         self.period_refresh_seconds = period_refresh_seconds
-        # (rows, computed at, lag, log error) of the last batch. Periods drift slowly and detecting them
-        # costs as much as the rest of featurisation, so they are refreshed hourly, not every cycle.
+        # (rows, slot, lag, log error) of the last batch: each row's cycle as detected for its slot
+        # (features.period_slots).
         self._period_cache: (
             tuple[tuple[tuple[str, ...], tuple[str, ...]], F64, npt.NDArray[np.int64], F64] | None
         ) = None
@@ -123,13 +123,14 @@ class PredictionEngine:
         return "fallback"
 
     def _periods_for(self, batch: SeriesBatch, history: F64) -> Periods:
-        """Each row's cycle, from the cache where it is fresh; detected again for rows that are new or
-        older than `period_refresh_seconds`. The cache is arrays aligned with the last batch's rows, so a
-        fleet that has not changed costs no per-row Python work."""
+        """Each row's cycle, from the cache where it was detected for the row's current slot; detected for
+        rows that are new or whose slot has passed. The cache is arrays aligned with the last batch's rows,
+        so a fleet that has not changed costs no per-row Python work."""
         rows = (batch.keys, batch.resources)
         n = len(batch.keys) * len(batch.resources)
-        now = np.repeat(batch.origin_ts.astype(np.float64), len(batch.resources))
-        at, lag, err = np.full(n, -np.inf), np.zeros(n, np.int64), np.zeros(n)
+        origin = np.repeat(batch.origin_ts.astype(np.float64), len(batch.resources))
+        slot, back = period_slots(origin, batch.step_seconds, self.period_refresh_seconds)
+        at, lag, err = np.full(n, np.nan), np.zeros(n, np.int64), np.zeros(n)
         c = self._period_cache
         if c is not None and c[0] == rows:  # the same fleet as last cycle: no per-row Python work
             at, lag, err = c[1].copy(), c[2].copy(), c[3].copy()
@@ -139,10 +140,14 @@ class PredictionEngine:
                 j = where.get(key)
                 if j is not None:
                     at[i], lag[i], err[i] = c[1][j], c[2][j], c[3][j]
-        stale = np.flatnonzero(now - at >= self.period_refresh_seconds)
-        if len(stale):
-            fresh = detect_periods(history[stale], self.forecaster.spec)
-            at[stale], lag[stale], err[stale] = now[stale], fresh.lag, fresh.log_error
+        stale = at != slot  # NaN (never detected) is stale too
+        steps = history.shape[1]
+        for b in np.unique(back[stale]):
+            idx = np.flatnonzero(stale & (back == b))
+            # the history as it was at the slot's first step: what every detection in this slot sees
+            fresh = detect_periods(history[idx, : max(steps - int(b), 0)], self.forecaster.spec)
+            lag[idx], err[idx] = fresh.lag, fresh.log_error
+        at[stale] = slot[stale]
         self._period_cache = (rows, at, lag, err)
         return Periods(lag, err)
 

@@ -218,6 +218,22 @@ def detect_periods(history: F64, spec: FeatureSpec) -> Periods:
     return Periods(lag, log_error)
 
 
+def period_slots(
+    origin_ts: F64, step_seconds: float, refresh_seconds: float
+) -> tuple[F64, npt.NDArray[np.int64]]:
+    """When each origin's cycle is detected: (slot, steps back). Periods drift slowly and detecting them
+    costs as much as the rest of featurisation, so they are detected once per `refresh_seconds` slot of the
+    clock, from the history that ends at the slot's first step (`steps back` from the origin). Slots are
+    aligned to the epoch, not to a process's start, so a restarted controller, the running one and the
+    backtest detect the same periods from the same history. `refresh_seconds` 0: at every origin."""
+    origin_ts = np.asarray(origin_ts, dtype=np.float64)
+    if refresh_seconds <= 0:
+        return origin_ts.copy(), np.zeros(len(origin_ts), dtype=np.int64)
+    slot = np.floor(origin_ts / refresh_seconds)
+    back = np.floor((origin_ts - slot * refresh_seconds) / step_seconds + 1e-9).astype(np.int64)
+    return slot, back
+
+
 def build_features(
     history: F64,
     origin_ts: F64,
