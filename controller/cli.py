@@ -52,13 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shadowplane-controller: bad config: {e}", file=sys.stderr)
         return 2
     watched_only = [s.name for s in cfg.service if not s.shadows]
+    quorum_problems = [(s.name, q) for s in cfg.service if (q := s.quorum_problem()) is not None]
     if args.cmd == "check-config":
         print(f"{path}: ok")
         for name in watched_only:
             print(f"service {name}: {NO_SHADOW}: watched and forecast only, nothing moves")
+        for name, problem in quorum_problems:
+            print(f"service {name}: warning: {problem}")
         return 0
     for name in watched_only:
         log.warning("service %s: %s: watched and forecast only, nothing moves", name, NO_SHADOW)
+    for name, problem in quorum_problems:
+        log.warning("service %s: %s", name, problem)
     if not cfg.host:
         log.warning(
             "no [[host]] list in %s: accepting any agent (fine for development, not for a fleet)", path

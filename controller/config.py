@@ -29,6 +29,7 @@ from shadowplane.config import (
     valid_name,
 )
 from shadowplane.healthcheck import ExecCheckConfig, exec_check_names
+from shadowplane.lease import majority
 from shadowplane.prometheus import MetricsConfig
 from shadowplane.tls import TlsConfig
 
@@ -250,7 +251,8 @@ class ServiceConfig:
         default_factory=list,
         metadata=check(
             doc='who votes on failure and leases: host names and/or "controller" (default: '
-            "the controller and every shadow)"
+            "the controller and every shadow; with one shadow the primary also votes on leases, so that a "
+            "controller restart never costs the owner its majority)"
         ),
     )
     vip: str = field(
@@ -306,7 +308,32 @@ class ServiceConfig:
         return None
 
     def observer_names(self) -> list[str]:
+        """Who judges the service's hosts (health, renewals) and votes on its leases."""
         return self.observers or ["controller", *self.shadows]
+
+    def lease_quorum(self) -> list[str]:
+        """Who votes on the service's leases and grants its owner's renewals: the observers, and by default
+        with one shadow the primary too, as a witness. [controller, shadow] needs both for a majority, so
+        the controller's own restart (every package upgrade) would cost the owner its lease and the VIP;
+        with the primary, two of three remain. The witness judges no host's health: a failed primary cannot
+        vouch for the shadow it fails over to, so failure detection stays with the observers."""
+        if not self.observers and len(self.shadows) == 1:
+            return ["controller", self.primary, *self.shadows]
+        return self.observer_names()
+
+    def quorum_problem(self) -> str | None:
+        """Why losing the controller (a restart, a package upgrade) would drop this service's VIP: its
+        observers without the controller are not a majority. None when they are, or nothing moves."""
+        names = self.lease_quorum()
+        if not self.shadows or "controller" not in names:
+            return None
+        if len(names) - 1 >= majority(len(names)):
+            return None
+        example = ["controller", self.primary, *self.shadows]
+        return (
+            f"observers: {names} need the controller for a majority, so every controller restart (a package "
+            f"upgrade) drops the VIP; add hosts (e.g. observers = {example}) or leave observers unset"
+        )
 
 
 @dataclass

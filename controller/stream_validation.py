@@ -67,7 +67,8 @@ class Problem:
 @dataclass(frozen=True)
 class ServiceRoles:
     targets: frozenset[str]  # primary and shadows: who is observed, who may hold its lease
-    observers: frozenset[str]
+    observers: frozenset[str]  # who judges health
+    witnesses: frozenset[str] = frozenset()  # who only keeps its leases (ServiceConfig.lease_quorum)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,11 @@ class Fleet:
         return Fleet(
             frozenset(h.name for h in cfg.host),
             {
-                s.name: ServiceRoles(frozenset([s.primary, *s.shadows]), frozenset(s.observer_names()))
+                s.name: ServiceRoles(
+                    frozenset([s.primary, *s.shadows]),
+                    frozenset(s.observer_names()),
+                    frozenset(s.lease_quorum()) - frozenset(s.observer_names()),
+                )
                 for s in cfg.service
             },
         )
@@ -352,10 +357,10 @@ def check_observation(o: apb.Observation, observer: str, fleet: Fleet, now_ms: i
     roles, p = _service("observation.service", o.service, fleet)
     if roles is None:
         return p
-    if observer not in roles.observers:
-        return Problem("observation.service", "not_observer", f"{observer} is no observer of {o.service}")
     if o.kind not in OBSERVATION_KINDS:
         return Problem("observation.kind", "bad_value", f"{o.kind[:80]!r} is none of {OBSERVATION_KINDS}")
+    if observer not in roles.observers and not (o.kind != "health" and observer in roles.witnesses):
+        return Problem("observation.service", "not_observer", f"{observer} is no observer of {o.service}")
     if o.kind == "health" and o.target not in roles.targets:
         return Problem(
             "observation.target",

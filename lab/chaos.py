@@ -233,11 +233,11 @@ class Chaos:
         return self.checker.current(self.lab.service().vip_ip)
 
 
-def chaos_spec(timings: Timings | None = None, plaintext: bool = False) -> Spec:
+def chaos_spec(timings: Timings | None = None, plaintext: bool = False, shadows: int = 2) -> Spec:
     # the lab's timings by default, with a short failback hold so each scenario settles back on the
     # primary quickly
     t = dataclasses.replace(timings or Timings(), failback_hold_seconds=1.0)
-    return Spec(timings=t, plaintext=plaintext)
+    return Spec(timings=t, plaintext=plaintext, shadows=shadows)
 
 
 def last_event_id(lab: Lab) -> int:

@@ -115,6 +115,12 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--health-interval", type=float, metavar="SECONDS", help="override: health interval")
     ch.add_argument("--health-timeout", type=float, metavar="SECONDS", help="override: health timeout")
     ch.add_argument("--fall", type=int, help="override: health checks failed in a row that make a host down")
+    ch.add_argument(
+        "--shadows",
+        type=int,
+        default=2,
+        help="shadows of the service (1: the default quorum is the controller, the primary and the shadow)",
+    )
     ch.add_argument("--json", action="store_true", help="one JSON object per scenario, then the totals")
     ch.set_defaults(func=lab_chaos)
 
@@ -304,7 +310,7 @@ def lab_chaos(args: argparse.Namespace) -> int:
 
     if not args.json:
         print(chaos.HEADER, flush=True)
-    spec = chaos.chaos_spec(chaos_timings(args), args.plaintext)
+    spec = chaos.chaos_spec(chaos_timings(args), args.plaintext, args.shadows)
     if not args.json:
         print(f"timings: {timings_text(spec.timings)}", flush=True)
     try:

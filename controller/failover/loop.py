@@ -287,7 +287,7 @@ class FailoverLoop:
             return
         sessions, alive, reports = self.registry.connected(), self.alive(), self.board.lease(rt.cfg.name)
         now = time.monotonic()
-        for o in rt.cfg.observer_names():
+        for o in rt.cfg.lease_quorum():
             session = sessions.get(o)
             if o == "controller" or session is None or o not in alive:
                 continue
@@ -358,11 +358,11 @@ class FailoverLoop:
     def watch_for(self, host: str) -> apb.Watch:
         checks, observed = [], []
         for rt in self.services.values():
-            if host not in rt.cfg.observer_names():
+            if host not in rt.cfg.lease_quorum():
                 continue
             observed.append(rt.cfg.name)
             for target in rt.targets():
-                if target == host:
+                if target == host or host not in rt.cfg.observer_names():  # a witness checks nothing
                     continue
                 checks.append(spec_to_proto(self._check_spec(rt.cfg, target)))
         return apb.Watch(

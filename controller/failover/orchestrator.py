@@ -122,13 +122,13 @@ class Orchestrator:
             release = asyncio.create_task(self._release(svc, old, old_token, 0.5))
 
         granted, waits, problems = await self._votes(svc, token, new)
-        needed = majority(len(svc.observer_names()))
+        needed = majority(len(svc.lease_quorum()))
         if len(granted) < needed:
             self.events.record(
                 "takeover-aborted",
                 svc.name,
                 new,
-                f"only {len(granted)} of {len(svc.observer_names())} observers voted for token {token} "
+                f"only {len(granted)} of {len(svc.lease_quorum())} observers voted for token {token} "
                 f"(need {needed}): " + "; ".join(f"{k}: {v}" for k, v in problems.items()),
             )
             # Some observers may have promised the new token and now refuse the old owner's renewals:
@@ -238,8 +238,8 @@ class Orchestrator:
             token=token,
             vip=svc.vip,
             interface=self._interface(svc),
-            observers=[self._lease_address(o) for o in svc.observer_names()],
-            observer_names=svc.observer_names(),
+            observers=[self._lease_address(o) for o in svc.lease_quorum()],
+            observer_names=svc.lease_quorum(),
             lease_ms=int(f.lease_seconds * 1000),
             renew_interval_ms=int(f.renew_interval_seconds * 1000),
             drift_margin=f.drift_margin,
@@ -265,7 +265,7 @@ class Orchestrator:
         self, svc: ServiceConfig, token: int, candidate: str
     ) -> tuple[list[str], Waits, dict[str, str]]:
         """Ask every observer; return as soon as a majority granted (their longest waits count)."""
-        names = svc.observer_names()
+        names = svc.lease_quorum()
         needed = majority(len(names))
 
         async def one(o: str) -> tuple[str, Waits | None, str]:

@@ -198,3 +198,45 @@ def test_the_reference_says_what_an_empty_shadows_and_vip_mean() -> None:
     rows = {k: m for k, _, m in reference(ControllerConfig)}
     assert "empty: no failover" in rows["service.shadows"]
     assert "a service with shadows needs a vip" in rows["service.vip"]
+
+
+def _with_shadows(tmp_path: Path, shadows: list[str], observers: str = "") -> Path:
+    hosts = "".join(f'[[host]]\nname = "{s}"\n' for s in shadows)
+    p = tmp_path / "c.toml"
+    p.write_text(
+        TRIAL.replace('address = "127.0.0.1"\n', f'address = "127.0.0.1"\n{hosts}', 1)
+        + f"shadows = {shadows!r}\n".replace("'", '"')
+        + 'vip = "10.0.0.100/24"\n'
+        + observers
+    )
+    return p
+
+
+def test_the_default_quorum_survives_losing_the_controller(tmp_path: Path) -> None:
+    """With one shadow, [controller, shadow] would need both for a majority: a controller restart (every
+    package upgrade) would cost the owner its lease. The default lease quorum adds the primary; with two
+    shadows the controller and the shadows are already three."""
+    one = load_controller_config(_with_shadows(tmp_path, ["s1"])).service[0]
+    assert one.lease_quorum() == ["controller", "box", "s1"]
+    # the primary is a witness: it judges nobody's health (a failed primary cannot vouch for its shadow)
+    assert one.observer_names() == ["controller", "s1"]
+    assert one.quorum_problem() is None
+    two = load_controller_config(_with_shadows(tmp_path, ["s1", "s2"])).service[0]
+    assert two.lease_quorum() == two.observer_names() == ["controller", "s1", "s2"]
+    assert two.quorum_problem() is None
+
+
+@pytest.mark.parametrize("observers", ['["controller"]', '["controller", "s1"]'])
+def test_an_explicit_quorum_that_needs_the_controller_is_warned_about(tmp_path: Path, observers: str) -> None:
+    p = _with_shadows(tmp_path, ["s1"], f"observers = {observers}\n")
+    problem = load_controller_config(p).service[0].quorum_problem()
+    assert problem is not None and "every controller restart" in problem
+    assert "observers = ['controller', 'box', 's1']" in problem, "the fix is named"
+    out = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "check-config", "--config", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr  # a warning: the config still runs
+    assert "service web: warning: observers:" in out.stdout and "drops the VIP" in out.stdout, out.stdout

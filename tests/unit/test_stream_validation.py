@@ -4,6 +4,7 @@ that field and a stable reason code."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -175,7 +176,15 @@ def test_one_bad_field_is_refused_naming_it(
 
 def test_observations_and_lease_events_only_from_their_service_s_hosts() -> None:
     o = observation()
+    # with one shadow the primary is a witness on the lease (ServiceConfig.lease_quorum): it reports what
+    # it granted, never a host's health
     assert check_message(o, hello("p1"), FLEET, NOW)[1] == Problem(
+        "observation.service", "not_observer", "p1 is no observer of web"
+    )
+    o.observation.kind = "lease"
+    assert check_message(o, hello("p1"), FLEET, NOW)[1] is None
+    alone = Fleet(FLEET.hosts, {"web": replace(FLEET.services["web"], witnesses=frozenset())})
+    assert check_message(o, hello("p1"), alone, NOW)[1] == Problem(
         "observation.service", "not_observer", "p1 is no observer of web"
     )
     e = lease_event()
