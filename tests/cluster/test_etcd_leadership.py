@@ -1,6 +1,6 @@
 """Controller replicas elect one leader through a real 3-member etcd cluster (Debian's etcd-server, mutual
 TLS, on loopback), and no two ever act as leader at once: each replica runs in its own process
-(tests/cluster/elector_probe.py) and prints every change of its `acts()` sampled every 5 ms on the machine's
+(lab/elector_probe.py) and prints every change of its `acts()` sampled every 5 ms on the machine's
 monotonic clock, so the acting intervals of all replicas can be laid side by side. Faults are real: kill -9
 of the leader, SIGSTOP of the leader, one etcd member killed, every etcd member stopped.
 
@@ -9,10 +9,8 @@ measured by bench/)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -22,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from controller.cluster.dcs import increment
+from lab.elector_probe import ElectorProcess, acting_spans, one_leader, two_leaders
 from lab.etcd import EtcdCluster
-from lab.procs import child_env, python_module
 from tests.support import need, wait_until
 
 TTL = 2
@@ -39,63 +37,10 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
         cluster.down()
 
 
-class Probe:
-    def __init__(self, etcd: EtcdCluster, name: str, key: str, workdir: Path, ttl: int = TTL) -> None:
-        self.name, self.out, self.err = name, workdir / f"{name}.out", workdir / f"{name}.log"
-        argv = python_module("tests.cluster.elector_probe", "--name", name, "--leader-key", key)
-        for e in etcd.endpoints:
-            argv += ["--endpoint", e]
-        argv += ["--ca", etcd.tls.ca, "--cert", etcd.tls.cert, "--key", etcd.tls.key, "--ttl", str(ttl)]
-        with open(self.out, "wb") as out, open(self.err, "wb") as err:
-            self.proc = subprocess.Popen(
-                argv, stdout=out, stderr=err, start_new_session=True, env=child_env()
-            )
-        self.ended_at: float | None = None  # killed: it acted at most until here
-
-    def transitions(self) -> list[tuple[float, bool]]:
-        rows = [line.split() for line in self.out.read_text().splitlines() if line.strip()]
-        return [(float(t), a == "1") for t, a in rows]
-
-    def acting(self) -> bool:
-        t = self.transitions()
-        return bool(t) and t[-1][1] and self.ended_at is None
-
-    def intervals(self, now: float, cut: dict[float, float] | None = None) -> list[tuple[float, float]]:
-        """When it acted: from each 1 to the next 0 (or its death, or now). `cut` ends an interval that
-        began before a SIGSTOP at the stop (a stopped process acts on nothing), once the test has checked
-        that it woke up not acting."""
-        out, start = [], None
-        for t, a in self.transitions():
-            if a and start is None:
-                start = t
-            elif not a and start is not None:
-                out.append((start, t))
-                start = None
-        if start is not None:
-            out.append((start, self.ended_at if self.ended_at is not None else now))
-        for stopped, _ in (cut or {}).items():
-            out = [(s, min(e, stopped) if s <= stopped else e) for s, e in out]
-        return out
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(5)
-        self.ended_at = time.monotonic()
-
-    def signal(self, sig: signal.Signals) -> None:
-        os.killpg(self.proc.pid, sig)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGCONT)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-
-
 @pytest.fixture
-def replicas(etcd: EtcdCluster, tmp_path: Path) -> Iterator[list[Probe]]:
+def replicas(etcd: EtcdCluster, tmp_path: Path) -> Iterator[list[ElectorProcess]]:
     key = f"/test/leader/{uuid.uuid4().hex}"  # each test its own election
-    probes = [Probe(etcd, f"r{i}", key, tmp_path) for i in range(1, 4)]
+    probes = [ElectorProcess(etcd, f"r{i}", key, tmp_path, TTL) for i in range(1, 4)]
     try:
         yield probes
     finally:
@@ -103,24 +48,17 @@ def replicas(etcd: EtcdCluster, tmp_path: Path) -> Iterator[list[Probe]]:
             p.stop()
 
 
-def leader(probes: list[Probe]) -> Probe:
-    wait_until(lambda: sum(p.acting() for p in probes) == 1, 20, "one replica to lead")
-    (p,) = [p for p in probes if p.acting()]
-    return p
+def leader(probes: list[ElectorProcess]) -> ElectorProcess:
+    return one_leader(probes, 20)
 
 
-def assert_never_two(probes: list[Probe], cut: dict[str, dict[float, float]] | None = None) -> int:
-    now = time.monotonic()
-    spans = sorted((s, e, p.name) for p in probes for s, e in p.intervals(now, (cut or {}).get(p.name)))
-    until, who = float("-inf"), ""
-    for s, e, name in spans:
-        assert s >= until, f"two leaders: {who} acted until {until:.3f}, {name} from {s:.3f}"
-        if e > until:
-            until, who = e, name
+def assert_never_two(probes: list[ElectorProcess], cut: dict[str, dict[float, float]] | None = None) -> int:
+    spans = acting_spans(probes, cut)
+    assert not (bad := two_leaders(spans)), bad
     return len(spans)
 
 
-def test_one_replica_leads_and_another_takes_over_after_kill_9(replicas: list[Probe]) -> None:
+def test_one_replica_leads_and_another_takes_over_after_kill_9(replicas: list[ElectorProcess]) -> None:
     first = leader(replicas)
     time.sleep(1.0)
     first.kill9()
@@ -131,7 +69,7 @@ def test_one_replica_leads_and_another_takes_over_after_kill_9(replicas: list[Pr
     assert assert_never_two(replicas) >= 2
 
 
-def test_a_leader_paused_past_its_lease_wakes_up_not_acting(replicas: list[Probe]) -> None:
+def test_a_leader_paused_past_its_lease_wakes_up_not_acting(replicas: list[ElectorProcess]) -> None:
     """A leader that hangs (SIGSTOP: a GC pause, a stalled VM) while another takes over must not act when it
     wakes up: `acts()` applies the rules at the moment it is asked, before its campaign learns anything."""
     first = leader(replicas)
@@ -150,7 +88,7 @@ def test_a_leader_paused_past_its_lease_wakes_up_not_acting(replicas: list[Probe
     assert assert_never_two(replicas, {first.name: {stopped: resumed}}) >= 2
 
 
-def test_losing_one_etcd_member_changes_nothing(etcd: EtcdCluster, replicas: list[Probe]) -> None:
+def test_losing_one_etcd_member_changes_nothing(etcd: EtcdCluster, replicas: list[ElectorProcess]) -> None:
     first = leader(replicas)
     status = etcd.dcs().status()
     follower = next(m for m in etcd.members if m.name != status.leader_name)
@@ -167,7 +105,7 @@ def test_losing_one_etcd_member_changes_nothing(etcd: EtcdCluster, replicas: lis
 
 
 def test_etcd_stopped_entirely_nobody_acts_and_a_leader_returns(
-    etcd: EtcdCluster, replicas: list[Probe]
+    etcd: EtcdCluster, replicas: list[ElectorProcess]
 ) -> None:
     """Fail-static: with no etcd the leader stops acting (no new moves) within its bound, nobody else starts,
     and when etcd returns a leader acts again by itself."""
