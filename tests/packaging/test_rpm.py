@@ -122,7 +122,7 @@ def test_rpm_payload_flags_and_dependencies(rpm_file: Path) -> None:
     for line in run("rpm", "-qp", "--qf", qf, str(rpm_file)).stdout.splitlines():
         flags, perms, owner, path, link = line.split("\t")
         rows[path] = (flags, perms, owner, link)
-    assert set(run("rpm", "-qlp", str(rpm_file)).stdout.split()) == set(rows)
+    assert set(run("rpm", "-qlp", str(rpm_file)).stdout.splitlines()) == set(rows)  # (paths may hold spaces)
     # configuration: %config(noreplace) ("cn"), kept when edited; controller.toml readable by its group only
     assert {p: r[:3] for p, r in rows.items() if "c" in r[0]} == {
         "/etc/shadowplane/agentd.toml": ("cn", "-rw-r--r--", "root:root"),
