@@ -402,6 +402,15 @@ class ScalingConfig:
             "most a few changes per workload-day",
         ),
     )
+    max_changes_per_day: int = field(
+        default=7,
+        metadata=check(
+            between(0, 10000),
+            doc="a limit is lowered only while it changed fewer than this many times less one in the last "
+            "day (of forecast steps): the day's last change is kept for a raise, which is never held back "
+            "(0: no budget)",
+        ),
+    )
     # The seed rule's parameters; their defaults are the rule's own (controller/scaling/rule.py).
     up_threshold: float = field(
         default=RuleParams.up_threshold,

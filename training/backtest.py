@@ -27,7 +27,7 @@ from controller.predict.allocation import AllocationState
 from controller.predict.engine import PERIOD_REFRESH_SECONDS
 from controller.predict.features import Periods, detect_periods, period_slots, sliding_history
 from controller.predict.model import Forecaster
-from controller.scaling.planner import ShadowNow, Target, decide_resource, forecast_target
+from controller.scaling.planner import ShadowNow, Target, decide_resource, forecast_target, recent_changes
 from shadowplane.v1 import agent_pb2 as apb
 from training.baselines import autopilot_max, hindsight_blocks, seed_rule, vpa_recommender
 from training.scores import (
@@ -172,6 +172,7 @@ def replay_controller(
     cpu = resource == "cpu"
     cap = float(host_capacity)
     changed_at = -math.inf  # when the limit last changed (seconds)
+    changes: tuple[float, ...] = ()  # when it changed in the last day (the change budget)
     for t in range(lead, n):
         o = t - lead
         current = float(alloc[t - 1])
@@ -183,12 +184,13 @@ def replay_controller(
             0 if cpu else int(cap),
         )  # fmt: skip
         now = float(timestamps[o])
+        changes = recent_changes(changes, now, time_compression)
         d = decide_resource(
             cfg, s, resource, "", Target(value, shown, ""), None, int(now * 1000), float(usage[o]),
-            since_change_s=(now - changed_at) * time_compression,
+            since_change_s=(now - changed_at) * time_compression, changes_in_day=len(changes),
         )  # fmt: skip
         if d.new != current:
-            changed_at = now
+            changed_at, changes = now, (*changes, now)
         alloc[t] = held_by_kernel(resource, d.new)
         target[t] = value
         used[t] = shown.get("target_quantile", math.nan)

@@ -40,6 +40,7 @@ from controller.scaling.planner import (
     decide_resource,
     forecast_target,
     io_weight,
+    recent_changes,
 )
 from controller.status import DemandView, ForecastView, ScalingView, ShadowView
 from controller.store import Store
@@ -66,6 +67,7 @@ class ServiceForecast:
 
 # Kept in each stored decision's forecast record, for `ScalingLoop.restore`.
 MISS_LOG_PRICE, RULED_STEP, CHANGED_STEP = "miss_log_price", "ruled_step_s", "changed_step_s"
+CHANGES_PREFIX = "change_in_day_s_"  # + 0, 1, ...: the steps of the day's changes (the change budget)
 
 
 def settle_seconds(step_seconds: float) -> float:
@@ -103,6 +105,7 @@ class ScalingLoop:
         self.shadow_targets: dict[tuple[str, str, str], Target] = {}
         self.ruled_origin: dict[tuple[str, str], float] = {}  # shadow -> the step its rule last ran for
         self.changed_at: dict[tuple[str, str, str], float] = {}  # shadow resource -> step of its last change
+        self.changes: dict[tuple[str, str, str], tuple[float, ...]] = {}  # -> steps of its changes in a day
         self.forecasts: dict[str, ServiceForecast] = {}
         self.targets: dict[str, dict[str, Target]] = {}  # service -> resource -> target (shown)
         self.demand: dict[str, str] = {}  # service -> "host/workload" whose forecast drives it
@@ -372,6 +375,7 @@ class ScalingLoop:
                         self.shadow_targets[key] = Target(value, forecast, fc.source)
                     target = self.shadow_targets[key]
                     shown[resource] = target
+                    changes = recent_changes(self.changes.get(key, ()), fc.origin_s, self.time_compression)
                     out.append(
                         decide_resource(
                             self.cfg.scaling,
@@ -386,21 +390,26 @@ class ScalingLoop:
                             # in the model's time: a lab that compresses time holds limits as long in steps
                             since_change_s=(fc.origin_s - self.changed_at.get(key, -math.inf))
                             * self.time_compression,
+                            changes_in_day=len(changes),
                         )
                     )
                     if out[-1].new != out[-1].old:
                         self.changed_at[key] = fc.origin_s
+                        changes = (*changes, fc.origin_s)
+                    self.changes[key] = changes
                     # what a restarted controller needs to go on as this one would (`restore`)
                     kept = {MISS_LOG_PRICE: self.states[key].log_price, RULED_STEP: fc.origin_s}
                     if key in self.changed_at:
                         kept[CHANGED_STEP] = self.changed_at[key]
+                    kept.update({f"{CHANGES_PREFIX}{i}": t for i, t in enumerate(changes)})
                     out[-1] = replace(out[-1], forecast={**out[-1].forecast, **kept})
                 self.ruled_origin[(host, s.workload)] = fc.origin_s
         return out
 
     def restore(self, latest: list[ScalingDecision]) -> None:
         """Once, before the first plan: each shadow resource's calibration (its miss price), the step its
-        rule last ran for with the target it chose then, and when its limit last changed (the lower hold),
+        rule last ran for with the target it chose then, and when its limit changed (the lower hold, the
+        change budget),
         from its latest stored decision (`latest`: `Store.decisions(last=1)`). A restart (a package
         upgrade) neither forgets what calibration learned nor lets a held limit drop at once, nor runs a
         step's rule twice."""
@@ -411,10 +420,15 @@ class ScalingLoop:
             self.states[key] = replace(AllocationState.initial(self.policy), log_price=f[MISS_LOG_PRICE])
             if CHANGED_STEP in f:
                 self.changed_at[key] = f[CHANGED_STEP]
+            self.changes[key] = tuple(sorted(v for k, v in f.items() if k.startswith(CHANGES_PREFIX)))
             shadow = (d.host, d.workload)
             if f[RULED_STEP] >= self.ruled_origin.get(shadow, -math.inf):
                 self.ruled_origin[shadow] = f[RULED_STEP]
-            recorded = {k: v for k, v in f.items() if k not in (MISS_LOG_PRICE, RULED_STEP, CHANGED_STEP)}
+            recorded = {
+                k: v
+                for k, v in f.items()
+                if k not in (MISS_LOG_PRICE, RULED_STEP, CHANGED_STEP) and not k.startswith(CHANGES_PREFIX)
+            }
             self.shadow_targets[key] = Target(d.predicted, recorded, d.forecast_source)
         self._restored = True
 

@@ -27,6 +27,7 @@ from controller.scaling.override import Override
 from controller.scaling.rule import Bounds, clamp, seed_rule
 
 RESOURCES = ("cpu", "memory")
+DAY_SECONDS = 86400.0
 IO_REFERENCE_BYTES_PER_SECOND = 50 * 2**20  # I/O weight 100 (the kernel's default) at this predicted rate
 SHOWN_QUANTILES = (0.5, 0.9, 0.99)
 # A change smaller than this is not made (the kernel would not notice it, and every write is a limit change
@@ -121,11 +122,14 @@ def decide_resource(
     last_demand: float = math.nan,
     due: bool = True,
     since_change_s: float = math.inf,
+    changes_in_day: int = 0,
 ) -> ScalingDecision:
     """The limit for one shadow resource. `due`: a new forecast step has begun (the rule moves the limit
     once per step; between steps only bounds and overrides act). `last_demand`: the demand's last complete
     step, for memory's guard. `since_change_s`: seconds since this limit last changed; a limit is lowered
-    only once `lower_hold_seconds` have passed (raises are never held back)."""
+    only once `lower_hold_seconds` have passed. `changes_in_day`: how often it changed in the last day; it is
+    lowered only while that leaves room for a raise within `max_changes_per_day` (`budget_spent`). Raises
+    are never held back."""
     current = s.cpu_cores if resource == "cpu" else float(s.memory_bytes)
     d = ScalingDecision(
         unix_ms=now_ms,
@@ -153,12 +157,17 @@ def decide_resource(
         return d  # no limit yet: the first one is set at a step
     value, branch = seed_rule(target.predicted, current, cfg.rule_params()) if due else (current, "hold")
     held_down = branch == "remove" and since_change_s < cfg.lower_hold_seconds
-    if held_down:
+    spent = branch == "remove" and not held_down and budget_spent(cfg, changes_in_day)
+    if held_down or spent:
         value, branch = current, "hold"
     if resource == "memory" and current and value < current * (1 - cfg.memory_lower_step):
         value = current * (1 - cfg.memory_lower_step)  # down slowly: an OOM kill is worse than slack
     value, clamped = clamp(value, b)
-    clamps: list[str] = [*clamped, *(["lower hold"] if held_down else [])]
+    clamps: list[str] = [
+        *clamped,
+        *(["lower hold"] if held_down else []),
+        *(["change budget"] if spent else []),
+    ]
     if override is not None and override.kind == "bound":
         lo = override.cpu_min if resource == "cpu" else float(override.memory_min)
         hi = override.cpu_max if resource == "cpu" else float(override.memory_max)
@@ -169,6 +178,19 @@ def decide_resource(
     if current and abs(value - current) < TOLERANCE[resource]:
         value = current
     return replace(d, new=value, branch=branch, clamps=", ".join(clamps))
+
+
+def budget_spent(cfg: ScalingConfig, changes_in_day: int) -> bool:
+    """May a limit that changed `changes_in_day` times in the last day not be lowered now? A lowering is a
+    change, and the day's last change is kept for a raise (demand the limit must follow), so lowering stops
+    one change short of the budget."""
+    return cfg.max_changes_per_day > 0 and changes_in_day >= cfg.max_changes_per_day - 1
+
+
+def recent_changes(changes: tuple[float, ...], now_s: float, compression: float = 1.0) -> tuple[float, ...]:
+    """The changes (their forecast steps, in seconds) less than a day of the model's time before `now_s`:
+    what the budget counts. `compression`: model seconds per second (a lab that compresses time)."""
+    return tuple(t for t in changes if (now_s - t) * compression < DAY_SECONDS)
 
 
 def io_weight(predicted_bytes_per_second: float) -> int:

@@ -129,7 +129,8 @@ def controller(tmp_path: Path, service_port: int) -> Iterator[tuple[Daemon, int]
         "[failover]\nlease_seconds = 0.5\nrenew_interval_seconds = 0.1\n"
         '[[host]]\nname = "p1"\naddress = "127.0.0.1"\n[[host]]\nname = "s1"\naddress = "127.0.0.1"\n'
         '[[service]]\nname = "web"\nprimary = "p1"\nshadows = ["s1"]\nvip = "10.250.0.1/24"\n'
-        "hook_timeout_seconds = 1\n"
+        # the controller and s1 only (not the default's primary as a lease witness): s1's vote decides
+        'hook_timeout_seconds = 1\nobservers = ["controller", "s1"]\n'
         f"[service.health]\nport = {service_port}\ninterval_seconds = 0.1\nrise = 1\nfall = 1\n" + PLAINTEXT
     )
     d = Daemon("controller.cli", cfg, tmp_path / "controller.log").start()

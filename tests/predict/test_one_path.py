@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,7 @@ async def restarted_forecasts_the_same(running: ScalingLoop, now: int) -> None:
         k: running.states[k].log_price for k in shadow
     }
     assert restarted.changed_at == running.changed_at and restarted.changed_at
+    assert restarted.changes == running.changes and any(restarted.changes.values())
     assert restarted.ruled_origin == running.ruled_origin
     assert {k: restarted.shadow_targets[k] for k in shadow} == {k: running.shadow_targets[k] for k in shadow}
     await restarted.forecast(now)
@@ -162,6 +164,7 @@ def controller_limits(
             memory_guard=0.3,
             memory_lower_step=0.05,
             lower_hold_seconds=1800,
+            max_changes_per_day=3,
         ),
     ],
     ids=["defaults", "every-parameter-changed"],
@@ -185,3 +188,12 @@ def test_the_backtest_replays_what_the_controller_does_step_by_step(
         np.testing.assert_allclose(held, replay.allocation, rtol=1e-9, err_msg=resource)
         changes = int(np.sum(np.diff(held[1:]) != 0))
         assert changes >= 3, f"{resource}: the limit moved {changes} times: the comparison proves little"
+        if scaling.max_changes_per_day == 3 and resource == "cpu":
+            free = replay_controller(
+                trace.timestamps,
+                trace.values,
+                curves,
+                model.quantiles,
+                replace(scaling, max_changes_per_day=0),
+            )
+            assert not np.array_equal(free.allocation, held), "the change budget was never reached"

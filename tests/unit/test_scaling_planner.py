@@ -6,7 +6,7 @@ import pytest
 
 from controller.config import ScalingConfig
 from controller.scaling.override import Override
-from controller.scaling.planner import ShadowNow, Target, decide_resource, io_weight
+from controller.scaling.planner import ShadowNow, Target, decide_resource, io_weight, recent_changes
 from controller.store import SqliteStore
 
 CFG = ScalingConfig(cpu_floor_cores=0.1, memory_floor_bytes=64 * 2**20)
@@ -114,6 +114,32 @@ def test_the_rule_moves_a_limit_once_per_forecast_step() -> None:
     # a shadow with no limit yet gets its first one at a step, not between
     d = decide_resource(CFG, shadow(cpu=0.0), "cpu", "p/w", target(2.0), None, 0, due=False)
     assert d.new == 0.0 and not d.changed
+
+
+def test_the_change_budget_keeps_the_day_s_last_change_for_a_raise() -> None:
+    """Budget 7 (the default): with 5 changes in the last day a limit may still come down (the 6th),
+    with 6 it holds (the 7th is kept for a raise), and a raise is never held, however many there were."""
+    assert CFG.max_changes_per_day == 7
+    d = decide_resource(CFG, shadow(cpu=2.0), "cpu", "p/w", target(0.5), None, 0, changes_in_day=5)
+    assert d.branch == "remove" and d.new < 2.0
+    d = decide_resource(CFG, shadow(cpu=2.0), "cpu", "p/w", target(0.5), None, 0, changes_in_day=6)
+    assert (d.branch, d.new) == ("hold", 2.0) and "change budget" in d.clamps
+    d = decide_resource(CFG, shadow(cpu=1.0), "cpu", "p/w", target(2.0), None, 0, changes_in_day=40)
+    assert d.branch == "add" and d.new == 2.5
+    off = ScalingConfig(cpu_floor_cores=0.1, max_changes_per_day=0)
+    d = decide_resource(off, shadow(cpu=2.0), "cpu", "p/w", target(0.5), None, 0, changes_in_day=40)
+    assert d.branch == "remove"
+    # the lower hold says first why a limit stays
+    d = decide_resource(CFG, shadow(cpu=2.0), "cpu", "p/w", target(0.5), None, 0, since_change_s=60.0,
+                        changes_in_day=6)  # fmt: skip
+    assert d.clamps == "lower hold"
+
+
+def test_the_budget_counts_the_changes_of_the_last_day_in_the_model_s_time() -> None:
+    day = 86400.0
+    assert recent_changes((0.0, 10.0, day - 1, day + 5), day + 5) == (10.0, day - 1, day + 5)
+    # a lab compressing 300 model seconds into 1: a model day is 288 seconds
+    assert recent_changes((0.0, 100.0, 287.0), 288.0, compression=300.0) == (100.0, 287.0)
 
 
 def test_a_change_the_kernel_would_not_notice_is_not_made() -> None:
