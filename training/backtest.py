@@ -25,7 +25,7 @@ from agentd.actuate import limits
 from controller.config import ScalingConfig
 from controller.predict.allocation import AllocationState
 from controller.predict.engine import PERIOD_REFRESH_SECONDS
-from controller.predict.features import Periods, detect_periods, period_slots, sliding_history
+from controller.predict.features import Periods, detect_periods, period_slots, refresh_steps, sliding_history
 from controller.predict.model import Forecaster
 from controller.scaling.planner import ShadowNow, Target, decide_resource, forecast_target, recent_changes
 from shadowplane.v1 import agent_pb2 as apb
@@ -120,7 +120,7 @@ def forecast_origins(
     steps = forecaster.spec.history_steps(step)
     hist = sliding_history(trace.values, steps)
     ts = trace.timestamps.astype(np.float64)
-    _, back = period_slots(ts, step, period_refresh_seconds)
+    _, back = period_slots(ts, trace.step_seconds, refresh_steps(period_refresh_seconds, step))
     src = np.arange(len(trace)) - back  # the row at each slot's first step
     # A slot that began before the trace has no history at its start: no cycle, as in the controller,
     # whose history there is unknown.

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from controller.predict.champion import ChampionDecision, decide_champion, recent_loss
 from controller.predict.fallback import StatisticalForecaster
-from controller.predict.features import Periods, detect_periods, period_slots
+from controller.predict.features import Periods, detect_periods, period_slots, refresh_steps
 from controller.predict.model import (
     DEFAULT_MODEL,
     Forecaster,
@@ -129,7 +129,8 @@ class PredictionEngine:
         rows = (batch.keys, batch.resources)
         n = len(batch.keys) * len(batch.resources)
         origin = np.repeat(batch.origin_ts.astype(np.float64), len(batch.resources))
-        slot, back = period_slots(origin, batch.step_seconds, self.period_refresh_seconds)
+        every = refresh_steps(self.period_refresh_seconds, batch.step_seconds)
+        slot, back = period_slots(origin, batch.grid_seconds or batch.step_seconds, every)
         at, lag, err = np.full(n, np.nan), np.zeros(n, np.int64), np.zeros(n)
         c = self._period_cache
         if c is not None and c[0] == rows:  # the same fleet as last cycle: no per-row Python work

@@ -18,6 +18,7 @@ forecasts and pass them in.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -219,19 +220,25 @@ def detect_periods(history: F64, spec: FeatureSpec) -> Periods:
 
 
 def period_slots(
-    origin_ts: F64, step_seconds: float, refresh_seconds: float
+    origin_ts: F64, grid_seconds: float, refresh_steps: int
 ) -> tuple[F64, npt.NDArray[np.int64]]:
     """When each origin's cycle is detected: (slot, steps back). Periods drift slowly and detecting them
-    costs as much as the rest of featurisation, so they are detected once per `refresh_seconds` slot of the
-    clock, from the history that ends at the slot's first step (`steps back` from the origin). Slots are
-    aligned to the epoch, not to a process's start, so a restarted controller, the running one and the
-    backtest detect the same periods from the same history. `refresh_seconds` 0: at every origin."""
+    costs as much as the rest of featurisation, so they are detected once per slot of `refresh_steps`
+    forecast steps, from the history that ends at the slot's first step (`steps back` from the origin).
+    Slots count steps from the epoch, not from a process's start, so a restarted controller, the running
+    one and the backtest detect the same periods from the same history. `grid_seconds`: the spacing of the
+    origins (the model's step, or less in a lab that compresses time). `refresh_steps` 0: at every origin."""
     origin_ts = np.asarray(origin_ts, dtype=np.float64)
-    if refresh_seconds <= 0:
+    if refresh_steps <= 0:
         return origin_ts.copy(), np.zeros(len(origin_ts), dtype=np.int64)
-    slot = np.floor(origin_ts / refresh_seconds)
-    back = np.floor((origin_ts - slot * refresh_seconds) / step_seconds + 1e-9).astype(np.int64)
-    return slot, back
+    k = np.round(origin_ts / grid_seconds)  # the origins' step numbers on their grid
+    slot = np.floor(k / refresh_steps)
+    return slot, (k - slot * refresh_steps).astype(np.int64)
+
+
+def refresh_steps(refresh_seconds: float, step_seconds: float) -> int:
+    """`refresh_seconds` of the model's time in its steps (0: detect at every origin)."""
+    return max(1, round(refresh_seconds / step_seconds)) if refresh_seconds > 0 else 0
 
 
 def build_features(
@@ -308,9 +315,16 @@ def _build(
     steps = history.shape[1]
     P = spec.season_steps(step_seconds)
     # Featurisation is memory-bound (10,000 workloads are 70 MB of history), so it touches the whole
-    # day once (its max) and works on the last `tail_window` steps otherwise.
-    nan_rows = np.isnan(history[:, -1]) | np.isnan(history.sum(axis=1))
-    h = history if not nan_rows.any() else _fill_rows(history, nan_rows)
+    # day once and works on the last `tail_window` steps otherwise. That one pass is the day's max, which
+    # also finds the rows with gaps (max propagates NaN): they are filled, and their max taken again.
+    day_max = _last(history, P).max(axis=1)
+    nan_rows = np.isnan(day_max)
+    if steps > P:
+        nan_rows |= np.isnan(history[:, : steps - P].max(axis=1))
+    h = history
+    if nan_rows.any():
+        h = _fill_rows(history, nan_rows)
+        day_max[nan_rows] = _last(h[nan_rows], P).max(axis=1)
 
     recent = _last(h, spec.window)
     # The level is the median of the last three values: close to the last value (so the input that
@@ -341,7 +355,7 @@ def _build(
         np.stack(
             [
                 day_known.astype(np.float64),
-                (_last(h, P).max(axis=1) - level) * inv,
+                (day_max - level) * inv,
                 (tail.max(axis=1) - level) * inv,
                 (tail.min(axis=1) - level) * inv,
                 (tail_sum / tail.shape[1] - level) * inv,
@@ -407,6 +421,14 @@ def _cycle_indices(steps: int, horizon: int, cycles: int, lag: I64) -> I64:
     return np.asarray(np.clip(first[:, :, None] - k * p[:, :, None], 0, steps - 1))
 
 
+@functools.lru_cache(maxsize=8)
+def _cycle_table(steps: int, horizon: int, cycles: int, lag_max: int) -> I64:
+    """`_cycle_indices` for every lag 0..lag_max: (lag_max + 1, horizon, cycles). Shared: read-only."""
+    table = _cycle_indices(steps, horizon, cycles, np.arange(lag_max + 1))
+    table.flags.writeable = False
+    return table
+
+
 def _cycle_features(h: F64, periods: Periods, level: F64, inv: F64, spec: FeatureSpec) -> F64:
     """Per horizon step: the value one cycle back, the mean and spread over `lag_cycles` cycles back (the
     mean cancels noise, the spread says how regular the cycle is) and the trusted mean; then whether a
@@ -419,7 +441,10 @@ def _cycle_features(h: F64, periods: Periods, level: F64, inv: F64, spec: Featur
     if not has.any():
         return out
     sel = np.flatnonzero(has)
-    idx = _cycle_indices(steps, H, K, periods.lag[sel])
+    lag = periods.lag[sel]
+    # the columns depend on the lag alone: gathered from a table of every lag, not computed per row
+    table = _cycle_table(steps, H, K, spec.lag_max)
+    idx = table[lag] if int(lag.max()) < len(table) else _cycle_indices(steps, H, K, lag)
     # gather only the needed values (h[sel] would copy whole rows)
     vals = h[sel[:, None, None], idx]
     z = (vals - level[sel, None, None]) * inv[sel, None, None]

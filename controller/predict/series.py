@@ -56,6 +56,9 @@ class SeriesBatch:
     # than the values (the model reads only its recent window of them), aligned at the end
     signals: F64 | None = None
     resources: tuple[str, ...] = schema.RESOURCES
+    # the spacing of origin_ts's grid when it is not step_seconds: a lab that compresses time feeds the model
+    # one short grid step for each of its own (0: step_seconds)
+    grid_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         n = len(self.keys)

@@ -81,7 +81,8 @@ def forecast_from(
     """A cycle's forecast: the workloads' history up to the step holding `until_ms`, cut from memory, and
     the engine's one batched forecast of it (None when none of them has history yet)."""
     # The model takes one grid step for one of its own (a compressed lab day is still 288 steps).
-    b = replace(history.batch(until_ms, keys), step_seconds=engine.step_seconds)
+    h = history.batch(until_ms, keys)
+    b = replace(h, step_seconds=engine.step_seconds, grid_seconds=history.step_seconds)
     return b, engine.forecast(b) if b.keys else None
 
 

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from controller.predict import features as F
+from controller.predict.engine import PredictionEngine
 from controller.predict.features import FeatureSpec, build_features, detect_periods, fill_unknown
+from controller.predict.series import SeriesBatch
+from training.backtest import forecast_origins
+from training.traces import Trace
 
 SPEC = FeatureSpec()
 
@@ -142,3 +146,40 @@ def test_feature_spec_round_trips_through_a_dict() -> None:
     assert FeatureSpec.from_dict(d) == SPEC
     with pytest.raises(ValueError, match="unknown feature settings"):
         FeatureSpec.from_dict({**d, "bogus": 1})
+
+
+def test_periods_are_detected_once_per_hour_of_steps_counted_from_the_epoch() -> None:
+    """At the model's step (300 s) a slot is an hour of the clock; a lab compressing time (1 s per step)
+    counts the same 12 steps on its grid. Within a slot every origin looks back to the slot's first step."""
+    hour = 3600.0 * 500_000
+    slot, back = F.period_slots(np.array([hour, hour + 300, hour + 3300, hour + 3600]), 300, 12)
+    assert back.tolist() == [0, 1, 11, 0] and slot[0] == slot[2] and slot[3] == slot[0] + 1
+    slot, back = F.period_slots(np.array([120.0, 121.0, 131.0, 132.0]), 1.0, 12)
+    assert back.tolist() == [0, 1, 11, 0] and slot.tolist() == [10, 10, 10, 11]
+    assert F.period_slots(np.array([5.0, 6.0]), 300, 0)[1].tolist() == [0, 0]  # 0: at every origin
+    assert F.refresh_steps(3600, 300) == 12 and F.refresh_steps(0, 300) == 0
+
+
+def test_a_lab_compressing_time_forecasts_what_the_backtest_replays() -> None:
+    """The engine fed one origin after another on a 1 s grid (a lab at 300x: `grid_seconds`) makes the
+    curves `forecast_origins` makes of the same series spaced 1 s: the periods come from the same history."""
+    engine = PredictionEngine()
+    steps = engine.history_steps
+    rng = np.random.default_rng(3)
+    n = steps + 40
+    k = np.arange(n)
+    values = 1 + 0.5 * np.sin(2 * math.pi * k / 7) + rng.gamma(2, 0.05, n)  # a cycle of 7 steps, noise
+    ts = 1_790_000_000 + k  # 1 s apart
+    curves = forecast_origins(engine.forecaster, Trace("lab", ts.astype(np.int64), values), step_seconds=300)
+    hist = F.sliding_history(values, steps)
+    for o in range(steps - 1, n):
+        batch = SeriesBatch(
+            keys=("p1/web",),
+            origin_ts=np.array([float(ts[o])]),
+            step_seconds=300,
+            values=np.asarray(hist[o])[None, None, :],
+            resources=("cpu",),
+            grid_seconds=1.0,
+        )
+        got = engine.forecast(batch).curve("p1/web", "cpu")
+        np.testing.assert_allclose(got, curves[o], rtol=1e-9, err_msg=f"origin {o}")
