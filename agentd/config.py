@@ -131,7 +131,8 @@ class AgentConfig:
         metadata=check(
             lambda v: (host_port(v) or peer_address_problem(v)) if v else None,
             doc="HOST:PORT where this agent answers lease renewals from service owners (observers need "
-            "it); owners on other hosts dial exactly this address, so it is this host's own address",
+            "it: every shadow, and by default the primary of a service with one shadow, its lease's "
+            "witness); owners on other hosts dial exactly this address, so it is this host's own address",
         ),
     )
     hooks_dir: Path = field(

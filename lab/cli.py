@@ -62,6 +62,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="scaling.lower_hold_seconds, in the model's time (production's default: 14400)",
     )
+    up.add_argument(
+        "--max-changes-per-day",
+        type=int,
+        default=Timings.scaling_max_changes_per_day,
+        metavar="N",
+        help="scaling.max_changes_per_day, a day of the model's time (production's default: 7; the lab: 0, "
+        "no budget)",
+    )
     up.add_argument("--bpf", action="store_true", help="agents capture with BPF (slow to start)")
     up.add_argument(
         "--plaintext",
@@ -175,6 +183,7 @@ def lab_up(args: argparse.Namespace) -> int:
         agent_interval_seconds=args.agent_interval,
         scaling_interval_seconds=args.scaling_interval,
         scaling_lower_hold_seconds=args.lower_hold,
+        scaling_max_changes_per_day=args.max_changes_per_day,
     )
     spec = Spec(
         primaries=args.primaries,

@@ -100,6 +100,7 @@ def controller_toml(plan: Plan, workdir: Path, tsig_secret: str = "") -> str:
                 # a lab forecast step lasts one scaling interval: time compressed, the model sees its steps
                 "forecast_step_seconds": t.scaling_interval_seconds,
                 "lower_hold_seconds": t.scaling_lower_hold_seconds,
+                "max_changes_per_day": t.scaling_max_changes_per_day,
                 "cpu_floor_cores": 0.1,
             },
         ),

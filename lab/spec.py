@@ -53,6 +53,9 @@ class Timings:
     # In the model's time (a lab step is one 300 s model step): two steps, so a demo or a test sees a limit
     # come down within seconds; production holds 4 h (`lab up --lower-hold 14400` replays with that).
     scaling_lower_hold_seconds: float = 600.0
+    # No change budget: a lab day (288 steps) outlasts a demo or a test, whose limit must come down again;
+    # production allows 7 changes a day (`lab up --max-changes-per-day 7` replays with that).
+    scaling_max_changes_per_day: int = 0
     agent_interval_seconds: float = 1.0
     agent_heartbeat_interval_seconds: float = 0.05
     agent_reconnect_max_seconds: float = 0.5
