@@ -47,10 +47,10 @@ class ElectorProcess:
         t = self.transitions()
         return bool(t) and t[-1][1] and self.ended_at is None
 
-    def intervals(self, now: float, cut: dict[float, float] | None = None) -> list[tuple[float, float]]:
-        """When it acted: from each 1 to the next 0 (or its death, or now). `cut` ends an interval that
-        began before a SIGSTOP at the stop (a stopped process acts on nothing), once the test has checked
-        that it woke up not acting."""
+    def intervals(self, now: float, stopped_at: float | None = None) -> list[tuple[float, float]]:
+        """When it acted: from each 1 to the next 0 (or its death, or now). `stopped_at` ends an interval
+        that began before a SIGSTOP at the stop (a stopped process acts on nothing), once the test has
+        checked that it woke up not acting."""
         out, start = [], None
         for t, a in self.transitions():
             if a and start is None:
@@ -60,8 +60,8 @@ class ElectorProcess:
                 start = None
         if start is not None:
             out.append((start, self.ended_at if self.ended_at is not None else now))
-        for stopped, _ in (cut or {}).items():
-            out = [(s, min(e, stopped) if s <= stopped else e) for s, e in out]
+        if stopped_at is not None:
+            out = [(s, min(e, stopped_at) if s <= stopped_at else e) for s, e in out]
         return out
 
     def kill9(self) -> None:
@@ -91,11 +91,13 @@ def one_leader(probes: list[ElectorProcess], timeout: float) -> ElectorProcess:
 
 
 def acting_spans(
-    probes: list[ElectorProcess], cut: dict[str, dict[float, float]] | None = None
+    probes: list[ElectorProcess], stopped_at: dict[str, float] | None = None
 ) -> list[tuple[float, float, str]]:
-    """Every replica's acting intervals, (start, end, name), in order of start."""
+    """Every replica's acting intervals, (start, end, name), in order of start; `stopped_at`: when a
+    replica was SIGSTOPped (`ElectorProcess.intervals`)."""
     now = time.monotonic()
-    return sorted((s, e, p.name) for p in probes for s, e in p.intervals(now, (cut or {}).get(p.name)))
+    stops = stopped_at or {}
+    return sorted((s, e, p.name) for p in probes for s, e in p.intervals(now, stops.get(p.name)))
 
 
 def two_leaders(spans: list[tuple[float, float, str]]) -> list[str]:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controller.cluster.dcs import DcsUnavailable
+from controller.cluster.dcs import DcsUnavailable, increment
 from controller.cluster.etcd import EtcdDcs, EtcdTls
 from lab.procs import free_port, spawn, stop, wait_for_port
 from shadowplane import pki
@@ -122,7 +122,7 @@ class EtcdCluster:
         dcs, deadline, last = self.dcs(), time.monotonic() + timeout, ""
         while time.monotonic() < deadline:
             try:
-                dcs.cas("/lab/ready", b"1", 0) or dcs.get("/lab/ready")
+                increment(dcs, "/lab/ready")
                 return
             except DcsUnavailable as e:
                 last = str(e)

@@ -62,9 +62,9 @@ class Elector:
             if self.term is None:
                 await self._campaign()
             else:
-                sent = self.clock()
-                if await self._store(lambda: self.dcs.keepalive(self.term.lease if self.term else 0)):
-                    self.term = replace(self.term, confirmed_sent_at=sent)
+                term, sent = self.term, self.clock()
+                if await self._store(lambda: self.dcs.keepalive(term.lease)):
+                    self.term = replace(term, confirmed_sent_at=sent)
                 else:
                     self._note("lost leadership: the store expired the lease")
                     self.term, self.leader = None, ""

@@ -361,8 +361,10 @@ class FailoverLoop:
             if host not in rt.cfg.lease_quorum():
                 continue
             observed.append(rt.cfg.name)
+            if host not in rt.cfg.observer_names():
+                continue  # a lease witness: it checks nothing
             for target in rt.targets():
-                if target == host or host not in rt.cfg.observer_names():  # a witness checks nothing
+                if target == host:
                     continue
                 checks.append(spec_to_proto(self._check_spec(rt.cfg, target)))
         return apb.Watch(
