@@ -106,6 +106,14 @@ class CaptureConfig:
 @dataclass
 class AgentConfig:
     controller: str = field(default="127.0.0.1:7400", metadata=check(host_port, doc="controller HOST:PORT"))
+    controllers: list[str] = field(
+        default_factory=list,
+        metadata=check(
+            doc="controller replicas ([cluster] in controller.toml): every one's HOST:PORT; the agent "
+            "streams to each, so every replica has the history a new leader forecasts from (empty: "
+            "`controller`)"
+        ),
+    )
     host: str = field(
         default_factory=socket.gethostname,
         metadata=check(valid_name, doc="this host's name", default_doc="the system host name"),
@@ -175,6 +183,13 @@ class AgentConfig:
             return f"workload: cgroup or unit {twice!r} is used by two workloads"
         if len(self.workload) > self.capture.max_workloads:
             return f"workload: {len(self.workload)} workloads exceed capture.max_workloads"
+        for i, c in enumerate(self.controllers):
+            problem = host_port(c)
+            if problem:
+                return f"controllers[{i}]: {problem}"
+        twice = repeated(self.controllers)
+        if twice is not None:
+            return f"controllers: {twice!r} is listed twice"
         if self.peer_listen and _is_loopback(self.peer_listen) and not _is_loopback(self.controller):
             return (
                 f"peer_listen: {self.peer_listen} is a loopback address, which owners on other hosts cannot "
@@ -183,6 +198,11 @@ class AgentConfig:
                 "machine, controller included)"
             )
         return None
+
+
+def controller_targets(cfg: AgentConfig) -> list[str]:
+    """Every controller the agent streams to: the replicas, or the one controller."""
+    return list(cfg.controllers) or [cfg.controller]
 
 
 def _host(hostport: str) -> str:

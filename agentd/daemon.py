@@ -23,10 +23,10 @@ from agentd.capture.collector import ROLES, Collector
 from agentd.capture.kernel_features import FeatureStatus
 from agentd.cgroupfs import CgroupLayout
 from agentd.commands import CommandHandler
-from agentd.config import AgentConfig
+from agentd.config import AgentConfig, controller_targets
 from agentd.failover import ObserverRole
 from agentd.latency_windows import WindowPlan, run_windows
-from agentd.link import CHANNEL_OPTIONS, Backlog, ControllerLink
+from agentd.link import CHANNEL_OPTIONS, Backlog, ControllerLink, ControllerLinks
 from agentd.prometheus_collector import AgentCollector
 from agentd.status import AgentStatus, CaptureView, LeaseView, LinkView, Totals
 from agentd.systemd_units import DBusUnits, SystemdError, SystemdWriter, Units, prepare
@@ -138,13 +138,18 @@ class Agent:
         self.instance_id = uuid.uuid4().hex
         self.seq = 0
         self.totals = Totals()
-        self.link = ControllerLink(
-            cfg.controller,
-            self.hello,
-            Backlog(cfg.backlog_max_batches),
-            heartbeat_seconds=cfg.heartbeat_interval_seconds,
-            reconnect_max_seconds=cfg.reconnect_max_seconds,
-            channel_factory=lambda target: aio_channel(target, cfg.tls, "controller", CHANNEL_OPTIONS),
+        self.link = ControllerLinks(
+            [
+                ControllerLink(
+                    target,
+                    self.hello,
+                    Backlog(cfg.backlog_max_batches),
+                    heartbeat_seconds=cfg.heartbeat_interval_seconds,
+                    reconnect_max_seconds=cfg.reconnect_max_seconds,
+                    channel_factory=lambda t: aio_channel(t, cfg.tls, "controller", CHANNEL_OPTIONS),
+                )
+                for target in controller_targets(cfg)
+            ]
         )
         if cfg.tls.plaintext:
             warn_plaintext("the agent")
@@ -168,13 +173,13 @@ class Agent:
             workloads=len(self.cfg.workload),
             capture=self._capture(),
             link=LinkView(
-                controller=self.cfg.controller,
-                connected=self.link.state.connected,
-                last_error=self.link.state.last_error,
-                backlog_batches=len(self.link.backlog),
-                batches_dropped=self.link.backlog.dropped_total,
-                rejected=dict(self.link.state.rejected),
-                last_rejected=self.link.state.last_rejected,
+                controller=self.link.target,
+                connected=self.link.connected,
+                last_error=self.link.last_error,
+                backlog_batches=self.link.backlog_batches,
+                batches_dropped=self.link.dropped_total,
+                rejected=dict(self.link.rejected),
+                last_rejected=self.link.last_rejected,
             ),
             leases=tuple(
                 LeaseView(
@@ -203,7 +208,7 @@ class Agent:
             bpf_active=c.bpf_active,
             bpf_unavailable_reason=c.unavailable_reason,
             dropped_events=dict(c.dropped_events),
-            telemetry_batches_dropped=self.link.backlog.dropped_total,
+            telemetry_batches_dropped=self.link.dropped_total,
             features=capture_features(c.features),
         )
 
@@ -383,7 +388,7 @@ async def serve(
         cfg.host,
         len(cfg.workload),
         cfg.interval_seconds,
-        cfg.controller,
+        ", ".join(controller_targets(cfg)),
         agent.status().capture.bpf_summary(),
     )
     task = asyncio.create_task(agent.run())

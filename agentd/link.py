@@ -217,6 +217,67 @@ class ControllerLink:
         self.send(apb.AgentMessage(result=result))
 
 
+class ControllerLinks:
+    """One link per controller replica ([cluster]): telemetry, observations and lease events go to every
+    replica (each keeps the history a new leader forecasts from, and sees what the leader sees); commands
+    come from whichever replica leads, and each result goes back on the link its command came in on."""
+
+    def __init__(self, links: list[ControllerLink]) -> None:
+        assert links
+        self.links = links
+
+    @property
+    def on_command(self) -> CommandHandler | None:
+        return self.links[0].on_command
+
+    @on_command.setter
+    def on_command(self, handler: CommandHandler | None) -> None:
+        for link in self.links:
+            link.on_command = handler
+
+    @property
+    def target(self) -> str:
+        return ", ".join(link.target for link in self.links)
+
+    @property
+    def connected(self) -> bool:
+        return all(link.state.connected for link in self.links)
+
+    @property
+    def last_error(self) -> str:
+        return "; ".join(f"{k.target}: {k.state.last_error}" for k in self.links if not k.state.connected)
+
+    @property
+    def backlog_batches(self) -> int:
+        return max(len(link.backlog) for link in self.links)
+
+    @property
+    def dropped_total(self) -> int:
+        return max(link.backlog.dropped_total for link in self.links)
+
+    @property
+    def rejected(self) -> collections.Counter[tuple[str, str]]:
+        out: collections.Counter[tuple[str, str]] = collections.Counter()
+        for link in self.links:
+            out.update(link.state.rejected)
+        return out
+
+    @property
+    def last_rejected(self) -> str:
+        return next((k.state.last_rejected for k in self.links if k.state.last_rejected), "")
+
+    def submit(self, batch: apb.TelemetryBatch) -> None:
+        for link in self.links:
+            link.submit(batch)
+
+    def send(self, msg: apb.AgentMessage) -> None:
+        for link in self.links:
+            link.send(msg)
+
+    async def run(self) -> None:
+        await asyncio.gather(*(link.run() for link in self.links))
+
+
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),

@@ -311,12 +311,20 @@ class ServiceConfig:
         """Who judges the service's hosts (health, renewals) and votes on its leases."""
         return self.observers or ["controller", *self.shadows]
 
-    def lease_quorum(self) -> list[str]:
+    def lease_quorum(self, replicas: bool = False) -> list[str]:
         """Who votes on the service's leases and grants its owner's renewals: the observers, and by default
         with one shadow the primary too, as a witness. [controller, shadow] needs both for a majority, so
         the controller's own restart (every package upgrade) would cost the owner its lease and the VIP;
         with the primary, two of three remain. The witness judges no host's health: a failed primary cannot
-        vouch for the shadow it fails over to, so failure detection stays with the observers."""
+        vouch for the shadow it fails over to, so failure detection stays with the observers.
+
+        With `replicas` ([cluster]) no controller holds a seat: an observer's promise (the newest token it
+        voted for) must be one memory, and several processes answering for one seat are several. The
+        quorum is then the observer hosts with the primary as a witness; "controller" still judges health
+        (the leading replica's own checks: a judgement needs no memory)."""
+        if replicas:
+            hosts = [o for o in self.observer_names() if o != "controller"]
+            return hosts if self.primary in hosts else [self.primary, *hosts]
         if not self.observers and len(self.shadows) == 1:
             return ["controller", self.primary, *self.shadows]
         return self.observer_names()
@@ -475,6 +483,66 @@ class ScalingConfig:
         return None
 
 
+def etcd_endpoints(v: list[str]) -> str | None:
+    if not v:
+        return 'must name the etcd members, e.g. ["https://10.0.0.11:2379", ...]'
+    for url in v:
+        if not re.match(r"^https?://[^/:]+:[0-9]{1,5}/?$", url):
+            return f"{url!r}: an etcd endpoint is https://HOST:PORT (or http:// when asked for)"
+    return None
+
+
+@dataclass
+class ClusterConfig:
+    """Replicas of the controller sharing an etcd cluster (docs/cluster.md). Without this table the
+    controller runs alone on its SQLite store, the embedded default."""
+
+    name: str = field(metadata=check(valid_name, doc="this replica's name, unique among the replicas"))
+    etcd: list[str] = field(
+        metadata=check(etcd_endpoints, doc="the etcd cluster's client URLs, every member (https://HOST:PORT)")
+    )
+    ca: Path | None = field(
+        default=None,
+        metadata=check(
+            doc="CA of the etcd members' certificates", default_doc="tls.ca (the fleet CA signs etcd's too)"
+        ),
+    )
+    cert: Path | None = field(
+        default=None,
+        metadata=check(doc="client certificate shown to etcd", default_doc="tls.cert (this controller's)"),
+    )
+    key: Path | None = field(
+        default=None, metadata=check(doc="its private key", default_doc="tls.key (this controller's)")
+    )
+    prefix: str = field(
+        default="/shadowplane",
+        metadata=check(doc="the keys' prefix in etcd: one per Shadowplane cluster sharing an etcd"),
+    )
+    ttl_seconds: int = field(
+        default=3,
+        metadata=check(
+            between(2, 60),
+            doc="the leader key's lease: a dead leader is replaced after about this (plus up to a third)",
+        ),
+    )
+    request_timeout_seconds: float = field(
+        default=1.0,
+        metadata=check(between(0.05, 10), doc="one etcd request; each member is tried in turn"),
+    )
+
+    def validate(self) -> str | None:
+        if not self.prefix.startswith("/") or self.prefix.endswith("/"):
+            return f"prefix: must start with / and not end with one (e.g. /shadowplane), got {self.prefix!r}"
+        if self.request_timeout_seconds > self.ttl_seconds / 3:
+            # Renewals go every third of the TTL; one that waits longer on a dead member leaves no room
+            # for the next member before the leader must stop acting.
+            return (
+                f"request_timeout_seconds: {self.request_timeout_seconds:g} s is longer than a renewal "
+                f"interval (ttl_seconds / 3 = {self.ttl_seconds / 3:.2f} s): lower it or raise ttl_seconds"
+            )
+        return None
+
+
 @dataclass
 class ControllerConfig:
     listen: str = field(default="0.0.0.0:7400", metadata=check(host_port, doc="gRPC listen HOST:PORT"))
@@ -500,11 +568,21 @@ class ControllerConfig:
         default_factory=dict,
         metadata=check(doc="[checks.NAME] tables: the exec health checks the controller runs as an observer"),
     )
+    cluster: ClusterConfig | None = field(
+        default=None,
+        metadata=check(
+            doc="[cluster]: run as one of several replicas sharing an etcd cluster (docs/cluster.md)"
+        ),
+    )
 
     def validate(self) -> str | None:
         tls_problem = self.tls.validate()
         if tls_problem:
             return f"tls.{tls_problem}"
+        if self.cluster is not None:
+            ca = self.cluster_tls()[0]
+            if any(u.startswith("https") for u in self.cluster.etcd) and ca is None:
+                return "cluster.ca: https etcd endpoints need the CA of etcd's certificates (or set tls.ca)"
         problem = exec_check_names(self.checks)
         if problem:
             return problem
@@ -531,6 +609,9 @@ class ControllerConfig:
                         f"service[{i}].dns: shadow {h!r} has no address for the record to point at: set its "
                         "[[host]] address"
                     )
+            problem = self._cluster_quorum_problem(svc)
+            if problem:
+                return f"service[{i}].observers: {problem}"
             hc = svc.health
             if hc.kind == "exec" and "controller" in svc.observer_names() and hc.check not in self.checks:
                 return (
@@ -539,6 +620,28 @@ class ControllerConfig:
                     '"controller" out of service.observers'
                 )
         return None
+
+    def _cluster_quorum_problem(self, svc: ServiceConfig) -> str | None:
+        """With replicas, no controller holds a lease seat (`ServiceConfig.lease_quorum`): the primary and
+        the observer hosts must be at least three, so that losing any one host (the primary included) leaves
+        a majority, whatever happens to the replicas."""
+        if self.cluster is None or not svc.shadows:
+            return None
+        quorum = svc.lease_quorum(replicas=True)
+        if len(quorum) >= 3:
+            return None
+        example = ["controller", *svc.shadows, "WITNESS"]
+        return (
+            f"with [cluster], replicas hold no seat in lease quorums, so {svc.name!r} would vote with "
+            f"{quorum} only; add a host that runs an agent, e.g. observers = {example} (WITNESS: "
+            "any such host)"
+        )
+
+    def cluster_tls(self) -> tuple[Path | None, Path | None, Path | None]:
+        """(ca, cert, key) for etcd: the [cluster] table's, else the controller's own."""
+        c = self.cluster
+        assert c is not None
+        return (c.ca or self.tls.ca, c.cert or self.tls.cert, c.key or self.tls.key)
 
     def host_entry(self, name: str) -> HostEntry:
         return next(h for h in self.host if h.name == name)

@@ -32,13 +32,18 @@ class EventLog:
             reason,
             "".join(f" {k}={v}" for k, v in ev.detail.items()),
         )
+        self.deliver(ev)
+        return ev
+
+    def deliver(self, ev: EventRecord) -> None:
+        """To the counters and live watchers: each recorded event, and each one another replica recorded
+        (`controller/cluster/journal.py` imports them)."""
         for listener in self.listeners:
             listener(ev)
         for q in list(self._subscribers):
             if q.full():
                 q.get_nowait()  # a slow watcher loses its oldest events, never blocks the controller
             q.put_nowait(ev)
-        return ev
 
     def subscribe(self) -> asyncio.Queue[EventRecord]:
         q: asyncio.Queue[EventRecord] = asyncio.Queue(maxsize=10_000)

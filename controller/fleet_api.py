@@ -68,6 +68,10 @@ class Operations(Protocol):
         """The scaling decisions the next cycle would make (None: scaling is disabled)."""
         ...
 
+    def cluster_state(self) -> str:
+        """Replicas: this one's name and standing ("" for a single controller)."""
+        ...
+
     def override_changed(self) -> None:
         """An override was stored: apply it now rather than at the next cycle."""
         ...
@@ -134,7 +138,7 @@ class FleetService(fgrpc.FleetServicer):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"service: no service {request.service!r} (see shadowctl services)"
             )
-        return fpb.ListServicesResponse(services=out)
+        return fpb.ListServicesResponse(services=out, controller=self.ops.cluster_state())
 
     async def Failover(
         self, request: fpb.FailoverRequest, context: grpc.aio.ServicerContext[Any, Any]

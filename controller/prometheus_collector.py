@@ -16,7 +16,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from controller.status import ControllerStatus, ScalingView
+from controller.status import ClusterView, ControllerStatus, ScalingView
 from controller.store import EventRecord
 
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -73,10 +73,30 @@ class ControllerCollector(Collector):
         for r in st.rejected:
             rejected.add_metric([r.host, r.kind, r.reason], r.count)
         yield rejected
+        if st.cluster is not None:
+            yield from self._cluster(st.cluster)
         yield from self._services(st)
         yield from self._events()
         if st.scaling is not None:
             yield from self._scaling(st.scaling)
+
+    def _cluster(self, c: ClusterView) -> Iterator[Metric]:
+        for name, help_text, value in (
+            ("shadowplane_controller_replica_leader", "1 while this replica acts as leader", c.acting),
+            (
+                "shadowplane_controller_etcd_reachable",
+                "1 while this replica reads and writes etcd",
+                c.etcd_reachable,
+            ),
+            (
+                "shadowplane_controller_journal_pending_entries",
+                "Events, decisions and overrides recorded here and not yet in etcd",
+                c.journal_pending,
+            ),
+        ):
+            g = GaugeMetricFamily(name, help_text, labels=["replica"])
+            g.add_metric([c.name], float(value))
+            yield g
 
     def _services(self, st: ControllerStatus) -> Iterator[Metric]:
         owner = GaugeMetricFamily(

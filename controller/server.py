@@ -16,6 +16,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from controller.cluster.journal import JournaledStore
+from controller.cluster.replica import Replica
 from controller.config import ControllerConfig
 from controller.event_log import EventLog
 from controller.failover.decide import Decision, Request
@@ -62,6 +64,7 @@ class Controller:
     tasks: list[asyncio.Task[None]]
     worker: StoreWorker  # large reads and pruning, off the event loop
     loop_lag: LoopLag
+    replica: Replica | None = None  # one of several sharing etcd ([cluster]); None: alone on SQLite
 
     # ---- the read model, and what the Fleet API may ask (fleet_api.Operations) ----
 
@@ -69,7 +72,12 @@ class Controller:
         """The whole view, for /metrics."""
         now = now_ms()
         return ControllerStatus(
-            now, self.agents(), self.services(), self.scaling_view(now), self.registry.rejections.views()
+            now,
+            self.agents(),
+            self.services(),
+            self.scaling_view(now),
+            self.registry.rejections.views(),
+            self.replica.view() if self.replica is not None else None,
         )
 
     def agents(self) -> tuple[AgentView, ...]:
@@ -91,12 +99,17 @@ class Controller:
         if self.scaling is not None:
             self.scaling.wake.set()
 
+    def cluster_state(self) -> str:
+        return f"{self.replica.name}: {self.replica.view().state}" if self.replica is not None else ""
+
     async def stop(self, grace: float = 1.0) -> None:
         for t in self.tasks:
             t.cancel()
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.replica is not None:
+            await self.replica.stop()  # resigns: the next leader need not wait out the TTL
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await asyncio.to_thread(self.worker.close)  # waits for a running prune or query
@@ -105,12 +118,23 @@ class Controller:
 
 async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
+    replica: Replica | None = None
+    if cfg.cluster is not None:
+        journaled = JournaledStore(cfg.store.path)
+        store, replica = journaled, Replica(cfg, journaled)
     store = store or SqliteStore(cfg.store.path)
     worker = StoreWorker(store)
     registry = AgentRegistry()
     events = EventLog(store)
+    if replica is not None:
+        replica.journal.store.on_imported_event = events.deliver
+    not_leading = replica.not_leading if replica is not None else (lambda: "")
     observer = controller_lease_observer(cfg, store)
-    scaling = ScalingLoop(cfg, store, registry, events, worker=worker) if cfg.scaling.enabled else None
+    scaling = (
+        ScalingLoop(cfg, store, registry, events, worker=worker, not_leading=not_leading)
+        if cfg.scaling.enabled
+        else None
+    )
     orchestrator = Orchestrator(
         cfg,
         store,
@@ -119,6 +143,8 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
         observer,
         on_takeover=scaling.before_takeover if scaling else None,
         on_released=scaling.after_release if scaling else None,
+        records=replica.records if replica is not None else None,
+        not_leading=not_leading,
     )
     failover = FailoverLoop(cfg, store, registry, events, observer, orchestrator)
     server = grpc.aio.server(
@@ -132,7 +158,19 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     )
     health_servicer = health.aio.HealthServicer()
     c = Controller(
-        cfg, store, registry, events, failover, scaling, server, 0, health_servicer, [], worker, LoopLag()
+        cfg,
+        store,
+        registry,
+        events,
+        failover,
+        scaling,
+        server,
+        0,
+        health_servicer,
+        [],
+        worker,
+        LoopLag(),
+        replica,
     )
     agent_pb2_grpc.add_AgentStreamServicer_to_server(
         AgentStreamService(
@@ -174,6 +212,9 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     prom.register(ControllerCollector(c.status, counters))
     prom.register(c.loop_lag.collector("shadowplane_controller_loop_lag_seconds", "controller"))
     prometheus.serve(cfg.metrics, prom)
+    if replica is not None:
+        replica.start()
+        log.info("replica %s of a cluster on etcd %s", replica.name, ", ".join(replica.dcs.endpoints))
     c.tasks.append(asyncio.create_task(c.loop_lag.probe()))
     c.tasks.append(asyncio.create_task(failover.run()))
     if scaling is not None:

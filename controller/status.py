@@ -120,12 +120,25 @@ class ScalingView:
 
 
 @dataclass(frozen=True)
+class ClusterView:
+    """What every replica shows of the cluster (status line, `shadowctl services`, /metrics)."""
+
+    name: str
+    acting: bool
+    leader: str  # "" unknown
+    etcd_reachable: bool
+    state: str  # one line: leader / following X / etcd unreachable, no moves
+    journal_pending: int  # entries not yet in etcd
+
+
+@dataclass(frozen=True)
 class ControllerStatus:
     now_ms: int
     agents: tuple[AgentView, ...]
     services: tuple[ServiceView, ...]
     scaling: ScalingView | None  # None when scaling is disabled
     rejected: tuple[RejectedView, ...] = ()  # what agent streams had refused, by host, kind and reason
+    cluster: ClusterView | None = None  # replicas only
 
     def service(self, name: str) -> ServiceView | None:
         return next((s for s in self.services if s.name == name), None)

@@ -16,7 +16,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from lab.spec import MAX_PRIMARIES, MAX_SHADOWS, Spec, Timings, shipped_timings, timings_text
+from lab.spec import MAX_CONTROLLERS, MAX_PRIMARIES, MAX_SHADOWS, Spec, Timings, shipped_timings, timings_text
 from shadowplane import logs
 
 PROG = "python -m lab"
@@ -35,6 +35,13 @@ def parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--shadows", type=int, default=2, help=f"shadow hosts, shared by every service (1-{MAX_SHADOWS})"
+    )
+    up.add_argument(
+        "--controllers",
+        type=int,
+        default=1,
+        help=f"controller replicas (1-{MAX_CONTROLLERS}): above 1, as many etcd members and replicas, one of "
+        "each per controller namespace, coordinated as [cluster] does (needs 2 or more shadows)",
     )
     up.add_argument("--dns", action="store_true", help="add a DNS server host (BIND) taking RFC 2136 updates")
     up.add_argument("--ipv6", action="store_true", help="IPv6 VIPs (fd77::101, ...) instead of IPv4")
@@ -188,6 +195,7 @@ def lab_up(args: argparse.Namespace) -> int:
     spec = Spec(
         primaries=args.primaries,
         shadows=args.shadows,
+        controllers=args.controllers,
         dns=args.dns,
         ipv6_vips=args.ipv6,
         failover="none" if args.no_failover else "shadowplane",

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.spec import DNS_ZONE, PEER_PORT, Plan, ServicePlan
+from lab.spec import CONTROLLER_PORT, DNS_ZONE, PEER_PORT, Plan, ServicePlan
 from shadowplane import pki
 
 Value = str | int | float | bool | Sequence[str]
@@ -47,10 +47,31 @@ def issue_certificates(plan: Plan, workdir: Path) -> None:
     runs in the security mode production runs in (mutual TLS), so every lab test exercises it."""
     d = tls_dir(workdir)
     pki.init_ca(d, name="Shadowplane lab CA", days=30)
-    pki.issue(d, CONTROLLER_CERT_NAME, "controller", sans=(plan.host("ctl").ipv4,), days=30)
+    for h in plan.controller_hosts():
+        pki.issue(d, controller_cert_name(h.name), "controller", sans=(h.ipv4,), days=30)
     for h in plan.fleet_hosts():
         pki.issue(d, h.name, "agent", sans=(h.ipv4, h.ipv6), days=30)
     pki.issue(d, OPERATOR_CERT_NAME, "operator", days=30)
+
+
+def controller_cert_name(host: str) -> str:
+    """The first controller's certificate keeps its name; each further replica's is named as its host."""
+    return CONTROLLER_CERT_NAME if host == "ctl" else host
+
+
+def controller_process(host: str) -> str:
+    """The lab's name of the controller process in `host` ("controller", "controller-ctl2", ...)."""
+    return "controller" if host == "ctl" else f"controller-{host}"
+
+
+@dataclass(frozen=True)
+class EtcdClient:
+    """What a replica's [cluster] table names: the etcd members and the client credentials."""
+
+    endpoints: Sequence[str]
+    ca: str
+    cert: str
+    key: str
 
 
 def tls_table(plan: Plan, workdir: Path, role: pki.Role, name: str) -> str:
@@ -75,14 +96,19 @@ def toml_table(header: str, values: Mapping[str, Value | Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def controller_toml(plan: Plan, workdir: Path, tsig_secret: str = "") -> str:
-    t = plan.spec.timings
+def controller_toml(
+    plan: Plan, workdir: Path, tsig_secret: str = "", host: str = "ctl", etcd: EtcdClient | None = None
+) -> str:
+    """The controller's config, or replica `host`'s (with `etcd`: its [cluster] table)."""
+    t, h = plan.spec.timings, plan.host(host)
     out = [
         "# Written by `python -m lab up`; rewritten each time the lab comes up.\n",
-        toml_table("", {"listen": plan.controller_address}),
-        tls_table(plan, workdir, "controller", CONTROLLER_CERT_NAME),
-        toml_table("[metrics]", {"listen": f"{plan.host('ctl').ipv4}:{METRICS_PORT}"}),
-        toml_table("[store]", {"path": workdir / "controller.db"}),
+        toml_table("", {"listen": f"{h.ipv4}:{CONTROLLER_PORT}"}),
+        tls_table(plan, workdir, "controller", controller_cert_name(host)),
+        toml_table("[metrics]", {"listen": f"{h.ipv4}:{METRICS_PORT}"}),
+        toml_table(
+            "[store]", {"path": workdir / ("controller.db" if host == "ctl" else f"controller-{host}.db")}
+        ),
         toml_table(
             "[failover]",
             {
@@ -105,8 +131,20 @@ def controller_toml(plan: Plan, workdir: Path, tsig_secret: str = "") -> str:
             },
         ),
     ]
-    for h in plan.fleet_hosts():
-        out.append(toml_table("[[host]]", {"name": h.name, "zone": h.zone, "address": h.ipv4}))
+    if etcd is not None:
+        out.append(
+            toml_table(
+                "[cluster]",
+                {
+                    "name": host,
+                    "etcd": list(etcd.endpoints),
+                    # unset: the replica's own [tls] files (the lab's CA signs the members' certificates)
+                    **{k: v for k, v in (("ca", etcd.ca), ("cert", etcd.cert), ("key", etcd.key)) if v},
+                },
+            )
+        )
+    for fh in plan.fleet_hosts():
+        out.append(toml_table("[[host]]", {"name": fh.name, "zone": fh.zone, "address": fh.ipv4}))
     for s in plan.services:
         out.append(_service(plan, s, tsig_secret))
     return "\n".join(out)
@@ -168,6 +206,7 @@ def agent_toml(plan: Plan, host: str, workdir: Path) -> str:
             "",
             {
                 "controller": plan.controller_address,
+                **({"controllers": plan.controller_addresses} if plan.spec.controllers > 1 else {}),
                 "host": h.name,
                 "zone": h.zone,
                 "interval_seconds": t.agent_interval_seconds,

@@ -35,13 +35,50 @@ class Member:
     data_dir: Path
     proc: subprocess.Popen[bytes] | None = None
 
+    scheme: str = "https"
+
     @property
     def client_url(self) -> str:
-        return f"https://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"https://{self.host}:{self.peer_port}"
+        return f"{self.scheme}://{self.host}:{self.peer_port}"
+
+
+@dataclass(frozen=True)
+class MemberTls:
+    ca: str
+    cert: str  # the member's own (serving clients and peers), its address as a SAN
+    key: str
+
+
+def member_argv(m: Member, members: list[Member], token: str, tls: MemberTls | None) -> list[str]:
+    """etcd's command line for member `m` of `members`. The same line restarts it: with its data directory
+    in place, etcd ignores the initial-cluster flags and rejoins."""
+    initial = ",".join(f"{x.name}={x.peer_url}" for x in members)
+    argv = [
+        ETCD,
+        "--name", m.name,
+        "--data-dir", str(m.data_dir),
+        "--listen-client-urls", m.client_url,
+        "--advertise-client-urls", m.client_url,
+        "--listen-peer-urls", m.peer_url,
+        "--initial-advertise-peer-urls", m.peer_url,
+        "--initial-cluster", initial,
+        "--initial-cluster-token", token,
+        "--initial-cluster-state", "new" if not m.data_dir.exists() else "existing",
+        # events and records are small and few: one hour of history before compaction
+        "--auto-compaction-retention", "1",
+        "--logger", "zap", "--log-level", "warn",
+    ]  # fmt: skip
+    if tls is not None:
+        argv += [
+            "--cert-file", tls.cert, "--key-file", tls.key, "--trusted-ca-file", tls.ca, "--client-cert-auth",
+            "--peer-cert-file", tls.cert, "--peer-key-file", tls.key, "--peer-trusted-ca-file", tls.ca,
+            "--peer-client-cert-auth",
+        ]  # fmt: skip
+    return argv
 
 
 @dataclass
@@ -92,24 +129,8 @@ class EtcdCluster:
     def _spawn(self, m: Member, new: bool) -> None:
         pki_dir = self.workdir / "pki"
         cert, key = str(pki_dir / f"controller-{m.name}.pem"), str(pki_dir / f"controller-{m.name}.key")
-        ca = str(pki_dir / "ca.pem")
-        initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
-        argv = [
-            ETCD,
-            "--name", m.name,
-            "--data-dir", str(m.data_dir),
-            "--listen-client-urls", m.client_url,
-            "--advertise-client-urls", m.client_url,
-            "--listen-peer-urls", m.peer_url,
-            "--initial-advertise-peer-urls", m.peer_url,
-            "--initial-cluster", initial,
-            "--initial-cluster-token", f"shadowplane-{self.workdir.name}",
-            "--initial-cluster-state", "new" if new and not m.data_dir.exists() else "existing",
-            "--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca, "--client-cert-auth",
-            "--peer-cert-file", cert, "--peer-key-file", key, "--peer-trusted-ca-file", ca,
-            "--peer-client-cert-auth",
-            "--logger", "zap", "--log-level", "warn",
-        ]  # fmt: skip
+        tls = MemberTls(str(pki_dir / "ca.pem"), cert, key)
+        argv = member_argv(m, self.members, f"shadowplane-{self.workdir.name}", tls)
         m.proc = spawn(argv, self.workdir / f"{m.name}.log", self.netns.get(m.name))
 
     def dcs(self, timeout: float = 1.0) -> EtcdDcs:

@@ -36,12 +36,15 @@ import psutil
 
 from agentd.cgroupfs import CgroupError, CgroupLayout
 from lab import configs, topology
+from lab.etcd import Member, MemberTls, member_argv
 from lab.poller import Poller
 from lab.procs import child_env, python_module, spawn
 from lab.spec import (
     CGROUP_ROOT,
     CONTROLLER_PORT,
     DNS_ZONE,
+    ETCD_CLIENT_PORT,
+    ETCD_PEER_PORT,
     PREFIX,
     SWITCH_NS,
     HostPlan,
@@ -53,6 +56,7 @@ from lab.spec import (
 )
 from lab.vipcheck import VipChecker, holders, normalize, read_all
 from shadowctl.fleet_view import host_row
+from shadowplane import pki
 from shadowplane.pki import ROLE_SAN
 from shadowplane.tls import TlsConfig, channel_credentials
 from shadowplane.v1 import fleet_pb2 as fpb
@@ -140,8 +144,8 @@ class Lab:
         self.workdir = Path(state.workdir)
         self._popens: dict[str, subprocess.Popen[bytes]] = {}
         self._bind_procs: dict[str, Any] = {}
-        self._forwarder: topology.Forwarder | None = None
-        self._channel: grpc.Channel | None = None
+        self._forwarders: dict[str, topology.Forwarder] = {}
+        self._channels: dict[str, grpc.Channel] = {}
         self._is_down = False
         self._extra = 0
 
@@ -263,17 +267,20 @@ class Lab:
 
     def _start_controller_and_agents(self) -> None:
         p = self.plan
-        ctl_toml = self.workdir / "controller.toml"
-        ctl_toml.write_text(configs.controller_toml(p, self.workdir, self.state.tsig_secret))
-        ctl = self._spawn(
-            "controller", p.host("ctl"), python_module("controller.cli", "run", "--config", str(ctl_toml))
-        )
-        self._wait(
-            lambda: topology.port_open(p.host("ctl").namespace, p.host("ctl").ipv4, CONTROLLER_PORT),
-            self.plan.spec.startup_timeout_seconds,
-            f"the controller listening on {p.controller_address}",
-            [ctl],
-        )
+        etcd = self._start_etcd() if p.spec.controllers > 1 else None
+        for h in p.controller_hosts():
+            name = configs.controller_process(h.name)
+            ctl_toml = self.workdir / f"{name}.toml"
+            ctl_toml.write_text(
+                configs.controller_toml(p, self.workdir, self.state.tsig_secret, h.name, etcd)
+            )
+            ctl = self._spawn(name, h, python_module("controller.cli", "run", "--config", str(ctl_toml)))
+            self._wait(
+                functools.partial(topology.port_open, h.namespace, h.ipv4, CONTROLLER_PORT),
+                self.plan.spec.startup_timeout_seconds,
+                f"{name} listening on {h.ipv4}:{CONTROLLER_PORT}",
+                [ctl],
+            )
         for h in p.fleet_hosts():
             cfg = self.workdir / f"agentd-{h.name}.toml"
             cfg.write_text(configs.agent_toml(p, h.name, self.workdir))
@@ -283,6 +290,46 @@ class Lab:
                 python_module("agentd.cli", "run", "--config", str(cfg)),
                 with_cgroups=True,
             )
+
+    def etcd_members(self) -> list[Member]:
+        """One etcd member in each controller namespace (`lab up --controllers N`)."""
+        tls = "http" if self.plan.spec.plaintext else "https"
+        return [
+            Member(
+                f"etcd-{h.name}",
+                h.ipv4,
+                ETCD_CLIENT_PORT,
+                ETCD_PEER_PORT,
+                self.workdir / "etcd" / h.name,
+                scheme=tls,
+            )
+            for h in self.plan.controller_hosts()
+        ]
+
+    def _start_etcd(self) -> configs.EtcdClient:
+        """Start the members as lab processes ("etcd-ctl", "etcd-ctl2", ...: kill, stop and restart them like
+        any other) with certificates from the lab's CA; the replicas reach them with their own."""
+        members = self.etcd_members()
+        (self.workdir / "etcd").mkdir(exist_ok=True)
+        tls_dir = configs.tls_dir(self.workdir)
+        for m in members:
+            host = self.plan.host(m.name.removeprefix("etcd-"))
+            member_tls = None
+            if not self.plan.spec.plaintext:
+                creds = pki.issue(tls_dir, m.name, "controller", sans=(m.host,), days=30)
+                member_tls = MemberTls(str(tls_dir / "ca.pem"), str(creds.cert), str(creds.key))
+            argv = member_argv(m, members, f"splab-{self.workdir.name}", member_tls)
+            self._spawn(m.name, host, argv)
+        for m in members:
+            h = self.plan.host(m.name.removeprefix("etcd-"))
+            self._wait(
+                functools.partial(topology.port_open, h.namespace, h.ipv4, ETCD_CLIENT_PORT),
+                self.plan.spec.startup_timeout_seconds,
+                f"{m.name} listening on {h.ipv4}:{ETCD_CLIENT_PORT}",
+                [self._proc(m.name)],
+            )
+        ca = "" if self.plan.spec.plaintext else str(tls_dir / "ca.pem")
+        return configs.EtcdClient([m.client_url for m in members], ca, "", "")
 
     def _start_dns(self) -> None:
         bind = importlib.import_module("lab.bind")
@@ -480,21 +527,44 @@ class Lab:
 
     # ---- the controller, over a loopback door into the controller's namespace ----
 
-    def fleet(self) -> fgrpc.FleetStub:
-        """A Fleet API stub for the lab's controller, usable from this process."""
-        if self._channel is None:
-            h = self.plan.host("ctl")
-            self._forwarder = topology.Forwarder(h.namespace, (h.ipv4, CONTROLLER_PORT))
+    def fleet(self, host: str = "ctl") -> fgrpc.FleetStub:
+        """A Fleet API stub for the lab's controller (or replica `host`), usable from this process."""
+        if host not in self._channels:
+            h = self.plan.host(host)
+            fwd = self._forwarders[host] = topology.Forwarder(h.namespace, (h.ipv4, CONTROLLER_PORT))
             # no proxy: the environment's http_proxy must not see a loopback address
             options: list[tuple[str, Any]] = [("grpc.enable_http_proxy", 0)]
             creds = channel_credentials(self.operator_tls())
             if creds is None:
-                self._channel = grpc.insecure_channel(self._forwarder.address, options=options)
+                self._channels[host] = grpc.insecure_channel(fwd.address, options=options)
             else:
                 # the controller's certificate names its role, not the loopback door's address
                 options.append(("grpc.ssl_target_name_override", ROLE_SAN["controller"]))
-                self._channel = grpc.secure_channel(self._forwarder.address, creds, options=options)
-        return fgrpc.FleetStub(self._channel)
+                self._channels[host] = grpc.secure_channel(fwd.address, creds, options=options)
+        return fgrpc.FleetStub(self._channels[host])
+
+    def replica_states(self, timeout: float = 1.0) -> dict[str, str]:
+        """Each controller replica's standing as it says it ("leader", "following ctl2", ...; "down: ..."
+        when it does not answer)."""
+        out = {}
+        for h in self.plan.controller_hosts():
+            try:
+                resp = self.fleet(h.name).ListServices(fpb.ListServicesRequest(), timeout=timeout)
+                out[h.name] = resp.controller.split(": ", 1)[-1]
+            except grpc.RpcError as e:
+                out[h.name] = f"down: {e.code().name if isinstance(e, grpc.Call) else e}"
+        return out
+
+    def leader(self, timeout: float = 15.0) -> str:
+        """The replica that acts as leader, once exactly one says so."""
+        deadline, states = time.monotonic() + timeout, {}
+        while time.monotonic() < deadline:
+            states = self.replica_states()
+            leaders = [h for h, s in states.items() if s == "leader"]
+            if len(leaders) == 1:
+                return leaders[0]
+            time.sleep(0.1)
+        raise LabError(f"no single leader among the replicas after {timeout:g} s: {states}")
 
     def operator_tls(self) -> TlsConfig:
         """The lab's operator credentials (what `shadowctl --ca/--cert/--key` would take), or plaintext."""
@@ -504,12 +574,11 @@ class Lab:
         return TlsConfig(ca=c.ca, cert=c.cert, key=c.key)
 
     def _close_grpc(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-        if self._forwarder is not None:
-            self._forwarder.close()
-            self._forwarder = None
+        for ch in self._channels.values():
+            ch.close()
+        for fwd in self._forwarders.values():
+            fwd.close()
+        self._channels, self._forwarders = {}, {}
 
     def list_hosts(self, timeout: float = 2.0) -> list[dict[str, Any]]:
         return [host_row(h) for h in self.fleet().ListHosts(fpb.ListHostsRequest(), timeout=timeout).hosts]

@@ -18,6 +18,8 @@ NET4 = "10.77.0"
 NET6 = "fd77:"
 CONTROLLER_PORT = 7400
 PEER_PORT = 7401
+ETCD_CLIENT_PORT = 2379  # the lab's etcd members, one per controller namespace
+ETCD_PEER_PORT = 2380
 DNS_ZONE = "lab.example."
 CGROUP_ROOT = "/splab"
 
@@ -25,6 +27,7 @@ Role = Literal["controller", "client", "primary", "shadow", "dns"]
 Failover = Literal["shadowplane", "none"]
 MAX_PRIMARIES = 9
 MAX_SHADOWS = 9
+MAX_CONTROLLERS = 5
 
 
 class SpecError(ValueError):
@@ -168,6 +171,9 @@ class Spec:
     # without certificates (`python -m lab up --plaintext`)
     plaintext: bool = False
     http_port: int = 8080
+    # Controller replicas: 1 is the single controller on SQLite; 3 or 5 start as many etcd members and
+    # replicas, one of each per controller namespace (ctl, ctl2, ...), as `[cluster]` runs them
+    controllers: int = 1
     timings: Timings = field(default_factory=Timings)
     workdir: Path | None = None  # None: a fresh directory under /run/shadowplane-lab
     startup_timeout_seconds: float = 30.0
@@ -177,6 +183,15 @@ class Spec:
             return f"primaries: must be 1..{MAX_PRIMARIES}, got {self.primaries}"
         if not 1 <= self.shadows <= MAX_SHADOWS:
             return f"shadows: must be 1..{MAX_SHADOWS}, got {self.shadows}"
+        if not 1 <= self.controllers <= MAX_CONTROLLERS:
+            return f"controllers: must be 1..{MAX_CONTROLLERS}, got {self.controllers}"
+        if self.controllers > 1 and self.shadows < 2:
+            return (
+                "shadows: replicas hold no lease seat, so each service's quorum is its primary and shadows: "
+                "at least 2 shadows with controllers > 1"
+            )
+        if self.controllers > 1 and self.failover != "shadowplane":
+            return "controllers: replicas need failover = shadowplane"
         if not 1 <= self.http_port <= 65535 or self.http_port in (CONTROLLER_PORT, PEER_PORT, 53):
             return f"http_port: must be a free port 1..65535 (not 53, 7400, 7401), got {self.http_port}"
         t = self.timings
@@ -256,6 +271,14 @@ class Plan:
     def controller_address(self) -> str:
         return f"{self.host('ctl').ipv4}:{CONTROLLER_PORT}"
 
+    def controller_hosts(self) -> list[HostPlan]:
+        """The controller's namespace, or every replica's (ctl first)."""
+        return [h for h in self.hosts if h.role == "controller"]
+
+    @property
+    def controller_addresses(self) -> list[str]:
+        return [f"{h.ipv4}:{CONTROLLER_PORT}" for h in self.controller_hosts()]
+
     def fleet_hosts(self) -> list[HostPlan]:
         """Hosts that run an agent and a web server: primaries and shadows."""
         return [h for h in self.hosts if h.role in ("primary", "shadow")]
@@ -284,6 +307,8 @@ def plan(spec: Spec) -> Plan:
     if problem:
         raise SpecError(problem)
     hosts = [_host("ctl", "controller", 2), _host("client", "client", 3)]
+    for i in range(2, spec.controllers + 1):
+        hosts.append(_host(f"ctl{i}", "controller", 2 + i))  # ctl2 = .4 ... ctl5 = .7
     for i in range(1, spec.primaries + 1):
         hosts.append(_host(f"p{i}", "primary", 10 + i, "az1" if i % 2 else "az2"))
     for i in range(1, spec.shadows + 1):

@@ -81,6 +81,8 @@ def services(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     out = console()
+    if resp.controller:
+        out.print(escape(f"controller replica {resp.controller}"))
     for r in rows:
         t = Table(
             title=f"{r['name']}  vip {r['vip'] or '-'}  owner {r['owner'] or 'NOBODY'}  token {r['token']}"

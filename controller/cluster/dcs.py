@@ -42,8 +42,22 @@ class Dcs(Protocol):
         """Put `value` only if the key does not exist (attached to `lease` if given). True if it did not."""
         ...
 
-    def cas(self, key: str, value: bytes, revision: int) -> bool:
-        """Put `value` only if the key's revision is still `revision` (0: the key must not exist)."""
+    def cas(self, key: str, value: bytes, revision: int) -> int:
+        """Put `value` only if the key's revision is still `revision` (0: the key must not exist). The key's
+        new revision, or 0 if another writer changed it first (nothing was written)."""
+        ...
+
+    def put(self, key: str, value: bytes) -> int:
+        """Put `value` unconditionally (a key only this replica writes); the key's new revision."""
+        ...
+
+    def scan(self, prefix: str, min_revision: int = 0, limit: int = 0) -> list[tuple[str, Versioned]]:
+        """The keys under `prefix` last changed at `min_revision` or later, oldest change first, at most
+        `limit` of them (0: all)."""
+        ...
+
+    def delete_below(self, prefix: str, end: str) -> None:
+        """Delete the keys under `prefix` that sort before `prefix + end` (retention of a time-keyed log)."""
         ...
 
 

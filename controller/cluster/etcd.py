@@ -40,6 +40,13 @@ def _b64(data: str | bytes) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
 
 
+def _prefix_end(prefix: str) -> bytes:
+    """The first key after every key that starts with `prefix` (etcd's range_end for a prefix)."""
+    b = bytearray(prefix.encode())
+    b[-1] += 1
+    return bytes(b)
+
+
 def parse_endpoint(url: str) -> tuple[str, str, int]:
     """("https", host, port) of "https://host:port"; ValueError naming what is wrong."""
     u = urlsplit(url)
@@ -137,7 +144,8 @@ class EtcdDcs:
         kv = kvs[0]
         return Versioned(base64.b64decode(kv.get("value", "")), int(kv["mod_revision"]))
 
-    def _txn(self, what: str, key: str, compare: dict[str, Any], value: bytes, lease: int) -> bool:
+    def _txn(self, what: str, key: str, compare: dict[str, Any], value: bytes, lease: int) -> int:
+        """The put's revision if the comparison held, else 0."""
         put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
         if lease:
             put["lease"] = lease
@@ -145,15 +153,43 @@ class EtcdDcs:
             "compare": [{"key": _b64(key), "result": "EQUAL", **compare}],
             "success": [{"request_put": put}],
         }
-        return bool(self._post(what, "/kv/txn", body).get("succeeded", False))
+        out = self._post(what, "/kv/txn", body)
+        return int(out.get("header", {}).get("revision", 0)) if out.get("succeeded", False) else 0
 
     def create(self, key: str, value: bytes, lease: int = 0) -> bool:
-        return self._txn("create", key, {"target": "CREATE", "create_revision": 0}, value, lease)
+        return self._txn("create", key, {"target": "CREATE", "create_revision": 0}, value, lease) > 0
 
-    def cas(self, key: str, value: bytes, revision: int) -> bool:
+    def cas(self, key: str, value: bytes, revision: int) -> int:
         if revision == 0:
-            return self.create(key, value)
+            return self._txn("create", key, {"target": "CREATE", "create_revision": 0}, value, 0)
         return self._txn("compare-and-set", key, {"target": "MOD", "mod_revision": revision}, value, 0)
+
+    def put(self, key: str, value: bytes) -> int:
+        out = self._post("put", "/kv/put", {"key": _b64(key), "value": _b64(value)})
+        return int(out.get("header", {}).get("revision", 0))
+
+    def scan(self, prefix: str, min_revision: int = 0, limit: int = 0) -> list[tuple[str, Versioned]]:
+        body: dict[str, Any] = {
+            "key": _b64(prefix),
+            "range_end": _b64(_prefix_end(prefix)),
+            "sort_order": "ASCEND",
+            "sort_target": "MOD",
+        }
+        if min_revision:
+            body["min_mod_revision"] = min_revision
+        if limit:
+            body["limit"] = limit
+        kvs = self._post("range", "/kv/range", body).get("kvs") or []
+        return [
+            (
+                base64.b64decode(kv["key"]).decode(),
+                Versioned(base64.b64decode(kv.get("value", "")), int(kv["mod_revision"])),
+            )
+            for kv in kvs
+        ]
+
+    def delete_below(self, prefix: str, end: str) -> None:
+        self._post("delete", "/kv/deleterange", {"key": _b64(prefix), "range_end": _b64(prefix + end)})
 
     def status(self) -> EtcdStatus:
         """Who leads the etcd cluster and who is in it (for status views and tests)."""

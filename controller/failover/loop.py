@@ -78,18 +78,7 @@ class FailoverLoop:
         # observer grants renewals only of a token it voted for, so one that missed the vote is brought up
         self._caught_up: dict[tuple[str, str], tuple[str, int, float]] = {}
         self.started = time.monotonic()
-        for rt in self.services.values():
-            rec = self.orchestrator.service_state(rt.cfg.name)
-            if rec.phase == "acquiring":
-                # A transition was cut short by a restart: whoever it reached, ownership is unknown. The next
-                # placement uses a newer token, which fences whatever the interrupted one did.
-                self.store.save_service_state(replace(rec, owner="", phase="no-owner", candidate=""))
-                self.events.record(
-                    "recovered",
-                    rt.cfg.name,
-                    rec.candidate,
-                    f"controller restarted during a takeover (token {rec.token}); re-placing",
-                )
+        self.not_leading = orchestrator.not_leading  # replicas: "" only while this one leads
 
     # ---- the loop ----
 
@@ -119,13 +108,18 @@ class FailoverLoop:
     def tick(self) -> None:
         self._push_watches()
         now = now_ms()
+        leading = not self.not_leading()
         for rt in self.services.values():
             primary = self._health(rt, rt.cfg.primary)
             if primary.majority_up:
                 rt.primary_up_since_ms = rt.primary_up_since_ms or now
             else:
                 rt.primary_up_since_ms = None
-            if rt.busy:
+            if rt.busy or not leading:
+                continue
+            rec = self.orchestrator.service_state(rt.cfg.name)
+            if rec.phase == "acquiring":
+                self._recover(rt, rec)
                 continue
             self._catch_up_observers(rt)
             d = decide(self.snapshot(rt))
@@ -135,11 +129,37 @@ class FailoverLoop:
                 self.events.record("decision", rt.cfg.name, d.target, d.reason, damped=d.damped)
             rt.last_noted = d.reason
 
+    def _recover(self, rt: ServiceRuntime, rec: ServiceRecord) -> None:
+        """A takeover left half done (this controller restarted, or the replica that led it died or lost
+        leadership): whoever it reached, ownership is unknown. The next placement uses a newer token, which
+        fences whatever the interrupted one did."""
+
+        async def go() -> ServiceRecord:
+            try:
+                out = await self.orchestrator.book.save(
+                    replace(rec, owner="", phase="no-owner", candidate="")
+                )
+            finally:
+                rt.stable_since = time.monotonic()
+            self.events.record(
+                "recovered",
+                rt.cfg.name,
+                rec.candidate,
+                f"a takeover to {rec.candidate} (token {rec.token}) was cut short by a controller restart "
+                "or a change of leader; re-placing with a newer token",
+            )
+            return out
+
+        rt.task = asyncio.create_task(go())
+
     def request(self, service: str, req: Request) -> Decision:
         """An operator's failover or failback: decided now, carried out in the background."""
         rt = self.services.get(service)
         if rt is None:
             return Decision("none", "", f"no service {service!r} (see shadowctl services)")
+        why = self.not_leading()
+        if why:
+            return Decision("none", "", f"this controller replica does not act ({why}): ask the leader")
         if rt.busy:
             return Decision("none", "", "a transition of this service is already running")
         d = decide(self.snapshot(rt, req))
@@ -287,7 +307,7 @@ class FailoverLoop:
             return
         sessions, alive, reports = self.registry.connected(), self.alive(), self.board.lease(rt.cfg.name)
         now = time.monotonic()
-        for o in rt.cfg.lease_quorum():
+        for o in rt.cfg.lease_quorum(self.cfg.cluster is not None):
             session = sessions.get(o)
             if o == "controller" or session is None or o not in alive:
                 continue
@@ -312,7 +332,7 @@ class FailoverLoop:
     def on_observation(self, observer: str, o: apb.Observation) -> None:
         prev = self.board.put(observer, o)
         up = None if o.unknown else o.up
-        if o.kind == "health" and (prev is None or prev.up != up):
+        if o.kind == "health" and (prev is None or prev.up != up) and not self.not_leading():
             # An observer that cannot check says why itself ("cannot check p1: ...").
             said = f"sees {o.target} {'up' if up else 'DOWN'}: " if up is not None else ""
             self.events.record(
@@ -320,7 +340,7 @@ class FailoverLoop:
             )
 
     def on_lease_event(self, host: str, e: apb.LeaseEvent) -> None:
-        if e.what in ("lost", "released", "resumed"):
+        if e.what in ("lost", "released", "resumed") and not self.not_leading():
             self.events.record(f"lease-{e.what}", e.service, host, e.reason, token=e.token)
 
     def on_disconnect(self, host: str) -> None:
@@ -329,7 +349,7 @@ class FailoverLoop:
 
     def _on_controller_probe(self, spec: CheckSpec, tracker: Tracker, changed: bool) -> None:
         self._checks[(spec.service, spec.target)] = tracker
-        if changed:
+        if changed and not self.not_leading():  # replicas: the leader's view is the one recorded
             self.events.record(
                 "health",
                 spec.service,
@@ -358,7 +378,7 @@ class FailoverLoop:
     def watch_for(self, host: str) -> apb.Watch:
         checks, observed = [], []
         for rt in self.services.values():
-            if host not in rt.cfg.lease_quorum():
+            if host not in rt.cfg.lease_quorum(self.cfg.cluster is not None):
                 continue
             observed.append(rt.cfg.name)
             if host not in rt.cfg.observer_names():

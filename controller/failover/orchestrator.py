@@ -29,6 +29,7 @@ from controller.config import ControllerConfig, ServiceConfig
 from controller.event_log import EventLog
 from controller.failover.decide import Decision
 from controller.failover.dns import DnsUpdates
+from controller.failover.records import LocalRecords, RecordConflict, ServiceRecords
 from controller.registry import AgentRegistry, CommandError
 from controller.store import ServiceRecord, Store
 from shadowplane.clock import now_ms
@@ -61,14 +62,25 @@ class Orchestrator:
     on_takeover: ResourceHook | None = None  # raise the new owner's limits before it takes over
     on_released: ResourceHook | None = None  # the old owner's limits go back to the plan
     dns_updates: DnsUpdates = field(default_factory=DnsUpdates)  # each service's record, retried
+    records: ServiceRecords | None = None  # where ownership is kept (default: the store; replicas: etcd)
+    # Replicas: why this one may not act now ("" while it leads; always "" alone). Asked before each step
+    # that changes something, so a replica that lost leadership mid-transition stops at its next step.
+    not_leading: Callable[[], str] = lambda: ""
 
-    def _save(self, rec: ServiceRecord) -> ServiceRecord:
-        self.store.save_service_state(rec)
-        return rec
+    def __post_init__(self) -> None:
+        self.book: ServiceRecords = self.records or LocalRecords(self.store)
+
+    async def _save(self, rec: ServiceRecord) -> ServiceRecord:
+        return await self.book.save(rec)
+
+    def _still_leading(self, svc: ServiceConfig, step: str) -> None:
+        why = self.not_leading()
+        if why:
+            raise RecordConflict(f"service {svc.name}: stopped before {step}: {why}")
 
     def service_state(self, name: str) -> ServiceRecord:
         """The service's ownership as last decided (a service never decided has no owner yet)."""
-        return self.store.service_state(name) or ServiceRecord(name)
+        return self.book.get(name)
 
     async def run(self, svc: ServiceConfig, d: Decision) -> ServiceRecord:
         """Carry out `d` for `svc`; return the service's record afterwards (also when aborted)."""
@@ -102,7 +114,8 @@ class Orchestrator:
             )
             return rec
 
-        rec = self._save(
+        self._still_leading(svc, "writing the new token")
+        rec = await self._save(
             replace(rec, token=token, phase="acquiring", candidate=new, last_transition_ms=now_ms())
         )
         release: asyncio.Task[bool] | None = None
@@ -115,25 +128,30 @@ class Orchestrator:
                 self.events.record(
                     "takeover-aborted", svc.name, old, "before-release hook failed; old owner kept"
                 )
-                return self._save(replace(rec, phase="stable", candidate=""))
+                return await self._save(replace(rec, phase="stable", candidate=""))
             release = asyncio.create_task(self._release(svc, old, old_token, self._command_timeout()))
         elif old and old in self._alive():
             # It may still hear us (its service died, its agent did not): a confirmed release saves the wait.
             release = asyncio.create_task(self._release(svc, old, old_token, 0.5))
 
-        granted, waits, problems = await self._votes(svc, token, new)
-        needed = majority(len(svc.lease_quorum()))
+        granted, waits, problems, promised = await self._votes(svc, token, new)
+        quorum = svc.lease_quorum(self.cfg.cluster is not None)
+        needed = majority(len(quorum))
         if len(granted) < needed:
             self.events.record(
                 "takeover-aborted",
                 svc.name,
                 new,
-                f"only {len(granted)} of {len(svc.lease_quorum())} observers voted for token {token} "
+                f"only {len(granted)} of {len(quorum)} observers voted for token {token} "
                 f"(need {needed}): " + "; ".join(f"{k}: {v}" for k, v in problems.items()),
             )
             # Some observers may have promised the new token and now refuse the old owner's renewals:
-            # ownership is unknown until the next placement.
-            return self._save(replace(rec, owner="", phase="no-owner", candidate=""))
+            # ownership is unknown until the next placement. Observers that refused have promised a newer
+            # token (a store that started again from scratch: a new replica cluster, a restored backup):
+            # the next placement starts above it rather than counting up one refusal at a time.
+            return await self._save(
+                replace(rec, owner="", phase="no-owner", candidate="", token=max(token, promised))
+            )
 
         # A confirmed release ends the wait for the lease; without one, the old owner (whoever the last
         # grants went to, also after an interrupted takeover) may be hung with the address still in its
@@ -154,8 +172,9 @@ class Orchestrator:
                 new,
                 f"before-takeover hook failed; {old or 'nobody'} was fenced (token {token})",
             )
-            return self._save(replace(rec, owner="", phase="no-owner", candidate=""))
+            return await self._save(replace(rec, owner="", phase="no-owner", candidate=""))
 
+        self._still_leading(svc, "the acquire")
         try:
             result = await self.registry.call(
                 new,
@@ -167,10 +186,10 @@ class Orchestrator:
             ok, error = False, str(e)
         if not ok:
             self.events.record("takeover-failed", svc.name, new, f"acquire failed: {error}", token=token)
-            return self._save(replace(rec, owner="", phase="no-owner", candidate=""))
+            return await self._save(replace(rec, owner="", phase="no-owner", candidate=""))
         now = now_ms()
         counts_as_failover = d.action in ("failover", "move")
-        rec = self._save(
+        rec = await self._save(
             replace(
                 rec,
                 owner=new,
@@ -238,8 +257,8 @@ class Orchestrator:
             token=token,
             vip=svc.vip,
             interface=self._interface(svc),
-            observers=[self._lease_address(o) for o in svc.lease_quorum()],
-            observer_names=svc.lease_quorum(),
+            observers=[self._lease_address(o) for o in svc.lease_quorum(self.cfg.cluster is not None)],
+            observer_names=svc.lease_quorum(self.cfg.cluster is not None),
             lease_ms=int(f.lease_seconds * 1000),
             renew_interval_ms=int(f.renew_interval_seconds * 1000),
             drift_margin=f.drift_margin,
@@ -263,12 +282,16 @@ class Orchestrator:
 
     async def _votes(
         self, svc: ServiceConfig, token: int, candidate: str
-    ) -> tuple[list[str], Waits, dict[str, str]]:
-        """Ask every observer; return as soon as a majority granted (their longest waits count)."""
-        names = svc.lease_quorum()
+    ) -> tuple[list[str], Waits, dict[str, str], int]:
+        """Ask every observer; return as soon as a majority granted (their longest waits count). Also the
+        newest token a refusing observer said it had promised (0: none said)."""
+        names = svc.lease_quorum(self.cfg.cluster is not None)
         needed = majority(len(names))
 
+        promised = 0
+
         async def one(o: str) -> tuple[str, Waits | None, str]:
+            nonlocal promised
             if o == "controller":
                 d = self.observer.vote(svc.name, token, candidate)
                 if not d.granted:
@@ -279,6 +302,7 @@ class Orchestrator:
             except CommandError as e:
                 return o, None, str(e)
             if not r.vote.granted:
+                promised = max(promised, r.vote.promised_token)
                 return o, None, f"refused: already promised token {r.vote.promised_token}"
             # An agent that predates address waits reports none: its lease wait plus the longest lifetime.
             address_ms = (
@@ -300,7 +324,7 @@ class Orchestrator:
                     break
             else:
                 problems[o] = why
-        return granted, waits, problems
+        return granted, waits, problems, promised
 
     async def catch_up(self, svc: ServiceConfig, observer: str, token: int, owner: str) -> bool:
         """Bring an observer that missed the vote for the current token (it was away, or restarted and

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -95,8 +96,11 @@ class ScalingLoop:
         events: EventLog,
         engine: PredictionEngine | None = None,
         worker: StoreWorker | None = None,
+        not_leading: Callable[[], str] = lambda: "",
     ) -> None:
         self.cfg, self.store, self.registry, self.events = cfg, store, registry, events
+        # Replicas: why this one may not scale now ("" while it leads; always "" alone)
+        self.not_leading = not_leading
         # History reads and forecasts run here, off the event loop (controller/store/worker.py).
         self.worker = worker or StoreWorker(store)
         self.engine = engine or PredictionEngine(cfg.scaling.model or DEFAULT_MODEL)
@@ -150,7 +154,12 @@ class ScalingLoop:
             # agents and threads) wakes the next one instead of waiting a whole interval.
             self.wake.clear()
             try:
-                await self.cycle()
+                if self.not_leading():
+                    # Another replica scales. Leading again later, this one restores from the decisions
+                    # the others made (copied into its store by the journal), as after a restart.
+                    self._restored = False
+                else:
+                    await self.cycle()
             except Exception:  # a bad cycle is logged; the next one starts from scratch
                 log.exception("scaling cycle failed")
             with contextlib.suppress(TimeoutError):

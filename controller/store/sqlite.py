@@ -435,7 +435,11 @@ class _Transaction:
         self.db = db
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        # Nested in another (a journal import stores decisions): the outer one commits or rolls back.
+        self.outer = not self.db.in_transaction
+        if self.outer:
+            self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, *_: object) -> None:
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if self.outer:
+            self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")

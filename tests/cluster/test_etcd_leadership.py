@@ -9,7 +9,6 @@ measured by bench/)."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import threading
 import time
@@ -22,19 +21,9 @@ import pytest
 from controller.cluster.dcs import increment
 from lab.elector_probe import ElectorProcess, acting_spans, one_leader, two_leaders
 from lab.etcd import EtcdCluster
-from tests.support import need, wait_until
+from tests.support import wait_until
 
 TTL = 2
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    need(shutil.which("etcd"), "etcd missing", "apt-get install etcd-server (make setup installs it)")
-    cluster = EtcdCluster.start(tmp_path_factory.mktemp("etcd"))
-    try:
-        yield cluster
-    finally:
-        cluster.down()
 
 
 @pytest.fixture

@@ -204,3 +204,22 @@ def test_the_ha_loop_brings_a_restarted_observer_up_to_the_owners_token(tmp_path
     granted, rogue, state = run(tmp_path, body)  # type: ignore[misc]
     assert granted, "the caught-up observer grants the owner's renewals again"
     assert not rogue and state.promised == 1 and state.holder == "p1"
+
+
+def test_observers_that_promised_a_newer_token_set_where_the_next_placement_starts(tmp_path: Path) -> None:
+    """A store that starts again from scratch (new replicas on an empty etcd, a restored backup) holds a
+    token below the ones the observers promised: they refuse it. The next placement starts above the
+    newest token they name, rather than counting up one refusal at a time, and succeeds."""
+
+    async def body(cfg, store, registry, events, orch):  # type: ignore[no-untyped-def]
+        FakeAgent(registry, "p1")
+        agents = [FakeAgent(registry, "s1"), FakeAgent(registry, "s2")]
+        for a in agents:
+            assert a.role.vote(apb.Vote(service="web", token=57, candidate="p1")).granted
+        first = await orch.run(cfg.service[0], Decision("place", "p1", "no owner", planned=True))
+        second = await orch.run(cfg.service[0], Decision("place", "p1", "no owner", planned=True))
+        return first, second
+
+    first, second = run(tmp_path, body)  # type: ignore[misc]
+    assert (first.phase, first.token) == ("no-owner", 57), first
+    assert (second.owner, second.phase, second.token) == ("p1", "stable", 58), second

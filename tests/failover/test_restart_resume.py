@@ -84,7 +84,7 @@ async def main() -> dict:
     await second.start_failover_roles()
     out["resumed"] = "web" in second.commands.holders
     out["held_after_start"] = probe.has(vip)
-    out["events"] = [m.lease_event.what for m in second.link._outbox if m.HasField("lease_event")]
+    out["events"] = [m.lease_event.what for m in second.link.links[0]._outbox if m.HasField("lease_event")]
     out["record_left"] = cfg.lease_state_file.exists()
     # Past the first run's lease and address lifetime (2 s + the kernel's second): kept only by renewals.
     await asyncio.sleep(max(0.0, stopped + 3.5 - time.monotonic()))

@@ -240,3 +240,57 @@ def test_an_explicit_quorum_that_needs_the_controller_is_warned_about(tmp_path: 
     )
     assert out.returncode == 0, out.stderr  # a warning: the config still runs
     assert "service web: warning: observers:" in out.stdout and "drops the VIP" in out.stdout, out.stdout
+
+
+CLUSTER = '[cluster]\nname = "ctl1"\netcd = ["http://10.0.0.11:2379", "http://10.0.0.12:2379"]\n'
+
+
+def test_replicas_hold_no_lease_seat_and_the_quorum_keeps_three_hosts(tmp_path: Path) -> None:
+    """With [cluster] a lease's voters are hosts only (an observer's promise is one memory, and replicas
+    are several): the primary as a witness and the shadows. "controller" still judges health: the leading
+    replica's own checks."""
+    p = _with_shadows(tmp_path, ["s1", "s2"])
+    p.write_text(CLUSTER + p.read_text())
+    cfg = load_controller_config(p)
+    svc = cfg.service[0]
+    assert cfg.cluster is not None and cfg.cluster.name == "ctl1" and cfg.cluster.ttl_seconds == 3
+    assert svc.lease_quorum(replicas=True) == ["box", "s1", "s2"]
+    assert svc.observer_names() == ["controller", "s1", "s2"]
+    assert svc.lease_quorum() == ["controller", "s1", "s2"], "without [cluster]: unchanged"
+
+
+def test_replicas_refuse_a_quorum_of_two_hosts_and_name_the_fix(tmp_path: Path) -> None:
+    p = _with_shadows(tmp_path, ["s1"])
+    p.write_text(CLUSTER + p.read_text())
+    with pytest.raises(ConfigError) as e:
+        load_controller_config(p)
+    assert "service[0].observers" in str(e.value) and "['box', 's1']" in str(e.value)
+    assert "observers = ['controller', 's1', 'WITNESS']" in str(e.value), "the fix is named"
+    # a witness host makes three
+    p = _with_shadows(tmp_path, ["s1", "w1"], 'observers = ["controller", "s1", "w1"]\n')
+    p.write_text(CLUSTER + p.read_text().replace('shadows = ["s1", "w1"]', 'shadows = ["s1"]'))
+    assert load_controller_config(p).service[0].lease_quorum(replicas=True) == ["box", "s1", "w1"]
+
+
+@pytest.mark.parametrize(
+    ("cluster", "field", "fix"),
+    [
+        ('name = "a"\netcd = ["10.0.0.11:2379"]\n', "cluster.etcd", "https://HOST:PORT"),
+        ('name = "a"\netcd = []\n', "cluster.etcd", "must name the etcd members"),
+        ('name = "a"\netcd = ["https://10.0.0.11:2379"]\n', "cluster.ca", "CA"),
+        (
+            'name = "a"\netcd = ["http://e:2379"]\nrequest_timeout_seconds = 2.0\n',
+            "request_timeout",
+            "lower it",
+        ),
+        ('name = "a"\netcd = ["http://e:2379"]\nprefix = "sp/"\n', "prefix", "start with /"),
+    ],
+)
+def test_a_bad_cluster_table_names_the_field_and_the_fix(
+    tmp_path: Path, cluster: str, field: str, fix: str
+) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[cluster]\n" + cluster + TRIAL)
+    with pytest.raises(ConfigError) as e:
+        load_controller_config(p)
+    assert field in str(e.value) and fix in str(e.value), str(e.value)
