@@ -104,7 +104,11 @@ class Elector:
         interval = self.ttl / 3
         while True:
             t0 = self.clock()
-            await self.step()
+            try:
+                await self.step()
+            except Exception:  # an answer the client did not expect: logged; acts() still bounds the term
+                log.exception("%s: campaign round failed", self.name)
+                self.store_reachable = False
             await asyncio.sleep(max(0.0, interval - (self.clock() - t0)))
 
     async def resign(self) -> None:

@@ -78,14 +78,18 @@ class JournaledStore(SqliteStore):
         events = []
         with self._tx():
             for kind, body in entries:
-                if kind == "event":
-                    events.append(super().add_event(EventRecord(**body)))
-                elif kind == "decisions":
-                    super().add_decisions([ScalingDecision(**d) for d in body["list"]])
-                elif kind == "override":
-                    super().set_override(Override(**body))
-                else:  # a newer replica's kind: skipped, said once per entry
-                    log.warning("journal: entry of unknown kind %r skipped", kind)
+                try:
+                    if kind == "event":
+                        events.append(super().add_event(EventRecord(**body)))
+                    elif kind == "decisions":
+                        super().add_decisions([ScalingDecision(**d) for d in body["list"]])
+                    elif kind == "override":
+                        super().set_override(Override(**body))
+                    else:  # a newer replica's kind
+                        log.warning("journal: entry of unknown kind %r skipped", kind)
+                except (TypeError, KeyError, ValueError) as e:
+                    # written by a newer or broken replica: skipped and said; the rest is imported
+                    log.error("journal: %s entry skipped, not readable by this version: %s", kind, e)
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (POSITION_KEY, str(revision)))
         return events
 

@@ -91,7 +91,11 @@ class Replica:
     async def _sync_forever(self) -> None:
         lease: int | None = None
         while True:
-            await self.sync()
+            try:
+                await self.sync()
+            except Exception:  # an answer the client did not expect: logged, tried again
+                log.exception("%s: reading the shared state failed", self.name)
+                self.synced = False
             # a fresh term is read at once, not half an interval later
             for _ in range(int(SYNC_INTERVAL_SECONDS / 0.05)):
                 term = self.elector.term
@@ -107,7 +111,7 @@ class Replica:
             if not self.not_leading():
                 try:
                     await self._run(self.journal.prune)
-                except DcsUnavailable as e:
+                except Exception as e:  # retried at the next round
                     log.warning("%s: journal retention skipped: %s", self.name, e)
 
     def start(self) -> None:

@@ -120,3 +120,32 @@ def test_every_replica_gets_the_same_history_once(etcd: EtcdCluster, tmp_path: P
     assert asyncio.run(jb2.catch_up(run)) == 0
     assert shown(again) == shown(store_a)
     jb2.close()
+
+
+def test_an_unreadable_journal_entry_is_skipped_and_the_rest_imported(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """Entries from a newer or broken replica (unknown fields, not JSON at all) are said and skipped; the
+    replica goes on importing the readable ones and never stops reading the log."""
+    prefix = f"/test/{uuid.uuid4().hex}"
+    dcs = etcd.dcs()
+    dcs.put(f"{prefix}/journal/0000000000001-ctl9-000000001", b"not json")
+    dcs.put(
+        f"{prefix}/journal/0000000000002-ctl9-000000002",
+        b'{"kind": "event", "origin": "ctl9", "body": {"kind": "x", "colour": "blue"}}',
+    )
+    dcs.put(
+        f"{prefix}/journal/0000000000003-ctl9-000000003",
+        b'{"kind": "event", "origin": "ctl9", "body": {"kind": "failover", "service": "web", "host": "s1",'
+        b' "reason": "owner p1 is down", "unix_ms": 3, "detail": {}}}',
+    )
+    store = JournaledStore(tmp_path / "b.db")
+    journal = Journal(etcd.dcs(), prefix, "ctl2", store)
+
+    async def run(fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+    asyncio.run(journal.catch_up(run))
+    assert [(e.kind, e.reason) for e in store.events(limit=10)] == [("failover", "owner p1 is down")]
+    assert store.journal_revision() > 0, "read past the unreadable ones"
+    journal.close()
