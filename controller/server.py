@@ -131,7 +131,15 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     not_leading = replica.not_leading if replica is not None else (lambda: "")
     observer = controller_lease_observer(cfg, store)
     scaling = (
-        ScalingLoop(cfg, store, registry, events, worker=worker, not_leading=not_leading)
+        ScalingLoop(
+            cfg,
+            store,
+            registry,
+            events,
+            worker=worker,
+            not_leading=not_leading,
+            records=replica.records.get if replica is not None else None,
+        )
         if cfg.scaling.enabled
         else None
     )

@@ -44,7 +44,7 @@ from controller.scaling.planner import (
     recent_changes,
 )
 from controller.status import DemandView, ForecastView, ScalingView, ShadowView
-from controller.store import Store
+from controller.store import ServiceRecord, Store
 from controller.store.worker import StoreWorker
 from shadowplane.clock import now_ms
 from shadowplane.v1 import agent_pb2 as apb
@@ -97,10 +97,14 @@ class ScalingLoop:
         engine: PredictionEngine | None = None,
         worker: StoreWorker | None = None,
         not_leading: Callable[[], str] = lambda: "",
+        records: Callable[[str], ServiceRecord | None] | None = None,
     ) -> None:
         self.cfg, self.store, self.registry, self.events = cfg, store, registry, events
         # Replicas: why this one may not scale now ("" while it leads; always "" alone)
         self.not_leading = not_leading
+        # Who owns each service (whose demand sizes the shadows): the store's records, or the replicas'
+        # copy of etcd's
+        self.service_state = records or store.service_state
         # History reads and forecasts run here, off the event loop (controller/store/worker.py).
         self.worker = worker or StoreWorker(store)
         self.engine = engine or PredictionEngine(cfg.scaling.model or DEFAULT_MODEL)
@@ -338,7 +342,7 @@ class ScalingLoop:
         """Whose demand sizes each service's shadows: the primary's, or the owner's while a shadow serves."""
         self.demand = {}
         for svc in self.cfg.service:
-            rec = self.store.service_state(svc.name)
+            rec = self.service_state(svc.name)
             host = rec.owner if rec is not None and rec.owner in svc.shadows else svc.primary
             workload = self.workload_of(host, svc.name)
             if workload:
