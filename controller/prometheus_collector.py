@@ -141,6 +141,16 @@ class ControllerCollector(Collector):
         yield from (total, trans, dur)
 
     def _scaling(self, s: ScalingView) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "shadowplane_scaling_cycle_seconds",
+            "Wall time of the latest scaling cycle (history, forecast, plan, limits applied)",
+            value=s.last_cycle_seconds,
+        )
+        yield GaugeMetricFamily(
+            "shadowplane_scaling_cycle_max_seconds",
+            "The longest scaling cycle since the controller started",
+            value=s.max_cycle_seconds,
+        )
         # The forecast's quantile is `q`, not `quantile`: Prometheus reserves that label for summaries
         # (promtool rejects it on a gauge). The allocation target is no quantile: it has its own gauge.
         forecast = {

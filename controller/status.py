@@ -117,6 +117,8 @@ class ScalingView:
     forecasts: tuple[ForecastView, ...]
     demand: tuple[DemandView, ...]  # only where the latest sample is fresh
     shadows: tuple[ShadowView, ...]
+    last_cycle_seconds: float = 0.0  # wall time of the latest cycle (forecast, plan, limits applied)
+    max_cycle_seconds: float = 0.0  # the longest since the controller started
 
 
 @dataclass(frozen=True)

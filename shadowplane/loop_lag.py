@@ -13,7 +13,7 @@ import asyncio
 import bisect
 from collections.abc import Callable, Iterator
 
-from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 # Seconds. Fine below the 20 ms the controller must stay under, coarse above the lease lengths.
@@ -72,3 +72,8 @@ class _LagCollector(Collector):
             buckets.append(("+Inf" if le == float("inf") else repr(le), float(cum)))
         fam.add_metric([], buckets, self.lag.sum)
         yield fam
+        yield GaugeMetricFamily(
+            self.name.removesuffix("_seconds") + "_max_seconds",
+            f"The longest the {self.what}'s event loop ran a timer late since it started",
+            value=self.lag.max,
+        )

@@ -9,6 +9,7 @@ knowing every host's address.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import os
 import secrets
@@ -233,7 +234,10 @@ class Identity:
     role: str
 
 
+@functools.lru_cache(maxsize=65_536)
 def identity_from_pem(pem: bytes) -> Identity:
+    """The name and role in a (verified) certificate. Cached by its bytes: every lease renewal asks it of
+    the same few certificates, and parsing one is most of a renewal's cost at fleet sizes."""
     cert = x509.load_pem_x509_certificate(pem)
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)

@@ -19,31 +19,33 @@ class View:
 
 
 class ObservationBoard:
+    """Indexed by what the HA loop asks for (a service's target; a service's lease), so that each question
+    costs its observers, not every observation in the fleet (the loop asks it of every service per tick)."""
+
     def __init__(self) -> None:
-        self._health: dict[tuple[str, str, str], View] = {}  # (service, observer, target)
-        self._lease: dict[tuple[str, str], View] = {}  # (service, observer) -> view of the holder
+        self._health: dict[tuple[str, str], dict[str, View]] = {}  # (service, target) -> observer -> view
+        self._lease: dict[str, dict[str, View]] = {}  # service -> observer -> view of the holder
 
     def put(self, observer: str, o: apb.Observation) -> View | None:
         """Record an observation; return the previous view (None if there was none)."""
         up = None if o.unknown and o.kind != "lease" else o.up
         view = View(up, o.detail, o.since_unix_ms, time.monotonic(), o.token, o.target)
-        if o.kind == "lease":
-            key2 = (o.service, observer)
-            prev = self._lease.get(key2)
-            self._lease[key2] = view
-            return prev
-        key3 = (o.service, observer, o.target)
-        prev = self._health.get(key3)
-        self._health[key3] = view
+        views = (
+            self._lease.setdefault(o.service, {})
+            if o.kind == "lease"
+            else self._health.setdefault((o.service, o.target), {})
+        )
+        prev = views.get(observer)
+        views[observer] = view
         return prev
 
     def forget_observer(self, observer: str) -> None:
         """An observer that left knows nothing any more."""
-        self._health = {k: v for k, v in self._health.items() if k[1] != observer}
-        self._lease = {k: v for k, v in self._lease.items() if k[1] != observer}
+        for views in (*self._health.values(), *self._lease.values()):
+            views.pop(observer, None)
 
     def health(self, service: str, target: str) -> dict[str, View]:
-        return {k[1]: v for k, v in self._health.items() if k[0] == service and k[2] == target}
+        return dict(self._health.get((service, target), {}))
 
     def lease(self, service: str) -> dict[str, View]:
-        return {k[1]: v for k, v in self._lease.items() if k[0] == service}
+        return dict(self._lease.get(service, {}))

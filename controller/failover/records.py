@@ -33,10 +33,17 @@ class LocalRecords:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # Read once from the store, then kept here: the HA loop reads every service several times a tick,
+        # and only this controller writes them.
+        self._copy: dict[str, ServiceRecord] = {}
 
     def get(self, name: str) -> ServiceRecord:
-        return self.store.service_state(name) or ServiceRecord(name)
+        rec = self._copy.get(name)
+        if rec is None:
+            rec = self._copy[name] = self.store.service_state(name) or ServiceRecord(name)
+        return rec
 
     async def save(self, rec: ServiceRecord) -> ServiceRecord:
         self.store.save_service_state(rec)  # a local row: microseconds, on the loop as before
+        self._copy[rec.name] = rec
         return rec

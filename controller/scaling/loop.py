@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import multiprocessing
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -102,6 +103,7 @@ class ScalingLoop:
         self.cfg, self.store, self.registry, self.events = cfg, store, registry, events
         # Replicas: why this one may not scale now ("" while it leads; always "" alone)
         self.not_leading = not_leading
+        self.last_cycle_seconds = self.max_cycle_seconds = 0.0
         # Who owns each service (whose demand sizes the shadows): the store's records, or the replicas'
         # copy of etcd's
         self.service_state = records or store.service_state
@@ -163,7 +165,10 @@ class ScalingLoop:
                     # the others made (copied into its store by the journal), as after a restart.
                     self._restored = False
                 else:
+                    t0 = time.monotonic()
                     await self.cycle()
+                    self.last_cycle_seconds = time.monotonic() - t0
+                    self.max_cycle_seconds = max(self.max_cycle_seconds, self.last_cycle_seconds)
             except Exception:  # a bad cycle is logged; the next one starts from scratch
                 log.exception("scaling cycle failed")
             with contextlib.suppress(TimeoutError):
@@ -622,6 +627,8 @@ class ScalingLoop:
             forecasts=forecasts,
             demand=tuple(d for d in (self._demand(s, k, now) for s, k in self.demand.items()) if d),
             shadows=tuple(shadows),
+            last_cycle_seconds=self.last_cycle_seconds,
+            max_cycle_seconds=self.max_cycle_seconds,
         )
 
     def _demand(self, service: str, key: str, now: int) -> DemandView | None:
