@@ -31,6 +31,7 @@ import datetime as dt
 import os
 import random
 import re
+import sqlite3
 import sys
 import tempfile
 import time
@@ -322,23 +323,43 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, traces: 
         connected = sum(a.link.state.connected for a in agents)
         p = psutil.Process(proc.pid)
         p.cpu_percent(None)
-        db0 = sum(f.stat().st_size for f in d.glob("controller.db*"))
+        me = psutil.Process()  # the simulated fleet shares the 2 cores: its own CPU is printed too
+        me.cpu_percent(None)
         acked0 = sum(a.seq - len(a.link.backlog) for a in agents)
         stats.renew_rtt.clear()
         since_ms = int(time.time() * 1000)
         await asyncio.sleep(seconds)
-        cpu = p.cpu_percent(None)
+        cpu, sim_cpu = p.cpu_percent(None), me.cpu_percent(None)
         rss = p.memory_info().rss
-        lag_text = scrape(metrics_port)
-        db1 = sum(f.stat().st_size for f in d.glob("controller.db*"))
+        try:  # off this process's loop, which runs the agents; an overloaded controller may not answer
+            lag_text = await asyncio.to_thread(scrape, metrics_port)
+        except OSError as e:
+            lag_text = f"# /metrics did not answer: {e}"
+
+        def count() -> int:
+            with sqlite3.connect(d / "controller.db", timeout=30) as db:
+                return int(db.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
+
+        # the store's bytes per sample, after the run (its size grows in steps: a rate over a minute
+        # would measure the steps); a host-day is 3 workloads x a sample per interval
+        stored = await asyncio.to_thread(count)
+        size = sum(f.stat().st_size for f in d.glob("controller.db*"))
         acked1 = sum(a.seq - len(a.link.backlog) for a in agents)
         backlog = sum(len(a.link.backlog) for a in agents)
-        with sync_channel(
-            target,
-            TlsConfig(ca=pki / "ca.pem", cert=pki / "operator-bench.pem", key=pki / "operator-bench.key"),
-        ) as ch:
-            evs = fgrpc.FleetStub(ch).ListEvents(fpb.ListEventsRequest(limit=10_000), timeout=30).events
-        spurious = [e for e in evs if e.unix_ms >= since_ms and e.kind in SPURIOUS]
+
+        def events() -> list[fpb.Event]:
+            tls = TlsConfig(
+                ca=pki / "ca.pem", cert=pki / "operator-bench.pem", key=pki / "operator-bench.key"
+            )
+            with sync_channel(target, tls) as ch:
+                req = fpb.ListEventsRequest(limit=10_000)
+                return list(fgrpc.FleetStub(ch).ListEvents(req, timeout=60).events)
+
+        try:
+            evs = await asyncio.to_thread(events)
+            spurious = [e.kind for e in evs if e.unix_ms >= since_ms and e.kind in SPURIOUS]
+        except grpc.RpcError as e:  # an overloaded controller
+            spurious = [f"unknown: ListEvents failed ({e.code().name if isinstance(e, grpc.Call) else e})"]
         # Then a primary fails under this load: its agent's stream and its renewals stop (as a host that
         # dies). The time until its shadow is told to take the address over.
         name, primary, shadow = fleet.services[len(fleet.services) // 2]
@@ -352,7 +373,8 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, traces: 
             gauge(lag_text, "shadowplane_scaling_cycle_seconds"),
             gauge(lag_text, "shadowplane_scaling_cycle_max_seconds"),
         )
-        growth = (db1 - db0) / n * (86_400 / seconds) / 1e6
+        per_sample = size / max(1, stored)
+        growth = per_sample * len(WORKLOADS) * 86_400 / interval / 1e6
         rtt = stats.renew_rtt
         return "\n".join(
             [
@@ -364,10 +386,11 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, traces: 
                 f"  renewals {len(rtt)}: round trip p50 {pct(rtt, 0.5) * 1000:.1f} "
                 f"p99 {pct(rtt, 0.99) * 1000:.1f} max {max(rtt, default=0) * 1000:.0f} ms; "
                 f"refused {stats.renew_refused}, failed {stats.renew_failed}",
-                f"  controller CPU {cpu:.0f} %, RSS {rss / 2**20:.0f} MiB; "
-                f"store +{growth:.1f} MB per host-day",
+                f"  controller CPU {cpu:.0f} % (the simulated fleet {sim_cpu:.0f} %), "
+                f"RSS {rss / 2**20:.0f} MiB; "
+                f"store {per_sample:.0f} bytes per sample: {growth:.1f} MB per host-day",
                 f"  scaling cycle last {cycle_last * 1000:.0f} ms, max {cycle_max * 1000:.0f} ms",
-                f"  spurious lease actions: {len(spurious)} {sorted({e.kind for e in spurious})}",
+                f"  spurious lease actions: {len(spurious)} {sorted(set(spurious))}",
                 f"  a primary's host dies: its shadow is told to take over after {failover:.2f} s",
             ]
         )
@@ -416,10 +439,10 @@ def main() -> int:
                 line = await simulate(n, args.seconds, args.interval, work, traces)
                 print(line, flush=True)
                 lines.append(line)
+                if args.out:  # after each size: a bigger one may overload the machine
+                    args.out.write_text("\n".join(lines) + "\n")
 
         asyncio.run(every_size())
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
     return 0
 
 
