@@ -37,6 +37,10 @@ from controller.store import EventRecord, SqliteStore
 log = logging.getLogger(__name__)
 
 RETENTION_SECONDS = 24 * 3600
+SNAPSHOT_SECONDS = 600.0  # an unchanged decision is shared this often (a new leader's calibration)
+DECISIONS_PER_ENTRY = 100  # ~60 KB: far under etcd's default request limit of 1.5 MiB
+MAX_ENTRY_BYTES = 1 << 20  # under that limit, with room for the key and base64 (the gateway's JSON)
+REFUSALS_BEFORE_DROP = 8  # about 10 s of retries (etcd also says "too many requests" when busy)
 TAIL_BATCH = 500
 POSITION_KEY = "cluster_journal_revision"
 
@@ -49,6 +53,8 @@ class JournaledStore(SqliteStore):
         self.publish: Callable[[str, dict[str, Any]], None] = lambda kind, body: None
         # Called with each imported event: the event log's live watchers and counters hear it too.
         self.on_imported_event: Callable[[EventRecord], None] = lambda ev: None
+        # (host, workload, resource) -> (what the last shared decision said, when): see add_decisions
+        self._shared: dict[tuple[str, str, str], tuple[tuple[object, ...], float]] = {}
 
     def add_event(self, ev: EventRecord) -> EventRecord:
         out = super().add_event(ev)
@@ -56,11 +62,22 @@ class JournaledStore(SqliteStore):
         return out
 
     def add_decisions(self, decisions: list[ScalingDecision]) -> list[ScalingDecision]:
+        """Stored here in full; shared when they change something (the limit, the result, the branch) and
+        otherwise once per SNAPSHOT_SECONDS per shadow resource: a cycle every 10 s for every shadow of a
+        fleet would be gigabytes a day in etcd, which is sized for metadata. A new leader restores from the
+        latest shared one (`ScalingLoop.restore`): its calibration at most that old. In entries of at most
+        DECISIONS_PER_ENTRY, well under etcd's request limit (1.5 MiB by default)."""
         out = super().add_decisions(decisions)
-        if out:
-            self.publish(
-                "decisions", {"list": [dataclasses.asdict(dataclasses.replace(d, id=0)) for d in out]}
-            )
+        now = time.monotonic()
+        shared = []
+        for d in out:
+            key, sig = (d.host, d.workload, d.resource), (d.new, d.result, d.branch, d.clamps)
+            last = self._shared.get(key)
+            if last is None or last[0] != sig or now - last[1] >= SNAPSHOT_SECONDS:
+                self._shared[key] = (sig, now)
+                shared.append(dataclasses.asdict(dataclasses.replace(d, id=0)))
+        for i in range(0, len(shared), DECISIONS_PER_ENTRY):
+            self.publish("decisions", {"list": shared[i : i + DECISIONS_PER_ENTRY]})
         return out
 
     def set_override(self, o: Override) -> None:
@@ -101,6 +118,7 @@ class Journal:
         self._seq = itertools.count(1)
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.pending = 0  # entries not yet in etcd (status)
+        self.dropped = 0  # entries etcd refused for good
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._write_forever, name="journal", daemon=True)
         self._writer.start()
@@ -109,8 +127,14 @@ class Journal:
 
     def publish(self, kind: str, body: dict[str, Any]) -> None:
         key = f"{self.prefix}{int(time.time() * 1000):013d}-{self.name}-{next(self._seq):09d}"
+        value = json.dumps({"kind": kind, "origin": self.name, "body": body}).encode()
+        if len(value) > MAX_ENTRY_BYTES:  # etcd would refuse it: said and kept here only
+            self.dropped += 1
+            self.last_error = f"{key}: {kind} entry of {len(value)} bytes, over {MAX_ENTRY_BYTES}"
+            log.error("journal: %s; kept in this replica's store only", self.last_error)
+            return
         self.pending += 1
-        self._queue.put((key, json.dumps({"kind": kind, "origin": self.name, "body": body}).encode()))
+        self._queue.put((key, value))
 
     def _write_forever(self) -> None:
         delay = 0.1
@@ -119,6 +143,7 @@ class Journal:
                 key, value = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
+            refused = 0
             while not self._stop.is_set():
                 try:
                     self.dcs.put(key, value)
@@ -129,6 +154,18 @@ class Journal:
                     self.last_error = str(e)
                     self._stop.wait(delay)
                     delay = min(2 * delay, 2.0)
+                except Exception as e:  # refused ("too many requests" is also how etcd says too large)
+                    self.last_error = f"{key}: {type(e).__name__}: {e}"
+                    refused += 1
+                    if refused < REFUSALS_BEFORE_DROP:
+                        self._stop.wait(delay)
+                        delay = min(2 * delay, 2.0)
+                        continue
+                    # refused for good (not allowed, or a bug): said, dropped, the journal goes on
+                    log.error("journal: etcd refused %s, dropped (kept in this replica's store): %s", key, e)
+                    self.pending -= 1
+                    self.dropped += 1
+                    break
 
     def read_after(self, revision: int) -> tuple[list[tuple[str, dict[str, Any]]], int]:
         """(entries other replicas wrote, the revision read up to) after `revision`: blocking."""

@@ -6,14 +6,16 @@ and overrides, imported once each, also across a restart."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
-from controller.cluster.journal import Journal, JournaledStore
+from controller.cluster.journal import DECISIONS_PER_ENTRY, Journal, JournaledStore
 from controller.cluster.records import EtcdRecords
 from controller.event_log import EventLog
 from controller.failover.records import RecordConflict
@@ -93,7 +95,7 @@ def test_every_replica_gets_the_same_history_once(etcd: EtcdCluster, tmp_path: P
 
     async def go() -> None:
         events_a.record("failover", "web", "s1", "owner p1 is down", token=2)
-        store_a.add_decisions([_decision(1), _decision(2)])
+        store_a.add_decisions([_decision(1), replace(_decision(2), host="s2")])
         store_a.set_override(Override("s1", "web", "pin", cpu_cores=2.0, reason="load test", by="ops"))
         events_a.record("failover-complete", "web", "s1", "p1 -> s1 in 2100 ms")
         wait_until(lambda: ja.pending == 0, 10, "ctl1's journal to reach etcd")
@@ -149,3 +151,52 @@ def test_an_unreadable_journal_entry_is_skipped_and_the_rest_imported(
     assert [(e.kind, e.reason) for e in store.events(limit=10)] == [("failover", "owner p1 is down")]
     assert store.journal_revision() > 0, "read past the unreadable ones"
     journal.close()
+
+
+def test_decisions_are_shared_when_they_change_in_bounded_entries(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """A cycle records a decision for every shadow resource every 10 s; etcd is sized for metadata. Shared:
+    what changed something, in entries of at most DECISIONS_PER_ENTRY; an unchanged decision is not shared
+    again before SNAPSHOT_SECONDS."""
+    prefix = f"/test/{uuid.uuid4().hex}"
+    store = JournaledStore(tmp_path / "a.db")
+    journal = Journal(etcd.dcs(), prefix, "ctl1", store)
+
+    def fleet(new: float) -> list[ScalingDecision]:
+        return [replace(_decision(0), host=f"s{i}", new=new) for i in range(DECISIONS_PER_ENTRY * 2 + 50)]
+
+    def entries() -> list[int]:
+        got = etcd.dcs().scan(f"{prefix}/journal/")
+        return [len(json.loads(v.value)["body"]["list"]) for _, v in got]
+
+    store.add_decisions(fleet(1.75))
+    wait_until(lambda: journal.pending == 0, 10, "the journal to reach etcd")
+    assert entries() == [DECISIONS_PER_ENTRY, DECISIONS_PER_ENTRY, 50]
+    store.add_decisions(fleet(1.75))  # the next cycle: nothing changed
+    store.add_decisions([replace(_decision(0), host="s7", new=2.5)])  # one limit changed
+    wait_until(lambda: journal.pending == 0, 10, "the journal to reach etcd")
+    assert entries() == [DECISIONS_PER_ENTRY, DECISIONS_PER_ENTRY, 50, 1]
+    # every cycle's decisions stay in the replica's own store: 250 twice, and the change
+    assert len(store.decisions(last=10)) == 2 * (DECISIONS_PER_ENTRY * 2 + 50) + 1
+    journal.close()
+
+
+def test_an_entry_too_large_for_etcd_is_kept_locally_and_the_journal_goes_on(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    prefix = f"/test/{uuid.uuid4().hex}"
+    store_a, store_b = JournaledStore(tmp_path / "a.db"), JournaledStore(tmp_path / "b.db")
+    ja, jb = Journal(etcd.dcs(), prefix, "ctl1", store_a), Journal(etcd.dcs(), prefix, "ctl2", store_b)
+    events = EventLog(store_a)
+    events.record("note", "web", "", "x" * (2 << 20))  # over etcd's request limit (1.5 MiB by default)
+    events.record("failover", "web", "s1", "owner p1 is down")
+    wait_until(lambda: ja.pending == 0, 20, "the journal to get past the refused entry")
+    assert ja.dropped == 1 and "over 1048576" in ja.last_error, ja.last_error
+
+    async def run(fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
+
+    asyncio.run(jb.catch_up(run))
+    assert [e.kind for e in store_b.events(limit=10)] == ["failover"]
+    assert [e.kind for e in store_a.events(limit=10)] == ["note", "failover"], "kept where it was recorded"
+    ja.close()
+    jb.close()
