@@ -637,6 +637,10 @@ class ControllerConfig:
             "any such host)"
         )
 
+    def lease_quorum(self, svc: ServiceConfig) -> list[str]:
+        """Who votes on `svc`'s leases in this install: with [cluster], no controller seat."""
+        return svc.lease_quorum(replicas=self.cluster is not None)
+
     def cluster_tls(self) -> tuple[Path | None, Path | None, Path | None]:
         """(ca, cert, key) for etcd: the [cluster] table's, else the controller's own."""
         c = self.cluster

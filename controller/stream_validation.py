@@ -86,7 +86,7 @@ class Fleet:
                 s.name: ServiceRoles(
                     frozenset([s.primary, *s.shadows]),
                     frozenset(s.observer_names()),
-                    frozenset(s.lease_quorum(cfg.cluster is not None)) - frozenset(s.observer_names()),
+                    frozenset(cfg.lease_quorum(s)) - frozenset(s.observer_names()),
                 )
                 for s in cfg.service
             },

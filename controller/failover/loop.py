@@ -85,7 +85,7 @@ class FailoverLoop:
         # host -> the services whose lease quorum it sits in (each agent's Watch, as it connects)
         self._seated: dict[str, list[ServiceRuntime]] = {}
         for rt in self.services.values():
-            for h in rt.cfg.lease_quorum(cfg.cluster is not None):
+            for h in cfg.lease_quorum(rt.cfg):
                 self._seated.setdefault(h, []).append(rt)
 
     # ---- the loop ----
@@ -326,7 +326,7 @@ class FailoverLoop:
             return
         alive, reports = self.alive(), self.board.lease(rt.cfg.name)
         now = time.monotonic()
-        for o in rt.cfg.lease_quorum(self.cfg.cluster is not None):
+        for o in self.cfg.lease_quorum(rt.cfg):
             session = self.registry.get(o)  # not connected(): a copy of every session, per service per tick
             if o == "controller" or session is None or o not in alive:
                 continue

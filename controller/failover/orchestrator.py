@@ -135,7 +135,7 @@ class Orchestrator:
             release = asyncio.create_task(self._release(svc, old, old_token, 0.5))
 
         granted, waits, problems, promised = await self._votes(svc, token, new)
-        quorum = svc.lease_quorum(self.cfg.cluster is not None)
+        quorum = self.cfg.lease_quorum(svc)
         needed = majority(len(quorum))
         if len(granted) < needed:
             self.events.record(
@@ -251,14 +251,14 @@ class Orchestrator:
         return self.registry.alive(now_ms(), int(self.cfg.failover.heartbeat_timeout_seconds * 1000))
 
     def _acquire_msg(self, svc: ServiceConfig, token: int) -> apb.Acquire:
-        f = self.cfg.failover
+        f, quorum = self.cfg.failover, self.cfg.lease_quorum(svc)
         return apb.Acquire(
             service=svc.name,
             token=token,
             vip=svc.vip,
             interface=self._interface(svc),
-            observers=[self._lease_address(o) for o in svc.lease_quorum(self.cfg.cluster is not None)],
-            observer_names=svc.lease_quorum(self.cfg.cluster is not None),
+            observers=[self._lease_address(o) for o in quorum],
+            observer_names=quorum,
             lease_ms=int(f.lease_seconds * 1000),
             renew_interval_ms=int(f.renew_interval_seconds * 1000),
             drift_margin=f.drift_margin,
@@ -285,7 +285,7 @@ class Orchestrator:
     ) -> tuple[list[str], Waits, dict[str, str], int]:
         """Ask every observer; return as soon as a majority granted (their longest waits count). Also the
         newest token a refusing observer said it had promised (0: none said)."""
-        names = svc.lease_quorum(self.cfg.cluster is not None)
+        names = self.cfg.lease_quorum(svc)
         needed = majority(len(names))
 
         promised = 0
