@@ -23,6 +23,7 @@ from controller.event_log import EventLog
 from controller.failover.decide import Decision, Request
 from controller.failover.loop import FailoverLoop, controller_lease_observer
 from controller.failover.orchestrator import Orchestrator
+from controller.failover.records import LocalRecords, ServiceRecords
 from controller.fleet_api import FleetService
 from controller.fleet_api import add_to_server as add_fleet_to_server
 from controller.ingest import AgentStreamService
@@ -129,6 +130,9 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     if replica is not None:
         replica.journal.store.on_imported_event = events.deliver
     not_leading = replica.not_leading if replica is not None else (lambda: "")
+    # Each service's ownership, one copy that the HA loop, the orchestrator and the scaling loop all read:
+    # etcd's records with replicas, else the store's
+    book: ServiceRecords = replica.records if replica is not None else LocalRecords(store)
     observer = controller_lease_observer(cfg, store)
     scaling = (
         ScalingLoop(
@@ -138,7 +142,7 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
             events,
             worker=worker,
             not_leading=not_leading,
-            records=replica.records.get if replica is not None else None,
+            records=book.get,
         )
         if cfg.scaling.enabled
         else None
@@ -151,7 +155,7 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
         observer,
         on_takeover=scaling.before_takeover if scaling else None,
         on_released=scaling.after_release if scaling else None,
-        records=replica.records if replica is not None else None,
+        records=book,
         not_leading=not_leading,
     )
     failover = FailoverLoop(cfg, store, registry, events, observer, orchestrator)
