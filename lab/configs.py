@@ -64,16 +64,6 @@ def controller_process(host: str) -> str:
     return "controller" if host == "ctl" else f"controller-{host}"
 
 
-@dataclass(frozen=True)
-class EtcdClient:
-    """What a replica's [cluster] table names: the etcd members and the client credentials."""
-
-    endpoints: Sequence[str]
-    ca: str
-    cert: str
-    key: str
-
-
 def tls_table(plan: Plan, workdir: Path, role: pki.Role, name: str) -> str:
     if plan.spec.plaintext:
         return toml_table("[tls]", {"plaintext": True})
@@ -97,9 +87,10 @@ def toml_table(header: str, values: Mapping[str, Value | Path]) -> str:
 
 
 def controller_toml(
-    plan: Plan, workdir: Path, tsig_secret: str = "", host: str = "ctl", etcd: EtcdClient | None = None
+    plan: Plan, workdir: Path, tsig_secret: str = "", host: str = "ctl", etcd: Sequence[str] = ()
 ) -> str:
-    """The controller's config, or replica `host`'s (with `etcd`: its [cluster] table)."""
+    """The controller's config, or replica `host`'s (with `etcd`, the members' URLs: its [cluster] table;
+    its etcd CA and client certificate are its own [tls] files: the lab's CA signs the members' too)."""
     t, h = plan.spec.timings, plan.host(host)
     out = [
         "# Written by `python -m lab up`; rewritten each time the lab comes up.\n",
@@ -131,18 +122,8 @@ def controller_toml(
             },
         ),
     ]
-    if etcd is not None:
-        out.append(
-            toml_table(
-                "[cluster]",
-                {
-                    "name": host,
-                    "etcd": list(etcd.endpoints),
-                    # unset: the replica's own [tls] files (the lab's CA signs the members' certificates)
-                    **{k: v for k, v in (("ca", etcd.ca), ("cert", etcd.cert), ("key", etcd.key)) if v},
-                },
-            )
-        )
+    if etcd:
+        out.append(toml_table("[cluster]", {"name": host, "etcd": list(etcd)}))
     for fh in plan.fleet_hosts():
         out.append(toml_table("[[host]]", {"name": fh.name, "zone": fh.zone, "address": fh.ipv4}))
     for s in plan.services:

@@ -267,7 +267,7 @@ class Lab:
 
     def _start_controller_and_agents(self) -> None:
         p = self.plan
-        etcd = self._start_etcd() if p.spec.controllers > 1 else None
+        etcd = self._start_etcd() if p.spec.controllers > 1 else []
         for h in p.controller_hosts():
             name = configs.controller_process(h.name)
             ctl_toml = self.workdir / f"{name}.toml"
@@ -306,30 +306,28 @@ class Lab:
             for h in self.plan.controller_hosts()
         ]
 
-    def _start_etcd(self) -> configs.EtcdClient:
+    def _start_etcd(self) -> list[str]:
         """Start the members as lab processes ("etcd-ctl", "etcd-ctl2", ...: kill, stop and restart them like
         any other) with certificates from the lab's CA; the replicas reach them with their own."""
         members = self.etcd_members()
         (self.workdir / "etcd").mkdir(exist_ok=True)
         tls_dir = configs.tls_dir(self.workdir)
-        for m in members:
-            host = self.plan.host(m.name.removeprefix("etcd-"))
+        placed = list(zip(self.plan.controller_hosts(), members, strict=True))
+        for host, m in placed:
             member_tls = None
             if not self.plan.spec.plaintext:
                 creds = pki.issue(tls_dir, m.name, "controller", sans=(m.host,), days=30)
                 member_tls = MemberTls(str(tls_dir / "ca.pem"), str(creds.cert), str(creds.key))
             argv = member_argv(m, members, f"splab-{self.workdir.name}", member_tls)
             self._spawn(m.name, host, argv)
-        for m in members:
-            h = self.plan.host(m.name.removeprefix("etcd-"))
+        for h, m in placed:
             self._wait(
                 functools.partial(topology.port_open, h.namespace, h.ipv4, ETCD_CLIENT_PORT),
                 self.plan.spec.startup_timeout_seconds,
                 f"{m.name} listening on {h.ipv4}:{ETCD_CLIENT_PORT}",
                 [self._proc(m.name)],
             )
-        ca = "" if self.plan.spec.plaintext else str(tls_dir / "ca.pem")
-        return configs.EtcdClient([m.client_url for m in members], ca, "", "")
+        return [m.client_url for m in members]
 
     def _start_dns(self) -> None:
         bind = importlib.import_module("lab.bind")
