@@ -70,6 +70,8 @@ def member_argv(m: Member, members: list[Member], token: str, tls: MemberTls | N
         "--initial-cluster-state", "new" if not m.data_dir.exists() else "existing",
         # events and records are small and few: one hour of history before compaction
         "--auto-compaction-retention", "1",
+        # a member cut off and back must not force an election on its return (etcd 3.4's default is off)
+        "--pre-vote",
         "--logger", "zap", "--log-level", "warn",
     ]  # fmt: skip
     if tls is not None:

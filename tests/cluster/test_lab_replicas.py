@@ -34,6 +34,10 @@ REPLICAS = ("ctl", "ctl2", "ctl3")
 # A new leader acts at most one TTL after the old one's last renewal, plus a campaign interval (TTL / 3),
 # plus one read of the shared state; 1 s for a loaded 2-core machine.
 LEADER_CHANGE_BOUND_SECONDS = DEFAULT_TTL_SECONDS * 4 / 3 + SYNC_INTERVAL_SECONDS + 1.0
+# A partition that isolates etcd's own leader costs etcd an election first (up to twice its 1 s election
+# timeout), and etcd renews every lease by its TTL when its leader changes: the old key lives that much
+# longer.
+ETCD_ELECTION_SECONDS = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -290,13 +294,20 @@ def test_a_partition_isolating_the_leader_with_a_minority_of_etcd(lab: Lab) -> N
         time.sleep(1.0)
         for h in others:
             lab.heal(old, h)
-        wait_until(lambda: lab.replica_states()[old] == f"following {new}", 30, f"{old} to follow {new}")
+        wait_until(
+            lambda: lab.replica_states()[old] == f"following {lab.leader()}",
+            30,
+            f"{old} to follow the leader",
+        )
     finally:
         records, report = run.stop()
         for h in others:
             lab.heal(old, h)
-    print(f"partition: {new} leads after {took:.2f} s; the isolated {old} says: {isolated}")
-    assert took < LEADER_CHANGE_BOUND_SECONDS
+    print(
+        f"partition: {new} leads after {took:.2f} s (bound "
+        f"{LEADER_CHANGE_BOUND_SECONDS + ETCD_ELECTION_SECONDS:.2f} s); the isolated {old} says: {isolated}"
+    )
+    assert took < LEADER_CHANGE_BOUND_SECONDS + ETCD_ELECTION_SECONDS
     assert isolated != "leader"
     assert_hitless(records, report)
     assert not moves(lab, new, since_ms)
