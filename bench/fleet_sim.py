@@ -12,6 +12,15 @@ lab's timing (lease 0.25 s, a renewal every 0.05 s) and the controller runs the 
 (TCP, every 0.2 s, against a listener of this process). What a fleet of real agents would do, without the
 hosts: eBPF, cgroups and addresses are the parts left out.
 
+`--observers agents`: how a fleet of thousands is configured (docs/fleet-scale.md): each service's
+observers are three agent hosts (its shadow and two others), not the controller, so neither the renewals
+nor the health probes reach the controller; it hears their views (a health and a lease view per observer,
+on change and repeated every second, as `agentd.failover.ObserverRole` sends them: its own lease view
+code on its own `LeaseObserver`), asks them for votes, and decides. The simulated observers do not probe
+over TCP and owners renew with them by a call, not over gRPC (7,500 probes and 30,000 renewals a second
+at 2,000 hosts are the agents' work, spread over 2,000 hosts, not one process's): a target is up until
+its host dies, then down after fall x interval (0.6 s, shipped).
+
 The controller runs as shipped (`controller.cli run`, production defaults but for the lab's lease and
 renewal timings and a fresh store), in its own process; this process is the fleet. Per N it prints: ingest
 (batches acknowledged per second, backlog left), the controller's event-loop lag (its own
@@ -66,6 +75,8 @@ TRACES = ROOT.parent / "shared" / "traces" / "nab"
 TIMINGS = {"lease": 0.25, "renew": 0.05}
 WORKLOADS = ("app", "cache", "batch")
 SPURIOUS = ("lease-lost", "reacquire", "failover", "move", "takeover-aborted", "transition-error")
+MODE = {"observers": "controller"}  # --observers
+CHECK = {"interval": 0.2, "fall": 3}  # the shipped [service.health] interval and fall
 
 
 def host_name(i: int) -> str:
@@ -82,6 +93,11 @@ class Fleet:
         hosts = [host_name(i) for i in range(n)]
         services = [(f"svc{i:05d}", hosts[i], hosts[i + 1]) for i in range(0, n - 1, 4)]
         return Fleet(hosts, services)
+
+    def observers_of(self, primary: str) -> list[str]:
+        """--observers agents: the service's shadow and the two hosts after it (hosts no service uses)."""
+        i = self.hosts.index(primary)
+        return [self.hosts[(i + k) % len(self.hosts)] for k in (1, 2, 3)]
 
     def service_of(self, host: str) -> tuple[str, str] | None:
         """(service, role) of the host's first workload, if it serves one."""
@@ -105,11 +121,12 @@ def controller_toml(d: Path, fleet: Fleet, port: int, metrics_port: int, check_p
     for h in fleet.hosts:
         out.append(f'[[host]]\nname = "{h}"\naddress = "127.0.0.1"')
     for name, primary, shadow in fleet.services:
+        # controller: one seat, the controller's, whose renewals this measures; agents: three agent hosts
+        observers = ["controller"] if MODE["observers"] == "controller" else fleet.observers_of(primary)
         out.append(
             f'[[service]]\nname = "{name}"\nprimary = "{primary}"\nshadows = ["{shadow}"]\n'
-            # one seat: the controller's, whose renewals this measures (the shadow judges too)
-            f'observers = ["controller"]\nvip = "10.99.0.1/24"\n'
-            f'[service.health]\nkind = "tcp"\nport = {check_port}'
+            f'observers = {observers!r}\nvip = "10.99.0.1/24"\n'.replace("'", '"')
+            + f'[service.health]\nkind = "tcp"\nport = {check_port}'
         )
     return "\n\n".join(out) + "\n"
 
@@ -144,7 +161,14 @@ class SimAgent:
         self.demand = [(traces[rng.randrange(len(traces))], rng.randrange(1000)) for _ in WORKLOADS]
         self.instance = f"{host}-{os.getpid()}-{time.monotonic_ns()}"
         self.seq = 0
-        self.role = ObserverRole(host, report=lambda m: None)
+        # the agent's own observer code: votes, and (--observers agents) its leases and lease views
+        self.role = ObserverRole(host, report=lambda m: self.link.send(m))
+        self.checks: list[tuple[str, str]] = []  # (service, target) the controller's Watch asked to judge
+        # (kind, service, target) -> (up, since unix ms), as last sent
+        self.views: dict[tuple[str, str, str], tuple[bool, int]] = {}
+        self.spec = fleet
+        self.fleet: dict[str, SimAgent] = {}  # every simulated agent by host (renewals in-process)
+        self.dead: dict[str, float] = {}  # hosts that died, when (shared by the whole fleet)
         self.owned: dict[str, asyncio.Task[None]] = {}
         self.link = ControllerLink(
             target,
@@ -193,6 +217,7 @@ class SimAgent:
             r.vote.CopyFrom(self.role.vote(cmd.vote))
         elif kind == "watch":
             self.role.leases.observe(cmd.watch.observed_services, cmd.watch.lease_ms / 1000)
+            self.checks = [(c.service, c.target) for c in cmd.watch.checks]
         elif kind == "acquire":
             a = cmd.acquire
             self.stats.acquires += 1
@@ -218,6 +243,9 @@ class SimAgent:
         return r
 
     async def renew(self, service: str, token: int) -> None:
+        if MODE["observers"] == "agents":
+            await self.renew_with_agents(service, token)
+            return
         stub = lgrpc.LeaseStub(self.lease_channel)
         loop = asyncio.get_running_loop()
         while True:
@@ -233,6 +261,48 @@ class SimAgent:
             except grpc.aio.AioRpcError:
                 self.stats.renew_failed += 1
             await asyncio.sleep(max(0.0, TIMINGS["renew"] - (loop.time() - t0)))
+
+    async def renew_with_agents(self, service: str, token: int) -> None:
+        """The owner's renewals with its observer hosts' `LeaseObserver`s, by a call (see the docstring)."""
+        seats = self.spec.observers_of(next(p for n, p, _ in self.spec.services if n == service))
+        while True:
+            for seat in seats:
+                if seat in self.dead:
+                    continue
+                if not self.fleet[seat].role.leases.renew(service, token, self.host).granted:
+                    self.stats.renew_refused += 1
+            await asyncio.sleep(TIMINGS["renew"])
+
+    def observe(self, now: float, repeat: bool) -> None:
+        """One round of what `ObserverRole` reports (--observers agents): each watched target's health
+        (up until its host died, down fall x interval after), each observed lease's view from the agent's
+        own code; on change, and every view again when `repeat` (once a second)."""
+        detect = CHECK["interval"] * CHECK["fall"]
+        for service, target in self.checks:
+            died = self.dead.get(target)
+            up = died is None or now - died < detect
+            key = ("health", service, target)
+            last = self.views.get(key)
+            if last is None or last[0] != up:
+                last = self.views[key] = (up, int(time.time() * 1000))
+            elif not repeat:
+                continue
+            self.link.send(
+                apb.AgentMessage(
+                    observation=apb.Observation(
+                        service=service, target=target, up=up, kind="health", since_unix_ms=last[1],
+                        detail="connected" if up else "connect failed: Connection refused",
+                    )
+                )
+            )  # fmt: skip
+        for service in self.role.leases.observed:
+            view = self.role._lease_view(service)
+            if view is None:
+                continue
+            key = ("lease", service, view.target)
+            if repeat or self.views.get(key, (None, 0))[0] != view.up:
+                self.views[key] = (view.up, view.since_unix_ms)
+                self.link.send(apb.AgentMessage(observation=view))
 
     async def run(self, interval: float) -> None:
         link = asyncio.create_task(self.link.run())
@@ -253,6 +323,22 @@ async def tcp_listener() -> tuple[asyncio.base_events.Server, int]:
 
     server = await asyncio.start_server(accept, "127.0.0.1", 0, backlog=4096)
     return server, server.sockets[0].getsockname()[1]
+
+
+async def observe_forever(agents: list[SimAgent], dead: dict[str, float]) -> None:
+    """--observers agents: every observer's round every 50 ms (`ObserverRole`'s), each repeating its
+    views once a second at its own phase."""
+    phase = {a.host: random.random() for a in agents}
+    last_second: dict[str, int] = {}
+    while True:
+        now = time.monotonic()
+        for a in agents:
+            if a.host in dead or not (a.checks or a.role.leases.observed):
+                continue
+            second = int(now + phase[a.host])
+            a.observe(now, repeat=last_second.get(a.host) != second)
+            last_second[a.host] = second
+        await asyncio.sleep(0.05)
 
 
 def scrape(port: int) -> str:
@@ -313,7 +399,13 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, traces: 
         wait_for_port("127.0.0.1", port, 60, proc)
         target = f"127.0.0.1:{port}"
         agents = [SimAgent(h, fleet, pki, target, traces, stats) for h in fleet.hosts]
+        by_host = {a.host: a for a in agents}
+        dead: dict[str, float] = {}
+        for a in agents:
+            a.fleet, a.dead = by_host, dead
         tasks = [asyncio.create_task(a.run(interval)) for a in agents]
+        if MODE["observers"] == "agents":
+            tasks.append(asyncio.create_task(observe_forever(agents, dead)))
         # warm-up: every agent connected, every service placed
         t_start = time.monotonic()
         while time.monotonic() - t_start < 120 and (
@@ -365,6 +457,7 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, traces: 
         # dies). The time until its shadow is told to take the address over.
         name, primary, shadow = fleet.services[len(fleet.services) // 2]
         tasks[fleet.hosts.index(primary)].cancel()
+        dead[primary] = time.monotonic()
         heir, t_fail = agents[fleet.hosts.index(shadow)], time.monotonic()
         while name not in heir.owned and time.monotonic() - t_fail < 30:
             await asyncio.sleep(0.005)
@@ -377,6 +470,13 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, traces: 
         per_sample = size / max(1, stored)
         growth = per_sample * len(WORKLOADS) * 86_400 / interval / 1e6
         rtt = stats.renew_rtt
+        renewals = (
+            f"  renewals {len(rtt)}: round trip p50 {pct(rtt, 0.5) * 1000:.1f} "
+            f"p99 {pct(rtt, 0.99) * 1000:.1f} max {max(rtt, default=0) * 1000:.0f} ms; "
+            f"refused {stats.renew_refused}, failed {stats.renew_failed}"
+            if MODE["observers"] == "controller"
+            else f"  renewals: with observer agents, none to the controller; {stats.renew_refused} refused"
+        )
         return "\n".join(
             [
                 f"N={n} hosts, {len(fleet.services)} leased services: warm-up {warm:.0f} s, "
@@ -384,9 +484,7 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, traces: 
                 f"  ingest {(acked1 - acked0) / seconds:.1f} batches/s (sent {n / interval:.1f}), "
                 f"backlog {backlog}",
                 f"  controller loop lag p50 {p50} p99 {p99} max {mx * 1000:.0f} ms",
-                f"  renewals {len(rtt)}: round trip p50 {pct(rtt, 0.5) * 1000:.1f} "
-                f"p99 {pct(rtt, 0.99) * 1000:.1f} max {max(rtt, default=0) * 1000:.0f} ms; "
-                f"refused {stats.renew_refused}, failed {stats.renew_failed}",
+                renewals,
                 f"  controller CPU {cpu:.0f} % (the simulated fleet {sim_cpu:.0f} %), "
                 f"RSS {rss / 2**20:.0f} MiB; "
                 f"store {per_sample:.0f} bytes per sample: {growth:.1f} MB per host-day",
@@ -412,6 +510,13 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=10.0, help="telemetry interval (shipped: 10 s)")
     ap.add_argument("--out", type=Path)
     ap.add_argument(
+        "--observers",
+        choices=("controller", "agents"),
+        default="controller",
+        help="who observes each service: the controller alone (its renewals and probes measured), or three "
+        "agent hosts (a fleet's configuration: the controller hears their views)",
+    )
+    ap.add_argument(
         "--shipped-leases",
         action="store_true",
         help="the shipped lease (0.5 s) and renewals (0.1 s), not the lab's",
@@ -419,17 +524,24 @@ def main() -> int:
     args = ap.parse_args()
     if args.shipped_leases:
         TIMINGS.update(lease=0.5, renew=0.1)
+    MODE["observers"] = args.observers
     # CPU utilisation traces (percent): the others are bytes or latencies
     traces = [t.values for t in load_trace_dir(TRACES) if "cpu" in t.name]
     lines = [
-        f"# bench/fleet_sim.py --hosts {' '.join(map(str, args.hosts))} --seconds {args.seconds:g}, "
+        f"# bench/fleet_sim.py --hosts {' '.join(map(str, args.hosts))} --seconds {args.seconds:g} "
+        f"--observers {args.observers}{' --shipped-leases' if args.shipped_leases else ''}, "
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
         f"{os.cpu_count()} CPUs",
         f"agents: 3 workloads each, a batch every {args.interval:g} s (NAB traces), heartbeats 1 s, "
         "mutual TLS; "
         f"a leased service per 4 hosts, lease {TIMINGS['lease']} s renewed every {TIMINGS['renew']} s "
-        "with the "
-        "controller; the controller's health checks every 0.2 s (shipped); controller defaults otherwise",
+        + (
+            "with the controller; the controller's health checks every 0.2 s (shipped)"
+            if args.observers == "controller"
+            else "with its 3 observer agents (shadow + 2 hosts), which judge its health (0.2 s, fall 3) "
+            "and report views; the controller holds no seat and probes nothing"
+        )
+        + "; controller defaults otherwise",
     ]
     for line in lines:
         print(line, flush=True)

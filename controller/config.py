@@ -63,8 +63,29 @@ class StoreConfig:
         default=Path("/var/lib/shadowplane/controller.db"), metadata=check(doc="SQLite database file")
     )
     retention_hours: float = field(
-        default=168.0, metadata=check(positive, doc="telemetry older than this is deleted")
+        default=168.0,
+        metadata=check(
+            positive, doc="history older than this is deleted (the forecaster's reaches back a day)"
+        ),
     )
+    # 2 h of full samples for 1,000 hosts is about 1.75 GB (800 bytes a sample); a week of steps 0.5 GB.
+    raw_hours: float = field(
+        default=2.0,
+        metadata=check(
+            positive,
+            doc="full samples (every field an agent sends, for `shadowctl top` and the Fleet API) are kept "
+            "this long; older ones are folded into one row per workload per forecast step, which the "
+            "forecaster and training read as the samples themselves",
+        ),
+    )
+
+    def validate(self) -> str | None:
+        if self.raw_hours > self.retention_hours:
+            return (
+                f"raw_hours: must be at most retention_hours ({self.retention_hours:g}), got "
+                f"{self.raw_hours:g}: samples are kept as steps for the rest of the retention"
+            )
+        return None
 
 
 @dataclass

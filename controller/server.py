@@ -45,6 +45,8 @@ from shadowplane.v1 import agent_pb2, agent_pb2_grpc, fleet_pb2, lease_pb2, leas
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_SECONDS = 300.0
+# History is compacted on this step when no forecaster runs: the packaged model's.
+DEFAULT_STEP_MS = 300_000
 # Python hands the GIL to a waiting thread only after this long (default 5 ms). The loop waits for it at
 # every wake-up while the store worker or a forecast thread computes; a renewal takes several wake-ups, so
 # the default alone could cost 20 ms. 1 ms keeps the loop's share prompt at a small cost to the workers.
@@ -236,17 +238,45 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
 
 
 async def prune_forever(c: Controller) -> None:
+    """The store's history upkeep: samples older than raw_hours folded into forecast steps, everything older
+    than retention_hours deleted. Both can take seconds: on the store worker, never on the loop."""
+    cfg = c.cfg.store
     while True:
-        cutoff = int((time.time() - c.cfg.store.retention_hours * 3600) * 1000)
-        try:
-            # a week's backlog takes seconds: not on the loop
-            n = await c.worker.run(functools.partial(_prune, older_than_ms=cutoff))
-        except Exception:  # a failed prune (disk, lock) is retried at the next round, the loop goes on
-            log.exception("retention: pruning failed")
-            n = 0
-        if n:
-            log.info("retention: deleted %d samples older than %.0f h", n, c.cfg.store.retention_hours)
+        now = time.time()
+        # On the forecaster's grid, so that a step of history is one row; without scaling, the packaged
+        # model's step (history kept for a forecaster turned on later).
+        step_ms = c.scaling.history.step_ms if c.scaling is not None else DEFAULT_STEP_MS
+        for what, job in (
+            (
+                "compacting",
+                functools.partial(
+                    _compact, older_than_ms=int((now - cfg.raw_hours * 3600) * 1000), step_ms=step_ms
+                ),
+            ),
+            (
+                "retention",
+                functools.partial(_prune, older_than_ms=int((now - cfg.retention_hours * 3600) * 1000)),
+            ),
+        ):
+            try:
+                n = await c.worker.run(job)
+            except Exception:  # a failed round (disk, lock) is retried at the next one, the loop goes on
+                log.exception("%s: failed", what)
+                n = 0
+            if n and what == "compacting":
+                log.info(
+                    "compacting: %d samples older than %g h folded into %g s steps",
+                    n,
+                    cfg.raw_hours,
+                    step_ms / 1000,
+                )
+            elif n:
+                log.info("retention: deleted %d rows of history older than %g h", n, cfg.retention_hours)
         await asyncio.sleep(PRUNE_EVERY_SECONDS)
+
+
+def _compact(store: Store, older_than_ms: int, step_ms: int) -> int:
+    return store.compact(older_than_ms, step_ms)
 
 
 def _prune(store: Store, older_than_ms: int) -> int:

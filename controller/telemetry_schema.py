@@ -115,9 +115,12 @@ def values(sample: tpb.WorkloadSample) -> tuple[float, ...]:
     return tuple(s.of(sample) for s in SERIES)
 
 
-def sql_columns() -> str:
-    """The series' column definitions for the store's CREATE TABLE."""
-    return ",\n    ".join(f"{s.column} {s.sql_type} NOT NULL" for s in SERIES)
+def sql_columns(step: bool = False) -> str:
+    """The series' column definitions for the store's CREATE TABLE: of `samples`, or of `steps` (a mean of
+    integers is not an integer)."""
+    return ",\n    ".join(
+        f"{s.column} {'REAL' if step and s.combine == 'mean' else s.sql_type} NOT NULL" for s in SERIES
+    )
 
 
 def markdown_table() -> str:

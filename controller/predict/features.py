@@ -513,13 +513,20 @@ def sliding_history(values: F64, steps: int) -> F64:
 
 
 def resample(
-    end_s: F64, values: F64, step_seconds: float, until_s: float | None = None, how: str = "mean"
+    end_s: F64,
+    values: F64,
+    step_seconds: float,
+    until_s: float | None = None,
+    how: str = "mean",
+    weights: F64 | None = None,
 ) -> tuple[F64, F64]:
     """Irregular samples (end time, value) onto a grid of `step_seconds`: one value per step (the mean or
     max of the samples ending in it), NaN for steps with none. The grid ends at the step holding `until_s`
-    (default: the last sample). Returns (step end times, values)."""
+    (default: the last sample). `weights`: how many samples each value stands for (a compacted step's mean
+    counts as its samples; default 1 each). Returns (step end times, values)."""
     end_s = np.asarray(end_s, dtype=np.float64)
     values = np.asarray(values, dtype=np.float64)
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
     if len(end_s) == 0:
         return np.zeros(0), np.zeros(0)
     last = math.ceil((until_s if until_s is not None else float(end_s.max())) / step_seconds)
@@ -532,8 +539,9 @@ def resample(
     if how == "max":
         np.fmax.at(out, bucket, v)
     elif how == "mean":
-        sums = np.bincount(bucket, weights=v, minlength=n)
-        counts = np.bincount(bucket, minlength=n)
+        wk = None if w is None else w[keep]
+        sums = np.bincount(bucket, weights=v if wk is None else v * wk, minlength=n)
+        counts = np.bincount(bucket, weights=wk, minlength=n)
         np.divide(sums, counts, out=out, where=counts > 0)
     else:
         raise ValueError(f"how must be 'mean' or 'max', got {how!r}")

@@ -84,10 +84,14 @@ def resample_workload(
     """One workload's stored columns on the step grid: (step end times, values of every series by name),
     each step the mean or max of its samples as the schema says; NaN for steps without a sample."""
     end_s = np.asarray(cols["end_ms"], dtype=np.float64) / 1000.0
+    # compacted steps stand for their samples (a store without the column: one sample per row)
+    weights = np.asarray(cols["weight"], dtype=np.float64) if "weight" in cols else None
     grid = np.zeros(0)
     out: dict[str, F64] = {}
     for s in schema.SERIES:
-        grid, out[s.name] = resample(end_s, np.asarray(cols[s.column]), step_seconds, until_s, s.combine)
+        grid, out[s.name] = resample(
+            end_s, np.asarray(cols[s.column]), step_seconds, until_s, s.combine, weights
+        )
     return grid, out
 
 

@@ -91,8 +91,10 @@ class Store(Protocol):
         self, since_ms: int = 0, host: str = "", workload: str = ""
     ) -> dict[tuple[str, str], dict[str, list[float]]]:
         """Every workload's telemetry series since the bound, for the prediction engine: per (host, workload),
-        the column end_ms and one per `controller.telemetry_schema.SERIES`, oldest first. Empty host/workload
-        = all."""
+        the columns end_ms, weight and one per `controller.telemetry_schema.SERIES`, oldest first. A row is
+        a sample (weight 1) or a compacted step (`compact`: its end, weight = the samples it holds, each
+        series their mean or max; only steps that begin at the bound or after it). Empty host/workload =
+        all."""
         ...
 
     def step_aggregates(
@@ -103,9 +105,17 @@ class Store(Protocol):
         (host, instance): a reader can tell which later batches the aggregates already hold."""
         ...
 
+    def compact(self, older_than_ms: int, step_ms: int) -> int:
+        """Fold the samples of every whole step of `step_ms` ending by the bound into one row per workload
+        and step (the schema's mean or max, with the number of samples), which `resource_series` and
+        `step_aggregates` read as the samples would have been; return how many samples were folded. In short
+        transactions with pauses: the store worker runs it."""
+        ...
+
     def prune(self, older_than_ms: int) -> int:
-        """Delete telemetry older than the bound; return how many samples went. Deletes in short
-        transactions with pauses (a week's backlog takes seconds): the store worker runs it."""
+        """Delete telemetry (samples and compacted steps) older than the bound; return how many rows went.
+        Deletes in short transactions with pauses (a week's backlog takes seconds): the store worker runs
+        it."""
         ...
 
     def service_state(self, name: str) -> ServiceRecord | None: ...

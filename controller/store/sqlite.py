@@ -47,6 +47,19 @@ CREATE TABLE IF NOT EXISTS samples (
     PRIMARY KEY (host, workload, end_ms)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS samples_by_time ON samples (end_ms);
+-- Older history, compact: one row per workload per forecast step (`SqliteStore.compact` folds samples older
+-- than [store] raw_hours in), each series combined as the schema says (mean or max) over `samples` rows.
+-- About 80 bytes per row where a sample is about 800: what the forecaster and training read.
+CREATE TABLE IF NOT EXISTS steps (
+    host TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    step_ms INTEGER NOT NULL,
+    step INTEGER NOT NULL, -- samples ending in ((step - 1) * step_ms, step * step_ms]
+    samples INTEGER NOT NULL,
+    {step_columns},
+    PRIMARY KEY (host, workload, step_ms, step)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS steps_by_end ON steps (step * step_ms); -- queries say it the same way
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS service_state (
     name TEXT PRIMARY KEY,
@@ -84,18 +97,22 @@ CREATE TABLE IF NOT EXISTS scaling_overrides (
     PRIMARY KEY (host, workload)
 );
 """
-SCHEMA = SCHEMA.format(series_columns=schema.sql_columns())
-SCHEMA_VERSION = "3"
-# How each older version becomes this one, after the CREATE ... IF NOT EXISTS above (which is all "1" lacks).
+SCHEMA = SCHEMA.format(series_columns=schema.sql_columns(), step_columns=schema.sql_columns(step=True))
+SCHEMA_VERSION = "4"
+# How each older version becomes this one, after the CREATE ... IF NOT EXISTS above (which is all "1" and "3"
+# lack: version 3 had no step table).
 UPGRADES: dict[str, Callable[[sqlite3.Connection], None]] = {
     "1": lambda db: None,
     "2": lambda db: _decisions_and_overrides_to_json(db),
+    "3": lambda db: None,
 }
 
 
 # Pruning deletes this many samples per transaction, then pauses as long as the chunk took: the write lock
 # is never held for long, and a write from the event loop (waiting in its busy timeout) gets its turn.
 PRUNE_CHUNK_ROWS = 500
+# Compaction folds about this many samples per transaction (then pauses as long as it took, as pruning does).
+COMPACT_CHUNK_ROWS = 2000
 # A writer waits this long for the lock before SQLite says "database is locked".
 BUSY_TIMEOUT_SECONDS = 5.0
 
@@ -225,13 +242,26 @@ class SqliteStore:
     def resource_series(
         self, since_ms: int = 0, host: str = "", workload: str = ""
     ) -> dict[tuple[str, str], dict[str, list[float]]]:
+        # Samples, and the compacted steps as one row each at the step's end, weighted by the samples it
+        # holds: resampled onto a grid of a multiple of their step they give what the samples would have.
         where, args = _where(["end_ms >= ?"], [since_ms], host=host, workload=workload)
-        cols = ("end_ms", *schema.COLUMNS)
+        # a step whose samples may all be after the bound: began at it or later (the first condition is the
+        # index's, which the second alone would not use)
+        swhere, sargs = _where(
+            ["step * step_ms >= ?", "(step - 1) * step_ms >= ?"],
+            [since_ms, since_ms],
+            host=host,
+            workload=workload,
+        )
+        cols = ("end_ms", "weight", *schema.COLUMNS)
         out: dict[tuple[str, str], dict[str, list[float]]] = {}
         for row in self.db.execute(
-            f"""SELECT host, workload, {", ".join(cols)} FROM samples WHERE {where}
-                ORDER BY host, workload, end_ms""",
-            args,
+            f"""SELECT host, workload, end_ms, 1, {", ".join(schema.COLUMNS)} FROM samples WHERE {where}
+                UNION ALL
+                SELECT host, workload, step * step_ms, samples, {", ".join(schema.COLUMNS)} FROM steps
+                WHERE {swhere}
+                ORDER BY 1, 2, 3""",
+            (*args, *sargs),
         ):
             series = out.setdefault((row[0], row[1]), {c: [] for c in cols})
             for c, v in zip(cols, row[2:], strict=True):
@@ -247,14 +277,27 @@ class SqliteStore:
         # 10 s interval is 30 times fewer rows to bring into Python); one read transaction for both
         # queries, so the seqs describe exactly the samples aggregated. A deferred BEGIN, not `_tx()`'s
         # BEGIN IMMEDIATE: this long read must not hold the write lock the event loop's ingest needs.
-        combine = ", ".join(f"{'MAX' if s.combine == 'max' else 'AVG'}({s.column})" for s in schema.SERIES)
+        # Samples and compacted steps alike, binned by their end: a step compacted at the requested step
+        # (or a divisor of it) lands whole in one bin, its mean weighted by the samples it holds.
+        cols = schema.COLUMNS
+        per_sample = ", ".join(
+            f"{'MAX' if s.combine == 'max' else 'AVG'}({s.column}) AS {s.column}" for s in schema.SERIES
+        )
+        merged = ", ".join(
+            f"MAX({s.column})" if s.combine == "max" else f"SUM({s.column} * n) / SUM(n)"
+            for s in schema.SERIES
+        )
         self.db.execute("BEGIN")
         try:
             rows = self.db.execute(
-                f"""SELECT host, workload, (end_ms + ? - 1) / ? AS step, COUNT(*), {combine}
-                    FROM samples WHERE end_ms > ? GROUP BY host, workload, step
-                    ORDER BY host, workload, step""",
-                (step_ms, step_ms, since_ms),
+                f"""SELECT host, workload, step, SUM(n), {merged} FROM (
+                      SELECT host, workload, (end_ms + ? - 1) / ? AS step, COUNT(*) AS n, {per_sample}
+                      FROM samples WHERE end_ms > ? GROUP BY host, workload, step
+                      UNION ALL
+                      SELECT host, workload, (step * step_ms + ? - 1) / ?, samples, {", ".join(cols)}
+                      FROM steps WHERE step * step_ms > ?)
+                    GROUP BY host, workload, step ORDER BY host, workload, step""",
+                (step_ms, step_ms, since_ms, step_ms, step_ms, since_ms),
             ).fetchall()
             seqs = {
                 (str(h), str(i)): int(q)
@@ -270,20 +313,68 @@ class SqliteStore:
             )
         return out, seqs
 
-    def prune(self, older_than_ms: int) -> int:
-        # In chunks (PRUNE_CHUNK_ROWS): one DELETE of a week's backlog would hold the write lock for seconds.
+    def compact(self, older_than_ms: int, step_ms: int) -> int:
+        if step_ms < 1:
+            raise ValueError(f"step_ms must be at least 1, got {step_ms}")
+        # Whole steps only: a step still receiving samples is left to the next round. A chunk may still end
+        # inside a step, and a sample may arrive late (an agent's backlog) for a step already folded: both
+        # merge into the step's row (counts add, means weighted by them, maxima of maxima), so folding in
+        # any number of pieces gives the same row. Each chunk inserts and deletes in one transaction: a
+        # sample is in `samples` or in a step, never both, never neither.
+        cutoff = older_than_ms // step_ms * step_ms
+        cols = schema.COLUMNS
+        per_sample = ", ".join(
+            f"{'MAX' if s.combine == 'max' else 'AVG'}({s.column}) AS {s.column}" for s in schema.SERIES
+        )
+        merge = ", ".join(
+            f"{s.column} = MAX({s.column}, excluded.{s.column})"
+            if s.combine == "max"
+            else f"{s.column} = ({s.column} * samples + excluded.{s.column} * excluded.samples)"
+            f" / (samples + excluded.samples)"
+            for s in schema.SERIES
+        )
         total = 0
         while True:
             began = time.monotonic()
-            cur = self.db.execute(
-                """DELETE FROM samples WHERE (host, workload, end_ms) IN
-                   (SELECT host, workload, end_ms FROM samples WHERE end_ms < ? LIMIT ?)""",
-                (older_than_ms, PRUNE_CHUNK_ROWS),
-            )
-            total += cur.rowcount
-            if cur.rowcount < PRUNE_CHUNK_ROWS:
+            row = self.db.execute(
+                "SELECT end_ms FROM samples WHERE end_ms <= ? ORDER BY end_ms LIMIT 1 OFFSET ?",
+                (cutoff, COMPACT_CHUNK_ROWS),
+            ).fetchone()
+            upto = cutoff if row is None else int(row[0])
+            with self._tx():
+                self.db.execute(
+                    f"""INSERT INTO steps (host, workload, step_ms, step, samples, {", ".join(cols)})
+                        SELECT host, workload, ?, (end_ms + ? - 1) / ?, COUNT(*), {per_sample}
+                        FROM samples WHERE end_ms <= ? GROUP BY host, workload, 4
+                        ON CONFLICT (host, workload, step_ms, step) DO UPDATE
+                        SET samples = samples + excluded.samples, {merge}""",
+                    (step_ms, step_ms, step_ms, upto),
+                )
+                n = self.db.execute("DELETE FROM samples WHERE end_ms <= ?", (upto,)).rowcount
+            total += n
+            if row is None:
                 return total
             time.sleep(time.monotonic() - began)
+
+    def prune(self, older_than_ms: int) -> int:
+        # In chunks (PRUNE_CHUNK_ROWS): one DELETE of a week's backlog would hold the write lock for seconds.
+        total = 0
+        for table, key, until in (
+            ("samples", "host, workload, end_ms", "end_ms"),
+            ("steps", "host, workload, step_ms, step", "step * step_ms"),
+        ):
+            while True:
+                began = time.monotonic()
+                cur = self.db.execute(
+                    f"""DELETE FROM {table} WHERE ({key}) IN
+                       (SELECT {key} FROM {table} WHERE {until} < ? LIMIT ?)""",
+                    (older_than_ms, PRUNE_CHUNK_ROWS),
+                )
+                total += cur.rowcount
+                if cur.rowcount < PRUNE_CHUNK_ROWS:
+                    break
+                time.sleep(time.monotonic() - began)
+        return total
 
     def service_state(self, name: str) -> ServiceRecord | None:
         row = self.db.execute(

@@ -33,6 +33,10 @@ class ThreadRecordingStore(SqliteStore):
 
     calls: list[tuple[str, int]] = []
 
+    def compact(self, older_than_ms: int, step_ms: int) -> int:
+        self.calls.append(("compact", threading.get_ident()))
+        return super().compact(older_than_ms, step_ms)
+
     def prune(self, older_than_ms: int) -> int:
         self.calls.append(("prune", threading.get_ident()))
         return super().prune(older_than_ms)
@@ -100,7 +104,7 @@ def test_pruning_and_large_telemetry_queries_run_in_the_store_worker_with_unchan
             await c.stop()
 
     loop_thread, got = asyncio.run(scenario())
-    assert {name for name, _ in ThreadRecordingStore.calls} == {"prune", "sample_blobs"}
+    assert {name for name, _ in ThreadRecordingStore.calls} == {"compact", "prune", "sample_blobs"}
     assert all(thread != loop_thread for _, thread in ThreadRecordingStore.calls)
     check = SqliteStore(tmp_path / "c.db")
     expected = check.samples("h1", limit=10_000)

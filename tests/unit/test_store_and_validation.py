@@ -4,6 +4,7 @@ import sqlite3
 from pathlib import Path
 
 from controller.store import SqliteStore
+from controller.store import sqlite as sqlite_store
 from shadowplane.v1 import agent_pb2 as apb
 from shadowplane.v1 import telemetry_pb2 as tpb
 
@@ -92,7 +93,8 @@ def test_a_schema_2_store_keeps_its_decisions_and_overrides(tmp_path: Path) -> N
     assert st.overrides() == {
         ("s1", "web"): Override("s1", "web", "bound", cpu_min=0.5, memory_max=2**30, by="alice")
     }
-    assert st.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    version = st.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    assert version == (sqlite_store.SCHEMA_VERSION,)
     [(n,)] = st.db.execute("SELECT count(*) FROM scaling_decisions").fetchall()
     st.close()
     assert n == 1
