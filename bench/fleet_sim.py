@@ -36,7 +36,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
+import itertools
+import multiprocessing as mp
 import os
 import random
 import re
@@ -46,7 +49,9 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -346,25 +351,32 @@ def scrape(port: int) -> str:
         return str(r.read().decode())
 
 
-def lag_quantiles(text: str) -> tuple[str, str, float]:
-    """(p50, p99 as bucket bounds, max seconds) of the controller's loop lag."""
-    h = {
+def lag_buckets(text: str) -> dict[str, float]:
+    """The controller's loop-lag histogram: cumulative count per bucket bound."""
+    return {
         m[0]: float(m[1])
         for m in re.findall(
             r'^shadowplane_controller_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M
         )
     }
+
+
+def lag_quantiles(text: str, before: str) -> tuple[str, str, str, float]:
+    """(p50, p99, max as bucket bounds, over the measured window: the histogram at its end less the one at
+    its start; and the largest since the controller started, warm-up included, in seconds)."""
+    end, start = lag_buckets(text), lag_buckets(before)
+    h = {le: n - start.get(le, 0.0) for le, n in end.items()}
     mx = re.search(r"^shadowplane_controller_loop_lag_max_seconds (\S+)$", text, re.M)
 
     def q(p: float) -> str:
-        if not h:
+        if not h or not h["+Inf"]:
             return "?"
         for le in BUCKETS:
             if h.get(repr(le), 0.0) >= p * h["+Inf"]:
                 return f"<={le * 1000:g}ms"
         return f">{BUCKETS[-1]}s"
 
-    return q(0.5), q(0.99), float(mx.group(1)) if mx else float("nan")
+    return q(0.5), q(0.99), q(1.0), float(mx.group(1)) if mx else float("nan")
 
 
 def gauge(text: str, name: str) -> float:
@@ -377,7 +389,98 @@ def pct(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p * len(s)))] if s else float("nan")
 
 
-async def simulate(n: int, seconds: float, interval: float, work: Path, traces: list[np.ndarray]) -> str:
+class Part:
+    """One process of the simulated fleet: hosts [lo, hi) of it, driven over a pipe. Each service's hosts
+    (primary, shadow, observers: 4 consecutive hosts) are in one part, so owners renew in-process."""
+
+    def __init__(self, lo: int, hi: int, n: int, target: str, pki: Path, interval: float) -> None:
+        ctx = mp.get_context("spawn")  # gRPC does not survive a fork of a process that used it
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=part_main,
+            args=(child, lo, hi, n, target, pki, interval, dict(MODE), dict(TIMINGS), dict(CHECK)),
+            daemon=True,
+        )
+        self.proc.start()
+        self.lo, self.hi = lo, hi
+
+    async def ask(self, cmd: str, arg: object = None) -> Any:
+        self.conn.send((cmd, arg))
+        return await asyncio.to_thread(self.conn.recv)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(("stop", None))
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def part_main(
+    conn: Connection, lo: int, hi: int, n: int, target: str, pki: Path, interval: float,
+    mode: dict[str, str], timings: dict[str, float], check: dict[str, float],
+) -> None:  # fmt: skip
+    MODE.update(mode)
+    TIMINGS.update(timings)
+    CHECK.update(check)
+    traces = [t.values for t in load_trace_dir(TRACES) if "cpu" in t.name]
+    asyncio.run(run_part(conn, lo, hi, n, target, pki, interval, traces))
+
+
+async def run_part(
+    conn: Connection, lo: int, hi: int, n: int, target: str, pki: Path, interval: float,
+    traces: list[np.ndarray],
+) -> None:  # fmt: skip
+    fleet, stats = Fleet.of(n), Stats()
+    agents = [SimAgent(h, fleet, pki, target, traces, stats) for h in fleet.hosts[lo:hi]]
+    by_host = {a.host: a for a in agents}
+    dead: dict[str, float] = {}
+    for a in agents:
+        a.fleet, a.dead = by_host, dead
+    tasks = {a.host: asyncio.create_task(a.run(interval)) for a in agents}
+    if MODE["observers"] == "agents":
+        tasks[""] = asyncio.create_task(observe_forever(agents, dead))
+    me = psutil.Process()
+    try:
+        while True:
+            cmd, arg = await asyncio.to_thread(conn.recv)
+            reply: Any = None
+            if cmd == "status":
+                reply = {
+                    "connected": sum(a.link.state.connected for a in agents),
+                    "acquires": stats.acquires,
+                    "acked": sum(a.seq - len(a.link.backlog) for a in agents),
+                    "backlog": sum(len(a.link.backlog) for a in agents),
+                    "refused": stats.renew_refused,
+                    "failed": stats.renew_failed,
+                    "cpu": me.cpu_percent(None),
+                }
+            elif cmd == "window":  # the measured window starts
+                stats.renew_rtt.clear()
+                stats.renew_refused = stats.renew_failed = 0
+                me.cpu_percent(None)
+            elif cmd == "rtt":
+                reply = list(stats.renew_rtt)
+            elif cmd == "kill":  # a primary's host dies: its stream and renewals stop
+                name, primary, shadow = arg
+                tasks.pop(primary).cancel()
+                dead[primary] = time.monotonic()
+                heir, t_fail = by_host[shadow], time.monotonic()
+                while name not in heir.owned and time.monotonic() - t_fail < 30:
+                    await asyncio.sleep(0.005)
+                reply = time.monotonic() - t_fail if name in heir.owned else float("nan")
+            elif cmd == "stop":
+                return
+            conn.send(reply)
+    finally:
+        for t in tasks.values():
+            t.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        for a in agents:
+            await a.lease_channel.close()
+
+
+async def simulate(n: int, seconds: float, interval: float, work: Path, procs: int) -> str:
     fleet = Fleet.of(n)
     pki = work / "pki"
     port, metrics_port = free_port(), free_port()
@@ -392,37 +495,45 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, traces: 
     proc = spawn(
         [sys.executable, *profile, "-m", "controller.cli", "run", "--config", str(cfg)], d / "controller.log"
     )
-    stats = Stats()
-    agents: list[SimAgent] = []
-    tasks: list[asyncio.Task[None]] = []
+    parts: list[Part] = []
     try:
         wait_for_port("127.0.0.1", port, 60, proc)
         target = f"127.0.0.1:{port}"
-        agents = [SimAgent(h, fleet, pki, target, traces, stats) for h in fleet.hosts]
-        by_host = {a.host: a for a in agents}
-        dead: dict[str, float] = {}
-        for a in agents:
-            a.fleet, a.dead = by_host, dead
-        tasks = [asyncio.create_task(a.run(interval)) for a in agents]
-        if MODE["observers"] == "agents":
-            tasks.append(asyncio.create_task(observe_forever(agents, dead)))
+        # the fleet in `procs` processes (one Python process cannot simulate 2,000 agents' streams), cut
+        # at multiples of 4 hosts so that each service's hosts are in one
+        cuts = [4 * round(n * k / procs / 4) for k in range(procs + 1)]
+        parts = [Part(lo, hi, n, target, pki, interval) for lo, hi in itertools.pairwise(cuts) if hi > lo]
+
+        async def status() -> list[dict[str, Any]]:
+            return list(await asyncio.gather(*(pt.ask("status") for pt in parts)))
+
+        def total(st: list[dict[str, Any]], key: str) -> Any:
+            return sum(x[key] for x in st)
+
         # warm-up: every agent connected, every service placed
         t_start = time.monotonic()
+        st = await status()
         while time.monotonic() - t_start < 120 and (
-            sum(a.link.state.connected for a in agents) < n or stats.acquires < len(fleet.services)
+            total(st, "connected") < n or total(st, "acquires") < len(fleet.services)
         ):
             await asyncio.sleep(0.5)
+            st = await status()
         warm = time.monotonic() - t_start
-        connected = sum(a.link.state.connected for a in agents)
+        connected = total(st, "connected")
         p = psutil.Process(proc.pid)
         p.cpu_percent(None)
-        me = psutil.Process()  # the simulated fleet shares the 2 cores: its own CPU is printed too
-        me.cpu_percent(None)
-        acked0 = sum(a.seq - len(a.link.backlog) for a in agents)
-        stats.renew_rtt.clear()
+        await asyncio.gather(*(pt.ask("window") for pt in parts))  # the fleet's CPU is printed too
+        acked0 = total(await status(), "acked")
         since_ms = int(time.time() * 1000)
+        try:
+            lag_before = await asyncio.to_thread(scrape, metrics_port)
+        except OSError:
+            lag_before = ""
         await asyncio.sleep(seconds)
-        cpu, sim_cpu = p.cpu_percent(None), me.cpu_percent(None)
+        cpu, st = p.cpu_percent(None), await status()
+        sim_cpu, acked1, backlog = total(st, "cpu"), total(st, "acked"), total(st, "backlog")
+        refused, failed = total(st, "refused"), total(st, "failed")
+        rtt = [x for pt in parts for x in await pt.ask("rtt")]
         rss = p.memory_info().rss
         try:  # off this process's loop, which runs the agents; an overloaded controller may not answer
             lag_text = await asyncio.to_thread(scrape, metrics_port)
@@ -437,8 +548,6 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, traces: 
         # would measure the steps); a host-day is 3 workloads x a sample per interval
         stored = await asyncio.to_thread(count)
         size = sum(f.stat().st_size for f in d.glob("controller.db*"))
-        acked1 = sum(a.seq - len(a.link.backlog) for a in agents)
-        backlog = sum(len(a.link.backlog) for a in agents)
 
         def events() -> list[fpb.Event]:
             tls = TlsConfig(
@@ -456,26 +565,21 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, traces: 
         # Then a primary fails under this load: its agent's stream and its renewals stop (as a host that
         # dies). The time until its shadow is told to take the address over.
         name, primary, shadow = fleet.services[len(fleet.services) // 2]
-        tasks[fleet.hosts.index(primary)].cancel()
-        dead[primary] = time.monotonic()
-        heir, t_fail = agents[fleet.hosts.index(shadow)], time.monotonic()
-        while name not in heir.owned and time.monotonic() - t_fail < 30:
-            await asyncio.sleep(0.005)
-        failover = time.monotonic() - t_fail if name in heir.owned else float("nan")
-        p50, p99, mx = lag_quantiles(lag_text)
+        i = fleet.hosts.index(primary)
+        failover = await next(pt for pt in parts if pt.lo <= i < pt.hi).ask("kill", (name, primary, shadow))
+        p50, p99, window_max, mx = lag_quantiles(lag_text, lag_before)
         cycle_last, cycle_max = (
             gauge(lag_text, "shadowplane_scaling_cycle_seconds"),
             gauge(lag_text, "shadowplane_scaling_cycle_max_seconds"),
         )
         per_sample = size / max(1, stored)
         growth = per_sample * len(WORKLOADS) * 86_400 / interval / 1e6
-        rtt = stats.renew_rtt
         renewals = (
             f"  renewals {len(rtt)}: round trip p50 {pct(rtt, 0.5) * 1000:.1f} "
             f"p99 {pct(rtt, 0.99) * 1000:.1f} max {max(rtt, default=0) * 1000:.0f} ms; "
-            f"refused {stats.renew_refused}, failed {stats.renew_failed}"
+            f"refused {refused}, failed {failed}"
             if MODE["observers"] == "controller"
-            else f"  renewals: with observer agents, none to the controller; {stats.renew_refused} refused"
+            else f"  renewals: with observer agents, none to the controller; {refused} refused"
         )
         return "\n".join(
             [
@@ -483,7 +587,8 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, traces: 
                 f"{connected} connected",
                 f"  ingest {(acked1 - acked0) / seconds:.1f} batches/s (sent {n / interval:.1f}), "
                 f"backlog {backlog}",
-                f"  controller loop lag p50 {p50} p99 {p99} max {mx * 1000:.0f} ms",
+                f"  controller loop lag p50 {p50} p99 {p99} max {window_max} "
+                f"(since it started, warm-up included: {mx * 1000:.0f} ms)",
                 renewals,
                 f"  controller CPU {cpu:.0f} % (the simulated fleet {sim_cpu:.0f} %), "
                 f"RSS {rss / 2**20:.0f} MiB; "
@@ -494,11 +599,8 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, traces: 
             ]
         )
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for a in agents:
-            await a.lease_channel.close()
+        for pt in parts:
+            pt.stop()
         server.close()
         stop(proc)
 
@@ -521,17 +623,23 @@ def main() -> int:
         action="store_true",
         help="the shipped lease (0.5 s) and renewals (0.1 s), not the lab's",
     )
+    ap.add_argument(
+        "--fleet-procs",
+        type=int,
+        default=2,
+        help="processes simulating the fleet (one Python process saturates a core near 1,000 agents)",
+    )
     args = ap.parse_args()
     if args.shipped_leases:
         TIMINGS.update(lease=0.5, renew=0.1)
     MODE["observers"] = args.observers
-    # CPU utilisation traces (percent): the others are bytes or latencies
-    traces = [t.values for t in load_trace_dir(TRACES) if "cpu" in t.name]
+    if args.fleet_procs > 1 and any(n % 4 for n in args.hosts):
+        ap.error("--hosts: with --fleet-procs > 1, multiples of 4 (a service's 4 hosts stay in one process)")
     lines = [
         f"# bench/fleet_sim.py --hosts {' '.join(map(str, args.hosts))} --seconds {args.seconds:g} "
         f"--observers {args.observers}{' --shipped-leases' if args.shipped_leases else ''}, "
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
-        f"{os.cpu_count()} CPUs",
+        f"{os.cpu_count()} CPUs, the fleet in {args.fleet_procs} processes beside the controller",
         f"agents: 3 workloads each, a batch every {args.interval:g} s (NAB traces), heartbeats 1 s, "
         "mutual TLS; "
         f"a leased service per 4 hosts, lease {TIMINGS['lease']} s renewed every {TIMINGS['renew']} s "
@@ -557,7 +665,7 @@ def main() -> int:
         async def every_size() -> None:
             # one event loop for every size: gRPC's asyncio poller stays bound to the first loop it ran on
             for n in args.hosts:
-                line = await simulate(n, args.seconds, args.interval, work, traces)
+                line = await simulate(n, args.seconds, args.interval, work, args.fleet_procs)
                 print(line, flush=True)
                 lines.append(line)
                 if args.out:  # after each size: a bigger one may overload the machine

@@ -92,6 +92,10 @@ class FailoverLoop:
 
     async def run(self) -> None:
         for rt in self.services.values():
+            if "controller" not in rt.cfg.observer_names():
+                # Its observer hosts judge its health; a probe of ours would never be asked (at fleet
+                # sizes, thousands of connections a second: bench/fleet_sim.py --observers agents).
+                continue
             for target in rt.targets():
                 spec = self._check_spec(rt.cfg, target)
                 tracker = self._checks[(rt.cfg.name, target)] = Tracker(spec.fall, spec.rise)
