@@ -22,9 +22,10 @@ at 2,000 hosts are the agents' work, spread over 2,000 hosts, not one process's)
 its host dies, then down after fall x interval (0.6 s, shipped).
 
 The controller runs as shipped (`controller.cli run`, production defaults but for the lab's lease and
-renewal timings and a fresh store), in its own process; this process is the fleet. Per N it prints: ingest
-(batches acknowledged per second, backlog left), the controller's event-loop lag (its own
-`shadowplane_controller_loop_lag_seconds` histogram: p50/p99 bucket bounds and the max), renewal round
+renewal timings and a fresh store), in its own process; the fleet runs in `--fleet-procs` processes
+(2) of its own. Per N it prints: ingest (batches acknowledged per second, backlog left), the controller's
+event-loop lag (its own `shadowplane_controller_loop_lag_seconds` histogram over the measured window:
+p50/p99/max bucket bounds, and the max since it started), renewal round
 trips as owners see them (p50/p99/max), the controller's CPU and memory, the store's growth per
 host-day, the scaling cycle's duration (its `shadowplane_scaling_cycle_*` gauges), and spurious lease
 actions (lease lost, reacquire or failover events while every simulated host is healthy: must be 0);
@@ -663,7 +664,6 @@ def main() -> int:
             issue(pki, host_name(i), "agent")
 
         async def every_size() -> None:
-            # one event loop for every size: gRPC's asyncio poller stays bound to the first loop it ran on
             for n in args.hosts:
                 line = await simulate(n, args.seconds, args.interval, work, args.fleet_procs)
                 print(line, flush=True)

@@ -17,7 +17,7 @@ from controller.store.sqlite import SqliteStore
 from shadowplane.config import build
 
 
-async def _count_connections(seconds: float, cfg: ControllerConfig, tmp: Path, ports: dict[str, int]) -> None:
+async def _run_failover_loop(seconds: float, cfg: ControllerConfig, tmp: Path) -> None:
     store = SqliteStore(tmp / "c.db")
     registry, events = AgentRegistry(), EventLog(store)
     observer = controller_lease_observer(cfg, store)
@@ -67,7 +67,7 @@ def test_only_services_the_controller_observes_are_probed_by_it(tmp_path: Path) 
             ),
         ]  # fmt: skip
         try:
-            await _count_connections(1.0, ControllerConfig(host=hosts, service=services), tmp_path, ports)
+            await _run_failover_loop(1.0, ControllerConfig(host=hosts, service=services), tmp_path)
         finally:
             for srv in servers:
                 srv.close()
