@@ -155,6 +155,7 @@ class Agent:
             warn_plaintext("the agent")
         # config_file: where an operator adds a [checks.NAME] a service's exec check names
         self.observer = ObserverRole(cfg.host, self.link.send, cfg.checks, config_file)
+        self.link.greeting = self.observer.views
         self.commands: CommandHandler | None = None
         self.peer_server: grpc.aio.Server | None = None
         # Sampling reads BPF maps and a dozen cgroup files per workload: milliseconds to seconds on a busy

@@ -394,7 +394,7 @@ class ObserverRole:
 
     async def _cannot_check(self, spec: CheckSpec, why: str) -> None:
         """A check this host cannot run (an exec check it has no [checks.NAME] for): the target is unknown
-        to this observer, and the controller hears why (repeated like every view)."""
+        to this observer, and the controller hears why (again on each new stream, like every view)."""
         log.warning("service %s: %s", spec.service, why)
         obs = apb.Observation(
             service=spec.service,
@@ -431,25 +431,26 @@ class ObserverRole:
             self.report(apb.AgentMessage(observation=obs))
 
     async def _monitor_leases(self) -> None:
-        """Tell the controller when an owner stops (or starts again) renewing with us; repeat every view
-        about once a second so a controller that restarted learns them."""
-        last_repeat = 0.0
+        """Tell the controller when an owner stops (or starts again) renewing with us."""
         while True:
-            now = time.monotonic()
             for service in self.leases.observed:
                 view = self._lease_view(service)
                 if view is not None and self._lease_fresh.get(service) != view.up:
                     self._lease_fresh[service] = view.up
                     self.report(apb.AgentMessage(observation=view))
-            if now - last_repeat >= 1.0:
-                last_repeat = now
-                for obs in list(self._views.values()):
-                    self.report(apb.AgentMessage(observation=obs))
-                for service in list(self._lease_fresh):
-                    view = self._lease_view(service)
-                    if view is not None:
-                        self.report(apb.AgentMessage(observation=view))
             await asyncio.sleep(min(0.05, self.leases.lease_seconds / 4))
+
+    def views(self) -> list[apb.AgentMessage]:
+        """Every view this observer holds now: what a controller hears when its stream (re)starts. Views
+        are sent on change and then once per stream, not repeated: a stream delivers in order or ends, and
+        the controller forgets an observer's views when its stream ends (a view repeated every second was
+        nine messages a second per service at the controller, most of its work at fleet sizes)."""
+        out = [apb.AgentMessage(observation=obs) for obs in self._views.values()]
+        for service in list(self._lease_fresh):
+            view = self._lease_view(service)
+            if view is not None:
+                out.append(apb.AgentMessage(observation=view))
+        return out
 
     def _lease_view(self, service: str) -> apb.Observation | None:
         """Whether the holder of the newest token we know is renewing it with us; None while there is no

@@ -26,6 +26,8 @@ from shadowplane.v1 import agent_pb2_grpc as agrpc
 log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[apb.Command], Awaitable[apb.CommandResult]]
+# What a controller hears first on each new stream: the agent's state that is sent on change only (views)
+Greeting = Callable[[], list[apb.AgentMessage]]
 
 
 class Backlog:
@@ -84,6 +86,7 @@ class ControllerLink:
         self.heartbeat_seconds = heartbeat_seconds
         self.reconnect_max_seconds = reconnect_max_seconds
         self.on_command = on_command
+        self.greeting: Greeting | None = None
         self.channel_factory = channel_factory or (
             lambda t: grpc.aio.insecure_channel(t, options=CHANNEL_OPTIONS)
         )
@@ -91,6 +94,7 @@ class ControllerLink:
         self._wake = asyncio.Event()
         # Results, observations and lease events: useful only to a live session, so bounded and lossy.
         self._outbox: collections.deque[apb.AgentMessage] = collections.deque(maxlen=1000)
+        self._overflowed = False  # the outbox dropped a message: the greeting is due again
         self._commands: set[asyncio.Task[None]] = set()
         # Every rejected batch is logged; other rejections of one kind and reason once a minute at most.
         self._throttle = Throttle(60.0)
@@ -101,6 +105,8 @@ class ControllerLink:
 
     def send(self, msg: apb.AgentMessage) -> None:
         """Queue a message for the current session (results, observations); dropped if none comes."""
+        if len(self._outbox) == self._outbox.maxlen:
+            self._overflowed = True
         self._outbox.append(msg)
         self._wake.set()
 
@@ -141,6 +147,10 @@ class ControllerLink:
             self.state.connected = True
             self.state.sessions += 1
             log.info("connected to controller %s (resuming after batch %d)", self.target, sent)
+            if self.greeting is not None:
+                # after whatever was queued while away: the state now is the newest word on each view
+                self._overflowed = False
+                self._outbox.extend(self.greeting())
             reader = asyncio.create_task(self._read(call))
             try:
                 last_beat = 0.0
@@ -149,6 +159,10 @@ class ControllerLink:
                     for batch in self.backlog.after(sent):
                         await call.write(apb.AgentMessage(telemetry=batch))
                         sent = batch.seq
+                    if self._overflowed and self.greeting is not None:
+                        # a view may be among what was dropped, and views are not repeated: all again
+                        self._overflowed = False
+                        self._outbox.extend(self.greeting())
                     while self._outbox:
                         await call.write(self._outbox.popleft())
                     if loop.time() - last_beat >= self.heartbeat_seconds:
@@ -234,6 +248,15 @@ class ControllerLinks:
     def on_command(self, handler: CommandHandler | None) -> None:
         for link in self.links:
             link.on_command = handler
+
+    @property
+    def greeting(self) -> Greeting | None:
+        return self.links[0].greeting
+
+    @greeting.setter
+    def greeting(self, greeting: Greeting | None) -> None:
+        for link in self.links:
+            link.greeting = greeting
 
     @property
     def target(self) -> str:

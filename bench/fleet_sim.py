@@ -15,8 +15,8 @@ hosts: eBPF, cgroups and addresses are the parts left out.
 `--observers agents`: how a fleet of thousands is configured (docs/fleet-scale.md): each service's
 observers are three agent hosts (its shadow and two others), not the controller, so neither the renewals
 nor the health probes reach the controller; it hears their views (a health and a lease view per observer,
-on change and repeated every second, as `agentd.failover.ObserverRole` sends them: its own lease view
-code on its own `LeaseObserver`), asks them for votes, and decides. The simulated observers do not probe
+on change and once on each new stream, as `agentd.failover.ObserverRole` sends them: its own lease
+view code on its own `LeaseObserver`), asks them for votes, and decides. The simulated observers do not probe
 over TCP and owners renew with them by a call, not over gRPC (7,500 probes and 30,000 renewals a second
 at 2,000 hosts are the agents' work, spread over 2,000 hosts, not one process's): a target is up until
 its host dies, then down after fall x interval (0.6 s, shipped).
@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import itertools
 import multiprocessing as mp
 import os
@@ -64,6 +65,7 @@ import grpc
 from agentd.failover import ObserverRole
 from agentd.link import CHANNEL_OPTIONS, Backlog, ControllerLink
 from lab.procs import free_port, spawn, stop, wait_for_port
+from shadowplane import gc_pauses
 from shadowplane.loop_lag import BUCKETS
 from shadowplane.pki import init_ca, issue
 from shadowplane.tls import TlsConfig, aio_channel, sync_channel
@@ -185,12 +187,14 @@ class SimAgent:
             on_command=self.on_command,
             channel_factory=lambda t: aio_channel(t, self.tls, "controller", CHANNEL_OPTIONS),
         )
+        self.link.greeting = self.greeting
         self.lease_channel = aio_channel(target, self.tls, "controller", CHANNEL_OPTIONS)
 
     def hello(self) -> apb.Hello:
         return apb.Hello(
-            host=self.host, instance_id=self.instance, workloads=self.workloads, interval_ms=10_000
-        )
+            host=self.host, instance_id=self.instance, workloads=self.workloads, interval_ms=10_000,
+            peer_address=f"{self.host}:7401",  # an observer's Lease port (renewals here are calls)
+        )  # fmt: skip
 
     def batch(self, interval: float) -> apb.TelemetryBatch:
         self.seq += 1
@@ -279,10 +283,10 @@ class SimAgent:
                     self.stats.renew_refused += 1
             await asyncio.sleep(TIMINGS["renew"])
 
-    def observe(self, now: float, repeat: bool) -> None:
+    def observe(self, now: float) -> None:
         """One round of what `ObserverRole` reports (--observers agents): each watched target's health
         (up until its host died, down fall x interval after), each observed lease's view from the agent's
-        own code; on change, and every view again when `repeat` (once a second)."""
+        own code; on change (and all of them on each new stream: `greeting`)."""
         detect = CHECK["interval"] * CHECK["fall"]
         for service, target in self.checks:
             died = self.dead.get(target)
@@ -290,25 +294,36 @@ class SimAgent:
             key = ("health", service, target)
             last = self.views.get(key)
             if last is None or last[0] != up:
-                last = self.views[key] = (up, int(time.time() * 1000))
-            elif not repeat:
-                continue
-            self.link.send(
-                apb.AgentMessage(
-                    observation=apb.Observation(
-                        service=service, target=target, up=up, kind="health", since_unix_ms=last[1],
-                        detail="connected" if up else "connect failed: Connection refused",
-                    )
-                )
-            )  # fmt: skip
+                self.views[key] = (up, int(time.time() * 1000))
+                self.link.send(apb.AgentMessage(observation=self.health_view(service, target)))
         for service in self.role.leases.observed:
             view = self.role._lease_view(service)
             if view is None:
                 continue
             key = ("lease", service, view.target)
-            if repeat or self.views.get(key, (None, 0))[0] != view.up:
+            if self.views.get(key, (None, 0))[0] != view.up:
                 self.views[key] = (view.up, view.since_unix_ms)
                 self.link.send(apb.AgentMessage(observation=view))
+
+    def health_view(self, service: str, target: str) -> apb.Observation:
+        up, since = self.views[("health", service, target)]
+        return apb.Observation(
+            service=service, target=target, up=up, kind="health", since_unix_ms=since,
+            detail="connected" if up else "connect failed: Connection refused",
+        )  # fmt: skip
+
+    def greeting(self) -> list[apb.AgentMessage]:
+        """What `ObserverRole.views` gives a new stream: every view held now."""
+        out = [
+            apb.AgentMessage(observation=self.health_view(service, target))
+            for kind, service, target in self.views
+            if kind == "health"
+        ]
+        for service in self.role.leases.observed:
+            view = self.role._lease_view(service)
+            if view is not None:
+                out.append(apb.AgentMessage(observation=view))
+        return out
 
     async def run(self, interval: float) -> None:
         link = asyncio.create_task(self.link.run())
@@ -332,18 +347,13 @@ async def tcp_listener() -> tuple[asyncio.base_events.Server, int]:
 
 
 async def observe_forever(agents: list[SimAgent], dead: dict[str, float]) -> None:
-    """--observers agents: every observer's round every 50 ms (`ObserverRole`'s), each repeating its
-    views once a second at its own phase."""
-    phase = {a.host: random.random() for a in agents}
-    last_second: dict[str, int] = {}
+    """--observers agents: every observer's round every 50 ms (`ObserverRole`'s)."""
     while True:
         now = time.monotonic()
         for a in agents:
             if a.host in dead or not (a.checks or a.role.leases.observed):
                 continue
-            second = int(now + phase[a.host])
-            a.observe(now, repeat=last_second.get(a.host) != second)
-            last_second[a.host] = second
+            a.observe(now)
         await asyncio.sleep(0.05)
 
 
@@ -432,6 +442,11 @@ async def run_part(
     conn: Connection, lo: int, hi: int, n: int, target: str, pki: Path, interval: float,
     traces: list[np.ndarray],
 ) -> None:  # fmt: skip
+    # A thousand simulated agents' heap in one process would cost full collections of a second, stalls of
+    # every owner's renewals that no real agent (one agent's heap) has: this process collects nothing
+    # (it lives minutes).
+    gc.freeze()
+    gc.disable()
     fleet, stats = Fleet.of(n), Stats()
     agents = [SimAgent(h, fleet, pki, target, traces, stats) for h in fleet.hosts[lo:hi]]
     by_host = {a.host: a for a in agents}
@@ -496,6 +511,7 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, procs: i
     proc = spawn(
         [sys.executable, *profile, "-m", "controller.cli", "run", "--config", str(cfg)], d / "controller.log"
     )
+    spawned = time.monotonic()
     parts: list[Part] = []
     try:
         wait_for_port("127.0.0.1", port, 60, proc)
@@ -511,11 +527,14 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, procs: i
         def total(st: list[dict[str, Any]], key: str) -> Any:
             return sum(x[key] for x in st)
 
-        # warm-up: every agent connected, every service placed
+        # warm-up: every agent connected, every service placed, the controller's first freeze of its heap
+        # done (shadowplane/gc_pauses.py: a full collection once, FIRST_FREEZE_SECONDS after it started)
         t_start = time.monotonic()
         st = await status()
         while time.monotonic() - t_start < 120 and (
-            total(st, "connected") < n or total(st, "acquires") < len(fleet.services)
+            total(st, "connected") < n
+            or total(st, "acquires") < len(fleet.services)
+            or time.monotonic() - spawned < gc_pauses.FIRST_FREEZE_SECONDS + 2
         ):
             await asyncio.sleep(0.5)
             st = await status()

@@ -10,7 +10,7 @@ import sys
 from controller.config import ControllerConfig, load_controller_config
 from controller.failover.decide import NO_SHADOW
 from controller.server import start
-from shadowplane import logs, sdnotify
+from shadowplane import gc_pauses, logs, sdnotify
 from shadowplane.config import ConfigError
 
 DEFAULT_CONFIG = "/etc/shadowplane/controller.toml"
@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 async def serve(cfg: ControllerConfig) -> None:
     c = await start(cfg)
+    c.tasks.append(asyncio.create_task(gc_pauses.freeze_forever()))
 
     def status_line() -> str:
         return (

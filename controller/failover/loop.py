@@ -82,6 +82,7 @@ class FailoverLoop:
         self.started = time.monotonic()
         self.not_leading = orchestrator.not_leading  # replicas: "" only while this one leads
         self._alive: tuple[int, frozenset[str]] | None = None  # (when, who): see alive()
+        self._in_tick = False
         # host -> the services whose lease quorum it sits in (each agent's Watch, as it connects)
         self._seated: dict[str, list[ServiceRuntime]] = {}
         for rt in self.services.values():
@@ -118,6 +119,16 @@ class FailoverLoop:
                     rt.task.cancel()
 
     def tick(self) -> None:
+        # One answer to alive() for the whole tick: the tick runs without a wait, so no heartbeat lands
+        # within it, and at 2,000 hosts a tick outlasts ALIVE_REUSE_MS (the walk then ran a dozen times).
+        self._alive = None
+        self._in_tick = True
+        try:
+            self._tick()
+        finally:
+            self._in_tick = False
+
+    def _tick(self) -> None:
         self._push_watches()
         now = now_ms()
         leading = not self.not_leading()
@@ -134,7 +145,7 @@ class FailoverLoop:
                 self._recover(rt, rec)
                 continue
             self._catch_up_observers(rt)
-            d = decide(self.snapshot(rt))
+            d = decide(self.snapshot(rt, primary_health=primary))
             if d.accepted:
                 self._start(rt, d)
             elif d.reason and d.reason != rt.last_noted:
@@ -196,10 +207,17 @@ class FailoverLoop:
 
     # ---- the snapshot ----
 
-    def snapshot(self, rt: ServiceRuntime, request: Request | None = None) -> Snapshot:
+    def snapshot(
+        self, rt: ServiceRuntime, request: Request | None = None, primary_health: Tally | None = None
+    ) -> Snapshot:
+        """What `decide` sees of a service now. `primary_health`: the primary's tally, when the caller has
+        just made it from the same views (the tick makes it for every service, and no await lies between)."""
         svc = rt.cfg
         rec = self.orchestrator.service_state(svc.name)
-        health = {h: self._health(rt, h) for h in rt.targets()}
+        health = {
+            h: primary_health if h == svc.primary and primary_health is not None else self._health(rt, h)
+            for h in rt.targets()
+        }
         renewing, now = self._renewing(rt, rec), now_ms()
         if not renewing.majority_down:
             rt.renewing_down_since_ms = None
@@ -257,12 +275,12 @@ class FailoverLoop:
 
     def alive(self) -> frozenset[str]:
         """Hosts heard from within the heartbeat timeout. A tick asks this for every observer of every
-        service, and the answer walks every connected host: computed once per ALIVE_REUSE_MS, it costs
-        O(hosts) per tick instead of O(services x observers x hosts) (at 2,000 hosts and 500 services, the
-        difference between microseconds and most of a tick)."""
+        service, and the answer walks every connected host: computed once per tick (outside a tick, reused
+        for ALIVE_REUSE_MS), it costs O(hosts) per tick instead of O(services x observers x hosts) (at
+        2,000 hosts and 500 services, the difference between microseconds and most of a tick)."""
         now = now_ms()
         cached = self._alive
-        if cached is None or not 0 <= now - cached[0] <= ALIVE_REUSE_MS:
+        if cached is None or not (self._in_tick or 0 <= now - cached[0] <= ALIVE_REUSE_MS):
             cached = self._alive = (
                 now,
                 self.registry.alive(now, int(self.cfg.failover.heartbeat_timeout_seconds * 1000)),

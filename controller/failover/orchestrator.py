@@ -275,9 +275,9 @@ class Orchestrator:
         s = self.registry.get(observer)
         if s is not None and s.hello.peer_address:
             return s.hello.peer_address
-        for a in self.store.agents():
-            if a.host == observer and a.hello.peer_address:
-                return a.hello.peer_address
+        a = self.store.agent(observer)  # not connected now: what it said when it last was
+        if a is not None and a.hello.peer_address:
+            return a.hello.peer_address
         return f"unknown-peer-address-of-{observer}:0"
 
     async def _votes(

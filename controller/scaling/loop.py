@@ -469,7 +469,8 @@ class ScalingLoop:
 
     def workload_of(self, host: str, service: str) -> str:
         session = self.registry.get(host)
-        hellos = [session.hello] if session else [a.hello for a in self.store.agents() if a.host == host]
+        last = None if session else self.store.agent(host)
+        hellos = [session.hello] if session else [last.hello] if last is not None else []
         for hello in hellos:
             for w in hello.workloads:
                 if w.service == service:
@@ -484,10 +485,13 @@ class ScalingLoop:
         rows = self.store.samples(host, workload, limit=1)
         sample = rows[-1][1] if rows else tpb.WorkloadSample()
         session = self.registry.get(host)
+        last = None if session else self.store.agent(host)
         info = (
             session.hello.host_info
             if session
-            else next((a.hello.host_info for a in self.store.agents() if a.host == host), apb.HostInfo())
+            else last.hello.host_info
+            if last is not None
+            else apb.HostInfo()
         )
         if applied is not None:
             cpu, mem, in_use = applied.cpu_cores, applied.memory_bytes, applied.memory_in_use_bytes

@@ -75,6 +75,10 @@ class Store(Protocol):
         """The latest instance of every host."""
         ...
 
+    def agent(self, host: str) -> AgentRecord | None:
+        """The latest instance of one host (None: never heard from): one indexed read, not the fleet."""
+        ...
+
     def samples(
         self, host: str, workload: str = "", cgroup: str = "", since_ms: int = 0, limit: int = 60
     ) -> list[tuple[str, tpb.WorkloadSample]]:

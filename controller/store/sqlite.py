@@ -209,6 +209,16 @@ class SqliteStore:
             AgentRecord(r[0], r[1], apb.Hello.FromString(r[2]), r[3], r[4], r[5], r[6], r[7]) for r in rows
         ]
 
+    def agent(self, host: str) -> AgentRecord | None:
+        r = self.db.execute(
+            """SELECT host, instance_id, hello, peer, last_seq, first_seen_ms, last_seen_ms, last_telemetry_ms
+               FROM agents WHERE host = ? ORDER BY last_seen_ms DESC LIMIT 1""",
+            (host,),
+        ).fetchone()
+        if r is None:
+            return None
+        return AgentRecord(r[0], r[1], apb.Hello.FromString(r[2]), r[3], r[4], r[5], r[6], r[7])
+
     def samples(
         self, host: str, workload: str = "", cgroup: str = "", since_ms: int = 0, limit: int = 60
     ) -> list[tuple[str, tpb.WorkloadSample]]:

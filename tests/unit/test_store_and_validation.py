@@ -43,9 +43,12 @@ def test_store_dedupes_and_resumes(tmp_path: Path) -> None:
     # a new agent instance (restarted agent) starts its own sequence
     assert st.register_agent(hello(instance="i2"), "peer", 6) == 0
     assert [a.instance_id for a in st.agents()] == ["i2"]
+    assert (got := st.agent("h1")) is not None and got.instance_id == "i2"
+    assert st.agent("h2") is None
     # an instance that came and went (a rogue with the host's certificate) does not hide the one that runs
     st.touch_agent("h1", "i1", 7)
     assert [a.instance_id for a in st.agents()] == ["i1"]
+    assert (got := st.agent("h1")) is not None and got.instance_id == "i1"
 
 
 def test_store_limit_per_workload_and_prune(tmp_path: Path) -> None:
