@@ -347,7 +347,9 @@ class ObserverRole:
         self.leases = LeaseObserver(host, lease_seconds=2.0)  # the controller's Watch sets the real length
         self._checks: dict[tuple[str, str], tuple[apb.HealthCheck, asyncio.Task[None]]] = {}
         self._views: dict[tuple[str, str], apb.Observation] = {}
-        self._lease_fresh: dict[str, bool] = {}
+        # service -> (up, holder, token) of the lease view last sent: a new holder or token is news even
+        # when both renew (a planned move's new owner renews before the observer's next look)
+        self._lease_fresh: dict[str, tuple[bool, str, int]] = {}
         self._monitor: asyncio.Task[None] | None = None
 
     # ---- leases ----
@@ -435,8 +437,8 @@ class ObserverRole:
         while True:
             for service in self.leases.observed:
                 view = self._lease_view(service)
-                if view is not None and self._lease_fresh.get(service) != view.up:
-                    self._lease_fresh[service] = view.up
+                if view is not None and self._lease_fresh.get(service) != (view.up, view.target, view.token):
+                    self._lease_fresh[service] = (view.up, view.target, view.token)
                     self.report(apb.AgentMessage(observation=view))
             await asyncio.sleep(min(0.05, self.leases.lease_seconds / 4))
 

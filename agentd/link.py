@@ -148,9 +148,14 @@ class ControllerLink:
             self.state.sessions += 1
             log.info("connected to controller %s (resuming after batch %d)", self.target, sent)
             if self.greeting is not None:
-                # after whatever was queued while away: the state now is the newest word on each view
+                # The state now is the newest word on each view: the views queued while away are older.
+                # Written here, not queued: the outbox is bounded, the greeting must arrive whole.
                 self._overflowed = False
-                self._outbox.extend(self.greeting())
+                self._outbox = collections.deque(
+                    (m for m in self._outbox if not m.HasField("observation")), maxlen=self._outbox.maxlen
+                )
+                for m in self.greeting():
+                    await call.write(m)
             reader = asyncio.create_task(self._read(call))
             try:
                 last_beat = 0.0
@@ -159,12 +164,14 @@ class ControllerLink:
                     for batch in self.backlog.after(sent):
                         await call.write(apb.AgentMessage(telemetry=batch))
                         sent = batch.seq
-                    if self._overflowed and self.greeting is not None:
-                        # a view may be among what was dropped, and views are not repeated: all again
-                        self._overflowed = False
-                        self._outbox.extend(self.greeting())
                     while self._outbox:
                         await call.write(self._outbox.popleft())
+                    if self._overflowed and self.greeting is not None:
+                        # a view may be among what was dropped, and views are not repeated: all again,
+                        # after what was queued (older)
+                        self._overflowed = False
+                        for m in self.greeting():
+                            await call.write(m)
                     if loop.time() - last_beat >= self.heartbeat_seconds:
                         await call.write(
                             apb.AgentMessage(heartbeat=apb.Heartbeat(unix_ms=int(1000 * time.time())))

@@ -300,7 +300,7 @@ class SimAgent:
             view = self.role._lease_view(service)
             if view is None:
                 continue
-            key = ("lease", service, view.target)
+            key = ("lease", service, f"{view.target}/{view.token}")  # a new holder or token is news
             if self.views.get(key, (None, 0))[0] != view.up:
                 self.views[key] = (view.up, view.since_unix_ms)
                 self.link.send(apb.AgentMessage(observation=view))

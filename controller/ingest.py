@@ -238,6 +238,9 @@ class AgentStreamService(agrpc.AgentStreamServicer):
             session.capture = batch.capture
             return apb.ControllerMessage(ack=apb.TelemetryAck(seq=batch.seq)), None
         if kind == "observation" and self.listener is not None:
+            if self.registry.get(session.host) is not session:
+                # a replaced stream's last words: older than the views its successor's greeting gave
+                return None, None
             self.listener.on_observation(session.host, msg.observation)
         if kind == "lease_event" and self.listener is not None:
             self.listener.on_lease_event(session.host, msg.lease_event)

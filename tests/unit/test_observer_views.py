@@ -66,8 +66,8 @@ class Controller(agrpc.AgentStreamServicer):
         yield apb.ControllerMessage(welcome=apb.Welcome(controller_version="test"))
         async for msg in request_iterator:
             got.append(msg)
-            if first and msg.HasField("observation"):
-                return  # the controller goes away once it has heard the view
+            if first and msg.HasField("heartbeat"):
+                return  # the controller goes away (its first heartbeat comes after the greeting)
 
 
 def test_every_new_stream_starts_with_the_views_the_observer_holds() -> None:
@@ -77,11 +77,18 @@ def test_every_new_stream_starts_with_the_views_the_observer_holds() -> None:
         agrpc.add_AgentStreamServicer_to_server(controller, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        view = apb.Observation(service="web", target="p1", up=True, kind="health", detail="exit 0")
         link = ControllerLink(
             f"127.0.0.1:{port}", lambda: apb.Hello(host="s1"), Backlog(10), reconnect_max_seconds=0.2
         )
-        link.greeting = lambda: [apb.AgentMessage(observation=view)]
+        # more views than the link's outbox holds (an observer of hundreds of services): all must arrive
+        link.greeting = lambda: [
+            apb.AgentMessage(
+                observation=apb.Observation(service=f"svc{i}", target="p1", up=True, kind="health")
+            )
+            for i in range(1500)
+        ]
+        # queued while no stream was up, and older than the greeting's word on the same view
+        link.send(apb.AgentMessage(observation=apb.Observation(service="svc0", target="p1", up=False)))
         task = asyncio.create_task(link.run())
         try:
             async with asyncio.timeout(30):
@@ -96,4 +103,28 @@ def test_every_new_stream_starts_with_the_views_the_observer_holds() -> None:
     controller = asyncio.run(go())
     for got in controller.sessions[:2]:
         obs = [m.observation for m in got if m.HasField("observation")]
-        assert [(o.target, o.up) for o in obs] == [("p1", True)]
+        assert [(o.service, o.up) for o in obs] == [(f"svc{i}", True) for i in range(1500)]
+
+
+def test_a_new_holder_is_news_even_when_both_renew() -> None:
+    """A planned move: the new owner's first renewal lands before the observer looks again, so its lease
+    view goes from "p1 renews token 1" to "s1 renews token 2" without a moment of "not renewing"."""
+    sent: list[apb.AgentMessage] = []
+    role = ObserverRole("o1", sent.append)
+    role.leases.started_at -= 100  # past the start-up grace
+
+    async def go() -> None:
+        role.watch(apb.Watch(observed_services=["web"], lease_ms=1000))
+        role.leases.vote("web", 1, "p1")
+        role.leases.renew("web", 1, "p1")
+        await asyncio.sleep(0.2)
+        role.leases.vote("web", 2, "s1")
+        role.leases.renew("web", 2, "s1")
+        for _ in range(5):
+            await asyncio.sleep(0.1)
+            role.leases.renew("web", 2, "s1")
+        await role.close()
+
+    asyncio.run(go())
+    lease = [(m.observation.target, m.observation.token, m.observation.up) for m in sent]
+    assert lease == [("p1", 1, True), ("s1", 2, True)]
