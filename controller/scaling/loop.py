@@ -467,14 +467,19 @@ class ScalingLoop:
         self.shadow_targets[key] = t
         return t
 
-    def workload_of(self, host: str, service: str) -> str:
+    def _hello(self, host: str) -> apb.Hello | None:
+        """What the host's agent said when it connected: now, or at its last connection (the store)."""
         session = self.registry.get(host)
-        last = None if session else self.store.agent(host)
-        hellos = [session.hello] if session else [last.hello] if last is not None else []
-        for hello in hellos:
-            for w in hello.workloads:
-                if w.service == service:
-                    return w.name
+        if session is not None:
+            return session.hello
+        last = self.store.agent(host)
+        return last.hello if last is not None else None
+
+    def workload_of(self, host: str, service: str) -> str:
+        hello = self._hello(host)
+        for w in hello.workloads if hello is not None else ():
+            if w.service == service:
+                return w.name
         return ""
 
     def _shadow_now(self, svc: ServiceConfig, host: str) -> ShadowNow | None:
@@ -484,15 +489,8 @@ class ScalingLoop:
         applied = self.applied.get((host, workload))
         rows = self.store.samples(host, workload, limit=1)
         sample = rows[-1][1] if rows else tpb.WorkloadSample()
-        session = self.registry.get(host)
-        last = None if session else self.store.agent(host)
-        info = (
-            session.hello.host_info
-            if session
-            else last.hello.host_info
-            if last is not None
-            else apb.HostInfo()
-        )
+        hello = self._hello(host)
+        info = hello.host_info if hello is not None else apb.HostInfo()
         if applied is not None:
             cpu, mem, in_use = applied.cpu_cores, applied.memory_bytes, applied.memory_in_use_bytes
         else:
