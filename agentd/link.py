@@ -95,11 +95,18 @@ class ControllerLink:
         # Results, observations and lease events: useful only to a live session, so bounded and lossy.
         self._outbox: collections.deque[apb.AgentMessage] = collections.deque(maxlen=1000)
         self._overflowed = False  # the outbox dropped a message: the greeting is due again
+        # Does this controller replica want heartbeats and views from this host (Interest)? Sharded replicas
+        # want them only while they act for one of its services; each stream starts full.
+        self.full = True
+        self.skip_telemetry = False  # a replica that neither acts for nor is next in line for our services
+        self._regreet = False  # full again: the views are due
         self._commands: set[asyncio.Task[None]] = set()
         # Every rejected batch is logged; other rejections of one kind and reason once a minute at most.
         self._throttle = Throttle(60.0)
 
     def submit(self, batch: apb.TelemetryBatch) -> None:
+        if self.skip_telemetry and self.state.connected:
+            return  # that replica keeps no history of this host (it would forecast nothing from it)
         self.backlog.add(batch)
         self._wake.set()
 
@@ -146,6 +153,7 @@ class ControllerLink:
             self.backlog.ack(sent)
             self.state.connected = True
             self.state.sessions += 1
+            self.full, self.skip_telemetry, self._regreet = True, False, False
             log.info("connected to controller %s (resuming after batch %d)", self.target, sent)
             if self.greeting is not None:
                 # The state now is the newest word on each view: the views queued while away are older.
@@ -161,18 +169,26 @@ class ControllerLink:
                 last_beat = 0.0
                 loop = asyncio.get_running_loop()
                 while not reader.done():
-                    for batch in self.backlog.after(sent):
+                    for batch in self.backlog.after(sent) if not self.skip_telemetry else ():
                         await call.write(apb.AgentMessage(telemetry=batch))
                         sent = batch.seq
                     while self._outbox:
-                        await call.write(self._outbox.popleft())
-                    if self._overflowed and self.greeting is not None:
+                        m = self._outbox.popleft()
+                        if self.full or not m.HasField("observation"):  # views: sent again when full
+                            await call.write(m)
+                    if self._regreet and self.greeting is not None:
+                        # this replica now acts for one of our services: everything it did not hear, at once
+                        self._regreet = self._overflowed = False
+                        for m in self.greeting():
+                            await call.write(m)
+                        last_beat = 0.0
+                    if self._overflowed and self.full and self.greeting is not None:
                         # a view may be among what was dropped, and views are not repeated: all again,
                         # after what was queued (older)
                         self._overflowed = False
                         for m in self.greeting():
                             await call.write(m)
-                    if loop.time() - last_beat >= self.heartbeat_seconds:
+                    if self.full and loop.time() - last_beat >= self.heartbeat_seconds:
                         await call.write(
                             apb.AgentMessage(heartbeat=apb.Heartbeat(unix_ms=int(1000 * time.time())))
                         )
@@ -198,6 +214,25 @@ class ControllerLink:
                 self.backlog.ack(msg.ack.seq)
             elif kind == "reject":
                 self._rejected(msg.reject)
+            elif kind == "interest":
+                if msg.interest.skip_telemetry and not self.skip_telemetry:
+                    self.backlog.ack(self.backlog.after(0)[-1].seq if len(self.backlog) else 0)
+                self.skip_telemetry = msg.interest.skip_telemetry
+                if msg.interest.full and not self.full:
+                    self._regreet = True
+                    self._wake.set()
+                if msg.interest.full != self.full:
+                    log.info(
+                        "controller %s wants %s: %s",
+                        self.target,
+                        "heartbeats and views again"
+                        if msg.interest.full
+                        else "no telemetry"
+                        if msg.interest.skip_telemetry
+                        else "telemetry only",
+                        msg.interest.reason,
+                    )
+                self.full = msg.interest.full
             elif kind == "command" and self.on_command is not None:
                 task = asyncio.create_task(self._run_command(msg.command))
                 self._commands.add(task)

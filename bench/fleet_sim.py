@@ -1,6 +1,7 @@
 """Fleet simulator: N simulated agents against a real controller, over real gRPC with mutual TLS.
 
     .venv/bin/python bench/fleet_sim.py [--hosts 100 500 1000 2000] [--seconds 60] [--out FILE]
+        [--observers agents] [--replicas 1 2 3 [--shards 8]]
 
 Each simulated agent runs the agent's own stream code (`agentd.link.ControllerLink`, one TLS connection with
 its own host certificate): a hello with 3 workloads, a telemetry batch every `--interval` (10 s, the
@@ -20,6 +21,13 @@ view code on its own `LeaseObserver`), asks them for votes, and decides. The sim
 over TCP and owners renew with them by a call, not over gRPC (7,500 probes and 30,000 renewals a second
 at 2,000 hosts are the agents' work, spread over 2,000 hosts, not one process's): a target is up until
 its host dies, then down after fall x interval (0.6 s, shipped).
+
+`--replicas 1 2 3`: one run per value. 1 is the single controller on SQLite (the embedded default); above 1,
+that many `[cluster]` replicas on one etcd member (on this machine too), the services divided among them in
+`--shards` (8) shards, each simulated agent streaming to every replica over the agent's own `ControllerLinks`
+and sending each what that replica asks for (`apb.Interest`: heartbeats and views to the replica acting for
+its service, telemetry to it and to the next in line). The warm-up then also waits for the shards to be
+divided; the line per run gives each replica's CPU and loop lag, the busiest one's, and their sum.
 
 The controller runs as shipped (`controller.cli run`, production defaults but for the lab's lease and
 renewal timings and a fresh store), in its own process; the fleet runs in `--fleet-procs` processes
@@ -63,7 +71,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc
 
 from agentd.failover import ObserverRole
-from agentd.link import CHANNEL_OPTIONS, Backlog, ControllerLink
+from agentd.link import CHANNEL_OPTIONS, Backlog, ControllerLink, ControllerLinks
+from lab.etcd import EtcdCluster
 from lab.procs import free_port, spawn, stop, wait_for_port
 from shadowplane import gc_pauses
 from shadowplane.loop_lag import BUCKETS
@@ -117,15 +126,32 @@ class Fleet:
         return None
 
 
-def controller_toml(d: Path, fleet: Fleet, port: int, metrics_port: int, check_port: int) -> str:
+@dataclass(frozen=True)
+class Cluster:
+    """--replicas above 1: the etcd the replicas share, and how many shards the services are cut into."""
+
+    etcd: EtcdCluster
+    shards: int
+
+
+def controller_toml(
+    d: Path, fleet: Fleet, port: int, metrics_port: int, check_port: int, name: str = "",
+    cluster: Cluster | None = None,
+) -> str:  # fmt: skip
     out = [
         f'listen = "127.0.0.1:{port}"',
         f'[tls]\nca = "{d}/pki/ca.pem"\ncert = "{d}/pki/controller-controller.pem"\n'
         f'key = "{d}/pki/controller-controller.key"',
         f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"',
-        f'[store]\npath = "{d}/controller.db"',
+        f'[store]\npath = "{d}/controller{name and "-" + name}.db"',
         f"[failover]\nlease_seconds = {TIMINGS['lease']}\nrenew_interval_seconds = {TIMINGS['renew']}",
     ]
+    if cluster is not None:
+        e = cluster.etcd
+        out.append(
+            f'[cluster]\nname = "{name}"\netcd = {e.endpoints!r}\nca = "{e.tls.ca}"\ncert = "{e.tls.cert}"\n'
+            f'key = "{e.tls.key}"\nshards = {cluster.shards}'.replace("'", '"')
+        )
     for h in fleet.hosts:
         out.append(f'[[host]]\nname = "{h}"\naddress = "127.0.0.1"')
     for name, primary, shadow in fleet.services:
@@ -149,9 +175,10 @@ class Stats:
 
 class SimAgent:
     def __init__(
-        self, host: str, fleet: Fleet, pki: Path, target: str, traces: list[np.ndarray], stats: Stats
-    ) -> None:
-        self.host, self.stats, self.target = host, stats, target
+        self, host: str, fleet: Fleet, pki: Path, targets: list[str], traces: list[np.ndarray],
+        stats: Stats,
+    ) -> None:  # fmt: skip
+        self.host, self.stats, target = host, stats, targets[0]
         self.tls = TlsConfig(ca=pki / "ca.pem", cert=pki / f"agent-{host}.pem", key=pki / f"agent-{host}.key")
         served = fleet.service_of(host)
         self.workloads = [
@@ -178,14 +205,20 @@ class SimAgent:
         self.fleet: dict[str, SimAgent] = {}  # every simulated agent by host (renewals in-process)
         self.dead: dict[str, float] = {}  # hosts that died, when (shared by the whole fleet)
         self.owned: dict[str, asyncio.Task[None]] = {}
-        self.link = ControllerLink(
-            target,
-            self.hello,
-            Backlog(720),
-            heartbeat_seconds=1.0,
-            reconnect_max_seconds=5.0,
-            on_command=self.on_command,
-            channel_factory=lambda t: aio_channel(t, self.tls, "controller", CHANNEL_OPTIONS),
+        # one link per controller replica, as the agent's daemon makes them (agentd/daemon.py)
+        self.link = ControllerLinks(
+            [
+                ControllerLink(
+                    t,
+                    self.hello,
+                    Backlog(720),
+                    heartbeat_seconds=1.0,
+                    reconnect_max_seconds=5.0,
+                    on_command=self.on_command,
+                    channel_factory=lambda t: aio_channel(t, self.tls, "controller", CHANNEL_OPTIONS),
+                )
+                for t in targets
+            ]
         )
         self.link.greeting = self.greeting
         self.lease_channel = aio_channel(target, self.tls, "controller", CHANNEL_OPTIONS)
@@ -391,7 +424,7 @@ def lag_quantiles(text: str, before: str) -> tuple[str, str, str, float]:
 
 
 def gauge(text: str, name: str) -> float:
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)  # with labels or without
     return float(m.group(1)) if m else float("nan")
 
 
@@ -404,12 +437,12 @@ class Part:
     """One process of the simulated fleet: hosts [lo, hi) of it, driven over a pipe. Each service's hosts
     (primary, shadow, observers: 4 consecutive hosts) are in one part, so owners renew in-process."""
 
-    def __init__(self, lo: int, hi: int, n: int, target: str, pki: Path, interval: float) -> None:
+    def __init__(self, lo: int, hi: int, n: int, targets: list[str], pki: Path, interval: float) -> None:
         ctx = mp.get_context("spawn")  # gRPC does not survive a fork of a process that used it
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
             target=part_main,
-            args=(child, lo, hi, n, target, pki, interval, dict(MODE), dict(TIMINGS), dict(CHECK)),
+            args=(child, lo, hi, n, targets, pki, interval, dict(MODE), dict(TIMINGS), dict(CHECK)),
             daemon=True,
         )
         self.proc.start()
@@ -428,18 +461,18 @@ class Part:
 
 
 def part_main(
-    conn: Connection, lo: int, hi: int, n: int, target: str, pki: Path, interval: float,
+    conn: Connection, lo: int, hi: int, n: int, targets: list[str], pki: Path, interval: float,
     mode: dict[str, str], timings: dict[str, float], check: dict[str, float],
 ) -> None:  # fmt: skip
     MODE.update(mode)
     TIMINGS.update(timings)
     CHECK.update(check)
     traces = [t.values for t in load_trace_dir(TRACES) if "cpu" in t.name]
-    asyncio.run(run_part(conn, lo, hi, n, target, pki, interval, traces))
+    asyncio.run(run_part(conn, lo, hi, n, targets, pki, interval, traces))
 
 
 async def run_part(
-    conn: Connection, lo: int, hi: int, n: int, target: str, pki: Path, interval: float,
+    conn: Connection, lo: int, hi: int, n: int, targets: list[str], pki: Path, interval: float,
     traces: list[np.ndarray],
 ) -> None:  # fmt: skip
     # A thousand simulated agents' heap in one process would cost full collections of a second, stalls of
@@ -448,7 +481,7 @@ async def run_part(
     gc.freeze()
     gc.disable()
     fleet, stats = Fleet.of(n), Stats()
-    agents = [SimAgent(h, fleet, pki, target, traces, stats) for h in fleet.hosts[lo:hi]]
+    agents = [SimAgent(h, fleet, pki, targets, traces, stats) for h in fleet.hosts[lo:hi]]
     by_host = {a.host: a for a in agents}
     dead: dict[str, float] = {}
     for a in agents:
@@ -463,10 +496,10 @@ async def run_part(
             reply: Any = None
             if cmd == "status":
                 reply = {
-                    "connected": sum(a.link.state.connected for a in agents),
+                    "connected": sum(a.link.connected for a in agents),
                     "acquires": stats.acquires,
-                    "acked": sum(a.seq - len(a.link.backlog) for a in agents),
-                    "backlog": sum(len(a.link.backlog) for a in agents),
+                    "acked": sum(a.seq - a.link.backlog_batches for a in agents),
+                    "backlog": sum(a.link.backlog_batches for a in agents),
                     "refused": stats.renew_refused,
                     "failed": stats.renew_failed,
                     "cpu": me.cpu_percent(None),
@@ -496,30 +529,45 @@ async def run_part(
             await a.lease_channel.close()
 
 
-async def simulate(n: int, seconds: float, interval: float, work: Path, procs: int) -> str:
+async def simulate(
+    n: int, seconds: float, interval: float, work: Path, procs: int, replicas: int = 1, shards: int = 1
+) -> str:
     fleet = Fleet.of(n)
     pki = work / "pki"
-    port, metrics_port = free_port(), free_port()
     server, check_port = await tcp_listener()
-    d = work / f"n{n}"
+    d = work / f"n{n}-r{replicas}"
     d.mkdir()
     (d / "pki").symlink_to(pki)
-    cfg = d / "controller.toml"
-    cfg.write_text(controller_toml(d, fleet, port, metrics_port, check_port))
+    # --replicas above 1: one etcd member (the replicas' store, on this machine too) and as many controller
+    # processes, each a [cluster] replica; the agents stream to every one (ControllerLinks)
+    etcd = EtcdCluster.start(d / "etcd", size=1) if replicas > 1 else None
+    cluster = Cluster(etcd, shards) if etcd is not None else None
+    names = [f"r{i + 1}" for i in range(replicas)] if cluster else [""]
+    ports = [(free_port(), free_port()) for _ in names]
     prof = os.environ.get("FLEET_SIM_PROFILE")  # a path: the controller runs under cProfile, written there
-    profile = ["-m", "cProfile", "-o", f"{prof}.{n}"] if prof else []
-    proc = spawn(
-        [sys.executable, *profile, "-m", "controller.cli", "run", "--config", str(cfg)], d / "controller.log"
-    )
+    procs_ctl = []
+    for name, (port, metrics_port) in zip(names, ports, strict=True):
+        cfg = d / f"controller{name and '-' + name}.toml"
+        cfg.write_text(controller_toml(d, fleet, port, metrics_port, check_port, name, cluster))
+        profile = ["-m", "cProfile", "-o", f"{prof}.{n}{name}"] if prof else []
+        procs_ctl.append(
+            spawn(
+                [sys.executable, *profile, "-m", "controller.cli", "run", "--config", str(cfg)],
+                d / f"controller{name and '-' + name}.log",
+            )
+        )
+    port, metrics_port = ports[0]
     spawned = time.monotonic()
     parts: list[Part] = []
     try:
-        wait_for_port("127.0.0.1", port, 60, proc)
+        for pr, (pt_, _) in zip(procs_ctl, ports, strict=True):
+            wait_for_port("127.0.0.1", pt_, 60, pr)
         target = f"127.0.0.1:{port}"
+        targets = [f"127.0.0.1:{p}" for p, _ in ports]
         # the fleet in `procs` processes (one Python process cannot simulate 2,000 agents' streams), cut
         # at multiples of 4 hosts so that each service's hosts are in one
         cuts = [4 * round(n * k / procs / 4) for k in range(procs + 1)]
-        parts = [Part(lo, hi, n, target, pki, interval) for lo, hi in itertools.pairwise(cuts) if hi > lo]
+        parts = [Part(lo, hi, n, targets, pki, interval) for lo, hi in itertools.pairwise(cuts) if hi > lo]
 
         async def status() -> list[dict[str, Any]]:
             return list(await asyncio.gather(*(pt.ask("status") for pt in parts)))
@@ -527,47 +575,74 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, procs: i
         def total(st: list[dict[str, Any]], key: str) -> Any:
             return sum(x[key] for x in st)
 
+        def divided() -> bool:
+            """Replicas: every shard acted for, by replicas that each act for some (the ring's division
+            waits for members seen 10 s, then each taker hears its agents for a heartbeat timeout)."""
+            if cluster is None:
+                return True
+            try:
+                acting = [
+                    gauge(scrape(mp_), "shadowplane_controller_replica_shards_acting") for _, mp_ in ports
+                ]
+            except OSError:
+                return False
+            return sum(acting) == shards and min(acting) > 0
+
         # warm-up: every agent connected, every service placed, the controller's first freeze of its heap
         # done (shadowplane/gc_pauses.py: a full collection once, FIRST_FREEZE_SECONDS after it started)
         t_start = time.monotonic()
         st = await status()
-        while time.monotonic() - t_start < 120 and (
+        while time.monotonic() - t_start < 180 and (
             total(st, "connected") < n
             or total(st, "acquires") < len(fleet.services)
             or time.monotonic() - spawned < gc_pauses.FIRST_FREEZE_SECONDS + 2
+            or not await asyncio.to_thread(divided)
         ):
             await asyncio.sleep(0.5)
             st = await status()
         warm = time.monotonic() - t_start
         connected = total(st, "connected")
-        p = psutil.Process(proc.pid)
-        p.cpu_percent(None)
+        if warm >= 180:  # say what it waited for
+            print(
+                f"  warm-up cut at {warm:.0f} s: connected {connected}/{n}, "
+                f"placed {total(st, 'acquires')}/{len(fleet.services)}, "
+                f"shards divided {await asyncio.to_thread(divided)}",
+                flush=True,
+            )
+        ps = [psutil.Process(pr.pid) for pr in procs_ctl]
+        for p in ps:
+            p.cpu_percent(None)
         await asyncio.gather(*(pt.ask("window") for pt in parts))  # the fleet's CPU is printed too
         acked0 = total(await status(), "acked")
         since_ms = int(time.time() * 1000)
-        try:
-            lag_before = await asyncio.to_thread(scrape, metrics_port)
-        except OSError:
-            lag_before = ""
+        lag_before = []
+        for _, mp_ in ports:
+            try:
+                lag_before.append(await asyncio.to_thread(scrape, mp_))
+            except OSError:
+                lag_before.append("")
         await asyncio.sleep(seconds)
-        cpu, st = p.cpu_percent(None), await status()
+        cpus, st = [p.cpu_percent(None) for p in ps], await status()
         sim_cpu, acked1, backlog = total(st, "cpu"), total(st, "acked"), total(st, "backlog")
         refused, failed = total(st, "refused"), total(st, "failed")
         rtt = [x for pt in parts for x in await pt.ask("rtt")]
-        rss = p.memory_info().rss
-        try:  # off this process's loop, which runs the agents; an overloaded controller may not answer
-            lag_text = await asyncio.to_thread(scrape, metrics_port)
-        except OSError as e:
-            lag_text = f"# /metrics did not answer: {e}"
+        rss = max(p.memory_info().rss for p in ps)
+        lag_texts = []
+        for _, mp_ in ports:
+            try:  # off this process's loop, which runs the agents; an overloaded controller may not answer
+                lag_texts.append(await asyncio.to_thread(scrape, mp_))
+            except OSError as e:
+                lag_texts.append(f"# /metrics did not answer: {e}")
+        lag_text = lag_texts[0]
 
         def count() -> int:
-            with sqlite3.connect(d / "controller.db", timeout=30) as db:
+            with sqlite3.connect(d / f"controller{names[0] and '-' + names[0]}.db", timeout=30) as db:
                 return int(db.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
 
         # the store's bytes per sample, after the run (its size grows in steps: a rate over a minute
         # would measure the steps); a host-day is 3 workloads x a sample per interval
         stored = await asyncio.to_thread(count)
-        size = sum(f.stat().st_size for f in d.glob("controller.db*"))
+        size = sum(f.stat().st_size for f in d.glob(f"controller{names[0] and '-' + names[0]}.db*"))
 
         def events() -> list[fpb.Event]:
             tls = TlsConfig(
@@ -587,7 +662,8 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, procs: i
         name, primary, shadow = fleet.services[len(fleet.services) // 2]
         i = fleet.hosts.index(primary)
         failover = await next(pt for pt in parts if pt.lo <= i < pt.hi).ask("kill", (name, primary, shadow))
-        p50, p99, window_max, mx = lag_quantiles(lag_text, lag_before)
+        lags = [lag_quantiles(t, b) for t, b in zip(lag_texts, lag_before, strict=True)]
+        p50, p99, window_max, mx = lags[0]
         cycle_last, cycle_max = (
             gauge(lag_text, "shadowplane_scaling_cycle_seconds"),
             gauge(lag_text, "shadowplane_scaling_cycle_max_seconds"),
@@ -601,10 +677,25 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, procs: i
             if MODE["observers"] == "controller"
             else f"  renewals: with observer agents, none to the controller; {refused} refused"
         )
+        if cluster is not None:
+            per = "; ".join(
+                f"{name} CPU {c:.0f} %, lag p99 {lg[1]} max {lg[2]}"
+                for name, c, lg in zip(names, cpus, lags, strict=True)
+            )
+            head = [
+                f"N={n} hosts, {len(fleet.services)} leased services, {replicas} replicas "
+                f"({shards} shards, one etcd member): warm-up {warm:.0f} s, {connected} connected to all",
+                f"  replicas: {per}; the busiest {max(cpus):.0f} %, all together {sum(cpus):.0f} %",
+            ]
+        else:
+            head = [
+                f"N={n} hosts, {len(fleet.services)} leased services: warm-up {warm:.0f} s, "
+                f"{connected} connected"
+            ]
+        cpu = max(cpus)
         return "\n".join(
             [
-                f"N={n} hosts, {len(fleet.services)} leased services: warm-up {warm:.0f} s, "
-                f"{connected} connected",
+                *head,
                 f"  ingest {(acked1 - acked0) / seconds:.1f} batches/s (sent {n / interval:.1f}), "
                 f"backlog {backlog}",
                 f"  controller loop lag p50 {p50} p99 {p99} max {window_max} "
@@ -622,7 +713,10 @@ async def simulate(n: int, seconds: float, interval: float, work: Path, procs: i
         for pt in parts:
             pt.stop()
         server.close()
-        stop(proc)
+        for pr in procs_ctl:
+            stop(pr)
+        if etcd is not None:
+            etcd.down()
 
 
 def main() -> int:
@@ -631,6 +725,16 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="measured, after every agent connected")
     ap.add_argument("--interval", type=float, default=10.0, help="telemetry interval (shipped: 10 s)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--replicas",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="controller processes, one run per value: 1 is the single controller on SQLite (the embedded "
+        "default); above 1, [cluster] replicas on one etcd member, the services divided among them "
+        "(needs --observers agents: replicas hold no lease seat)",
+    )
+    ap.add_argument("--shards", type=int, default=8, help="[cluster] shards with --replicas above 1")
     ap.add_argument(
         "--observers",
         choices=("controller", "agents"),
@@ -653,10 +757,13 @@ def main() -> int:
     if args.shipped_leases:
         TIMINGS.update(lease=0.5, renew=0.1)
     MODE["observers"] = args.observers
+    if max(args.replicas) > 1 and args.observers != "agents":
+        ap.error("--replicas above 1 needs --observers agents (replicas hold no lease seat)")
     if args.fleet_procs > 1 and any(n % 4 for n in args.hosts):
         ap.error("--hosts: with --fleet-procs > 1, multiples of 4 (a service's 4 hosts stay in one process)")
     lines = [
         f"# bench/fleet_sim.py --hosts {' '.join(map(str, args.hosts))} --seconds {args.seconds:g} "
+        f"--replicas {' '.join(map(str, args.replicas))} --shards {args.shards} "
         f"--observers {args.observers}{' --shipped-leases' if args.shipped_leases else ''}, "
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
         f"{os.cpu_count()} CPUs, the fleet in {args.fleet_procs} processes beside the controller",
@@ -684,11 +791,14 @@ def main() -> int:
 
         async def every_size() -> None:
             for n in args.hosts:
-                line = await simulate(n, args.seconds, args.interval, work, args.fleet_procs)
-                print(line, flush=True)
-                lines.append(line)
-                if args.out:  # after each size: a bigger one may overload the machine
-                    args.out.write_text("\n".join(lines) + "\n")
+                for r in args.replicas:
+                    line = await simulate(
+                        n, args.seconds, args.interval, work, args.fleet_procs, r, args.shards
+                    )
+                    print(line, flush=True)
+                    lines.append(line)
+                    if args.out:  # after each run: a bigger one may overload the machine
+                        args.out.write_text("\n".join(lines) + "\n")
 
         asyncio.run(every_size())
     return 0

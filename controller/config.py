@@ -550,6 +550,15 @@ class ClusterConfig:
         default=1.0,
         metadata=check(between(0.05, 10), doc="one etcd request; each member is tried in turn"),
     )
+    shards: int = field(
+        default=1,
+        metadata=check(
+            between(1, 256),
+            doc="the services are divided into this many shards, each led by one replica (1: one leader "
+            "acts for all). Capacity grows with replicas when it is a few times their number "
+            "(docs/cluster.md); the same on every replica",
+        ),
+    )
 
     def validate(self) -> str | None:
         if not self.prefix.startswith("/") or self.prefix.endswith("/"):

@@ -82,7 +82,16 @@ class ControllerCollector(Collector):
 
     def _cluster(self, c: ClusterView) -> Iterator[Metric]:
         for name, help_text, value in (
-            ("shadowplane_controller_replica_leader", "1 while this replica acts as leader", c.acting),
+            (
+                "shadowplane_controller_replica_leader",
+                "1 while this replica acts as leader (of at least one shard)",
+                c.acting,
+            ),
+            (
+                "shadowplane_controller_replica_shards_acting",
+                "How many of the services' shards this replica acts for",
+                c.shards_acting,
+            ),
             (
                 "shadowplane_controller_etcd_reachable",
                 "1 while this replica reads and writes etcd",

@@ -57,6 +57,9 @@ class AgentSession:
     pending: dict[str, Pending] = field(default_factory=dict)
     # Commands sent without waiting (Watch): their results are still checked, then forgotten.
     unawaited: collections.OrderedDict[str, apb.Command] = field(default_factory=collections.OrderedDict)
+    # Whether the agent sends this replica heartbeats and views (apb.Interest): a new stream starts full
+    full: bool = True
+    skip_telemetry: bool = False  # ... and whether it sends no telemetry either
 
     def fail_pending(self, why: str) -> None:
         for p in self.pending.values():

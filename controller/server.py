@@ -131,7 +131,7 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
     events = EventLog(store)
     if replica is not None:
         replica.journal.store.on_imported_event = events.deliver
-    not_leading = replica.not_leading if replica is not None else (lambda: "")
+    not_leading = replica.not_leading if replica is not None else (lambda service: "")
     # Each service's ownership, one copy that the HA loop, the orchestrator and the scaling loop all read:
     # etcd's records with replicas, else the store's
     book: ServiceRecords = replica.records if replica is not None else LocalRecords(store)
@@ -160,7 +160,16 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
         records=book,
         not_leading=not_leading,
     )
-    failover = FailoverLoop(cfg, store, registry, events, observer, orchestrator)
+    failover = FailoverLoop(
+        cfg,
+        store,
+        registry,
+        events,
+        observer,
+        orchestrator,
+        tracks=replica.tracks if replica is not None else (lambda service: True),
+        hears=replica.hears if replica is not None else (lambda service: True),
+    )
     server = grpc.aio.server(
         interceptors=[RefuseUndecodable()],
         options=[

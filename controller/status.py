@@ -131,6 +131,8 @@ class ClusterView:
     etcd_reachable: bool
     state: str  # one line: leader / following X / etcd unreachable, no moves
     journal_pending: int  # entries not yet in etcd
+    shards: int = 1  # [cluster] shards
+    shards_acting: int = 0  # how many of them this replica acts for now
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,12 @@ def parser() -> argparse.ArgumentParser:
         help=f"controller replicas (1-{MAX_CONTROLLERS}): above 1, as many etcd members and replicas, one of "
         "each per controller namespace, coordinated as [cluster] does (needs 2 or more shadows)",
     )
+    up.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="the services' shards ([cluster] shards), divided among the replicas (with --controllers)",
+    )
     up.add_argument("--dns", action="store_true", help="add a DNS server host (BIND) taking RFC 2136 updates")
     up.add_argument("--ipv6", action="store_true", help="IPv6 VIPs (fd77::101, ...) instead of IPv4")
     up.add_argument("--no-failover", action="store_true", help="namespaces and web servers only")
@@ -196,6 +202,7 @@ def lab_up(args: argparse.Namespace) -> int:
         primaries=args.primaries,
         shadows=args.shadows,
         controllers=args.controllers,
+        shards=args.shards,
         dns=args.dns,
         ipv6_vips=args.ipv6,
         failover="none" if args.no_failover else "shadowplane",

@@ -123,7 +123,8 @@ def controller_toml(
         ),
     ]
     if etcd:
-        out.append(toml_table("[cluster]", {"name": host, "etcd": list(etcd)}))
+        shards = {"shards": plan.spec.shards} if plan.spec.shards > 1 else {}
+        out.append(toml_table("[cluster]", {"name": host, "etcd": list(etcd), **shards}))
     for fh in plan.fleet_hosts():
         out.append(toml_table("[[host]]", {"name": fh.name, "zone": fh.zone, "address": fh.ipv4}))
     for s in plan.services:

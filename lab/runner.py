@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -35,6 +36,7 @@ import grpc
 import psutil
 
 from agentd.cgroupfs import CgroupError, CgroupLayout
+from controller.cluster.shards import shard_of
 from lab import configs, topology
 from lab.etcd import Member, MemberTls, member_argv
 from lab.poller import Poller
@@ -553,12 +555,21 @@ class Lab:
                 out[h.name] = f"down: {e.code().name if isinstance(e, grpc.Call) else e}"
         return out
 
-    def leader(self, timeout: float = 15.0) -> str:
-        """The replica that acts as leader, once exactly one says so."""
+    def leader(self, timeout: float = 15.0, service: str = "") -> str:
+        """The replica that acts as leader, once exactly one says so; with shards, the one that acts for
+        `service`'s shard (its state: "leader of 2 of 4 shards (0, 3)")."""
         deadline, states = time.monotonic() + timeout, {}
+        shard = shard_of(service, self.plan.spec.shards)
+
+        def leads(state: str) -> bool:
+            if self.plan.spec.shards == 1:
+                return state == "leader"
+            m = re.fullmatch(r"leader of \d+ of \d+ shards \(([\d, ]+)\)", state)
+            return m is not None and shard in {int(k) for k in m.group(1).split(", ")}
+
         while time.monotonic() < deadline:
             states = self.replica_states()
-            leaders = [h for h, s in states.items() if s == "leader"]
+            leaders = [h for h, s in states.items() if leads(s)]
             if len(leaders) == 1:
                 return leaders[0]
             time.sleep(0.1)

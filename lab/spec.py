@@ -174,6 +174,7 @@ class Spec:
     # Controller replicas: 1 is the single controller on SQLite; 3 or 5 start as many etcd members and
     # replicas, one of each per controller namespace (ctl, ctl2, ...), as `[cluster]` runs them
     controllers: int = 1
+    shards: int = 1  # [cluster] shards: above 1, the services are divided among the replicas
     timings: Timings = field(default_factory=Timings)
     workdir: Path | None = None  # None: a fresh directory under /run/shadowplane-lab
     startup_timeout_seconds: float = 30.0
@@ -190,6 +191,8 @@ class Spec:
                 "shadows: replicas hold no lease seat, so each service's quorum is its primary and shadows: "
                 "at least 2 shadows with controllers > 1"
             )
+        if self.shards != 1 and (self.controllers == 1 or not 1 <= self.shards <= 256):
+            return f"shards: 1, or 2..256 with controllers > 1, got {self.shards}"
         if self.controllers > 1 and self.failover != "shadowplane":
             return "controllers: replicas need failover = shadowplane"
         if not 1 <= self.http_port <= 65535 or self.http_port in (CONTROLLER_PORT, PEER_PORT, 53):

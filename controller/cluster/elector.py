@@ -37,9 +37,13 @@ class Elector:
         margin: float = DEFAULT_MARGIN,
         key: str = LEADER_KEY,
         clock: Callable[[], float] = time.monotonic,
+        wants: Callable[[], bool] = lambda: True,
     ) -> None:
         self.dcs, self.name, self.ttl, self.margin = dcs, name, ttl_seconds, margin
         self.key, self.clock = key, clock
+        # Whether to campaign when not holding the key (a shard's elector asks the ring: shards.py)
+        self.wants = wants
+        self.campaigning = True  # what wants() said last
         self.term: Term | None = None
         self.leader = ""  # who the key names, as last read ("" unknown or none)
         self.store_reachable = True
@@ -47,7 +51,7 @@ class Elector:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dcs")
 
     def standing(self) -> Standing:
-        return standing(self.term, self.clock(), self.leader, self.margin)
+        return standing(self.term, self.clock(), self.leader, self.margin, self.campaigning)
 
     def acts(self) -> bool:
         """May this replica act as leader at this moment?"""
@@ -60,12 +64,15 @@ class Elector:
         """One round: campaign, or renew the term; then apply the rules."""
         try:
             if self.term is None:
-                await self._campaign()
+                self.campaigning = self.wants()
+                if self.campaigning:
+                    await self._campaign()
             else:
                 term, sent = self.term, self.clock()
                 if await self._store(lambda: self.dcs.keepalive(term.lease)):
-                    self.term = replace(term, confirmed_sent_at=sent)
-                else:
+                    if self.term is term:  # not resigned while the renewal was out (a shard handed over)
+                        self.term = replace(term, confirmed_sent_at=sent)
+                elif self.term is term:
                     self._note("lost leadership: the store expired the lease")
                     self.term, self.leader = None, ""
             self.store_reachable = True

@@ -38,11 +38,15 @@ class Standing:
     reason: str
 
 
-def standing(term: Term | None, now: float, leader: str, margin: float = DEFAULT_MARGIN) -> Standing:
+def standing(
+    term: Term | None, now: float, leader: str, margin: float = DEFAULT_MARGIN, campaigning: bool = True
+) -> Standing:
     """Whether this replica may act as leader now, and why (or why not)."""
     if term is None:
         if leader:
             return Standing(False, f"following {leader}")
+        if not campaigning:  # a vacant shard the ring gives another replica (shards.py)
+            return Standing(False, "no leader known (left to another replica)")
         return Standing(False, "no leader known (campaigning)")
     left = acting_until(term, margin) - now
     if left <= 0:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,7 +20,7 @@ from controller.event_log import EventLog
 from controller.failover.board import ObservationBoard
 from controller.failover.decide import Decision, Request, Snapshot, Tally, decide, tally
 from controller.failover.orchestrator import Orchestrator
-from controller.registry import AgentRegistry
+from controller.registry import AgentRegistry, AgentSession
 from controller.status import ObserverView, ServiceView
 from controller.store import ServiceRecord, Store
 from shadowplane.clock import now_ms
@@ -68,6 +68,8 @@ class FailoverLoop:
         events: EventLog,
         observer: LeaseObserver,
         orchestrator: Orchestrator,
+        tracks: Callable[[str], bool] = lambda service: True,
+        hears: Callable[[str], bool] = lambda service: True,
     ) -> None:
         self.cfg, self.store, self.registry, self.events = cfg, store, registry, events
         self.observer, self.orchestrator = observer, orchestrator
@@ -80,7 +82,9 @@ class FailoverLoop:
         # observer grants renewals only of a token it voted for, so one that missed the vote is brought up
         self._caught_up: dict[tuple[str, str], tuple[str, int, float]] = {}
         self.started = time.monotonic()
-        self.not_leading = orchestrator.not_leading  # replicas: "" only while this one leads
+        self.not_leading = orchestrator.not_leading  # replicas: "" only while this one leads the service
+        self.tracks = tracks  # sharded replicas: services it acts for or is taking over (heartbeats, views)
+        self.hears = hears  # ... and those it is next in line for (telemetry: the history it would forecast)
         self._alive: tuple[int, frozenset[str]] | None = None  # (when, who): see alive()
         self._in_tick = False
         # host -> the services whose lease quorum it sits in (each agent's Watch, as it connects)
@@ -88,6 +92,14 @@ class FailoverLoop:
         for rt in self.services.values():
             for h in cfg.lease_quorum(rt.cfg):
                 self._seated.setdefault(h, []).append(rt)
+        # host -> the services it serves or observes: whether this replica wants its heartbeats and views
+        self._serves: dict[str, list[str]] = {}
+        for rt in self.services.values():
+            for h in dict.fromkeys([rt.cfg.primary, *rt.cfg.shadows, *rt.cfg.observer_names()]):
+                self._serves.setdefault(h, []).append(rt.cfg.name)
+        # the services this replica tracked, and heard, at the last tick
+        self._tracked: tuple[frozenset[str], frozenset[str]] | None = None
+        self._told: dict[str, AgentSession] = {}  # host -> the stream its interest was decided for
 
     # ---- the loop ----
 
@@ -131,14 +143,21 @@ class FailoverLoop:
     def _tick(self) -> None:
         self._push_watches()
         now = now_ms()
-        leading = not self.not_leading()
+        tracked, heard = set(), set()
         for rt in self.services.values():
+            if not self.tracks(rt.cfg.name):
+                # Sharded replicas: another replica leads it, and taking it over starts a new watch
+                rt.primary_up_since_ms = None
+                if self.hears(rt.cfg.name):
+                    heard.add(rt.cfg.name)
+                continue
+            tracked.add(rt.cfg.name)
             primary = self._health(rt, rt.cfg.primary)
             if primary.majority_up:
                 rt.primary_up_since_ms = rt.primary_up_since_ms or now
             else:
                 rt.primary_up_since_ms = None
-            if rt.busy or not leading:
+            if rt.busy or self.not_leading(rt.cfg.name):
                 continue
             rec = self.orchestrator.service_state(rt.cfg.name)
             if rec.phase == "acquiring":
@@ -151,6 +170,37 @@ class FailoverLoop:
             elif d.reason and d.reason != rt.last_noted:
                 self.events.record("decision", rt.cfg.name, d.target, d.reason, damped=d.damped)
             rt.last_noted = d.reason
+        self._push_interest(frozenset(tracked), frozenset(tracked | heard))
+
+    def interest(self, host: str, tracked: frozenset[str], heard: frozenset[str]) -> apb.Interest:
+        """What this replica wants of `host`: heartbeats and views while it tracks one of the services the
+        host serves or observes (with one shard, always); telemetry also while it is next in line for one.
+        A host of no service: everything while this replica holds the shard its name hashes to."""
+        serves = self._serves.get(host)
+        if not serves:
+            mine = self.tracks(f"host {host}")
+            why = "serves no service" + ("" if mine else "; another replica hears it")
+            return apb.Interest(full=mine, skip_telemetry=not mine, reason=why)
+        ours = [s for s in serves if s in tracked]
+        if ours:
+            return apb.Interest(full=True, reason=f"this replica acts for {', '.join(ours)}")
+        why = f"other replicas act for {', '.join(serves)}"
+        if any(s in heard for s in serves):
+            return apb.Interest(full=False, reason=f"{why}; this one is next in line")
+        return apb.Interest(full=False, skip_telemetry=True, reason=why)
+
+    def _push_interest(self, tracked: frozenset[str], heard: frozenset[str]) -> None:
+        """Tell each agent whose interest changed (a shard gained or handed over, a new stream)."""
+        changed, self._tracked = (tracked, heard) != self._tracked, (tracked, heard)
+        for host, session in self.registry.connected().items():
+            if not changed and self._told.get(host) is session:
+                continue
+            self._told[host] = session
+            want = self.interest(host, tracked, heard)
+            if (want.full, want.skip_telemetry) != (session.full, session.skip_telemetry):
+                session.full, session.skip_telemetry = want.full, want.skip_telemetry
+                with contextlib.suppress(asyncio.QueueFull):
+                    session.outbox.put_nowait(apb.ControllerMessage(interest=want))
 
     def _recover(self, rt: ServiceRuntime, rec: ServiceRecord) -> None:
         """A takeover left half done (this controller restarted, or the replica that led it died or lost
@@ -180,9 +230,11 @@ class FailoverLoop:
         rt = self.services.get(service)
         if rt is None:
             return Decision("none", "", f"no service {service!r} (see shadowctl services)")
-        why = self.not_leading()
+        why = self.not_leading(service)
         if why:
-            return Decision("none", "", f"this controller replica does not act ({why}): ask the leader")
+            return Decision(
+                "none", "", f"this controller replica does not act for {service} ({why}): ask its leader"
+            )
         if rt.busy:
             return Decision("none", "", "a transition of this service is already running")
         d = decide(self.snapshot(rt, req))
@@ -373,7 +425,7 @@ class FailoverLoop:
     def on_observation(self, observer: str, o: apb.Observation) -> None:
         prev = self.board.put(observer, o)
         up = None if o.unknown else o.up
-        if o.kind == "health" and (prev is None or prev.up != up) and not self.not_leading():
+        if o.kind == "health" and (prev is None or prev.up != up) and not self.not_leading(o.service):
             # An observer that cannot check says why itself ("cannot check p1: ...").
             said = f"sees {o.target} {'up' if up else 'DOWN'}: " if up is not None else ""
             self.events.record(
@@ -381,16 +433,17 @@ class FailoverLoop:
             )
 
     def on_lease_event(self, host: str, e: apb.LeaseEvent) -> None:
-        if e.what in ("lost", "released", "resumed") and not self.not_leading():
+        if e.what in ("lost", "released", "resumed") and not self.not_leading(e.service):
             self.events.record(f"lease-{e.what}", e.service, host, e.reason, token=e.token)
 
     def on_disconnect(self, host: str) -> None:
         self.board.forget_observer(host)
         self._watched.pop(host, None)
+        self._told.pop(host, None)
 
     def _on_controller_probe(self, spec: CheckSpec, tracker: Tracker, changed: bool) -> None:
         self._checks[(spec.service, spec.target)] = tracker
-        if changed and not self.not_leading():  # replicas: the leader's view is the one recorded
+        if changed and not self.not_leading(spec.service):  # replicas: the leader's view is the one recorded
             self.events.record(
                 "health",
                 spec.service,

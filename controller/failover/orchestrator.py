@@ -65,7 +65,7 @@ class Orchestrator:
     records: ServiceRecords | None = None  # where ownership is kept (default: the store; replicas: etcd)
     # Replicas: why this one may not act now ("" while it leads; always "" alone). Asked before each step
     # that changes something, so a replica that lost leadership mid-transition stops at its next step.
-    not_leading: Callable[[], str] = lambda: ""
+    not_leading: Callable[[str], str] = lambda service: ""
 
     def __post_init__(self) -> None:
         self.book: ServiceRecords = self.records or LocalRecords(self.store)
@@ -74,7 +74,7 @@ class Orchestrator:
         return await self.book.save(rec)
 
     def _still_leading(self, svc: ServiceConfig, step: str) -> None:
-        why = self.not_leading()
+        why = self.not_leading(svc.name)
         if why:
             raise RecordConflict(f"service {svc.name}: stopped before {step}: {why}")
 

@@ -97,7 +97,7 @@ class ScalingLoop:
         events: EventLog,
         engine: PredictionEngine | None = None,
         worker: StoreWorker | None = None,
-        not_leading: Callable[[], str] = lambda: "",
+        not_leading: Callable[[str], str] = lambda service: "",
         records: Callable[[str], ServiceRecord | None] | None = None,
     ) -> None:
         self.cfg, self.store, self.registry, self.events = cfg, store, registry, events
@@ -130,6 +130,7 @@ class ScalingLoop:
         self.history = self._new_history()
         self._seeded = False
         self._restored = False
+        self.led: frozenset[str] = frozenset()  # the services this replica scaled in its last cycle
         self.wake = asyncio.Event()
 
     @property
@@ -160,22 +161,25 @@ class ScalingLoop:
             # agents and threads) wakes the next one instead of waiting a whole interval.
             self.wake.clear()
             try:
-                if self.not_leading():
-                    # Another replica scales. Leading again later, this one restores from the decisions
-                    # the others made (copied into its store by the journal), as after a restart.
-                    self._restored = False
-                else:
-                    t0 = time.monotonic()
-                    await self.cycle()
-                    self.last_cycle_seconds = time.monotonic() - t0
-                    self.max_cycle_seconds = max(self.max_cycle_seconds, self.last_cycle_seconds)
+                t0 = time.monotonic()
+                await self.cycle()
+                self.last_cycle_seconds = time.monotonic() - t0
+                self.max_cycle_seconds = max(self.max_cycle_seconds, self.last_cycle_seconds)
             except Exception:  # a bad cycle is logged; the next one starts from scratch
                 log.exception("scaling cycle failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), max(0.0, (self.next_cycle_ms - now_ms()) / 1000))
 
     async def cycle(self, now: int | None = None) -> list[ScalingDecision]:
-        """One cycle at `now` (unix ms; default: the clock)."""
+        """One cycle at `now` (unix ms; default: the clock), for the services this replica leads."""
+        led = frozenset(s.name for s in self.cfg.service if not self.not_leading(s.name))
+        if not led <= self.led:
+            # Another replica scaled these. Leading them now, this one restores from the decisions the
+            # others made (copied into its store by the journal), as after a restart.
+            self._restored = False
+        self.led = led
+        if not led and self.cfg.service:
+            return []  # another replica scales every service
         await self.consider_new_model()
         if not self._restored:
             # a window query over every stored decision: the worker reads it, off the event loop
@@ -347,6 +351,8 @@ class ScalingLoop:
         """Whose demand sizes each service's shadows: the primary's, or the owner's while a shadow serves."""
         self.demand = {}
         for svc in self.cfg.service:
+            if svc.name not in self.led:
+                continue
             rec = self.service_state(svc.name)
             host = rec.owner if rec is not None and rec.owner in svc.shadows else svc.primary
             workload = self.workload_of(host, svc.name)
@@ -363,7 +369,7 @@ class ScalingLoop:
         out: list[ScalingDecision] = []
         for svc in self.cfg.service:
             fc = self.forecasts.get(svc.name)
-            if fc is None:
+            if fc is None or svc.name not in self.led:
                 continue
             shown = self.targets.setdefault(svc.name, {})
             if "io" in fc.curves:

@@ -857,6 +857,38 @@ class LimitsApplied(_message.Message):
 Global___LimitsApplied: _TypeAlias = LimitsApplied  # noqa: Y015
 
 @_typing.final
+class Interest(_message.Message):
+    """A replica's interest in this host, with the services divided among replicas ([cluster] shards > 1):
+    `full` while it acts for one of the host's services (heartbeats and observers' views); telemetry unless
+    `skip_telemetry`, set when the replica neither acts for nor is next in line for any of them (the next in
+    line keeps the history it would forecast from). Commands and their results always flow. Each new stream
+    starts full, with telemetry; on going full again the agent sends its views at once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FULL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    SKIP_TELEMETRY_FIELD_NUMBER: _builtins.int
+    full: _builtins.bool
+    reason: _builtins.str
+    skip_telemetry: _builtins.bool
+    def __init__(
+        self,
+        *,
+        full: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        skip_telemetry: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["full", b"full", "reason", b"reason", "skip_telemetry", b"skip_telemetry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Interest: _TypeAlias = Interest  # noqa: Y015
+
+@_typing.final
 class ControllerMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -864,6 +896,7 @@ class ControllerMessage(_message.Message):
     ACK_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
     REJECT_FIELD_NUMBER: _builtins.int
+    INTEREST_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -872,6 +905,8 @@ class ControllerMessage(_message.Message):
     def command(self) -> Global___Command: ...
     @_builtins.property
     def reject(self) -> Global___Reject: ...
+    @_builtins.property
+    def interest(self) -> Global___Interest: ...
     def __init__(
         self,
         *,
@@ -879,12 +914,13 @@ class ControllerMessage(_message.Message):
         ack: Global___TelemetryAck | None = ...,
         command: Global___Command | None = ...,
         reject: Global___Reject | None = ...,
+        interest: Global___Interest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "command", b"command", "reject", b"reject", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "command", b"command", "interest", b"interest", "reject", b"reject", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "command", b"command", "reject", b"reject", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "body", b"body", "command", b"command", "interest", b"interest", "reject", b"reject", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "ack", "command", "reject"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "ack", "command", "reject", "interest"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
