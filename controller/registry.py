@@ -93,6 +93,7 @@ class AgentRegistry:
         self._sessions: dict[str, AgentSession] = {}
         self._ids = itertools.count(1)
         self.on_change: list[asyncio.Event] = []
+        self.version = 0  # grows with every stream attached or detached
         self.rejections = Rejections()
 
     def attach(self, s: AgentSession) -> None:
@@ -114,6 +115,7 @@ class AgentRegistry:
         s.fail_pending(f"agent {s.host} disconnected")
 
     def _changed(self) -> None:
+        self.version += 1
         for ev in self.on_change:
             ev.set()
 

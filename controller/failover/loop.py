@@ -100,6 +100,7 @@ class FailoverLoop:
         # the services this replica tracked, and heard, at the last tick
         self._tracked: tuple[frozenset[str], frozenset[str]] | None = None
         self._told: dict[str, AgentSession] = {}  # host -> the stream its interest was decided for
+        self._told_version = -1  # the registry's version when the streams were last walked
 
     # ---- the loop ----
 
@@ -192,6 +193,9 @@ class FailoverLoop:
     def _push_interest(self, tracked: frozenset[str], heard: frozenset[str]) -> None:
         """Tell each agent whose interest changed (a shard gained or handed over, a new stream)."""
         changed, self._tracked = (tracked, heard) != self._tracked, (tracked, heard)
+        if not changed and self.registry.version == self._told_version:
+            return  # no stream came or went: nothing to tell (a walk of every stream per tick otherwise)
+        self._told_version = self.registry.version
         for host, session in self.registry.connected().items():
             if not changed and self._told.get(host) is session:
                 continue
