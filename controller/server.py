@@ -170,6 +170,11 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
         tracks=replica.tracks if replica is not None else (lambda service: True),
         hears=replica.hears if replica is not None else (lambda service: True),
     )
+    if replica is not None:
+        rep = replica
+        rep.in_flight = lambda shard: any(
+            rt.busy for rt in failover.services.values() if rep.shard_of(rt.cfg.name) == shard
+        )
     server = grpc.aio.server(
         interceptors=[RefuseUndecodable()],
         options=[

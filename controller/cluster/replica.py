@@ -34,6 +34,7 @@ T = TypeVar("T")
 
 SYNC_INTERVAL_SECONDS = 0.5  # records and journal read from etcd: what a follower's views lag by at most
 PRUNE_INTERVAL_SECONDS = 600.0
+HANDOVER_DRAIN_SECONDS = 5.0  # at most this long between stopping acting for a shard and revoking it
 
 
 class Replica:
@@ -68,6 +69,9 @@ class Replica:
         self._vacant: dict[int, float] = {}  # shard -> since when seen without a holder
         self._said: dict[int, str] = {}  # shard -> the last move logged
         self._shard_of: dict[str, int] = {}
+        self._handing: set[int] = set()  # shards being handed over: held, not acted for
+        # Whether a transition of one of the shard's services is under way (the server sets it)
+        self.in_flight: Callable[[int], bool] = lambda shard: False
         self.records = EtcdRecords(self.dcs, c.prefix)
         self.journal = Journal(self.dcs, c.prefix, c.name, store)
         self._ready: dict[
@@ -92,6 +96,8 @@ class Replica:
         what = f"shard {shard}: " if self.shards > 1 else ""
         if not s.acting:
             return what + s.reason
+        if shard in self._handing:
+            return what + "handing over to the ring's choice"
         ready = self._ready.get(shard)
         if e.term is None or ready is None or e.term.lease != ready[0]:
             return what + "elected, reading the shared state before acting"
@@ -154,7 +160,20 @@ class Replica:
             m = self._move(k)
             self._note(k, m)
             if m.action == "resign":
-                await e.resign()
+                await self._hand_over(k, e)
+
+    async def _hand_over(self, shard: int, e: Elector) -> None:
+        """Stop acting for the shard while still holding its key (no other replica can start), let what
+        was under way end: its transitions stop at their next step, this replica's journal entries reach
+        etcd (the taker restores its scaling from them); then revoke, at most HANDOVER_DRAIN_SECONDS later."""
+        self._handing.add(shard)
+        try:
+            deadline = time.monotonic() + HANDOVER_DRAIN_SECONDS
+            while time.monotonic() < deadline and (self.journal.pending or self.in_flight(shard)):
+                await asyncio.sleep(0.05)
+            await e.resign()
+        finally:
+            self._handing.discard(shard)
 
     def _read_shards(self) -> tuple[list[str], dict[int, str]]:
         prefix = self.cfg.prefix

@@ -81,8 +81,10 @@ def move(
     # A shard is handed only to a member seen for `settle` seconds (see DEFAULT_SETTLE_SECONDS).
     settled = {name: since for name, since in members.items() if now - since >= settle}
     if holder == me:
+        # Handed over only when the ring over every member agrees that it is not ours: were the two rings
+        # to differ, a replica would resign a shard the ring over every member then gives it back.
         best = preferred(shard, shards, {**settled, me: 0.0})
-        if best != me:
+        if best != me and preferred(shard, shards, {**members, me: 0.0}) != me:
             return ShardMove("resign", f"handing shard {shard} to {best}, the ring's choice")
         return ShardMove("hold", f"shard {shard}: held, the ring's choice")
     if holder:

@@ -37,6 +37,9 @@ from shadowplane.v1 import agent_pb2 as apb
 
 log = logging.getLogger(__name__)
 
+# How often a sharded replica looks again at which service-less hosts' shards it holds (20: once a second)
+PLAIN_HOSTS_EVERY_TICKS = 20
+
 CATCH_UP_RETRY_SECONDS = 1.0
 # How long one answer of `alive()` is reused: small next to any heartbeat timeout (the lab's is 500 ms).
 ALIVE_REUSE_MS = 5
@@ -97,8 +100,11 @@ class FailoverLoop:
         for rt in self.services.values():
             for h in dict.fromkeys([rt.cfg.primary, *rt.cfg.shadows, *rt.cfg.observer_names()]):
                 self._serves.setdefault(h, []).append(rt.cfg.name)
-        # the services this replica tracked, and heard, at the last tick
-        self._tracked: tuple[frozenset[str], frozenset[str]] | None = None
+        # the services this replica tracked, and heard, and the service-less hosts it hears, at the last tick
+        self._tracked: tuple[frozenset[str], frozenset[str], frozenset[str] | None] | None = None
+        self._plain = [h.name for h in cfg.host if h.name not in self._serves]
+        self._plain_tracked: frozenset[str] | None = None
+        self._ticks = 0
         self._told: dict[str, AgentSession] = {}  # host -> the stream its interest was decided for
         self._told_version = -1  # the registry's version when the streams were last walked
 
@@ -145,10 +151,13 @@ class FailoverLoop:
         self._push_watches()
         now = now_ms()
         tracked, heard = set(), set()
+        was = self._tracked[0] if self._tracked is not None else frozenset()
         for rt in self.services.values():
             if not self.tracks(rt.cfg.name):
-                # Sharded replicas: another replica leads it, and taking it over starts a new watch
-                rt.primary_up_since_ms = None
+                # Sharded replicas: another replica leads it. What this one knew of it goes stale: taking
+                # it over again starts every watch afresh, as after a restart.
+                if rt.cfg.name in was:
+                    self._let_go(rt)
                 if self.hears(rt.cfg.name):
                     heard.add(rt.cfg.name)
                 continue
@@ -173,6 +182,16 @@ class FailoverLoop:
             rt.last_noted = d.reason
         self._push_interest(frozenset(tracked), frozenset(tracked | heard))
 
+    def _let_go(self, rt: ServiceRuntime) -> None:
+        """A service another replica now acts for: forget the timers that would judge it on return (a
+        renewal miss counted from minutes ago would skip the wait for the health checks), and stop retrying
+        its DNS record (the replica acting for it now points it)."""
+        rt.primary_up_since_ms = rt.renewing_down_since_ms = None
+        rt.stable_since, rt.last_noted = time.monotonic(), ""
+        self.orchestrator.dns_updates.cancel(
+            rt.cfg.name, "another controller replica acts for the service now", self.events.record
+        )
+
     def interest(self, host: str, tracked: frozenset[str], heard: frozenset[str]) -> apb.Interest:
         """What this replica wants of `host`: heartbeats and views while it tracks one of the services the
         host serves or observes (with one shard, always); telemetry also while it is next in line for one.
@@ -192,7 +211,12 @@ class FailoverLoop:
 
     def _push_interest(self, tracked: frozenset[str], heard: frozenset[str]) -> None:
         """Tell each agent whose interest changed (a shard gained or handed over, a new stream)."""
-        changed, self._tracked = (tracked, heard) != self._tracked, (tracked, heard)
+        self._ticks += 1
+        if self._ticks % PLAIN_HOSTS_EVERY_TICKS == 1 or self._plain_tracked is None:
+            # hosts that serve no service follow their name's shard, which may move without a service
+            self._plain_tracked = frozenset(h for h in self._plain if self.tracks(f"host {h}"))
+        key = (tracked, heard, self._plain_tracked)
+        changed, self._tracked = key != self._tracked, key
         if not changed and self.registry.version == self._told_version:
             return  # no stream came or went: nothing to tell (a walk of every stream per tick otherwise)
         self._told_version = self.registry.version
@@ -202,6 +226,10 @@ class FailoverLoop:
             self._told[host] = session
             want = self.interest(host, tracked, heard)
             if (want.full, want.skip_telemetry) != (session.full, session.skip_telemetry):
+                if session.full and not want.full:
+                    # its views stop coming here: forgotten, not kept to be read stale on a return (the
+                    # agent sends them all again when it is told full)
+                    self.board.forget_observer(host)
                 session.full, session.skip_telemetry = want.full, want.skip_telemetry
                 with contextlib.suppress(asyncio.QueueFull):
                     session.outbox.put_nowait(apb.ControllerMessage(interest=want))

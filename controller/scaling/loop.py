@@ -173,17 +173,17 @@ class ScalingLoop:
     async def cycle(self, now: int | None = None) -> list[ScalingDecision]:
         """One cycle at `now` (unix ms; default: the clock), for the services this replica leads."""
         led = frozenset(s.name for s in self.cfg.service if not self.not_leading(s.name))
-        if not led <= self.led:
-            # Another replica scaled these. Leading them now, this one restores from the decisions the
-            # others made (copied into its store by the journal), as after a restart.
-            self._restored = False
+        # Another replica scaled the services this one leads anew: it restores them from the decisions the
+        # others made (copied into its store by the journal), as after a restart; the others keep theirs.
+        fresh = led - self.led if self._restored else led
         self.led = led
         if not led and self.cfg.service:
             return []  # another replica scales every service
         await self.consider_new_model()
-        if not self._restored:
+        if fresh or not self._restored:
             # a window query over every stored decision: the worker reads it, off the event loop
-            self.restore(await self.worker.run(lambda store: store.decisions(last=1)))
+            latest = await self.worker.run(lambda store: store.decisions(last=1))
+            self.restore([d for d in latest if d.service in fresh or not self.cfg.service])
         await self.forecast(now or now_ms())
         by_shadow: dict[tuple[str, str], list[ScalingDecision]] = {}
         for d in self.plan(now or now_ms()):
@@ -351,8 +351,8 @@ class ScalingLoop:
         """Whose demand sizes each service's shadows: the primary's, or the owner's while a shadow serves."""
         self.demand = {}
         for svc in self.cfg.service:
-            if svc.name not in self.led:
-                continue
+            if self.not_leading(svc.name):
+                continue  # another replica scales it
             rec = self.service_state(svc.name)
             host = rec.owner if rec is not None and rec.owner in svc.shadows else svc.primary
             workload = self.workload_of(host, svc.name)
@@ -369,7 +369,7 @@ class ScalingLoop:
         out: list[ScalingDecision] = []
         for svc in self.cfg.service:
             fc = self.forecasts.get(svc.name)
-            if fc is None or svc.name not in self.led:
+            if fc is None or self.not_leading(svc.name):
                 continue
             shown = self.targets.setdefault(svc.name, {})
             if "io" in fc.curves:
@@ -518,6 +518,9 @@ class ScalingLoop:
     async def _apply(self, key: tuple[str, str], ds: list[ScalingDecision]) -> list[ScalingDecision]:
         """Send one shadow's planned limits to its agent; the decisions with how that went."""
         host, workload = key
+        if any(self.not_leading(d.service) for d in ds):
+            # handed to another replica since the plan (this cycle awaited agents and threads)
+            return [replace(d, result="failed: this replica no longer acts for the service") for d in ds]
         if not any(d.changed for d in ds) and key in self.applied:
             rows = self.store.samples(host, workload, limit=1)
             newest = rows[-1][1] if rows else None

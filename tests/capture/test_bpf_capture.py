@@ -93,7 +93,9 @@ def test_block_io_from_direct_writes(
     # of HAVE_BLOCK_RQ_INSERT (kernel_features.py). Seen once in 200 reads on CI; allow 2 %.
     submitter = {f.name: f.flag for f in capture.features}["block_io_submitter"]
     least = 200 if submitter == "HAVE_BLOCK_IO_START" else 196
-    assert b.write_ops >= least and b.write_bytes >= least * 64 * 1024
+    # Bytes: on 6.18 (block_io_start) CI once counted all 200 writes but one of them with 4 KiB of its 64 KiB
+    # (a request split at issue, its other part not seen): one request's bytes of slack.
+    assert b.write_ops >= least and b.write_bytes >= (least - 1) * 64 * 1024
     assert b.read_ops >= least and b.read_bytes >= least * 64 * 1024
     assert sum(b.latency.counts) >= b.read_ops + b.write_ops
     assert b.latency.unit == "us"

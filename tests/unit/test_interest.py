@@ -104,6 +104,10 @@ def test_the_controller_tells_each_stream_what_it_wants_of_it(tmp_path: Path) ->
     assert {h: told(s) for h, s in sessions.items()} == {
         "p1": [], "s1": [], "x": [], "p2": quiet, "s2": quiet
     }  # fmt: skip
+    # what this replica knows of web while it acts for it: s1's view of p1, a renewal miss being counted
+    loop.on_observation("s1", apb.Observation(service="web", target="p1", up=True, kind="health"))
+    web = loop.services["web"]
+    web.renewing_down_since_ms = 1
     # the shards move: web's and x's to another replica (this one not next in line), api's here
     tracked.clear()
     tracked.add("api")
@@ -112,6 +116,10 @@ def test_the_controller_tells_each_stream_what_it_wants_of_it(tmp_path: Path) ->
     assert {h: told(s) for h, s in sessions.items()} == {
         "p1": mute, "s1": mute, "x": mute, "p2": ["full"], "s2": ["full"]
     }  # fmt: skip
+    # and it is forgotten, not kept to be read stale should web's shard come back: s1 sends its views
+    # again when told full, and a renewal miss is counted afresh
+    assert loop.board.health("web", "p1") == {}
+    assert web.renewing_down_since_ms is None
     # p1 reconnects: its new stream starts full, and is told at once
     sessions["p1"] = attach("p1")
     loop.tick()

@@ -79,3 +79,18 @@ def test_a_vacant_shard_left_too_long_by_the_ring_s_choice_is_taken() -> None:
     assert move(THEIRS, 8, "me", members, "", NOW - 1.0, NOW).action == "wait"
     m = move(THEIRS, 8, "me", members, "", NOW - DEFAULT_SETTLE_SECONDS, NOW)
     assert m.action == "campaign" and "other has not taken it" in m.reason
+
+
+def test_a_shard_the_ring_over_every_member_gives_back_is_kept() -> None:
+    """The ring over settled members says another, the ring over every member (a newcomer counted) says this
+    one: handing it over would only see the others leave it, and this one take it back, again and again."""
+    names = ["me", "other", "new"]
+    k = next(
+        k
+        for k in range(64)
+        if preferred(k, 64, ["me", "other"]) == "other" and preferred(k, 64, names) == "me"
+    )
+    members = {"me": OLD, "other": OLD, "new": NEW}
+    assert move(k, 64, "me", members, "me", None, NOW).action == "hold"
+    # once the newcomer has settled, both rings say the same: the shard is kept (the ring's choice)
+    assert move(k, 64, "me", {**members, "new": OLD}, "me", None, NOW).action == "hold"
