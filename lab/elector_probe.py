@@ -22,14 +22,12 @@ from lab.etcd import EtcdCluster
 from lab.procs import child_env, python_module
 
 
-class ElectorProcess:
-    """A replica's elector in its own process (this module as its main), and what it printed."""
+class ProbeProcess:
+    """A probe in its own process against the etcd cluster (`argv`: its module and own arguments; the
+    endpoints, TLS files and TTL are added), what it printed, and the faults a test puts on it."""
 
-    def __init__(
-        self, etcd: EtcdCluster, name: str, key: str, workdir: Path, ttl: int = DEFAULT_TTL_SECONDS
-    ) -> None:
+    def __init__(self, etcd: EtcdCluster, name: str, workdir: Path, ttl: int, argv: list[str]) -> None:
         self.name, self.out, self.err = name, workdir / f"{name}.out", workdir / f"{name}.log"
-        argv = python_module("lab.elector_probe", "--name", name, "--leader-key", key)
         for e in etcd.endpoints:
             argv += ["--endpoint", e]
         argv += ["--ca", etcd.tls.ca, "--cert", etcd.tls.cert, "--key", etcd.tls.key, "--ttl", str(ttl)]
@@ -39,20 +37,14 @@ class ElectorProcess:
             )
         self.ended_at: float | None = None  # killed: it acted at most until here
 
-    def transitions(self) -> list[tuple[float, bool]]:
-        rows = [line.split() for line in self.out.read_text().splitlines() if line.strip()]
-        return [(float(t), a == "1") for t, a in rows]
-
-    def acting(self) -> bool:
-        t = self.transitions()
-        return bool(t) and t[-1][1] and self.ended_at is None
-
-    def intervals(self, now: float, stopped_at: float | None = None) -> list[tuple[float, float]]:
+    def spans(
+        self, transitions: list[tuple[float, bool]], now: float, stopped_at: float | None = None
+    ) -> list[tuple[float, float]]:
         """When it acted: from each 1 to the next 0 (or its death, or now). `stopped_at` ends an interval
         that began before a SIGSTOP at the stop (a stopped process acts on nothing), once the test has
         checked that it woke up not acting."""
         out, start = [], None
-        for t, a in self.transitions():
+        for t, a in transitions:
             if a and start is None:
                 start = t
             elif not a and start is not None:
@@ -77,6 +69,27 @@ class ElectorProcess:
             os.killpg(self.proc.pid, signal.SIGCONT)
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
+
+
+class ElectorProcess(ProbeProcess):
+    """A replica's elector in its own process (this module as its main), and what it printed."""
+
+    def __init__(
+        self, etcd: EtcdCluster, name: str, key: str, workdir: Path, ttl: int = DEFAULT_TTL_SECONDS
+    ) -> None:
+        argv = python_module("lab.elector_probe", "--name", name, "--leader-key", key)
+        super().__init__(etcd, name, workdir, ttl, argv)
+
+    def transitions(self) -> list[tuple[float, bool]]:
+        rows = [line.split() for line in self.out.read_text().splitlines() if line.strip()]
+        return [(float(t), a == "1") for t, a in rows]
+
+    def acting(self) -> bool:
+        t = self.transitions()
+        return bool(t) and t[-1][1] and self.ended_at is None
+
+    def intervals(self, now: float, stopped_at: float | None = None) -> list[tuple[float, float]]:
+        return self.spans(self.transitions(), now, stopped_at)
 
 
 def one_leader(probes: list[ElectorProcess], timeout: float) -> ElectorProcess:

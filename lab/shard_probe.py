@@ -9,9 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,27 +17,19 @@ from pathlib import Path
 from controller.cluster.journal import JournaledStore
 from controller.cluster.replica import Replica
 from controller.config import ClusterConfig, ControllerConfig
-from lab.elector_probe import two_leaders
+from lab.elector_probe import ProbeProcess, two_leaders
 from lab.etcd import EtcdCluster
-from lab.procs import child_env, python_module
+from lab.procs import python_module
 
 
-class ShardProcess:
+class ShardProcess(ProbeProcess):
     """A replica in its own process (this module as its main), and what it printed."""
 
     def __init__(
         self, etcd: EtcdCluster, name: str, prefix: str, shards: int, workdir: Path, ttl: int = 2
     ) -> None:
-        self.name, self.out, self.err = name, workdir / f"{name}.out", workdir / f"{name}.log"
         argv = python_module("lab.shard_probe", "--name", name, "--prefix", prefix, "--shards", str(shards))
-        for e in etcd.endpoints:
-            argv += ["--endpoint", e]
-        argv += ["--ca", etcd.tls.ca, "--cert", etcd.tls.cert, "--key", etcd.tls.key, "--ttl", str(ttl)]
-        with open(self.out, "wb") as out, open(self.err, "wb") as err:
-            self.proc = subprocess.Popen(
-                argv, stdout=out, stderr=err, start_new_session=True, env=child_env()
-            )
-        self.ended_at: float | None = None  # killed: it acted at most until here
+        super().__init__(etcd, name, workdir, ttl, argv)
 
     def transitions(self, shard: int) -> list[tuple[float, bool]]:
         rows = [line.split() for line in self.out.read_text().splitlines() if line.strip()]
@@ -58,33 +47,8 @@ class ShardProcess:
         return {k for k, a in last.items() if a}
 
     def intervals(self, shard: int, now: float, stopped_at: float | None = None) -> list[tuple[float, float]]:
-        """When it acted for `shard` (as `ElectorProcess.intervals`)."""
-        out, start = [], None
-        for t, a in self.transitions(shard):
-            if a and start is None:
-                start = t
-            elif not a and start is not None:
-                out.append((start, t))
-                start = None
-        if start is not None:
-            out.append((start, self.ended_at if self.ended_at is not None else now))
-        if stopped_at is not None:
-            out = [(s, min(e, stopped_at) if s <= stopped_at else e) for s, e in out]
-        return out
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(5)
-        self.ended_at = time.monotonic()
-
-    def signal(self, sig: signal.Signals) -> None:
-        os.killpg(self.proc.pid, sig)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGCONT)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+        """When it acted for `shard`."""
+        return self.spans(self.transitions(shard), now, stopped_at)
 
 
 def double_actors(
