@@ -75,7 +75,7 @@ from agentd.link import CHANNEL_OPTIONS, Backlog, ControllerLink, ControllerLink
 from lab.etcd import EtcdCluster
 from lab.procs import free_port, spawn, stop, wait_for_port
 from shadowplane import gc_pauses
-from shadowplane.loop_lag import BUCKETS
+from shadowplane.loop_lag import BUCKETS, LoopLag
 from shadowplane.pki import init_ca, issue
 from shadowplane.tls import TlsConfig, aio_channel, sync_channel
 from shadowplane.v1 import agent_pb2 as apb
@@ -423,6 +423,16 @@ def lag_quantiles(text: str, before: str) -> tuple[str, str, str, float]:
     return q(0.5), q(0.99), q(1.0), float(mx.group(1)) if mx else float("nan")
 
 
+def bucket_quantile(counts: list[int], p: float) -> str:
+    """The bucket bound below which a share `p` of a LoopLag's (non-cumulative) counts lie."""
+    total, cum = sum(counts), 0
+    for le, c in zip((*BUCKETS, float("inf")), counts, strict=True):
+        cum += c
+        if total and cum >= p * total:
+            return f"<={le * 1000:.0f}ms" if le != float("inf") else f">{BUCKETS[-1] * 1000:.0f}ms"
+    return "n/a"
+
+
 def gauge(text: str, name: str) -> float:
     m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)  # with labels or without
     return float(m.group(1)) if m else float("nan")
@@ -490,6 +500,11 @@ async def run_part(
     if MODE["observers"] == "agents":
         tasks[""] = asyncio.create_task(observe_forever(agents, dead))
     me = psutil.Process()
+    # this process's own loop lag: a vote or a renewal the simulated fleet answers late is the simulator's
+    # delay, not the controller's (printed beside the controller's)
+    lag = LoopLag()
+    lag_at_window = list(lag.counts)
+    tasks["lag"] = asyncio.create_task(lag.probe())
     try:
         while True:
             cmd, arg = await asyncio.to_thread(conn.recv)
@@ -503,8 +518,10 @@ async def run_part(
                     "refused": stats.renew_refused,
                     "failed": stats.renew_failed,
                     "cpu": me.cpu_percent(None),
+                    "lag": [a - b for a, b in zip(lag.counts, lag_at_window, strict=True)],
                 }
             elif cmd == "window":  # the measured window starts
+                lag_at_window = list(lag.counts)
                 stats.renew_rtt.clear()
                 stats.renew_refused = stats.renew_failed = 0
                 me.cpu_percent(None)
@@ -624,6 +641,7 @@ async def simulate(
         await asyncio.sleep(seconds)
         cpus, st = [p.cpu_percent(None) for p in ps], await status()
         sim_cpu, acked1, backlog = total(st, "cpu"), total(st, "acked"), total(st, "backlog")
+        sim_lag = [sum(x) for x in zip(*(pt_st["lag"] for pt_st in st), strict=True)]
         refused, failed = total(st, "refused"), total(st, "failed")
         rtt = [x for pt in parts for x in await pt.ask("rtt")]
         rss = max(p.memory_info().rss for p in ps)
@@ -701,7 +719,8 @@ async def simulate(
                 f"  controller loop lag p50 {p50} p99 {p99} max {window_max} "
                 f"(since it started, warm-up included: {mx * 1000:.0f} ms)",
                 renewals,
-                f"  controller CPU {cpu:.0f} % (the simulated fleet {sim_cpu:.0f} %), "
+                f"  controller CPU {cpu:.0f} % (the simulated fleet {sim_cpu:.0f} %, its loops' lag p99 "
+                f"{bucket_quantile(sim_lag, 0.99)}), "
                 f"RSS {rss / 2**20:.0f} MiB; "
                 f"store {per_sample:.0f} bytes per sample: {growth:.1f} MB per host-day",
                 f"  scaling cycle last {cycle_last * 1000:.0f} ms, max {cycle_max * 1000:.0f} ms",

@@ -148,6 +148,11 @@ class AgentRegistry:
         open for many seconds before TCP gives up on it."""
         return frozenset(h for h, s in self._sessions.items() if now_ms - s.last_heard_ms <= silent_ms)
 
+    def is_alive(self, host: str, now_ms: int, silent_ms: int) -> bool:
+        """`host in alive(now_ms, silent_ms)` without a walk of every host (a transition asks it of one)."""
+        s = self._sessions.get(host)
+        return s is not None and now_ms - s.last_heard_ms <= silent_ms
+
     def _number(self, cmd: apb.Command) -> None:
         cmd.command_id = f"{self.incarnation}-{next(self._ids)}"
         cmd.incarnation = self.incarnation

@@ -5,6 +5,7 @@ Each decision carries its reason; the HA loop logs it and records it as an event
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -74,6 +75,9 @@ class Snapshot:
     renewing_down_for_ms: int = 0
     detection_ms: int = 0
     last_transition_ms: int = 0  # when the service last moved (or was placed)
+    # Placements in a row that ended without an owner (votes not in, acquire failed), and when the last ended
+    failed_placements: int = 0
+    last_failed_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,9 @@ class Decision:
 
 
 NONE = Decision("none")
+# The wait before the second retry of a placement that failed, and the longest wait (see retry_wait_ms)
+RETRY_FIRST_MS = 500
+RETRY_MAX_MS = 8000
 # What the status says of a service without shadows, and why nothing ever moves it.
 NO_SHADOW = "no shadow: failover disabled (service.shadows is empty)"
 
@@ -109,9 +116,32 @@ def damped(s: Snapshot) -> bool:
     return s.last_failover_ms > 0 and s.now_ms - s.last_failover_ms < s.flap_window_ms
 
 
+def retry_wait_ms(name: str, failed: int) -> int:
+    """How long a service without an owner waits before placing again after `failed` attempts in a row
+    ended without one. The first retry is at once (one lost vote, one slow agent); then a doubling wait,
+    from RETRY_FIRST_MS to RETRY_MAX_MS, each spread over its upper half by a hash of the service and the
+    count (the same in every replica and every run: the pure core draws no random numbers). Without it,
+    a controller whose votes time out under load (2,000 agents connecting while 500 services are placed)
+    placed every service again on the next tick, 20 times a second: each retry more load, more timeouts."""
+    if failed < 2:
+        return 0
+    cap = min(RETRY_MAX_MS, RETRY_FIRST_MS << min(failed - 2, 16))
+    spread = int.from_bytes(hashlib.blake2b(f"{name}/{failed}".encode(), digest_size=2).digest(), "big")
+    return cap // 2 + (cap // 2) * spread // 0xFFFF
+
+
 def decide(s: Snapshot) -> Decision:
     if s.request is not None:
         return _requested(s, s.request)
+    if not s.owner and s.failed_placements:
+        wait = retry_wait_ms(s.name, s.failed_placements) - (s.now_ms - s.last_failed_ms)
+        if wait > 0:
+            return Decision(
+                "none",
+                "",
+                f"no owner; {s.failed_placements} placements in a row failed: the next "
+                f"{retry_wait_ms(s.name, s.failed_placements) / 1000:.1f} s after the last",
+            )
     if not s.owner:
         if ready(s, s.primary):
             return Decision("place", s.primary, f"no owner; primary {s.primary} is up")

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 PLAIN_HOSTS_EVERY_TICKS = 20
 
 CATCH_UP_RETRY_SECONDS = 1.0
+# How long one slice of an HA tick holds the event loop before renewals and timers get their turn
+TICK_SLICE_SECONDS = 0.002
 # How long one answer of `alive()` is reused: small next to any heartbeat timeout (the lab's is 500 ms).
 ALIVE_REUSE_MS = 5
 
@@ -53,6 +55,8 @@ class ServiceRuntime:
     renewing_down_since_ms: int | None = None  # since when a majority says the owner stopped renewing
     stable_since: float = field(default_factory=time.monotonic)
     last_noted: str = ""
+    failed_placements: int = 0  # transitions in a row that ended without an owner (decide.retry_wait_ms)
+    last_failed_ms: int = 0
 
     @property
     def busy(self) -> bool:
@@ -128,7 +132,8 @@ class FailoverLoop:
                 self._tasks.append(asyncio.create_task(run_check(spec, probe, self._on_controller_probe)))
         try:
             while True:
-                self.tick()
+                for _ in self._tick_slices():
+                    await asyncio.sleep(0)  # renewals, heartbeats and timers run between the slices
                 await asyncio.sleep(self.cfg.failover.loop_interval_seconds)
         finally:
             for t in self._tasks:
@@ -138,56 +143,77 @@ class FailoverLoop:
                     rt.task.cancel()
 
     def tick(self) -> None:
-        # One answer to alive() for the whole tick: the tick runs without a wait, so no heartbeat lands
-        # within it, and at 2,000 hosts a tick outlasts ALIVE_REUSE_MS (the walk then ran a dozen times).
+        """One whole tick without a pause (tests, bench/ha_tick.py)."""
+        for _ in self._tick_slices():
+            pass
+
+    def _tick_slices(self) -> Iterator[None]:
+        """One tick, pausing (a yield) whenever a slice has held the loop TICK_SLICE_SECONDS: at 2,000 hosts
+        and 500 services a whole tick is 8 ms on an idle core and 20-50 ms on a busy one, each a stall of
+        every renewal and timer on the loop (the loop-lag target is 20 ms at the 99th percentile). Each
+        service is decided and started within one slice, from its own state at that moment.
+
+        One answer to alive() for the whole tick: at 2,000 hosts a tick outlasts ALIVE_REUSE_MS (the walk of
+        every host then ran a dozen times per tick); it is as old as the tick, a few tens of milliseconds
+        at most, against heartbeat timeouts of half a second and more."""
         self._alive = None
         self._in_tick = True
         try:
-            self._tick()
+            self._push_watches()
+            tracked: set[str] = set()
+            heard: set[str] = set()
+            was = self._tracked[0] if self._tracked is not None else frozenset()
+            slice_ends = time.perf_counter() + TICK_SLICE_SECONDS
+            for rt in list(self.services.values()):
+                if time.perf_counter() > slice_ends:
+                    self._in_tick = False
+                    yield
+                    self._in_tick = True
+                    slice_ends = time.perf_counter() + TICK_SLICE_SECONDS
+                self._tick_service(rt, was, tracked, heard)
+            self._push_interest(frozenset(tracked), frozenset(tracked | heard))
         finally:
             self._in_tick = False
 
-    def _tick(self) -> None:
-        self._push_watches()
+    def _tick_service(
+        self, rt: ServiceRuntime, was: frozenset[str], tracked: set[str], heard: set[str]
+    ) -> None:
+        """Read one service's state, decide, act (a transition task), and note the decision's reason."""
         now = now_ms()
-        tracked, heard = set(), set()
-        was = self._tracked[0] if self._tracked is not None else frozenset()
-        for rt in self.services.values():
-            if not self.tracks(rt.cfg.name):
-                # Sharded replicas: another replica leads it. What this one knew of it goes stale: taking
-                # it over again starts every watch afresh, as after a restart.
-                if rt.cfg.name in was:
-                    self._let_go(rt)
-                if self.hears(rt.cfg.name):
-                    heard.add(rt.cfg.name)
-                continue
-            tracked.add(rt.cfg.name)
-            primary = self._health(rt, rt.cfg.primary)
-            if primary.majority_up:
-                rt.primary_up_since_ms = rt.primary_up_since_ms or now
-            else:
-                rt.primary_up_since_ms = None
-            if rt.busy or self.not_leading(rt.cfg.name):
-                continue
-            rec = self.orchestrator.service_state(rt.cfg.name)
-            if rec.phase == "acquiring":
-                self._recover(rt, rec)
-                continue
-            self._catch_up_observers(rt)
-            d = decide(self.snapshot(rt, primary_health=primary))
-            if d.accepted:
-                self._start(rt, d)
-            elif d.reason and d.reason != rt.last_noted:
-                self.events.record("decision", rt.cfg.name, d.target, d.reason, damped=d.damped)
-            rt.last_noted = d.reason
-        self._push_interest(frozenset(tracked), frozenset(tracked | heard))
+        if not self.tracks(rt.cfg.name):
+            # Sharded replicas: another replica leads it. What this one knew of it goes stale: taking it
+            # over again starts every watch afresh, as after a restart.
+            if rt.cfg.name in was:
+                self._let_go(rt)
+            if self.hears(rt.cfg.name):
+                heard.add(rt.cfg.name)
+            return
+        tracked.add(rt.cfg.name)
+        primary = self._health(rt, rt.cfg.primary)
+        if primary.majority_up:
+            rt.primary_up_since_ms = rt.primary_up_since_ms or now
+        else:
+            rt.primary_up_since_ms = None
+        if rt.busy or self.not_leading(rt.cfg.name):
+            return
+        rec = self.orchestrator.service_state(rt.cfg.name)
+        if rec.phase == "acquiring":
+            self._recover(rt, rec)
+            return
+        self._catch_up_observers(rt)
+        d = decide(self.snapshot(rt, primary_health=primary))
+        if d.accepted:
+            self._start(rt, d)
+        elif d.reason and d.reason != rt.last_noted:
+            self.events.record("decision", rt.cfg.name, d.target, d.reason, damped=d.damped)
+        rt.last_noted = d.reason
 
     def _let_go(self, rt: ServiceRuntime) -> None:
         """A service another replica now acts for: forget the timers that would judge it on return (a
         renewal miss counted from minutes ago would skip the wait for the health checks), and stop retrying
         its DNS record (the replica acting for it now points it)."""
         rt.primary_up_since_ms = rt.renewing_down_since_ms = None
-        rt.stable_since, rt.last_noted = time.monotonic(), ""
+        rt.stable_since, rt.last_noted, rt.failed_placements = time.monotonic(), "", 0
         self.orchestrator.dns_updates.cancel(
             rt.cfg.name, "another controller replica acts for the service now", self.events.record
         )
@@ -279,8 +305,14 @@ class FailoverLoop:
     def _start(self, rt: ServiceRuntime, d: Decision) -> None:
         async def go() -> ServiceRecord:
             try:
-                return await self.orchestrator.run(rt.cfg, d)
+                rec = await self.orchestrator.run(rt.cfg, d)
+                if rec.owner:
+                    rt.failed_placements = 0
+                else:
+                    rt.failed_placements, rt.last_failed_ms = rt.failed_placements + 1, now_ms()
+                return rec
             except Exception as e:  # a failed transition is an event; the loop goes on
+                rt.failed_placements, rt.last_failed_ms = rt.failed_placements + 1, now_ms()
                 log.exception("transition of %s failed", rt.cfg.name)
                 self.events.record("transition-error", rt.cfg.name, d.target, f"{type(e).__name__}: {e}")
                 raise
@@ -327,6 +359,8 @@ class FailoverLoop:
             renewing_down_for_ms=now - rt.renewing_down_since_ms if rt.renewing_down_since_ms else 0,
             detection_ms=_detection_ms(svc),
             last_transition_ms=rec.last_transition_ms,
+            failed_placements=rt.failed_placements,
+            last_failed_ms=rt.last_failed_ms,
         )
 
     def service_views(self) -> tuple[ServiceView, ...]:

@@ -17,7 +17,7 @@ import logging
 import math
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -70,6 +70,11 @@ class ServiceForecast:
 # Kept in each stored decision's forecast record, for `ScalingLoop.restore`.
 MISS_LOG_PRICE, RULED_STEP, CHANGED_STEP = "miss_log_price", "ruled_step_s", "changed_step_s"
 CHANGES_PREFIX = "change_in_day_s_"  # + 0, 1, ...: the steps of the day's changes (the change budget)
+
+# How long one slice of a cycle's planning holds the event loop before renewals and timers get their turn,
+# and how many decisions one store write takes (1,000 in one transaction were a stall of their own)
+PLAN_SLICE_SECONDS = 0.002
+DECISIONS_PER_WRITE = 100
 
 
 def settle_seconds(step_seconds: float) -> float:
@@ -185,11 +190,19 @@ class ScalingLoop:
             latest = await self.worker.run(lambda store: store.decisions(last=1))
             self.restore([d for d in latest if d.service in fresh or not self.cfg.service])
         await self.forecast(now or now_ms())
+        planned: list[ScalingDecision] = []
+        for _ in self._plan_slices(now or now_ms(), planned):
+            await asyncio.sleep(0)  # renewals, heartbeats and the HA loop run between the slices
         by_shadow: dict[tuple[str, str], list[ScalingDecision]] = {}
-        for d in self.plan(now or now_ms()):
+        for d in planned:
             by_shadow.setdefault((d.host, d.workload), []).append(d)
         done = await asyncio.gather(*(self._apply(k, ds) for k, ds in by_shadow.items()))
-        stored = self.store.add_decisions([d for ds in done for d in ds])
+        decided = [d for ds in done for d in ds]
+        stored: list[ScalingDecision] = []
+        for i in range(0, len(decided), DECISIONS_PER_WRITE):
+            if i:
+                await asyncio.sleep(0)
+            stored += self.store.add_decisions(decided[i : i + DECISIONS_PER_WRITE])
         for d in stored:
             if d.result.startswith("failed") or (d.result == "applied" and d.changed):
                 unit = "cores" if d.resource == "cpu" else "bytes"
@@ -365,9 +378,21 @@ class ScalingLoop:
         """Decisions for every shadow of every service (nothing applied). A shadow whose rule has not run for
         the newest forecast step gets its step now: calibration on the limit it had, target, rule; the
         others only their bounds and overrides."""
-        overrides = self.store.overrides()
         out: list[ScalingDecision] = []
-        for svc in self.cfg.service:
+        for _ in self._plan_slices(now_ms, out):
+            pass
+        return out
+
+    def _plan_slices(self, now_ms: int, out: list[ScalingDecision]) -> Iterator[None]:
+        """`plan` into `out`, pausing (a yield) whenever a slice has held the loop PLAN_SLICE_SECONDS: a
+        step's rules for 1,000 shadow resources take 100 ms and more, a stall of every renewal on the
+        loop. Each service is planned whole within one slice."""
+        overrides = self.store.overrides()
+        slice_ends = time.perf_counter() + PLAN_SLICE_SECONDS
+        for svc in list(self.cfg.service):
+            if time.perf_counter() > slice_ends:
+                yield
+                slice_ends = time.perf_counter() + PLAN_SLICE_SECONDS
             fc = self.forecasts.get(svc.name)
             if fc is None or self.not_leading(svc.name):
                 continue
@@ -429,7 +454,6 @@ class ScalingLoop:
                     kept.update({f"{CHANGES_PREFIX}{i}": t for i, t in enumerate(changes)})
                     out[-1] = replace(out[-1], forecast={**out[-1].forecast, **kept})
                 self.ruled_origin[(host, s.workload)] = fc.origin_s
-        return out
 
     def restore(self, latest: list[ScalingDecision]) -> None:
         """Once, before the first plan: each shadow resource's calibration (its miss price), the step its
