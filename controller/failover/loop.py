@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -159,19 +161,31 @@ class FailoverLoop:
         self._alive = None
         self._in_tick = True
         try:
-            self._push_watches()
             tracked: set[str] = set()
             heard: set[str] = set()
             was = self._tracked[0] if self._tracked is not None else frozenset()
+            # first each new stream's Watch (2,000 at once when a restarted controller's agents come back),
+            # then each service, then each agent whose interest changed
+            steps: Iterator[Callable[[], None]] = itertools.chain(
+                (
+                    functools.partial(self._push_watch, h, s)
+                    for h, s in self.registry.connected().items()
+                    if self._watched.get(h) != s.instance_id
+                ),
+                (
+                    functools.partial(self._tick_service, rt, was, tracked, heard)
+                    for rt in list(self.services.values())
+                ),
+                self._interest_steps(tracked, heard),  # last: what the services' steps leave in the sets
+            )
             slice_ends = time.perf_counter() + TICK_SLICE_SECONDS
-            for rt in list(self.services.values()):
+            for step in steps:
+                step()
                 if time.perf_counter() > slice_ends:
                     self._in_tick = False
                     yield
                     self._in_tick = True
                     slice_ends = time.perf_counter() + TICK_SLICE_SECONDS
-                self._tick_service(rt, was, tracked, heard)
-            self._push_interest(frozenset(tracked), frozenset(tracked | heard))
         finally:
             self._in_tick = False
 
@@ -235,8 +249,10 @@ class FailoverLoop:
             return apb.Interest(full=False, reason=f"{why}; this one is next in line")
         return apb.Interest(full=False, skip_telemetry=True, reason=why)
 
-    def _push_interest(self, tracked: frozenset[str], heard: frozenset[str]) -> None:
-        """Tell each agent whose interest changed (a shard gained or handed over, a new stream)."""
+    def _interest_steps(self, tracked_now: set[str], heard_now: set[str]) -> Iterator[Callable[[], None]]:
+        """Telling each agent whose interest changed (a shard gained or handed over, a new stream), one step
+        per agent; the sets as the tick's services left them (read when the first step is asked for)."""
+        tracked, heard = frozenset(tracked_now), frozenset(tracked_now | heard_now)
         self._ticks += 1
         if self._ticks % PLAIN_HOSTS_EVERY_TICKS == 1 or self._plain_tracked is None:
             # hosts that serve no service follow their name's shard, which may move without a service
@@ -247,18 +263,22 @@ class FailoverLoop:
             return  # no stream came or went: nothing to tell (a walk of every stream per tick otherwise)
         self._told_version = self.registry.version
         for host, session in self.registry.connected().items():
-            if not changed and self._told.get(host) is session:
-                continue
-            self._told[host] = session
-            want = self.interest(host, tracked, heard)
-            if (want.full, want.skip_telemetry) != (session.full, session.skip_telemetry):
-                if session.full and not want.full:
-                    # its views stop coming here: forgotten, not kept to be read stale on a return (the
-                    # agent sends them all again when it is told full)
-                    self.board.forget_observer(host)
-                session.full, session.skip_telemetry = want.full, want.skip_telemetry
-                with contextlib.suppress(asyncio.QueueFull):
-                    session.outbox.put_nowait(apb.ControllerMessage(interest=want))
+            if changed or self._told.get(host) is not session:
+                yield functools.partial(self._tell_interest, host, session, tracked, heard)
+
+    def _tell_interest(
+        self, host: str, session: AgentSession, tracked: frozenset[str], heard: frozenset[str]
+    ) -> None:
+        self._told[host] = session
+        want = self.interest(host, tracked, heard)
+        if (want.full, want.skip_telemetry) != (session.full, session.skip_telemetry):
+            if session.full and not want.full:
+                # its views stop coming here: forgotten, not kept to be read stale on a return (the agent
+                # sends them all again when it is told full)
+                self.board.forget_observer(host)
+            session.full, session.skip_telemetry = want.full, want.skip_telemetry
+            with contextlib.suppress(asyncio.QueueFull):
+                session.outbox.put_nowait(apb.ControllerMessage(interest=want))
 
     def _recover(self, rt: ServiceRuntime, rec: ServiceRecord) -> None:
         """A takeover left half done (this controller restarted, or the replica that led it died or lost
@@ -549,17 +569,17 @@ class FailoverLoop:
             checks=checks, observed_services=observed, lease_ms=int(self.cfg.failover.lease_seconds * 1000)
         )
 
-    def _push_watches(self) -> None:
-        for host, session in self.registry.connected().items():
-            if self._watched.get(host) == session.instance_id:
-                continue
-            watch = self.watch_for(host)
-            if not watch.observed_services:
-                self._watched[host] = session.instance_id  # observes nothing: nothing to say
-                continue
-            with contextlib.suppress(Exception):
-                if self.registry.send(host, apb.Command(watch=watch)):
-                    self._watched[host] = session.instance_id
+    def _push_watch(self, host: str, session: AgentSession) -> None:
+        """A new stream's Watch: the checks its agent runs and the services whose leases it observes."""
+        if self._watched.get(host) == session.instance_id:
+            return
+        watch = self.watch_for(host)
+        if not watch.observed_services:
+            self._watched[host] = session.instance_id  # observes nothing: nothing to say
+            return
+        with contextlib.suppress(Exception):
+            if self.registry.send(host, apb.Command(watch=watch)):
+                self._watched[host] = session.instance_id
 
 
 def controller_lease_observer(cfg: ControllerConfig, store: Store) -> LeaseObserver:

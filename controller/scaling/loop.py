@@ -391,7 +391,7 @@ class ScalingLoop:
         slice_ends = time.perf_counter() + PLAN_SLICE_SECONDS
         for svc in list(self.cfg.service):
             if time.perf_counter() > slice_ends:
-                yield
+                yield  # before the next service: planned whole, one at a time
                 slice_ends = time.perf_counter() + PLAN_SLICE_SECONDS
             fc = self.forecasts.get(svc.name)
             if fc is None or self.not_leading(svc.name):
