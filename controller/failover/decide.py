@@ -75,9 +75,10 @@ class Snapshot:
     renewing_down_for_ms: int = 0
     detection_ms: int = 0
     last_transition_ms: int = 0  # when the service last moved (or was placed)
-    # Placements in a row that ended without an owner (votes not in, acquire failed), and when the last ended
+    # Placements in a row that ended without an owner (votes not in, acquire failed), and how long ago the
+    # last ended (a monotonic clock's difference: a wall clock stepped back must not hold a placement)
     failed_placements: int = 0
-    last_failed_ms: int = 0
+    failed_ago_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def decide(s: Snapshot) -> Decision:
     if s.request is not None:
         return _requested(s, s.request)
     if not s.owner and s.failed_placements:
-        wait = retry_wait_ms(s.name, s.failed_placements) - (s.now_ms - s.last_failed_ms)
+        wait = retry_wait_ms(s.name, s.failed_placements) - s.failed_ago_ms
         if wait > 0:
             return Decision(
                 "none",

@@ -45,6 +45,8 @@ PLAIN_HOSTS_EVERY_TICKS = 20
 CATCH_UP_RETRY_SECONDS = 1.0
 # How long one slice of an HA tick holds the event loop before renewals and timers get their turn
 TICK_SLICE_SECONDS = 0.002
+# How long one answer of `alive()` is reused within one (sliced) tick
+TICK_ALIVE_REUSE_MS = 50
 # How long one answer of `alive()` is reused: small next to any heartbeat timeout (the lab's is 500 ms).
 ALIVE_REUSE_MS = 5
 
@@ -58,7 +60,10 @@ class ServiceRuntime:
     stable_since: float = field(default_factory=time.monotonic)
     last_noted: str = ""
     failed_placements: int = 0  # transitions in a row that ended without an owner (decide.retry_wait_ms)
-    last_failed_ms: int = 0
+    last_failed: float = 0.0  # when the last of them ended (time.monotonic())
+
+    def failed(self) -> None:
+        self.failed_placements, self.last_failed = self.failed_placements + 1, time.monotonic()
 
     @property
     def busy(self) -> bool:
@@ -155,9 +160,10 @@ class FailoverLoop:
         every renewal and timer on the loop (the loop-lag target is 20 ms at the 99th percentile). Each
         service is decided and started within one slice, from its own state at that moment.
 
-        One answer to alive() for the whole tick: at 2,000 hosts a tick outlasts ALIVE_REUSE_MS (the walk of
-        every host then ran a dozen times per tick); it is as old as the tick, a few tens of milliseconds
-        at most, against heartbeat timeouts of half a second and more."""
+        One answer to alive() for up to TICK_ALIVE_REUSE_MS of a tick: at 2,000 hosts a tick outlasts
+        ALIVE_REUSE_MS (the walk of every host then ran a dozen times per tick), and a tick that a busy loop
+        spreads over hundreds of milliseconds must not judge hosts by heartbeats that old (timeouts are
+        half a second and more)."""
         self._alive = None
         self._in_tick = True
         try:
@@ -186,6 +192,8 @@ class FailoverLoop:
                     yield
                     self._in_tick = True
                     slice_ends = time.perf_counter() + TICK_SLICE_SECONDS
+                    if self._alive is not None and now_ms() - self._alive[0] > TICK_ALIVE_REUSE_MS:
+                        self._alive = None  # a tick slowed by a busy loop: heartbeats landed meanwhile
         finally:
             self._in_tick = False
 
@@ -211,6 +219,8 @@ class FailoverLoop:
         if rt.busy or self.not_leading(rt.cfg.name):
             return
         rec = self.orchestrator.service_state(rt.cfg.name)
+        if rec.owner:
+            rt.failed_placements = 0  # placed, here or by a replica that led it meanwhile
         if rec.phase == "acquiring":
             self._recover(rt, rec)
             return
@@ -269,6 +279,8 @@ class FailoverLoop:
     def _tell_interest(
         self, host: str, session: AgentSession, tracked: frozenset[str], heard: frozenset[str]
     ) -> None:
+        if self.registry.get(host) is not session:
+            return  # the stream ended since the tick began: its successor is told next tick
         self._told[host] = session
         want = self.interest(host, tracked, heard)
         if (want.full, want.skip_telemetry) != (session.full, session.skip_telemetry):
@@ -328,11 +340,12 @@ class FailoverLoop:
                 rec = await self.orchestrator.run(rt.cfg, d)
                 if rec.owner:
                     rt.failed_placements = 0
-                else:
-                    rt.failed_placements, rt.last_failed_ms = rt.failed_placements + 1, now_ms()
+                elif not self.not_leading(rt.cfg.name):  # (a replica that lost the service counts nothing)
+                    rt.failed()
                 return rec
             except Exception as e:  # a failed transition is an event; the loop goes on
-                rt.failed_placements, rt.last_failed_ms = rt.failed_placements + 1, now_ms()
+                if not self.not_leading(rt.cfg.name):
+                    rt.failed()
                 log.exception("transition of %s failed", rt.cfg.name)
                 self.events.record("transition-error", rt.cfg.name, d.target, f"{type(e).__name__}: {e}")
                 raise
@@ -380,7 +393,7 @@ class FailoverLoop:
             detection_ms=_detection_ms(svc),
             last_transition_ms=rec.last_transition_ms,
             failed_placements=rt.failed_placements,
-            last_failed_ms=rt.last_failed_ms,
+            failed_ago_ms=int((time.monotonic() - rt.last_failed) * 1000),
         )
 
     def service_views(self) -> tuple[ServiceView, ...]:
@@ -571,8 +584,8 @@ class FailoverLoop:
 
     def _push_watch(self, host: str, session: AgentSession) -> None:
         """A new stream's Watch: the checks its agent runs and the services whose leases it observes."""
-        if self._watched.get(host) == session.instance_id:
-            return
+        if self._watched.get(host) == session.instance_id or self.registry.get(host) is not session:
+            return  # told already, or the stream ended since the tick began (its successor: the next tick)
         watch = self.watch_for(host)
         if not watch.observed_services:
             self._watched[host] = session.instance_id  # observes nothing: nothing to say

@@ -136,6 +136,11 @@ class ScalingLoop:
         self._seeded = False
         self._restored = False
         self.led: frozenset[str] = frozenset()  # the services this replica scaled in its last cycle
+        # While a cycle plans (in slices, the loop free between them) a preview (`plan`) must not run a
+        # step's rules itself: the cycle would then find them run and hold, and the step's change would
+        # never be applied. A preview then gets the last complete plan.
+        self._planning = False
+        self._last_plan: list[ScalingDecision] = []
         self.wake = asyncio.Event()
 
     @property
@@ -191,8 +196,13 @@ class ScalingLoop:
             self.restore([d for d in latest if d.service in fresh or not self.cfg.service])
         await self.forecast(now or now_ms())
         planned: list[ScalingDecision] = []
-        for _ in self._plan_slices(now or now_ms(), planned):
-            await asyncio.sleep(0)  # renewals, heartbeats and the HA loop run between the slices
+        self._planning = True
+        try:
+            for _ in self._plan_slices(now or now_ms(), planned):
+                await asyncio.sleep(0)  # renewals, heartbeats and the HA loop run between the slices
+            self._last_plan = planned
+        finally:
+            self._planning = False
         by_shadow: dict[tuple[str, str], list[ScalingDecision]] = {}
         for d in planned:
             by_shadow.setdefault((d.host, d.workload), []).append(d)
@@ -377,7 +387,10 @@ class ScalingLoop:
     def plan(self, now_ms: int) -> list[ScalingDecision]:
         """Decisions for every shadow of every service (nothing applied). A shadow whose rule has not run for
         the newest forecast step gets its step now: calibration on the limit it had, target, rule; the
-        others only their bounds and overrides."""
+        others only their bounds and overrides. While a cycle is planning: that cycle's last complete plan
+        (see `_planning`)."""
+        if self._planning:
+            return list(self._last_plan)
         out: list[ScalingDecision] = []
         for _ in self._plan_slices(now_ms, out):
             pass

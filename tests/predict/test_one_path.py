@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from agentd.actuate.limits import plan as agent_plan
 from controller.config import ControllerConfig, ScalingConfig, ServiceConfig, StoreConfig
 from controller.event_log import EventLog
 from controller.registry import AgentRegistry
+from controller.scaling import loop as scaling_loop
+from controller.scaling.decision import ScalingDecision
 from controller.scaling.loop import ScalingLoop, settle_seconds
 from controller.store import SqliteStore
 from shadowplane.tls import TlsConfig
@@ -96,9 +99,15 @@ async def restarted_forecasts_the_same(running: ScalingLoop, now: int) -> None:
 
 
 def controller_limits(
-    tmp_path: Path, scaling: ScalingConfig, end: np.ndarray, cpu: np.ndarray, mem: np.ndarray
+    tmp_path: Path,
+    scaling: ScalingConfig,
+    end: np.ndarray,
+    cpu: np.ndarray,
+    mem: np.ndarray,
+    previews: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run the scaling loop once per step over the recorded history; the limits the shadow held per step."""
+    """Run the scaling loop once per step over the recorded history; the limits the shadow held per step.
+    `previews`: an operator's `shadowctl plan` (ScalingLoop.plan) at every pause of each cycle's planning."""
     store = SqliteStore(tmp_path / "c.db")
     for host in ("p1", "s1"):
         hello = apb.Hello(host=host, instance_id=f"{host}-1")
@@ -113,6 +122,18 @@ def controller_limits(
     registry = AgentLikeRegistry()
     loop = ScalingLoop(cfg, store, registry, EventLog(store))
     held_cpu, held_mem = np.zeros(len(end)), np.zeros(len(end))
+    if previews:
+        planned, previewing = loop._plan_slices, [False]
+
+        def previewed(now: int, out: list[ScalingDecision]) -> Iterator[None]:
+            for _ in planned(now, out):
+                if not previewing[0]:  # (the preview plans through this same method)
+                    previewing[0] = True
+                    loop.plan(now)
+                    previewing[0] = False
+                yield
+
+        loop._plan_slices = previewed  # type: ignore[method-assign]
 
     def ingest(i: int) -> None:
         """Step i's sample arrives, as the agent stream delivers it: stored, then handed to the loop."""
@@ -145,6 +166,22 @@ def controller_limits(
     store.close()
     assert registry.calls > 0
     return held_cpu, held_mem
+
+
+def test_a_preview_between_planning_slices_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cycle plans in slices with the loop free between them; an operator's preview in a pause must not
+    run the step's rules itself (the cycle would then hold, and the change would never be applied)."""
+    monkeypatch.setattr(scaling_loop, "PLAN_SLICE_SECONDS", 0.0)  # a pause before every service
+    end, cpu, mem = recorded_history(160, seed=4)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    quiet = controller_limits(tmp_path / "a", ScalingConfig(), end, cpu, mem)
+    previewed = controller_limits(tmp_path / "b", ScalingConfig(), end, cpu, mem, previews=True)
+    assert int(np.sum(np.diff(quiet[0][1:]) != 0)) >= 2  # limits moved: the comparison says something
+    np.testing.assert_array_equal(previewed[0], quiet[0])
+    np.testing.assert_array_equal(previewed[1], quiet[1])
 
 
 @pytest.mark.parametrize(

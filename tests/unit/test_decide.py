@@ -94,22 +94,21 @@ def test_no_owner_places_on_primary_or_a_ready_shadow() -> None:
 
 
 def test_failed_placements_back_off_then_retry() -> None:
-    now = 1_000_000
     # the first failure is retried at once (one slow agent, one lost vote)
-    assert decide(snap(owner="", failed_placements=1, last_failed_ms=now)).action == "place"
+    assert decide(snap(owner="", failed_placements=1, failed_ago_ms=0)).action == "place"
     waits = [retry_wait_ms("web", n) for n in range(2, 10)]
     assert all(RETRY_FIRST_MS // 2 <= w <= RETRY_MAX_MS for w in waits)
     assert waits[-1] >= RETRY_MAX_MS // 2 and waits[0] <= RETRY_FIRST_MS  # doubling, up to the cap
     assert retry_wait_ms("web", 4) == retry_wait_ms("web", 4)  # the same in every replica
     assert len({retry_wait_ms(f"svc{i}", 5) for i in range(50)}) > 10  # services spread out
     wait = retry_wait_ms("web", 3)
-    d = decide(snap(owner="", failed_placements=3, last_failed_ms=now - wait + 1))
+    d = decide(snap(owner="", failed_placements=3, failed_ago_ms=wait - 1))
     assert d.action == "none" and "3 placements in a row failed" in d.reason
-    assert decide(snap(owner="", failed_placements=3, last_failed_ms=now - wait)).action == "place"
+    assert decide(snap(owner="", failed_placements=3, failed_ago_ms=wait)).action == "place"
     # an owner's failover is never held back by earlier placements' failures, nor an operator's request
-    d = decide(snap(failed_placements=9, last_failed_ms=now, health={"p1": DOWN, "s1": UP, "s2": UP}))
+    d = decide(snap(failed_placements=9, failed_ago_ms=0, health={"p1": DOWN, "s1": UP, "s2": UP}))
     assert d.action == "failover"
-    held = snap(owner="", failed_placements=9, last_failed_ms=now, request=Request("failover", to="s1"))
+    held = snap(owner="", failed_placements=9, failed_ago_ms=0, request=Request("failover", to="s1"))
     assert decide(held).action == "move"
 
 
