@@ -36,9 +36,11 @@ class SpecError(ValueError):
 
 # On 2 cores the lab's controller, three agents, three web servers and the test's client poller and
 # split-brain checker share the CPUs: each step of a failover (probe result, report, loop tick, vote,
-# acquire, announcement) may start a few ms late. 50 ms covers that with room, and stays small next to the
-# 2.3 s a lab failover takes (mostly the wait for a cut-off owner's address to expire).
-SCHEDULING_MARGIN_SECONDS = 0.05
+# acquire, announcement) may start a few ms late. 100 ms covers that on the slower of the 2-core VMs the
+# suite runs on (about 4 x slower than others; there the test suite also builds the VM image beside the
+# lab, and one failover came 63 ms over the rest of the bound), and stays small next to the 2.3 s a lab
+# failover takes (mostly the wait for a cut-off owner's address to expire).
+SCHEDULING_MARGIN_SECONDS = 0.1
 
 
 @dataclass(frozen=True)

@@ -62,8 +62,15 @@ def everything_up(lab: Lab) -> dict[str, str]:
             return all(v is not None and (v.owner, v.phase) == (primary, "stable") for v in views)
 
         wait_until(settled, 30, f"every replica to see {svc} on {primary}, stable")
-    # the ring's division waits for members seen 10 s (shards.py): a fresh lab may still be moving
-    return {svc: lab.leader(40, service=svc) for svc in ("web1", "web2")}
+    # the ring's division waits for members seen 10 s (shards.py), then each taker hears its agents: a fresh
+    # lab may still be moving, the longer on a slow or busy machine (the first replica holds every shard
+    # until the others are seen); the ring gives web1's and web2's shards to two replicas
+    deadline = time.monotonic() + 90
+    while True:
+        leaders = {svc: lab.leader(40, service=svc) for svc in ("web1", "web2")}
+        if leaders["web1"] != leaders["web2"] or time.monotonic() > deadline:
+            return leaders
+        time.sleep(0.5)
 
 
 def test_each_replica_acts_for_its_own_services_only(lab: Lab) -> None:
