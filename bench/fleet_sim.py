@@ -409,28 +409,24 @@ def lag_quantiles(text: str, before: str) -> tuple[str, str, str, float]:
     """(p50, p99, max as bucket bounds, over the measured window: the histogram at its end less the one at
     its start; and the largest since the controller started, warm-up included, in seconds)."""
     end, start = lag_buckets(text), lag_buckets(before)
-    h = {le: n - start.get(le, 0.0) for le, n in end.items()}
+    cum = [end.get(le, 0.0) - start.get(le, 0.0) for le in (*map(repr, BUCKETS), "+Inf")]
+    counts = [b - a for a, b in zip([0.0, *cum], cum, strict=False)]
     mx = re.search(r"^shadowplane_controller_loop_lag_max_seconds (\S+)$", text, re.M)
-
-    def q(p: float) -> str:
-        if not h or not h["+Inf"]:
-            return "?"
-        for le in BUCKETS:
-            if h.get(repr(le), 0.0) >= p * h["+Inf"]:
-                return f"<={le * 1000:g}ms"
-        return f">{BUCKETS[-1]}s"
-
-    return q(0.5), q(0.99), q(1.0), float(mx.group(1)) if mx else float("nan")
+    q = [bucket_quantile(counts, p) for p in (0.5, 0.99, 1.0)]
+    return q[0], q[1], q[2], float(mx.group(1)) if mx else float("nan")
 
 
-def bucket_quantile(counts: list[int], p: float) -> str:
-    """The bucket bound below which a share `p` of a LoopLag's (non-cumulative) counts lie."""
-    total, cum = sum(counts), 0
-    for le, c in zip((*BUCKETS, float("inf")), counts, strict=True):
+def bucket_quantile(counts: list[float], p: float) -> str:
+    """The bucket bound below which a share `p` of a loop-lag histogram's (non-cumulative) counts lie, one
+    count per bound of `BUCKETS` and +Inf last (a LoopLag's `counts`)."""
+    total, cum = sum(counts), 0.0
+    if not total:
+        return "?"
+    for le, c in zip(BUCKETS, counts, strict=False):
         cum += c
-        if total and cum >= p * total:
-            return f"<={le * 1000:.0f}ms" if le != float("inf") else f">{BUCKETS[-1] * 1000:.0f}ms"
-    return "n/a"
+        if cum >= p * total:
+            return f"<={le * 1000:g}ms"
+    return f">{BUCKETS[-1]}s"
 
 
 def gauge(text: str, name: str) -> float:

@@ -135,13 +135,13 @@ def decide(s: Snapshot) -> Decision:
     if s.request is not None:
         return _requested(s, s.request)
     if not s.owner and s.failed_placements:
-        wait = retry_wait_ms(s.name, s.failed_placements) - s.failed_ago_ms
-        if wait > 0:
+        wait = retry_wait_ms(s.name, s.failed_placements)
+        if wait > s.failed_ago_ms:
             return Decision(
                 "none",
                 "",
                 f"no owner; {s.failed_placements} placements in a row failed: the next "
-                f"{retry_wait_ms(s.name, s.failed_placements) / 1000:.1f} s after the last",
+                f"{wait / 1000:.1f} s after the last",
             )
     if not s.owner:
         if ready(s, s.primary):

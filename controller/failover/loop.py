@@ -160,10 +160,7 @@ class FailoverLoop:
         every renewal and timer on the loop (the loop-lag target is 20 ms at the 99th percentile). Each
         service is decided and started within one slice, from its own state at that moment.
 
-        One answer to alive() for up to TICK_ALIVE_REUSE_MS of a tick: at 2,000 hosts a tick outlasts
-        ALIVE_REUSE_MS (the walk of every host then ran a dozen times per tick), and a tick that a busy loop
-        spreads over hundreds of milliseconds must not judge hosts by heartbeats that old (timeouts are
-        half a second and more)."""
+        Within a tick one answer to alive() serves up to TICK_ALIVE_REUSE_MS (see alive())."""
         self._alive = None
         self._in_tick = True
         try:
@@ -192,8 +189,6 @@ class FailoverLoop:
                     yield
                     self._in_tick = True
                     slice_ends = time.perf_counter() + TICK_SLICE_SECONDS
-                    if self._alive is not None and now_ms() - self._alive[0] > TICK_ALIVE_REUSE_MS:
-                        self._alive = None  # a tick slowed by a busy loop: heartbeats landed meanwhile
         finally:
             self._in_tick = False
 
@@ -220,7 +215,7 @@ class FailoverLoop:
             return
         rec = self.orchestrator.service_state(rt.cfg.name)
         if rec.owner:
-            rt.failed_placements = 0  # placed, here or by a replica that led it meanwhile
+            rt.failed_placements = 0  # placed, by this replica or by one that led it meanwhile
         if rec.phase == "acquiring":
             self._recover(rt, rec)
             return
@@ -338,9 +333,8 @@ class FailoverLoop:
         async def go() -> ServiceRecord:
             try:
                 rec = await self.orchestrator.run(rt.cfg, d)
-                if rec.owner:
-                    rt.failed_placements = 0
-                elif not self.not_leading(rt.cfg.name):  # (a replica that lost the service counts nothing)
+                # (an owner resets the count at the next tick; a replica that lost the service counts nothing)
+                if not rec.owner and not self.not_leading(rt.cfg.name):
                     rt.failed()
                 return rec
             except Exception as e:  # a failed transition is an event; the loop goes on
@@ -428,10 +422,14 @@ class FailoverLoop:
         """Hosts heard from within the heartbeat timeout. A tick asks this for every observer of every
         service, and the answer walks every connected host: computed once per tick (outside a tick, reused
         for ALIVE_REUSE_MS), it costs O(hosts) per tick instead of O(services x observers x hosts) (at
-        2,000 hosts and 500 services, the difference between microseconds and most of a tick)."""
+        2,000 hosts and 500 services, the difference between microseconds and most of a tick). Within a
+        tick it is reused for TICK_ALIVE_REUSE_MS: at 2,000 hosts a tick outlasts ALIVE_REUSE_MS (the walk
+        then ran a dozen times per tick), and a tick that a busy loop spreads over hundreds of milliseconds
+        must not judge hosts by heartbeats that old (timeouts are half a second and more)."""
         now = now_ms()
         cached = self._alive
-        if cached is None or not (self._in_tick or 0 <= now - cached[0] <= ALIVE_REUSE_MS):
+        reuse_ms = TICK_ALIVE_REUSE_MS if self._in_tick else ALIVE_REUSE_MS
+        if cached is None or not 0 <= now - cached[0] <= reuse_ms:
             cached = self._alive = (
                 now,
                 self.registry.alive(now, int(self.cfg.failover.heartbeat_timeout_seconds * 1000)),
@@ -583,9 +581,10 @@ class FailoverLoop:
         )
 
     def _push_watch(self, host: str, session: AgentSession) -> None:
-        """A new stream's Watch: the checks its agent runs and the services whose leases it observes."""
-        if self._watched.get(host) == session.instance_id or self.registry.get(host) is not session:
-            return  # told already, or the stream ended since the tick began (its successor: the next tick)
+        """A new stream's Watch (the tick asks it only of streams not yet told): the checks its agent runs
+        and the services whose leases it observes."""
+        if self.registry.get(host) is not session:
+            return  # the stream ended since the tick began (its successor: the next tick)
         watch = self.watch_for(host)
         if not watch.observed_services:
             self._watched[host] = session.instance_id  # observes nothing: nothing to say
