@@ -7,9 +7,10 @@
 - the watchdog restarts a hung agent.
 
 Under software emulation an agent restart pauses renewals for tens of seconds (Python starts ~10x slower
-than on the host), so the service's lease is raised to 45 s here; on real hardware a restart takes 1-3 s
-and a 5 s lease covers it. A hitless controller restart needs two observers besides the controller (the
-lab tests that: tests/failover/test_lab_failover.py); this one-host trial has only the controller.
+than on the host; about 45 s on a 4x slower 2-core CI machine), so the service's lease is raised to 120 s
+here; on real hardware a restart takes 1-3 s and a 5 s lease covers it. A hitless controller restart needs
+two observers besides the controller (the lab tests that: tests/failover/test_lab_failover.py); this
+one-host trial has only the controller.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tests.support import wait_until
 from tests.vm.guest import Guest
 from tests.vm.walkthrough import Walk
 
-LEASE_S = 45
+LEASE_S = 120
 VIP = "192.0.2.100"
 READS = 200_000
 COUNT_UNIT = "sp-count.service"
@@ -117,8 +118,11 @@ def test_restarting_the_owner_agent_keeps_the_address(walked: Walk, guest: Guest
     finally:
         guest.run("systemctl", "stop", "sp-vipwatch")
     samples = guest.read_file("/run/sp-vip-samples").split()
+    paused = re.findall(r"renewals paused (\d+) ms", guest.journal("shadowplane-agentd", 400))
+    pause = f"renewals paused {paused[-1] if paused else '?'} ms (lease {LEASE_S} s)"
+    print(f"agent restart, emulated: {pause}")
     assert len(samples) > 50, samples
-    assert set(samples) == {"1"}, f"{samples.count('0')} of {len(samples)} samples without {VIP}"
+    assert set(samples) == {"1"}, f"{samples.count('0')} of {len(samples)} samples without {VIP}; {pause}"
     after = hello(guest)
     assert after["owner"] == before["owner"] and after["token"] == before["token"], (before, after)
     events = [
@@ -129,8 +133,6 @@ def test_restarting_the_owner_agent_keeps_the_address(walked: Walk, guest: Guest
     assert not [
         k for k in kinds if k in ("failover", "reacquire", "place", "lease-lost", "lease-acquired")
     ], kinds
-    paused = re.findall(r"renewals paused (\d+) ms", guest.journal("shadowplane-agentd", 400))
-    print(f"agent restart, emulated: renewals paused {paused[-1] if paused else '?'} ms (lease {LEASE_S} s)")
 
 
 def test_the_capture_in_the_unit_counts_a_known_workload_within_2_percent(walked: Walk, guest: Guest) -> None:
