@@ -96,6 +96,39 @@ class HostEntry:
         default="",
         metadata=check(ip_address, doc="the host's address on the service network (health checks)"),
     )
+    # The resource pool's view of the host (docs/pool.md): what it holds and what it costs.
+    cores: float = field(
+        default=0.0,
+        metadata=check(
+            non_negative, doc="CPU cores the resource pool counts on (0: what the host's agent reports)"
+        ),
+    )
+    memory_gib: float = field(
+        default=0.0,
+        metadata=check(
+            non_negative, doc="memory in GiB the resource pool counts on (0: what the agent reports)"
+        ),
+    )
+    price_per_hour: float = field(
+        default=0.0,
+        metadata=check(
+            non_negative,
+            doc="what an hour of this host costs, in one currency for the whole fleet (0 on every host: "
+            "every core costs the same, and the pool's plan reserves the fewest cores)",
+        ),
+    )
+    perf_class: str = field(
+        default="", metadata=check(doc='a performance class (e.g. "fast") a service may ask its shadow for')
+    )
+    labels: dict[str, str] = field(
+        default_factory=dict,
+        metadata=check(
+            doc='labels, e.g. { rack = "r12" }: a service\'s spread_by keeps its shadow apart by them'
+        ),
+    )
+    shadow_pool: bool = field(
+        default=True, metadata=check(doc="the resource pool may place other services' shadows here")
+    )
 
 
 @dataclass
@@ -307,6 +340,25 @@ class ServiceConfig:
         default="abort",
         metadata=check(doc="a failing before-hook aborts the transition, or is only reported"),
     )
+    # The resource pool (docs/pool.md): how this service's shadow is placed and reserved for.
+    tier: Literal["dedicated", "shared", "cold"] = field(
+        default="shared",
+        metadata=check(
+            doc="dedicated: a shadow host of its own; shared: a shadow on a host that backs others too, "
+            "sized to the forecast all along; cold: shared, sized only when it fails over"
+        ),
+    )
+    spread_by: list[str] = field(
+        default_factory=list,
+        metadata=check(
+            doc='host label keys (e.g. ["rack"]) whose value the pool keeps different between this '
+            "service's primary and its shadow, besides the zone"
+        ),
+    )
+    shadow_class: str = field(
+        default="",
+        metadata=check(doc="a perf_class the pool's shadow for this service must have (empty: any)"),
+    )
     health: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     dns: DnsConfig | None = field(
         default=None, metadata=check(doc="[service.dns]: RFC 2136 record switching")
@@ -402,6 +454,49 @@ class FailoverConfig:
         if self.renew_interval_seconds * 2 > self.lease_seconds:
             return "renew_interval_seconds: must be at most half of lease_seconds, to survive a lost renewal"
         return None
+
+
+@dataclass
+class PoolConfig:
+    demand_quantile: float = field(
+        default=0.95,
+        metadata=check(
+            between(0.5, 0.999),
+            doc="each service is reserved for this quantile of its forecast demand, at its peak over the "
+            "model's horizon",
+        ),
+    )
+    cover_zones: bool = field(
+        default=True,
+        metadata=check(doc="reserve for every single-zone failure, not only every single-host failure"),
+    )
+    max_moves: int = field(
+        default=10,
+        metadata=check(
+            non_negative,
+            doc="shadows a re-plan may move to save money (each move costs a warm-up); moves that keep a "
+            "failure covered are not counted",
+        ),
+    )
+    time_limit_seconds: float = field(
+        default=5.0, metadata=check(between(0.5, 600), doc="the solver's time for one plan")
+    )
+    zone_degraded_share: float = field(
+        default=0.5,
+        metadata=check(
+            between(0.01, 1.0),
+            doc="a zone with at least this share of its hosts down or cut off is degraded: no failover, "
+            "failback or placement lands there while a host elsewhere is ready (shadowctl zones)",
+        ),
+    )
+    zone_degraded_min_hosts: int = field(
+        default=2,
+        metadata=check(
+            at_least(1),
+            doc="and at least this many hosts down (in a zone of two, one host down is that host's failure, "
+            "not the zone's)",
+        ),
+    )
 
 
 @dataclass
@@ -589,6 +684,7 @@ class ControllerConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     failover: FailoverConfig = field(default_factory=FailoverConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     service: list[ServiceConfig] = field(default_factory=list, metadata=check(doc="[[service]] tables"))
     host: list[HostEntry] = field(
         default_factory=list,
@@ -624,6 +720,9 @@ class ControllerConfig:
         if twice is not None:
             return f"service: {twice!r} is defined twice"
         known = set(names)
+        problem = self._pool_problem()
+        if problem:
+            return problem
         for i, svc in enumerate(self.service):
             for role, h in [("primary", svc.primary)] + [("shadows", x) for x in svc.shadows]:
                 if h not in known:
@@ -648,6 +747,24 @@ class ControllerConfig:
                     f"service[{i}].health.check: the controller observes {svc.name!r} but has no exec check "
                     f"{hc.check!r}: add [checks.{hc.check}] with its command to this file, or leave "
                     '"controller" out of service.observers'
+                )
+        return None
+
+    def _pool_problem(self) -> str | None:
+        priced = [h.name for h in self.host if h.price_per_hour > 0]
+        if priced:
+            for i, h in enumerate(self.host):
+                if h.shadow_pool and h.price_per_hour == 0:
+                    return (
+                        f"host[{i}].price_per_hour: {h.name!r} has no price while {priced[0]!r} has one: the "
+                        "pool would reserve on it for free; give every host a price (or none, to count cores)"
+                    )
+        classes = {h.perf_class for h in self.host if h.shadow_pool and h.perf_class}
+        for i, svc in enumerate(self.service):
+            if svc.shadow_class and svc.shadow_class not in classes:
+                return (
+                    f"service[{i}].shadow_class: no host with shadow_pool = true has perf_class "
+                    f"{svc.shadow_class!r} (have: {sorted(classes) or 'none'}): set it on a host or drop it"
                 )
         return None
 

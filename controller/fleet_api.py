@@ -8,6 +8,7 @@ fleet_messages.py.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, Protocol
@@ -25,11 +26,16 @@ from controller.fleet_messages import (
     event_message,
     host_status,
     override_from_message,
+    pool_plan_message,
     request_problem,
     service_message,
     shadow_message,
     telemetry_response_bytes,
+    zones_message,
 )
+from controller.pool.placement import PlanOptions
+from controller.pool.report import PoolInputs, PoolReport, pool_inputs, report_in_child
+from controller.pool.zones import ZoneHealth
 from controller.scaling.decision import ScalingDecision
 from controller.status import AgentView, ScalingView, ServiceView
 from controller.store import Store
@@ -76,6 +82,16 @@ class Operations(Protocol):
         """An override was stored: apply it now rather than at the next cycle."""
         ...
 
+    def zones(self) -> tuple[ZoneHealth, ...]:
+        """Zone health as the HA loop last judged it (empty: no host has a zone, or still in the placement
+        grace after a start)."""
+        ...
+
+    def pool_demand(self, q: float) -> dict[str, tuple[float, int]] | None:
+        """Each forecast service's demand at quantile `q`, at its peak: (cores, bytes). None: scaling is
+        disabled, so nothing is forecast."""
+        ...
+
 
 class FleetService(fgrpc.FleetServicer):
     def __init__(
@@ -89,6 +105,8 @@ class FleetService(fgrpc.FleetServicer):
         self.cfg, self.store, self.events, self.ops = cfg, store, events, ops
         # Reads of up to MAX_LIMIT rows run in the store worker, never on the loop that answers renewals.
         self.worker = worker or StoreWorker(store)
+        self._pool_lock = asyncio.Lock()  # one pool plan at a time: each is a process and seconds
+        self._pool_last: tuple[tuple[PoolInputs, PlanOptions], PoolReport] | None = None
 
     async def ListHosts(
         self, request: fpb.ListHostsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -217,6 +235,47 @@ class FleetService(fgrpc.FleetServicer):
             ],
             next_cycle_unix_ms=view.next_cycle_ms,
         )
+
+    async def ListZones(
+        self, request: fpb.ListZonesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fpb.ListZonesResponse:
+        await valid(request, context)
+        return zones_message(self.ops.zones(), self.cfg.pool.zone_degraded_share)
+
+    async def GetPoolPlan(
+        self, request: fpb.GetPoolPlanRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> fpb.PoolPlan:
+        """The pool's plan, beside the configured shadows and the alternatives. The solve takes up to
+        pool.time_limit_seconds in a process of its own; one at a time."""
+        await valid(request, context)
+        q = self.cfg.pool.demand_quantile
+        demand = self.ops.pool_demand(q)
+        if demand is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "scaling is disabled ([scaling] enabled): the pool reserves for forecast demand",
+            )
+        assert demand is not None
+        live = {a.host for a in self.ops.agents()}
+        down = {h.name for h in self.cfg.host if h.name not in live}
+        down |= {h for z in self.ops.zones() if z.degraded for h in z.hosts}
+        reported = {
+            rec.host: (float(rec.hello.host_info.cpu_cores), int(rec.hello.host_info.memory_bytes))
+            for rec in self.store.agents()
+        }
+        inputs = pool_inputs(self.cfg, reported, demand, down)
+        p = self.cfg.pool
+        options = PlanOptions(
+            cover_zones=p.cover_zones, max_moves=p.max_moves, time_limit_seconds=p.time_limit_seconds
+        )
+        async with self._pool_lock:
+            # the same inputs (nothing forecast, joined or lost since): the same plan, without a solve
+            if self._pool_last is not None and self._pool_last[0] == (inputs, options):
+                report = self._pool_last[1]
+            else:
+                report = await asyncio.to_thread(report_in_child, inputs, options)
+                self._pool_last = ((inputs, options), report)
+        return pool_plan_message(report, f"q{q:g} of each service's forecast, at its peak over the horizon")
 
     async def SetOverride(
         self, request: fpb.Override, context: grpc.aio.ServicerContext[Any, Any]

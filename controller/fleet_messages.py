@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from controller.pool.coverage import Coverage
+from controller.pool.report import PoolReport
+from controller.pool.zones import ZoneHealth
 from controller.scaling.decision import ScalingDecision
 from controller.scaling.override import Override
 from controller.status import CaptureView, ServiceView, ShadowView
@@ -286,3 +289,95 @@ def telemetry_response_bytes(rows: list[tuple[str, bytes]]) -> bytes:
         inner = b"\x0a" + _varint(len(h)) + h + b"\x12" + _varint(len(blob)) + blob
         parts.append(b"\x0a" + _varint(len(inner)) + inner)
     return b"".join(parts)
+
+
+def zones_message(zones: tuple[ZoneHealth, ...], share: float) -> fpb.ListZonesResponse:
+    return fpb.ListZonesResponse(
+        zones=[
+            fpb.ZoneStatus(
+                zone=z.zone,
+                hosts=list(z.hosts),
+                down=[h for h, _ in z.down],
+                down_reasons=[why for _, why in z.down],
+                degraded=z.degraded,
+                reason=z.reason,
+            )
+            for z in zones
+        ],
+        degraded_share=share,
+    )
+
+
+def pool_plan_message(r: PoolReport, demand: str) -> fpb.PoolPlan:
+    zone = {h.name: h.zone for h in r.inputs.hosts}
+    moves = {m.service: m.reason for m in r.plan.moves}
+    unplaced = dict(r.plan.unplaced) | dict(r.inputs.not_placed)
+    configured = dict(r.inputs.configured)
+    services = []
+    for s in r.inputs.services:
+        shadow = r.plan.shadow_of(s.name) or ""
+        services.append(
+            fpb.PoolService(
+                service=s.name,
+                primary=s.primary,
+                zone=zone.get(s.primary, ""),
+                tier=s.tier,
+                cpu_cores=s.cpu_cores,
+                memory_bytes=s.memory_bytes,
+                shadow=shadow,
+                configured=configured.get(s.name, ""),
+                note=unplaced.get(s.name, "") if not shadow else moves.get(s.name, ""),
+            )
+        )
+    for name, why in r.inputs.not_placed:
+        services.append(fpb.PoolService(service=name, configured=configured.get(name, ""), note=why))
+
+    def coverage(name: str, c: Coverage, note: str = "") -> fpb.PoolCoverage:
+        return fpb.PoolCoverage(
+            name=name,
+            price_per_hour=c.price_per_hour,
+            reserved_cores=sum(x.cores for x in c.reserves),
+            host_scenarios=c.host_scenarios,
+            host_covered=c.host_covered,
+            zone_scenarios=c.zone_scenarios,
+            zone_covered=c.zone_covered,
+            shortfalls=[f"{f.scenario}: {f.service}: {f.why}" for f in c.shortfalls],
+            note=note,
+        )
+
+    placements = [
+        coverage("pool", r.plan_coverage, f"{len(r.plan.moves)} shadows differ from the configured ones"),
+        coverage("configured", r.configured_coverage, "the first shadow each service's config names"),
+    ] + [
+        fpb.PoolCoverage(
+            name=a.name,
+            price_per_hour=a.price_per_hour,
+            reserved_cores=a.reserved_cores,
+            host_scenarios=a.host_scenarios,
+            host_covered=a.host_covered,
+            zone_scenarios=a.zone_scenarios,
+            zone_covered=a.zone_covered,
+            note=a.note,
+        )
+        for a in r.alternatives
+    ]
+    return fpb.PoolPlan(
+        services=services,
+        reserves=[
+            fpb.PoolReserve(
+                host=x.host,
+                zone=zone.get(x.host, ""),
+                cores=x.cores,
+                memory_bytes=x.memory_bytes,
+                price_per_hour=x.price_per_hour,
+                worst=x.worst,
+                dedicated=x.dedicated,
+            )
+            for x in r.plan_coverage.reserves
+        ],
+        placements=placements,
+        solver=r.plan.solver,
+        solve_seconds=r.plan.solve_seconds,
+        demand=demand,
+        notes=list(r.inputs.notes),
+    )

@@ -76,6 +76,7 @@ class ControllerCollector(Collector):
         if st.cluster is not None:
             yield from self._cluster(st.cluster)
         yield from self._services(st)
+        yield from self._zones(st)
         yield from self._events()
         if st.scaling is not None:
             yield from self._scaling(st.scaling)
@@ -106,6 +107,24 @@ class ControllerCollector(Collector):
             g = GaugeMetricFamily(name, help_text, labels=["replica"])
             g.add_metric([c.name], float(value))
             yield g
+
+    def _zones(self, st: ControllerStatus) -> Iterator[Metric]:
+        if not st.zones:
+            return
+        hosts = GaugeMetricFamily("shadowplane_zone_hosts", "Hosts configured in the zone", labels=["zone"])
+        down = GaugeMetricFamily(
+            "shadowplane_zone_hosts_down", "Hosts of the zone down or cut off", labels=["zone"]
+        )
+        degraded = GaugeMetricFamily(
+            "shadowplane_zone_degraded",
+            "1 while the zone is degraded (pool.zone_degraded_share of its hosts down): nothing lands there",
+            labels=["zone"],
+        )
+        for z in st.zones:
+            hosts.add_metric([z.zone], len(z.hosts))
+            down.add_metric([z.zone], len(z.down))
+            degraded.add_metric([z.zone], 1.0 if z.degraded else 0.0)
+        yield from (hosts, down, degraded)
 
     def _services(self, st: ControllerStatus) -> Iterator[Metric]:
         owner = GaugeMetricFamily(

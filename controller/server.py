@@ -27,6 +27,7 @@ from controller.failover.records import LocalRecords, ServiceRecords
 from controller.fleet_api import FleetService
 from controller.fleet_api import add_to_server as add_fleet_to_server
 from controller.ingest import AgentStreamService
+from controller.pool.zones import ZoneHealth
 from controller.prometheus_collector import ControllerCollector, EventCounters
 from controller.registry import AgentRegistry
 from controller.scaling.decision import ScalingDecision
@@ -81,6 +82,7 @@ class Controller:
             self.scaling_view(now),
             self.registry.rejections.views(),
             self.replica.view() if self.replica is not None else None,
+            self.failover.zones,
         )
 
     def agents(self) -> tuple[AgentView, ...]:
@@ -101,6 +103,12 @@ class Controller:
     def override_changed(self) -> None:
         if self.scaling is not None:
             self.scaling.wake.set()
+
+    def zones(self) -> tuple[ZoneHealth, ...]:
+        return self.failover.zones
+
+    def pool_demand(self, q: float) -> dict[str, tuple[float, int]] | None:
+        return self.scaling.demand_peaks(q) if self.scaling is not None else None
 
     def cluster_state(self) -> str:
         return f"{self.replica.name}: {self.replica.view().state}" if self.replica is not None else ""

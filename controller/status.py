@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from controller.pool.zones import ZoneHealth
+
 
 @dataclass(frozen=True)
 class CaptureFeatureView:
@@ -143,6 +145,7 @@ class ControllerStatus:
     scaling: ScalingView | None  # None when scaling is disabled
     rejected: tuple[RejectedView, ...] = ()  # what agent streams had refused, by host, kind and reason
     cluster: ClusterView | None = None  # replicas only
+    zones: tuple[ZoneHealth, ...] = ()  # zone health, as the HA loop last judged it
 
     def service(self, name: str) -> ServiceView | None:
         return next((s for s in self.services if s.name == name), None)

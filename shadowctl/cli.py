@@ -7,12 +7,12 @@ import sys
 
 import grpc
 
-from shadowctl import certs_cmds, failover_cmds, fleet_cmds, scaling_cmds, training_cmds
+from shadowctl import certs_cmds, failover_cmds, fleet_cmds, pool_cmds, scaling_cmds, training_cmds
 from shadowctl.client import ClientError, add_arguments, controller_address, describe_rpc_error
 from shadowplane import logs
 
 # Each command module adds its subcommands; they set `func(args) -> int`.
-COMMAND_MODULES = [fleet_cmds, failover_cmds, scaling_cmds, certs_cmds, training_cmds]
+COMMAND_MODULES = [fleet_cmds, failover_cmds, scaling_cmds, pool_cmds, certs_cmds, training_cmds]
 
 
 def parser() -> argparse.ArgumentParser:

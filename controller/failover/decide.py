@@ -79,6 +79,10 @@ class Snapshot:
     # last ended (a monotonic clock's difference: a wall clock stepped back must not hold a placement)
     failed_placements: int = 0
     failed_ago_ms: int = 0
+    # Hosts of degraded zones (controller/pool/zones.py) -> why: nothing lands there while a host outside
+    # them is ready (nor an operator's move there without --force), and nothing fails back there. Empty:
+    # every zone healthy.
+    degraded: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,19 @@ def ready(s: Snapshot, host: str) -> bool:
 
 
 def candidates(s: Snapshot, exclude: str) -> list[str]:
-    """Where the service may go, best first: back to the primary if it is fine, else shadows in order."""
+    """Where the service may go, best first: back to the primary if it is fine, else shadows in order;
+    hosts of degraded zones only after every other (a last resort: a service on a host of a failing zone
+    is better than a service down)."""
     order = [s.primary, *s.shadows] if exclude != s.primary else list(s.shadows)
-    return [h for h in order if h != exclude and ready(s, h)]
+    ok = [h for h in order if h != exclude and ready(s, h)]
+    return [h for h in ok if h not in s.degraded] + [h for h in ok if h in s.degraded]
+
+
+def last_resort(s: Snapshot, host: str) -> str:
+    """What a reason adds when `host` is in a degraded zone."""
+    if host not in s.degraded:
+        return ""
+    return f"; {host} is in a degraded zone, the only ready host ({s.degraded[host]})"
 
 
 def damped(s: Snapshot) -> bool:
@@ -144,11 +158,15 @@ def decide(s: Snapshot) -> Decision:
                 f"{wait / 1000:.1f} s after the last",
             )
     if not s.owner:
-        if ready(s, s.primary):
-            return Decision("place", s.primary, f"no owner; primary {s.primary} is up")
-        best = candidates(s, s.primary)
+        best = candidates(s, "")
+        if best and best[0] == s.primary:
+            return Decision(
+                "place", s.primary, f"no owner; primary {s.primary} is up{last_resort(s, s.primary)}"
+            )
         if best and s.primary_grace_over:
-            return Decision("place", best[0], f"no owner; primary {s.primary} is not ready, {best[0]} is")
+            state = "in a degraded zone" if ready(s, s.primary) else "not ready"
+            why = f"no owner; primary {s.primary} is {state}, {best[0]} is{last_resort(s, best[0])}"
+            return Decision("place", best[0], why)
         return NONE
     owner_health = s.health.get(s.owner, Tally())
     if owner_health.majority_down:
@@ -158,6 +176,7 @@ def decide(s: Snapshot) -> Decision:
             return Decision("none", "", f"{why}; {NO_SHADOW}")
         if not best:
             return Decision("none", "", f"{why}; no ready host to take over")
+        why += last_resort(s, best[0])
         if damped(s):
             ago = (s.now_ms - s.last_failover_ms) / 1000
             return Decision(
@@ -188,6 +207,7 @@ def decide(s: Snapshot) -> Decision:
             return Decision("none", "", f"{why}; {NO_SHADOW}")
         if not best:
             return Decision("none", "", f"{why}; no ready host to take over")
+        why += last_resort(s, best[0])
         # The owner's agent is gone, or its service is not seen up: it may still hold the VIP, which only the
         # kernel's address lifetime guarantees gone; the orchestrator waits that out unless it confirms.
         connected = s.owner in s.connected
@@ -200,6 +220,7 @@ def decide(s: Snapshot) -> Decision:
         s.owner != s.primary
         and s.failback == "auto"
         and ready(s, s.primary)
+        and s.primary not in s.degraded
         and s.primary_up_since_ms is not None
         and s.now_ms - healthy_since >= s.failback_hold_ms
     ):
@@ -219,6 +240,10 @@ def _requested(s: Snapshot, r: Request) -> Decision:
             return Decision("none", "", f"already on the primary {s.primary}")
         if not ready(s, s.primary):
             return Decision("none", "", f"primary {s.primary} is not ready (connected and up by a majority)")
+        if s.primary in s.degraded and not r.force:
+            return Decision(
+                "none", "", f"primary {s.primary}: {s.degraded[s.primary]}; add --force to move there"
+            )
         return Decision(
             "failback", s.primary, "failback requested by an operator", planned=s.owner in s.connected
         )
@@ -231,11 +256,15 @@ def _requested(s: Snapshot, r: Request) -> Decision:
             return Decision("none", "", f"{r.to} already owns {s.name}")
         if not ready(s, r.to):
             return Decision("none", "", f"{r.to} is not ready (connected and up by a majority)")
+        if r.to in s.degraded and not r.force:
+            return Decision("none", "", f"{r.to}: {s.degraded[r.to]}; add --force to move there")
         target = r.to
     else:
         best = candidates(s, s.owner)
         if not best:
             return Decision("none", "", "no ready host to move to")
+        if best[0] in s.degraded and not r.force:
+            return Decision("none", "", f"{best[0]}: {s.degraded[best[0]]}; add --force to move there")
         target = best[0]
     if damped(s) and not r.force:
         return Decision("none", target, "failover damped (flap window); add --force to override", damped=True)

@@ -22,6 +22,7 @@ from controller.event_log import EventLog
 from controller.failover.board import ObservationBoard
 from controller.failover.decide import Decision, Request, Snapshot, Tally, decide, tally
 from controller.failover.orchestrator import Orchestrator
+from controller.pool.zones import ZoneHealth, degraded_hosts, zone_health
 from controller.registry import AgentRegistry, AgentSession
 from controller.status import ObserverView, ServiceView
 from controller.store import ServiceRecord, Store
@@ -100,6 +101,13 @@ class FailoverLoop:
         self.tracks = tracks  # sharded replicas: services it acts for or is taking over (heartbeats, views)
         self.hears = hears  # ... and those it is next in line for (telemetry: the history it would forecast)
         self._alive: tuple[int, frozenset[str]] | None = None  # (when, who): see alive()
+        # zone health (controller/pool/zones.py): each zoned host's zone, what made the last answer, the
+        # answer, and the hosts of degraded zones (what `decide` keeps failovers off)
+        self._zoned = {h.name: h.zone for h in cfg.host if h.zone}
+        self._seen_down: dict[str, str] = {}  # primaries the last tick saw down -> why
+        self._zones_key: tuple[frozenset[str], tuple[tuple[str, str], ...]] | None = None
+        self.zones: tuple[ZoneHealth, ...] = ()
+        self.degraded: dict[str, str] = {}
         self._in_tick = False
         # host -> the services whose lease quorum it sits in (each agent's Watch, as it connects)
         self._seated: dict[str, list[ServiceRuntime]] = {}
@@ -162,6 +170,7 @@ class FailoverLoop:
 
         Within a tick one answer to alive() serves up to TICK_ALIVE_REUSE_MS (see alive())."""
         self._alive = None
+        self._update_zones()
         self._in_tick = True
         try:
             tracked: set[str] = set()
@@ -211,6 +220,10 @@ class FailoverLoop:
             rt.primary_up_since_ms = rt.primary_up_since_ms or now
         else:
             rt.primary_up_since_ms = None
+        if primary.majority_down:
+            self._seen_down[rt.cfg.primary] = f"{rt.cfg.name} seen down ({primary.describe()})"
+        else:
+            self._seen_down.pop(rt.cfg.primary, None)
         if rt.busy or self.not_leading(rt.cfg.name):
             return
         rec = self.orchestrator.service_state(rt.cfg.name)
@@ -388,7 +401,34 @@ class FailoverLoop:
             last_transition_ms=rec.last_transition_ms,
             failed_placements=rt.failed_placements,
             failed_ago_ms=int((time.monotonic() - rt.last_failed) * 1000),
+            degraded=self.degraded,
         )
+
+    # ---- zones ----
+
+    def _update_zones(self) -> None:
+        """Zone health from who is alive and which primaries the last tick saw down; an event when a zone
+        becomes degraded or recovers. Only after the placement grace: before it, agents are still
+        connecting and every zone would look down."""
+        if not self._zoned or time.monotonic() - self.started <= self.cfg.failover.placement_grace_seconds:
+            return
+        alive = self.alive()
+        key = (alive, tuple(sorted(self._seen_down.items())))
+        if key == self._zones_key:
+            return
+        self._zones_key = key
+        down = {h: "its agent is not heard from" for h in self._zoned if h not in alive}
+        for h, why in self._seen_down.items():
+            down.setdefault(h, why)
+        pool = self.cfg.pool
+        health = zone_health(self._zoned, down, pool.zone_degraded_share, pool.zone_degraded_min_hosts)
+        was = {z.zone for z in self.zones if z.degraded}
+        for z in health:
+            if z.degraded and z.zone not in was:
+                self.events.record("zone-degraded", "", "", z.reason, zone=z.zone)
+            elif not z.degraded and z.zone in was:
+                self.events.record("zone-recovered", "", "", f"zone {z.zone}: {z.reason}", zone=z.zone)
+        self.zones, self.degraded = health, degraded_hosts(health)
 
     def service_views(self) -> tuple[ServiceView, ...]:
         """Every service as the HA loop sees it now: owner, token, phase, each observer's view of each

@@ -382,6 +382,22 @@ class ScalingLoop:
             if workload:
                 self.demand[svc.name] = f"{host}/{workload}"
 
+    def demand_peaks(self, q: float) -> dict[str, tuple[float, int]]:
+        """Each forecast service's demand for the resource pool: quantile `q` of its last forecast (between
+        the model's quantiles, linearly), at its peak over the model's horizon: (cores, bytes)."""
+        out = {}
+        for service, fc in self.forecasts.items():
+            peaks = []
+            for resource in ("cpu", "memory"):
+                curve = fc.curves.get(resource)
+                if curve is None or not len(curve):
+                    break
+                at_q = [float(np.interp(q, fc.quantiles, row)) for row in np.asarray(curve)]
+                peaks.append(max(0.0, max(at_q)))
+            if len(peaks) == 2 and all(math.isfinite(v) for v in peaks):
+                out[service] = (peaks[0], int(peaks[1]))
+        return out
+
     # ---- planning ----
 
     def plan(self, now_ms: int) -> list[ScalingDecision]:

@@ -801,3 +801,283 @@ class OverrideReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OverrideReply: _TypeAlias = OverrideReply  # noqa: Y015
+
+@_typing.final
+class ListZonesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListZonesRequest: _TypeAlias = ListZonesRequest  # noqa: Y015
+
+@_typing.final
+class ZoneStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ZONE_FIELD_NUMBER: _builtins.int
+    HOSTS_FIELD_NUMBER: _builtins.int
+    DOWN_FIELD_NUMBER: _builtins.int
+    DOWN_REASONS_FIELD_NUMBER: _builtins.int
+    DEGRADED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    zone: _builtins.str
+    degraded: _builtins.bool
+    """nothing lands on its hosts (failover, failback, placement)"""
+    reason: _builtins.str
+    @_builtins.property
+    def hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def down(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """hosts down or cut off"""
+
+    @_builtins.property
+    def down_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """why, one per entry of down"""
+
+    def __init__(
+        self,
+        *,
+        zone: _builtins.str = ...,
+        hosts: _abc.Iterable[_builtins.str] | None = ...,
+        down: _abc.Iterable[_builtins.str] | None = ...,
+        down_reasons: _abc.Iterable[_builtins.str] | None = ...,
+        degraded: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "down", b"down", "down_reasons", b"down_reasons", "hosts", b"hosts", "reason", b"reason", "zone", b"zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ZoneStatus: _TypeAlias = ZoneStatus  # noqa: Y015
+
+@_typing.final
+class ListZonesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ZONES_FIELD_NUMBER: _builtins.int
+    DEGRADED_SHARE_FIELD_NUMBER: _builtins.int
+    degraded_share: _builtins.float
+    """pool.zone_degraded_share"""
+    @_builtins.property
+    def zones(self) -> _containers.RepeatedCompositeFieldContainer[Global___ZoneStatus]: ...
+    def __init__(
+        self,
+        *,
+        zones: _abc.Iterable[Global___ZoneStatus] | None = ...,
+        degraded_share: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded_share", b"degraded_share", "zones", b"zones"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListZonesResponse: _TypeAlias = ListZonesResponse  # noqa: Y015
+
+@_typing.final
+class GetPoolPlanRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPoolPlanRequest: _TypeAlias = GetPoolPlanRequest  # noqa: Y015
+
+@_typing.final
+class PoolService(_message.Message):
+    """One service as the resource pool sees it: its forecast demand and where its shadow would go."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    ZONE_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    CPU_CORES_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    CONFIGURED_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    primary: _builtins.str
+    zone: _builtins.str
+    tier: _builtins.str
+    cpu_cores: _builtins.float
+    """the demand reserved for (pool.demand_quantile at its peak)"""
+    memory_bytes: _builtins.int
+    shadow: _builtins.str
+    """the pool's choice ("": none)"""
+    configured: _builtins.str
+    """the first shadow its config names"""
+    note: _builtins.str
+    """why it moves from the configured shadow, or why it has none"""
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        primary: _builtins.str = ...,
+        zone: _builtins.str = ...,
+        tier: _builtins.str = ...,
+        cpu_cores: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        shadow: _builtins.str = ...,
+        configured: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["configured", b"configured", "cpu_cores", b"cpu_cores", "memory_bytes", b"memory_bytes", "note", b"note", "primary", b"primary", "service", b"service", "shadow", b"shadow", "tier", b"tier", "zone", b"zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PoolService: _TypeAlias = PoolService  # noqa: Y015
+
+@_typing.final
+class PoolReserve(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_FIELD_NUMBER: _builtins.int
+    ZONE_FIELD_NUMBER: _builtins.int
+    CORES_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    PRICE_PER_HOUR_FIELD_NUMBER: _builtins.int
+    WORST_FIELD_NUMBER: _builtins.int
+    DEDICATED_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    zone: _builtins.str
+    cores: _builtins.float
+    """the most any single failure lands on it"""
+    memory_bytes: _builtins.int
+    price_per_hour: _builtins.float
+    """its share of the host's price"""
+    worst: _builtins.str
+    """the failure that needs that much, e.g. "zone b" """
+    dedicated: _builtins.bool
+    def __init__(
+        self,
+        *,
+        host: _builtins.str = ...,
+        zone: _builtins.str = ...,
+        cores: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        price_per_hour: _builtins.float = ...,
+        worst: _builtins.str = ...,
+        dedicated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cores", b"cores", "dedicated", b"dedicated", "host", b"host", "memory_bytes", b"memory_bytes", "price_per_hour", b"price_per_hour", "worst", b"worst", "zone", b"zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PoolReserve: _TypeAlias = PoolReserve  # noqa: Y015
+
+@_typing.final
+class PoolCoverage(_message.Message):
+    """A placement counted by the pool's independent count of every single-host and single-zone failure."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PRICE_PER_HOUR_FIELD_NUMBER: _builtins.int
+    RESERVED_CORES_FIELD_NUMBER: _builtins.int
+    HOST_SCENARIOS_FIELD_NUMBER: _builtins.int
+    HOST_COVERED_FIELD_NUMBER: _builtins.int
+    ZONE_SCENARIOS_FIELD_NUMBER: _builtins.int
+    ZONE_COVERED_FIELD_NUMBER: _builtins.int
+    SHORTFALLS_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"pool", "configured", "dedicated 1:1", "naive N+1 per zone" """
+    price_per_hour: _builtins.float
+    reserved_cores: _builtins.float
+    host_scenarios: _builtins.int
+    host_covered: _builtins.int
+    zone_scenarios: _builtins.int
+    zone_covered: _builtins.int
+    note: _builtins.str
+    @_builtins.property
+    def shortfalls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"zone b: web: no shadow", ..."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        price_per_hour: _builtins.float = ...,
+        reserved_cores: _builtins.float = ...,
+        host_scenarios: _builtins.int = ...,
+        host_covered: _builtins.int = ...,
+        zone_scenarios: _builtins.int = ...,
+        zone_covered: _builtins.int = ...,
+        shortfalls: _abc.Iterable[_builtins.str] | None = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_covered", b"host_covered", "host_scenarios", b"host_scenarios", "name", b"name", "note", b"note", "price_per_hour", b"price_per_hour", "reserved_cores", b"reserved_cores", "shortfalls", b"shortfalls", "zone_covered", b"zone_covered", "zone_scenarios", b"zone_scenarios"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PoolCoverage: _TypeAlias = PoolCoverage  # noqa: Y015
+
+@_typing.final
+class PoolPlan(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICES_FIELD_NUMBER: _builtins.int
+    RESERVES_FIELD_NUMBER: _builtins.int
+    PLACEMENTS_FIELD_NUMBER: _builtins.int
+    SOLVER_FIELD_NUMBER: _builtins.int
+    SOLVE_SECONDS_FIELD_NUMBER: _builtins.int
+    DEMAND_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    solver: _builtins.str
+    solve_seconds: _builtins.float
+    demand: _builtins.str
+    """what was reserved for, e.g. "q0.95 of each forecast, at its peak" """
+    @_builtins.property
+    def services(self) -> _containers.RepeatedCompositeFieldContainer[Global___PoolService]: ...
+    @_builtins.property
+    def reserves(self) -> _containers.RepeatedCompositeFieldContainer[Global___PoolReserve]:
+        """the pool's plan's"""
+
+    @_builtins.property
+    def placements(self) -> _containers.RepeatedCompositeFieldContainer[Global___PoolCoverage]:
+        """the pool's plan, the configured shadows, the alternatives"""
+
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        services: _abc.Iterable[Global___PoolService] | None = ...,
+        reserves: _abc.Iterable[Global___PoolReserve] | None = ...,
+        placements: _abc.Iterable[Global___PoolCoverage] | None = ...,
+        solver: _builtins.str = ...,
+        solve_seconds: _builtins.float = ...,
+        demand: _builtins.str = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["demand", b"demand", "notes", b"notes", "placements", b"placements", "reserves", b"reserves", "services", b"services", "solve_seconds", b"solve_seconds", "solver", b"solver"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PoolPlan: _TypeAlias = PoolPlan  # noqa: Y015

@@ -79,6 +79,16 @@ class FleetStub:
                 request_serializer=shadowplane_dot_v1_dot_fleet__pb2.Override.SerializeToString,
                 response_deserializer=shadowplane_dot_v1_dot_fleet__pb2.OverrideReply.FromString,
                 _registered_method=True)
+        self.ListZones = channel.unary_unary(
+                '/shadowplane.v1.Fleet/ListZones',
+                request_serializer=shadowplane_dot_v1_dot_fleet__pb2.ListZonesRequest.SerializeToString,
+                response_deserializer=shadowplane_dot_v1_dot_fleet__pb2.ListZonesResponse.FromString,
+                _registered_method=True)
+        self.GetPoolPlan = channel.unary_unary(
+                '/shadowplane.v1.Fleet/GetPoolPlan',
+                request_serializer=shadowplane_dot_v1_dot_fleet__pb2.GetPoolPlanRequest.SerializeToString,
+                response_deserializer=shadowplane_dot_v1_dot_fleet__pb2.PoolPlan.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -138,6 +148,18 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListZones(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPoolPlan(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +207,16 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.SetOverride,
                     request_deserializer=shadowplane_dot_v1_dot_fleet__pb2.Override.FromString,
                     response_serializer=shadowplane_dot_v1_dot_fleet__pb2.OverrideReply.SerializeToString,
+            ),
+            'ListZones': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListZones,
+                    request_deserializer=shadowplane_dot_v1_dot_fleet__pb2.ListZonesRequest.FromString,
+                    response_serializer=shadowplane_dot_v1_dot_fleet__pb2.ListZonesResponse.SerializeToString,
+            ),
+            'GetPoolPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPoolPlan,
+                    request_deserializer=shadowplane_dot_v1_dot_fleet__pb2.GetPoolPlanRequest.FromString,
+                    response_serializer=shadowplane_dot_v1_dot_fleet__pb2.PoolPlan.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,6 +462,60 @@ class Fleet:
             '/shadowplane.v1.Fleet/SetOverride',
             shadowplane_dot_v1_dot_fleet__pb2.Override.SerializeToString,
             shadowplane_dot_v1_dot_fleet__pb2.OverrideReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListZones(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shadowplane.v1.Fleet/ListZones',
+            shadowplane_dot_v1_dot_fleet__pb2.ListZonesRequest.SerializeToString,
+            shadowplane_dot_v1_dot_fleet__pb2.ListZonesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPoolPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shadowplane.v1.Fleet/GetPoolPlan',
+            shadowplane_dot_v1_dot_fleet__pb2.GetPoolPlanRequest.SerializeToString,
+            shadowplane_dot_v1_dot_fleet__pb2.PoolPlan.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,8 @@ class FleetStub:
     WatchEvents: _grpc.UnaryStreamMultiCallable[_fleet_pb2.ListEventsRequest, _fleet_pb2.Event]
     GetPlan: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetPlanRequest, _fleet_pb2.GetPlanResponse]
     SetOverride: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.Override, _fleet_pb2.OverrideReply]
+    ListZones: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ListZonesRequest, _fleet_pb2.ListZonesResponse]
+    GetPoolPlan: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.GetPoolPlanRequest, _fleet_pb2.PoolPlan]
 
 @_typing.type_check_only
 class FleetAsyncStub(FleetStub):
@@ -53,6 +55,8 @@ class FleetAsyncStub(FleetStub):
     WatchEvents: _aio.UnaryStreamMultiCallable[_fleet_pb2.ListEventsRequest, _fleet_pb2.Event]  # type: ignore[assignment]
     GetPlan: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetPlanRequest, _fleet_pb2.GetPlanResponse]  # type: ignore[assignment]
     SetOverride: _aio.UnaryUnaryMultiCallable[_fleet_pb2.Override, _fleet_pb2.OverrideReply]  # type: ignore[assignment]
+    ListZones: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ListZonesRequest, _fleet_pb2.ListZonesResponse]  # type: ignore[assignment]
+    GetPoolPlan: _aio.UnaryUnaryMultiCallable[_fleet_pb2.GetPoolPlanRequest, _fleet_pb2.PoolPlan]  # type: ignore[assignment]
 
 class FleetServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -117,5 +121,19 @@ class FleetServicer(metaclass=_abc_1.ABCMeta):
         request: _fleet_pb2.Override,
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.OverrideReply, _abc.Awaitable[_fleet_pb2.OverrideReply]]: ...
+
+    @_abc_1.abstractmethod
+    def ListZones(
+        self,
+        request: _fleet_pb2.ListZonesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.ListZonesResponse, _abc.Awaitable[_fleet_pb2.ListZonesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetPoolPlan(
+        self,
+        request: _fleet_pb2.GetPoolPlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.PoolPlan, _abc.Awaitable[_fleet_pb2.PoolPlan]]: ...
 
 def add_FleetServicer_to_server(servicer: FleetServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -267,6 +267,21 @@ def sane_override(req: fpb.Override, r: fpb.OverrideReply) -> None:
         assert all(math.isfinite(v) and v >= 0 for v in values), "an accepted override holds numbers"
 
 
+def sane_zones(req: fpb.ListZonesRequest, r: fpb.ListZonesResponse) -> None:
+    assert 0 < r.degraded_share <= 1
+    for z in r.zones:
+        assert z.zone and z.reason and len(z.down) == len(z.down_reasons) <= len(z.hosts)
+
+
+def sane_pool_plan(req: fpb.GetPoolPlanRequest, r: fpb.PoolPlan) -> None:
+    assert r.solver and r.demand and math.isfinite(r.solve_seconds)
+    for c in r.placements:
+        assert math.isfinite(c.price_per_hour) and math.isfinite(c.reserved_cores)
+        assert c.host_covered <= c.host_scenarios and c.zone_covered <= c.zone_scenarios
+    for x in r.services:
+        assert math.isfinite(x.cpu_cores)
+
+
 UNARY: dict[str, Callable[[Any, Any], None]] = {
     "ListHosts": sane_hosts,
     "GetTelemetry": sane_telemetry,
@@ -276,6 +291,8 @@ UNARY: dict[str, Callable[[Any, Any], None]] = {
     "ListEvents": sane_events,
     "GetPlan": sane_plan,
     "SetOverride": sane_override,
+    "ListZones": sane_zones,
+    "GetPoolPlan": sane_pool_plan,
 }
 FLEET = fpb.DESCRIPTOR.services_by_name["Fleet"]
 # Requests that get past the lookups, for `near` to carry hostile values deeper in.
@@ -288,6 +305,8 @@ VALID: dict[str, list[Message]] = {
     "ListEvents": [fpb.ListEventsRequest(service="web", limit=10)],
     "WatchEvents": [fpb.ListEventsRequest(service="web", limit=10)],
     "GetPlan": [fpb.GetPlanRequest(workload="obs1/web", last=5), fpb.GetPlanRequest(workload="web")],
+    "ListZones": [fpb.ListZonesRequest()],
+    "GetPoolPlan": [fpb.GetPoolPlanRequest()],
     "SetOverride": [
         fpb.Override(host="obs1", workload="web", kind="pin", cpu_cores=0.5, memory_bytes=2**30),
         fpb.Override(host="obs1", workload="web", kind="bound", cpu_min=0.1, cpu_max=2, memory_max=2**31),

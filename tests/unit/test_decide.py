@@ -205,3 +205,49 @@ def test_a_service_without_shadows_never_moves_and_says_why() -> None:
     assert (d.action, d.target) == ("reacquire", "p1")
     # and it is placed on its primary
     assert decide(snap(shadows=(), owner="")).action == "place"
+
+
+# ---- degraded zones (controller/pool/zones.py): nothing lands there ----
+
+ZONE_B = {"s1": "zone b degraded: 2 of 3 hosts down (>= 50%): b2 (its agent is not heard from)"}
+
+
+def test_a_failover_skips_a_shadow_in_a_degraded_zone() -> None:
+    down = {"health": {"p1": DOWN, "s1": UP, "s2": UP}, "connected": frozenset({"s1", "s2"})}
+    assert decide(snap(**down)).target == "s1"
+    d = decide(snap(**down, degraded=ZONE_B))
+    assert (d.action, d.target) == ("failover", "s2")
+
+
+def test_a_degraded_zone_is_the_last_resort_and_the_reason_says_so() -> None:
+    # s2 is down too: s1, in the degraded zone, is the only ready host; a service there beats one down
+    d = decide(snap(health={"p1": DOWN, "s1": UP, "s2": DOWN}, connected=frozenset({"s1"}), degraded=ZONE_B))
+    assert (d.action, d.target) == ("failover", "s1")
+    assert "s1 is in a degraded zone, the only ready host" in d.reason and "zone b degraded" in d.reason
+
+
+def test_no_failback_into_a_degraded_zone() -> None:
+    base = {"owner": "s1", "primary_up_since_ms": 1, "last_transition_ms": 1}
+    assert decide(snap(**base)).action == "failback"
+    primary_zone = {"p1": "zone a degraded: 3 of 4 hosts down (>= 50%)"}
+    assert decide(snap(**base, degraded=primary_zone)).action == "none"
+
+
+def test_placement_avoids_a_degraded_primary_when_a_shadow_elsewhere_is_ready() -> None:
+    primary_zone = {"p1": "zone a degraded"}
+    d = decide(snap(owner="", token=0, degraded=primary_zone))
+    assert (d.action, d.target) == ("place", "s1") and "degraded zone" in d.reason
+    # nowhere else: served from the degraded zone rather than not at all
+    d = decide(snap(owner="", token=0, degraded={**primary_zone, "s1": "b", "s2": "b"}))
+    assert (d.action, d.target) == ("place", "p1") and "in a degraded zone, the only ready host" in d.reason
+
+
+def test_an_operators_move_into_a_degraded_zone_needs_force() -> None:
+    d = decide(snap(request=Request("failover", to="s1"), degraded=ZONE_B))
+    assert d.action == "none" and "--force" in d.reason
+    d = decide(snap(request=Request("failover", to="s1", force=True), degraded=ZONE_B))
+    assert (d.action, d.target) == ("move", "s1")
+    d = decide(snap(request=Request("failover"), degraded=ZONE_B))
+    assert (d.action, d.target) == ("move", "s2")
+    d = decide(snap(request=Request("failover"), degraded={**ZONE_B, "s2": "zone b degraded"}))
+    assert d.action == "none" and "--force" in d.reason
