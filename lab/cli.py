@@ -37,6 +37,14 @@ def parser() -> argparse.ArgumentParser:
         "--shadows", type=int, default=2, help=f"shadow hosts, shared by every service (1-{MAX_SHADOWS})"
     )
     up.add_argument(
+        "--zones",
+        type=int,
+        default=2,
+        choices=(2, 3),
+        help="availability zones: 2 alternates hosts between az1 and az2; 3 puts p<i> and s<i> in "
+        "az<(i-1)%%3+1>, a primary with some of its shadows",
+    )
+    up.add_argument(
         "--controllers",
         type=int,
         default=1,
@@ -201,6 +209,7 @@ def lab_up(args: argparse.Namespace) -> int:
     spec = Spec(
         primaries=args.primaries,
         shadows=args.shadows,
+        zones=args.zones,
         controllers=args.controllers,
         shards=args.shards,
         dns=args.dns,

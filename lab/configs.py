@@ -148,6 +148,7 @@ def _service(plan: Plan, s: ServicePlan, tsig_secret: str) -> str:
             "flap_window_seconds": t.flap_window_seconds,
             "hook_timeout_seconds": t.hook_timeout_seconds,
             "hook_failure": spec.hook_failure,
+            **({"observers": list(spec.observers)} if spec.observers else {}),
         },
     )
     text += toml_table(

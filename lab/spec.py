@@ -177,6 +177,12 @@ class Spec:
     # replicas, one of each per controller namespace (ctl, ctl2, ...), as `[cluster]` runs them
     controllers: int = 1
     shards: int = 1  # [cluster] shards: above 1, the services are divided among the replicas
+    # Availability zones: 2 alternates primaries and shadows between az1 and az2 (p1 az1, s1 az2, ...); 3
+    # puts p_i and s_i in az((i - 1) % 3 + 1), so that a zone holds a primary and some of its shadows
+    zones: int = 2
+    # Every service's observers (empty: the controller's default, the controller and every shadow); e.g.
+    # one per zone, so that a zone's failure leaves a majority to judge the other zones' hosts ready
+    observers: tuple[str, ...] = ()
     timings: Timings = field(default_factory=Timings)
     workdir: Path | None = None  # None: a fresh directory under /run/shadowplane-lab
     startup_timeout_seconds: float = 30.0
@@ -193,6 +199,8 @@ class Spec:
                 "shadows: replicas hold no lease seat, so each service's quorum is its primary and shadows: "
                 "at least 2 shadows with controllers > 1"
             )
+        if self.zones not in (2, 3):
+            return f"zones: 2 or 3, got {self.zones}"
         if self.shards != 1 and (self.controllers == 1 or not 1 <= self.shards <= 256):
             return f"shards: 1, or 2..256 with controllers > 1, got {self.shards}"
         if self.controllers > 1 and self.failover != "shadowplane":
@@ -216,6 +224,7 @@ class Spec:
         tknown = {f.name for f in dataclasses.fields(Timings)}
         kw["timings"] = Timings(**{k: v for k, v in (d.get("timings") or {}).items() if k in tknown})
         kw["workdir"] = Path(d["workdir"]) if d.get("workdir") else None
+        kw["observers"] = tuple(d.get("observers") or ())
         return cls(**kw)
 
 
@@ -315,9 +324,11 @@ def plan(spec: Spec) -> Plan:
     for i in range(2, spec.controllers + 1):
         hosts.append(_host(f"ctl{i}", "controller", 2 + i))  # ctl2 = .4 ... ctl5 = .7
     for i in range(1, spec.primaries + 1):
-        hosts.append(_host(f"p{i}", "primary", 10 + i, "az1" if i % 2 else "az2"))
+        zone = f"az{(i - 1) % 3 + 1}" if spec.zones == 3 else ("az1" if i % 2 else "az2")
+        hosts.append(_host(f"p{i}", "primary", 10 + i, zone))
     for i in range(1, spec.shadows + 1):
-        hosts.append(_host(f"s{i}", "shadow", 20 + i, "az2" if i % 2 else "az1"))
+        zone = f"az{(i - 1) % 3 + 1}" if spec.zones == 3 else ("az2" if i % 2 else "az1")
+        hosts.append(_host(f"s{i}", "shadow", 20 + i, zone))
     if spec.dns:
         hosts.append(_host("dns", "dns", 53))
     shadows = tuple(f"s{i}" for i in range(1, spec.shadows + 1))

@@ -104,8 +104,9 @@ class FailoverLoop:
         # zone health (controller/pool/zones.py): each zoned host's zone, what made the last answer, the
         # answer, and the hosts of degraded zones (what `decide` keeps failovers off)
         self._zoned = {h.name: h.zone for h in cfg.host if h.zone}
-        self._seen_down: dict[str, str] = {}  # primaries the last tick saw down -> why
-        self._zones_key: tuple[frozenset[str], tuple[tuple[str, str], ...]] | None = None
+        self._seen_down: dict[str, dict[str, str]] = {}  # host -> service whose observers see it down -> why
+        self._zones_dirty = False  # _seen_down changed since the zones were judged
+        self._zones_alive: frozenset[str] | None = None  # who was alive when the zones were judged
         self.zones: tuple[ZoneHealth, ...] = ()
         self.degraded: dict[str, str] = {}
         self._in_tick = False
@@ -220,10 +221,7 @@ class FailoverLoop:
             rt.primary_up_since_ms = rt.primary_up_since_ms or now
         else:
             rt.primary_up_since_ms = None
-        if primary.majority_down:
-            self._seen_down[rt.cfg.primary] = f"{rt.cfg.name} seen down ({primary.describe()})"
-        else:
-            self._seen_down.pop(rt.cfg.primary, None)
+
         if rt.busy or self.not_leading(rt.cfg.name):
             return
         rec = self.orchestrator.service_state(rt.cfg.name)
@@ -374,6 +372,12 @@ class FailoverLoop:
             h: primary_health if h == svc.primary and primary_health is not None else self._health(rt, h)
             for h in rt.targets()
         }
+        # a host seen down by a service's observers counts for its zone at once, before this decision: a zone
+        # whose hosts fail together is known degraded by the decision that their failure starts
+        for h, t in health.items():
+            self._note_health(svc.name, h, t)
+        if self._zones_dirty:
+            self._update_zones()
         renewing, now = self._renewing(rt, rec), now_ms()
         if not renewing.majority_down:
             rt.renewing_down_since_ms = None
@@ -406,20 +410,35 @@ class FailoverLoop:
 
     # ---- zones ----
 
+    def _note_health(self, service: str, host: str, t: Tally) -> None:
+        per = self._seen_down.get(host)
+        if t.majority_down:
+            if per is None:
+                per = self._seen_down[host] = {}
+            if service not in per:
+                per[service] = f"{service}'s observers see it down ({t.describe()})"
+                self._zones_dirty = True
+        elif per is not None and service in per:
+            del per[service]
+            if not per:
+                del self._seen_down[host]
+            self._zones_dirty = True
+
     def _update_zones(self) -> None:
-        """Zone health from who is alive and which primaries the last tick saw down; an event when a zone
-        becomes degraded or recovers. Only after the placement grace: before it, agents are still
-        connecting and every zone would look down."""
+        """Zone health from who is alive and which hosts the services' observers see down; an event when a
+        zone becomes degraded or recovers. Only after the placement grace: before it, agents are still
+        connecting and every zone would look down. A host is known down as fast as the first of: its
+        service's health checks (0.8 s shipped, for a host some service targets), its agent's silence
+        (heartbeat_timeout_seconds, 3 s shipped)."""
         if not self._zoned or time.monotonic() - self.started <= self.cfg.failover.placement_grace_seconds:
             return
         alive = self.alive()
-        key = (alive, tuple(sorted(self._seen_down.items())))
-        if key == self._zones_key:
+        if alive == self._zones_alive and not self._zones_dirty:
             return
-        self._zones_key = key
+        self._zones_alive, self._zones_dirty = alive, False
         down = {h: "its agent is not heard from" for h in self._zoned if h not in alive}
-        for h, why in self._seen_down.items():
-            down.setdefault(h, why)
+        for h, per in self._seen_down.items():
+            down.setdefault(h, next(iter(per.values())))
         pool = self.cfg.pool
         health = zone_health(self._zoned, down, pool.zone_degraded_share, pool.zone_degraded_min_hosts)
         was = {z.zone for z in self.zones if z.degraded}

@@ -83,9 +83,13 @@ def pool_inputs(
             )
         )
     services, not_placed, configured = [], [], []
+    zone_of = {h.name: h.zone for h in cfg.host}
     for svc in cfg.service:
         if not svc.shadows:
             continue  # no failover: its primary's demand is counted on its host, nothing is placed
+        problem = zone_quorum_problem(svc.observer_names(), [svc.primary, *svc.shadows], zone_of)
+        if problem:
+            notes.append(f"{svc.name}: {problem}")
         configured.append((svc.name, svc.shadows[0]))
         if svc.name not in demand:
             not_placed.append(
@@ -105,6 +109,31 @@ def pool_inputs(
             )
         )
     return PoolInputs(tuple(hosts), tuple(services), tuple(configured), tuple(not_placed), tuple(notes))
+
+
+def _judged_ready(host: str, observers: list[str], lost: set[str]) -> bool:
+    voters = [o for o in observers if o != host]
+    return 2 * len([o for o in voters if o not in lost]) > len(voters)
+
+
+def zone_quorum_problem(observers: list[str], hosts: list[str], zone_of: Mapping[str, str]) -> str | None:
+    """Whether some zone's failure would leave none of the service's hosts elsewhere (`hosts`: primary and
+    shadows) judged ready: a host is ready when more than half of the observers other than itself see it
+    up, and an observer in the failed zone is no vote. Then nothing can move when that zone fails."""
+    for zone in sorted({zone_of[o] for o in observers if zone_of.get(o)}):
+        lost = {o for o in observers if zone_of.get(o) == zone}
+        elsewhere = [h for h in hosts if zone_of.get(h) != zone]
+        if not elsewhere:
+            continue  # every host of the service is in that zone: nothing to move to anyway
+
+        if not any(_judged_ready(h, observers, lost) for h in elsewhere):
+            return (
+                f"zone {zone} holds {len(lost)} of its {len(observers)} observers ({', '.join(observers)}): "
+                f"if {zone} fails, no host elsewhere has a majority of the other observers seeing it up, and "
+                "the service cannot move; spread observers across zones (e.g. the controller and one host "
+                "per zone)"
+            )
+    return None
 
 
 def pool_report(inputs: PoolInputs, options: PlanOptions) -> PoolReport:

@@ -93,3 +93,18 @@ def test_the_ha_loop_places_outside_a_degraded_zone_and_says_why(tmp_path: Path)
     )
     loop.tick()  # nothing changed: no second event
     assert len([e for e in store.events() if e.kind == "zone-degraded"]) == 1
+
+
+def test_a_zone_holding_too_many_observers_is_named() -> None:
+    from controller.pool.report import zone_quorum_problem
+
+    zone = {"p1": "az1", "s1": "az1", "s2": "az2", "s3": "az3", "s4": "az1"}
+    hosts = ["p1", "s1", "s2", "s3", "s4"]
+    # the default observers (the controller and every shadow): az1 holds s1 and s4, 2 of 5; with them cut,
+    # s2 has 2 of its 4 other observers up, s3 the same: no majority, nothing moves
+    problem = zone_quorum_problem(["controller", "s1", "s2", "s3", "s4"], hosts, zone)
+    assert problem and problem.startswith("zone az1 holds 2 of its 5 observers")
+    # one observer per zone: any zone's failure leaves a majority for a host elsewhere
+    assert zone_quorum_problem(["controller", "s2", "s3"], hosts, zone) is None
+    # a service whose hosts are all in the failed zone has nowhere to go anyway: not this problem
+    assert zone_quorum_problem(["controller", "s1"], ["p1", "s1"], zone) is None
