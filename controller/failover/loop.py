@@ -106,6 +106,7 @@ class FailoverLoop:
         self._zoned = {h.name: h.zone for h in cfg.host if h.zone}
         self._seen_down: dict[str, dict[str, str]] = {}  # host -> service whose observers see it down -> why
         self._zones_dirty = False  # _seen_down changed since the zones were judged
+        self._zone_judge = min((s.name for s in cfg.service), default="")  # see _update_zones
         self._zones_alive: frozenset[str] | None = None  # who was alive when the zones were judged
         self.zones: tuple[ZoneHealth, ...] = ()
         self.degraded: dict[str, str] = {}
@@ -374,10 +375,11 @@ class FailoverLoop:
         }
         # a host seen down by a service's observers counts for its zone at once, before this decision: a zone
         # whose hosts fail together is known degraded by the decision that their failure starts
-        for h, t in health.items():
-            self._note_health(svc.name, h, t)
-        if self._zones_dirty:
-            self._update_zones()
+        if self._zoned:
+            for h, t in health.items():
+                self._note_health(svc.name, h, t)
+            if self._zones_dirty:
+                self._update_zones()
         renewing, now = self._renewing(rt, rec), now_ms()
         if not renewing.majority_down:
             rt.renewing_down_since_ms = None
@@ -442,11 +444,14 @@ class FailoverLoop:
         pool = self.cfg.pool
         health = zone_health(self._zoned, down, pool.zone_degraded_share, pool.zone_degraded_min_hosts)
         was = {z.zone for z in self.zones if z.degraded}
-        for z in health:
-            if z.degraded and z.zone not in was:
-                self.events.record("zone-degraded", "", "", z.reason, zone=z.zone)
-            elif not z.degraded and z.zone in was:
-                self.events.record("zone-recovered", "", "", f"zone {z.zone}: {z.reason}", zone=z.zone)
+        # Every replica judges the zones for its own decisions; one says so in the shared history: the one
+        # leading the first service (one replica at a time leads a service), or the single controller.
+        if not self._zone_judge or not self.not_leading(self._zone_judge):
+            for z in health:
+                if z.degraded and z.zone not in was:
+                    self.events.record("zone-degraded", "", "", z.reason, zone=z.zone)
+                elif not z.degraded and z.zone in was:
+                    self.events.record("zone-recovered", "", "", f"zone {z.zone}: {z.reason}", zone=z.zone)
         self.zones, self.degraded = health, degraded_hosts(health)
 
     def service_views(self) -> tuple[ServiceView, ...]:

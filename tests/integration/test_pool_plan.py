@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from controller.config import FailoverConfig, HostEntry, ServiceConfig
+from controller.config import FailoverConfig, HealthCheckConfig, HostEntry, ServiceConfig
 from controller.registry import AgentSession
 from controller.scaling.loop import ServiceForecast
 from controller.server import start
@@ -51,10 +51,13 @@ def test_pool_plan_and_zones_through_the_fleet_api(tmp_path: Path) -> None:
             HostEntry("c1", "c", "127.0.0.1", cores=16, memory_gib=64, price_per_hour=1.6),
             HostEntry("c2", "c", "127.0.0.1", cores=32, memory_gib=128, price_per_hour=1.2),  # cheap
         ]
+        # every host's service is "up" for the controller's own health checks: a TCP connect to the
+        # controller itself (the hosts are all 127.0.0.1 here); the test decides who is down
+        up = HealthCheckConfig(kind="tcp", port=port)
         services = [
-            ServiceConfig("web", "a1", ["b1"], vip="10.0.0.100/24"),
-            ServiceConfig("api", "b1", ["a1"], vip="10.0.0.101/24"),
-            ServiceConfig("db", "c1", ["a1"], vip="10.0.0.102/24"),
+            ServiceConfig("web", "a1", ["b1"], vip="10.0.0.100/24", health=up),
+            ServiceConfig("api", "b1", ["a1"], vip="10.0.0.101/24", health=up),
+            ServiceConfig("db", "c1", ["a1"], vip="10.0.0.102/24", health=up),
         ]
         cfg = replace(
             fleet_api_config(tmp_path, port),
