@@ -35,7 +35,7 @@ from controller.fleet_messages import (
 )
 from controller.pool.placement import PlanOptions
 from controller.pool.report import PoolInputs, PoolReport, pool_inputs, report_in_child
-from controller.pool.zones import ZoneHealth
+from controller.pool.zones import ZoneHealth, degraded_hosts
 from controller.scaling.decision import ScalingDecision
 from controller.status import AgentView, ScalingView, ServiceView
 from controller.store import Store
@@ -258,7 +258,7 @@ class FleetService(fgrpc.FleetServicer):
         assert demand is not None
         live = {a.host for a in self.ops.agents()}
         down = {h.name for h in self.cfg.host if h.name not in live}
-        down |= {h for z in self.ops.zones() if z.degraded for h in z.hosts}
+        down |= degraded_hosts(self.ops.zones()).keys()
         reported = {
             rec.host: (float(rec.hello.host_info.cpu_cores), int(rec.hello.host_info.memory_bytes))
             for rec in self.store.agents()

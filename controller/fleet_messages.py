@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from controller.pool.coverage import Coverage
+from controller.pool.model import Coverage
 from controller.pool.report import PoolReport
 from controller.pool.zones import ZoneHealth
 from controller.scaling.decision import ScalingDecision
@@ -346,7 +346,7 @@ def pool_plan_message(r: PoolReport, demand: str) -> fpb.PoolPlan:
         )
 
     placements = [
-        coverage("pool", r.plan_coverage, f"{len(r.plan.moves)} shadows differ from the configured ones"),
+        coverage("pool", r.plan.coverage, f"{len(r.plan.moves)} shadows differ from the configured ones"),
         coverage("configured", r.configured_coverage, "the first shadow each service's config names"),
     ] + [
         fpb.PoolCoverage(
@@ -373,7 +373,7 @@ def pool_plan_message(r: PoolReport, demand: str) -> fpb.PoolPlan:
                 worst=x.worst,
                 dedicated=x.dedicated,
             )
-            for x in r.plan_coverage.reserves
+            for x in r.plan.reserves
         ],
         placements=placements,
         solver=r.plan.solver,

@@ -256,16 +256,14 @@ def _requested(s: Snapshot, r: Request) -> Decision:
             return Decision("none", "", f"{r.to} already owns {s.name}")
         if not ready(s, r.to):
             return Decision("none", "", f"{r.to} is not ready (connected and up by a majority)")
-        if r.to in s.degraded and not r.force:
-            return Decision("none", "", f"{r.to}: {s.degraded[r.to]}; add --force to move there")
         target = r.to
     else:
         best = candidates(s, s.owner)
         if not best:
             return Decision("none", "", "no ready host to move to")
-        if best[0] in s.degraded and not r.force:
-            return Decision("none", "", f"{best[0]}: {s.degraded[best[0]]}; add --force to move there")
         target = best[0]
+    if target in s.degraded and not r.force:
+        return Decision("none", "", f"{target}: {s.degraded[target]}; add --force to move there")
     if damped(s) and not r.force:
         return Decision("none", target, "failover damped (flap window); add --force to override", damped=True)
     return Decision(

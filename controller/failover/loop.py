@@ -222,7 +222,6 @@ class FailoverLoop:
             rt.primary_up_since_ms = rt.primary_up_since_ms or now
         else:
             rt.primary_up_since_ms = None
-
         if rt.busy or self.not_leading(rt.cfg.name):
             return
         rec = self.orchestrator.service_state(rt.cfg.name)

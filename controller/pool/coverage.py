@@ -8,7 +8,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from controller.pool.model import PoolHost, PoolService, Reserve
+from controller.pool.model import Coverage, PoolHost, PoolService, Reserve, Shortfall
 
 # Demand is compared with a tolerance: the solver works in floating point, and one core in a million is
 # no shortfall anyone could measure.
@@ -23,36 +23,6 @@ class Scenario:
 
     def describe(self) -> str:
         return f"{self.kind} {self.name}"
-
-
-@dataclass(frozen=True)
-class Shortfall:
-    scenario: str
-    service: str
-    why: str
-
-
-@dataclass(frozen=True)
-class Coverage:
-    host_scenarios: int
-    host_covered: int
-    zone_scenarios: int
-    zone_covered: int
-    shortfalls: tuple[Shortfall, ...]
-    reserves: tuple[Reserve, ...]
-    price_per_hour: float
-
-    @property
-    def all_covered(self) -> bool:
-        return not self.shortfalls
-
-    def share(self, kind: str) -> float:
-        total, covered = (
-            (self.host_scenarios, self.host_covered)
-            if kind == "host"
-            else (self.zone_scenarios, self.zone_covered)
-        )
-        return covered / total if total else 1.0
 
 
 def scenarios(hosts: Sequence[PoolHost], services: Sequence[PoolService]) -> list[Scenario]:

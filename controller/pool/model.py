@@ -3,7 +3,7 @@ plan. Frozen, so that a plan can be compared with the one before it and handed a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 # dedicated: a shadow host of its own, pre-warmed to the forecast (the 1:1 of keepalived pairs);
@@ -75,16 +75,46 @@ class Reserve:
 
 
 @dataclass(frozen=True)
-class Plan:
-    shadows: tuple[tuple[str, str], ...]  # (service, shadow host), by service name
+class Shortfall:
+    scenario: str
+    service: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What a placement covers, as coverage.check counts it."""
+
+    host_scenarios: int
+    host_covered: int
+    zone_scenarios: int
+    zone_covered: int
+    shortfalls: tuple[Shortfall, ...]
     reserves: tuple[Reserve, ...]  # hosts that reserve anything, by name
     price_per_hour: float
+
+    @property
+    def all_covered(self) -> bool:
+        return not self.shortfalls
+
+
+@dataclass(frozen=True)
+class Plan:
+    shadows: tuple[tuple[str, str], ...]  # (service, shadow host), by service name
+    coverage: Coverage  # of these shadows, counted by coverage.check
     moves: tuple[Move, ...]
     unplaced: tuple[tuple[str, str], ...] = ()  # (service, why)
     solver: str = ""  # what found it: "HiGHS optimal", "HiGHS gap 0.8 % (time limit)", ...
     solve_seconds: float = 0.0
     candidates: int = 0  # (service, host) pairs the solver chose among
-    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def reserves(self) -> tuple[Reserve, ...]:
+        return self.coverage.reserves
+
+    @property
+    def price_per_hour(self) -> float:
+        return self.coverage.price_per_hour
 
     def shadow_of(self, service: str) -> str | None:
         return next((h for s, h in self.shadows if s == service), None)

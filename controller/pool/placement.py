@@ -3,8 +3,9 @@ zone failure (and so every single host failure in it) finds room on the survivin
 demand of every service it fails, never in a primary's zone, and within a bound on moves.
 
 A mixed-integer program solved by HiGHS (highspy). Why HiGHS and not CP-SAT: the model is a covering
-problem with continuous reserves (cores, GiB) whose LP relaxation is nearly integral, which a simplex-based
-branch and bound closes in a few nodes while CP-SAT would need every demand scaled to integers; highspy is a
+problem with continuous reserves (cores, GiB) whose LP relaxation bounds the price from below, which
+simplex-based branch and bound turns into a proven gap, while CP-SAT would need every demand scaled to
+integers; highspy is a
 3 MB MIT-licensed wheel needing only numpy, where OR-Tools is 30 MB and pins its own protobuf range, which
 would bind the gRPC stack's.
 
@@ -18,9 +19,10 @@ A zone's failure fails every host in it, so its row bounds each single-host fail
 coverage on, host rows are implied and not written. A dedicated service takes a host that runs no primary,
 whole (u = 1), and nothing else lands there.
 
-Each service chooses among the cheapest eligible hosts per other zone (`candidates_per_zone`, spread among
-equally priced hosts by a hash of the pair, so that services do not all crowd the same few), plus where it
-is now; if that leaves a service unplaced, the solve is repeated with every eligible host.
+Each service chooses among a shortlist per other zone (`candidates_per_zone`: half the cheapest hosts per
+core, half a spread by a hash of the pair, so that services do not all crowd the same few), plus where it is
+now and where the greedy start put it. The greedy start (over every eligible host) is the solver's first
+incumbent: a time limit still returns a plan at least that good.
 """
 
 from __future__ import annotations
@@ -169,12 +171,10 @@ def plan(
     shadows, unplaced, solver, n = _solve(hosts, services, cand, previous, options, left, start, domain_of)
     for name, why in none.items():
         unplaced[name] = why
-    coverage = check(hosts, services, shadows, options.cover_zones)
-    moves = _moves(services, hosts, previous, shadows, unplaced)
+    moves = _moves(services, hosts, previous, shadows, unplaced, options.cover_zones)
     return Plan(
         shadows=tuple(sorted(shadows.items())),
-        reserves=coverage.reserves,
-        price_per_hour=coverage.price_per_hour,
+        coverage=check(hosts, services, shadows, options.cover_zones),
         moves=moves,
         unplaced=tuple(sorted(unplaced.items())),
         solver=solver,
@@ -189,12 +189,13 @@ def _moves(
     previous: Mapping[str, str],
     shadows: Mapping[str, str],
     unplaced: Mapping[str, str],
+    cover_zones: bool,
 ) -> tuple[Move, ...]:
     by_name = {h.name: h for h in hosts}
     # where the previous placement itself falls short now (forecasts grew, a host filled): those services
     # had to move, whatever the price
     short: dict[str, str] = {}
-    for f in check(hosts, services, {k: v for k, v in previous.items() if v}).shortfalls:
+    for f in check(hosts, services, {k: v for k, v in previous.items() if v}, cover_zones).shortfalls:
         for name in f.service.split(","):
             short.setdefault(name, f"{f.scenario}: {f.why}")
     out = []

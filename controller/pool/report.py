@@ -15,9 +15,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from controller.config import ControllerConfig
+from controller.failover.decide import tally
 from controller.pool.alternatives import Alternative, dedicated_twins, n_plus_one
-from controller.pool.coverage import Coverage, check
-from controller.pool.model import Plan, PoolHost, PoolService
+from controller.pool.coverage import check
+from controller.pool.model import Coverage, Plan, PoolHost, PoolService
 from controller.pool.placement import PlanOptions, plan
 
 GIB = 2**30
@@ -37,7 +38,6 @@ class PoolInputs:
 class PoolReport:
     inputs: PoolInputs
     plan: Plan
-    plan_coverage: Coverage
     configured_coverage: Coverage
     alternatives: tuple[Alternative, ...]
 
@@ -111,11 +111,6 @@ def pool_inputs(
     return PoolInputs(tuple(hosts), tuple(services), tuple(configured), tuple(not_placed), tuple(notes))
 
 
-def _judged_ready(host: str, observers: list[str], lost: set[str]) -> bool:
-    voters = [o for o in observers if o != host]
-    return 2 * len([o for o in voters if o not in lost]) > len(voters)
-
-
 def zone_quorum_problem(observers: list[str], hosts: list[str], zone_of: Mapping[str, str]) -> str | None:
     """Whether some zone's failure would leave none of the service's hosts elsewhere (`hosts`: primary and
     shadows) judged ready: a host is ready when more than half of the observers other than itself see it
@@ -126,7 +121,9 @@ def zone_quorum_problem(observers: list[str], hosts: list[str], zone_of: Mapping
         if not elsewhere:
             continue  # every host of the service is in that zone: nothing to move to anyway
 
-        if not any(_judged_ready(h, observers, lost) for h in elsewhere):
+        # the HA loop's own count: every observer outside the zone sees the host up, those in it say nothing
+        seen = {o: True for o in observers if o not in lost}
+        if not any(tally(observers, seen, exclude=h).majority_up for h in elsewhere):
             return (
                 f"zone {zone} holds {len(lost)} of its {len(observers)} observers ({', '.join(observers)}): "
                 f"if {zone} fails, no host elsewhere has a majority of the other observers seeing it up, and "
@@ -143,7 +140,6 @@ def pool_report(inputs: PoolInputs, options: PlanOptions) -> PoolReport:
     return PoolReport(
         inputs=inputs,
         plan=p,
-        plan_coverage=check(hosts, services, p.as_dict(), options.cover_zones),
         configured_coverage=check(hosts, services, configured, options.cover_zones),
         alternatives=(dedicated_twins(hosts, services), n_plus_one(hosts, services)),
     )
