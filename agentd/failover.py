@@ -480,7 +480,12 @@ class ObserverRole:
         )
 
     async def close(self) -> None:
-        for _, task in self._checks.values():
-            task.cancel()
+        tasks = [task for _, task in self._checks.values()]
         if self._monitor is not None:
-            self._monitor.cancel()
+            tasks.append(self._monitor)
+        for task in tasks:
+            task.cancel()
+        # ended, not only told to: a check's probe process is reaped before the daemon's loop stops
+        self._checks, self._monitor = {}, None
+        if tasks:
+            await asyncio.wait(tasks)

@@ -318,8 +318,13 @@ async def run_check(
             await asyncio.sleep(max(0.0, next_at - loop.time()))
         raise failed[0]
     finally:
+        # Wait for the withdrawn probes to end: an exec probe cancelled while its process starts must reap
+        # it before the loop stops (CPython 3.11's subprocess transport otherwise waits forever for a pipe
+        # its own cancelled task never connected: an agent stop that hung until systemd killed it).
         for t in pending:
             t.cancel()
+        if pending:
+            await asyncio.wait(set(pending))
 
 
 def exec_check_names(checks: dict[str, ExecCheckConfig]) -> str | None:

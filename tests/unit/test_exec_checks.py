@@ -5,6 +5,9 @@ anything."""
 from __future__ import annotations
 
 import asyncio
+import random
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -196,6 +199,33 @@ def test_the_agent_runs_its_own_command_for_the_named_check(tmp_path: Path) -> N
     first = asyncio.run(go())
     assert first.up and not first.unknown and first.target == "p1"
     assert seen.read_text().splitlines()[0] == "10.9.9.9"
+
+
+def test_the_agent_stops_cleanly_while_a_check_command_is_starting(tmp_path: Path) -> None:
+    """An agent stopping (its loop ending) while an exec probe's process is being started must end and leave
+    no check process behind: before, such a stop could hang forever (CPython 3.11 waits for a pipe its own
+    cancelled task never connected), a hang that systemd ends only by killing the agent."""
+    marker = f"{37 + random.random():.6f}"  # this test's own `sleep` argument, to find its processes
+    check = exec_check("web-ok")
+    check.interval_ms = 2  # a probe starting nearly always, so the stop lands in some process's start
+
+    async def go(delay: float) -> None:
+        obs = Observer(tmp_path, {"web-ok": ["/bin/sleep", marker]})  # an agent's run: a role of its own
+        obs.role.watch(watch(check))
+        await asyncio.sleep(delay)
+        await obs.role.close()
+
+    def run(delay: float, ended: threading.Event) -> None:
+        asyncio.run(go(delay))
+        ended.set()
+
+    for i in range(25):
+        ended = threading.Event()
+        # in a thread, so that a hang fails this test instead of stopping the suite
+        threading.Thread(target=run, args=(0.005 + 0.002 * i, ended), daemon=True).start()
+        assert ended.wait(20), f"stop {i}: the agent's loop did not end within 20 s of its checks' close"
+        left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True).stdout
+        assert not left, f"stop {i}: check processes outlived the agent's close: {left.split()}"
 
 
 def test_an_unknown_check_is_reported_and_nothing_runs(tmp_path: Path) -> None:
