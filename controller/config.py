@@ -345,7 +345,8 @@ class ServiceConfig:
         default="shared",
         metadata=check(
             doc="dedicated: a shadow host of its own; shared: a shadow on a host that backs others too, "
-            "sized to the forecast all along; cold: shared, sized only when it fails over"
+            "sized to the forecast all along; cold: shared, held at the scaling floor until it takes the "
+            "service over or its primary's zone is degraded (then sized to the forecast at once)"
         ),
     )
     spread_by: list[str] = field(

@@ -178,6 +178,10 @@ async def start(cfg: ControllerConfig, store: Store | None = None) -> Controller
         tracks=replica.tracks if replica is not None else (lambda service: True),
         hears=replica.hears if replica is not None else (lambda service: True),
     )
+    if scaling is not None:
+        # a cold tier's shadows are pre-warmed while their primary's zone is degraded, at once
+        scaling.degraded_hosts = lambda: failover.degraded
+        failover.on_zones_changed = scaling.wake.set
     if replica is not None:
         rep = replica
         rep.in_flight = lambda shard: any(

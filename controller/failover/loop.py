@@ -110,6 +110,7 @@ class FailoverLoop:
         self._zones_alive: frozenset[str] | None = None  # who was alive when the zones were judged
         self.zones: tuple[ZoneHealth, ...] = ()
         self.degraded: dict[str, str] = {}
+        self.on_zones_changed: Callable[[], None] = lambda: None  # the scaling loop pre-warms (server.py)
         self._in_tick = False
         # host -> the services whose lease quorum it sits in (each agent's Watch, as it connects)
         self._seated: dict[str, list[ServiceRuntime]] = {}
@@ -451,7 +452,10 @@ class FailoverLoop:
                     self.events.record("zone-degraded", "", "", z.reason, zone=z.zone)
                 elif not z.degraded and z.zone in was:
                     self.events.record("zone-recovered", "", "", f"zone {z.zone}: {z.reason}", zone=z.zone)
+        changed = {z.zone for z in health if z.degraded} != was
         self.zones, self.degraded = health, degraded_hosts(health)
+        if changed:
+            self.on_zones_changed()
 
     def service_views(self) -> tuple[ServiceView, ...]:
         """Every service as the HA loop sees it now: owner, token, phase, each observer's view of each

@@ -17,7 +17,7 @@ import logging
 import math
 import multiprocessing
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,11 +38,13 @@ from controller.scaling.decision import IN_PLACE, AppliedLimits, Readiness, Scal
 from controller.scaling.planner import (
     RESOURCES,
     ShadowNow,
+    Sizing,
     Target,
     decide_resource,
     forecast_target,
     io_weight,
     recent_changes,
+    tier_sizing,
 )
 from controller.status import DemandView, ForecastView, ScalingView, ShadowView
 from controller.store import ServiceRecord, Store
@@ -127,6 +129,13 @@ class ScalingLoop:
         self.demand: dict[str, str] = {}  # service -> "host/workload" whose forecast drives it
         self.applied: dict[tuple[str, str], AppliedLimits] = {}
         self.readiness: dict[tuple[str, str], Readiness] = {}
+        # the tiers (docs/pool.md): how each shadow is sized now, and the hosts of degraded zones (the HA
+        # loop's zone health, wired in by the server) that pre-warm a cold tier's shadows
+        self.sizing: dict[tuple[str, str], Sizing] = {}
+        self.degraded_hosts: Callable[[], Mapping[str, str]] = dict
+        # service -> the shadow a takeover raised (before_takeover), until the records say who owns it: a
+        # cycle in between must not take a cold shadow back to the floor as it takes the traffic
+        self.takeovers: dict[str, str] = {}
         self.reapplied_seen: dict[tuple[str, str], int] = {}  # the agent's limits_reapplied, last seen
         self.next_cycle_ms = 0
         self._model_mtime: float | None = None
@@ -417,6 +426,7 @@ class ScalingLoop:
         step's rules for 1,000 shadow resources take 100 ms and more, a stall of every renewal on the
         loop. Each service is planned whole within one slice."""
         overrides = self.store.overrides()
+        degraded = self.degraded_hosts()
         slice_ends = time.perf_counter() + PLAN_SLICE_SECONDS
         for svc in list(self.cfg.service):
             if time.perf_counter() > slice_ends:
@@ -428,6 +438,10 @@ class ScalingLoop:
             shown = self.targets.setdefault(svc.name, {})
             if "io" in fc.curves:
                 shown["io"] = self._io_target(svc.name, fc)
+            rec = self.service_state(svc.name)
+            owner = rec.owner if rec is not None else ""
+            if owner and owner == self.takeovers.get(svc.name):
+                del self.takeovers[svc.name]  # the records have it now
             for host in svc.shadows:
                 s = self._shadow_now(svc, host)
                 if s is None:
@@ -435,25 +449,42 @@ class ScalingLoop:
                         False, f"no workload of service {svc.name} on {host}"
                     )
                     continue
-                due = self.ruled_origin.get((host, s.workload), -math.inf) < fc.origin_s
+                serving = host in (owner, self.takeovers.get(svc.name))
+                sizing = tier_sizing(svc.tier, serving, degraded.get(svc.primary, ""))
+                was = self.sizing.get((host, s.workload))
+                flipped = was is not None and was.warm != sizing.warm
+                if flipped and self._planning:  # a cycle's, not an operator's preview (`plan`)
+                    self.events.record("scale", svc.name, host, f"{s.workload}: {sizing.reason}")
+                # A shadow that starts or stops being warm is ruled at once, not at the next step: a
+                # pre-warm is for a failure that may come before it.
+                due = self.ruled_origin.get((host, s.workload), -math.inf) < fc.origin_s or flipped
                 for resource in RESOURCES:
                     if resource not in fc.curves:
                         continue
                     key = (host, s.workload, resource)
                     current = s.cpu_cores if resource == "cpu" else float(s.memory_bytes)
                     if due or key not in self.shadow_targets:
+                        # Calibration learns only from a limit that was meant to hold the demand: not from
+                        # a cold shadow's floor, nor from the step its sizing changed.
                         value, forecast, state = forecast_target(
                             fc.curves[resource],
                             fc.quantiles,
                             self.states.get(key, AllocationState.initial(self.policy)),
                             fc.last[resource],
-                            current,
+                            current if sizing.warm and not flipped else 0.0,
                             self.policy,
                         )
                         self.states[key] = state
                         self.shadow_targets[key] = Target(value, forecast, fc.source)
                     target = self.shadow_targets[key]
-                    shown[resource] = target
+                    shown[resource] = target  # the forecast's: a takeover raises a cold shadow to it
+                    if not sizing.warm:
+                        floor = (
+                            self.cfg.scaling.cpu_floor_cores
+                            if resource == "cpu"
+                            else float(self.cfg.scaling.memory_floor_bytes)
+                        )
+                        target = Target(floor, {**target.forecast, "target": floor}, target.source)
                     changes = recent_changes(self.changes.get(key, ()), fc.origin_s, self.time_compression)
                     out.append(
                         decide_resource(
@@ -464,7 +495,8 @@ class ScalingLoop:
                             target,
                             overrides.get((host, s.workload)),
                             now_ms,
-                            last_demand=fc.last[resource],
+                            # a cold shadow keeps room for what it holds itself, not for the demand's
+                            last_demand=fc.last[resource] if sizing.warm else math.nan,
                             due=due,
                             # in the model's time: a lab that compresses time holds limits as long in steps
                             since_change_s=(fc.origin_s - self.changed_at.get(key, -math.inf))
@@ -482,7 +514,13 @@ class ScalingLoop:
                         kept[CHANGED_STEP] = self.changed_at[key]
                     kept.update({f"{CHANGES_PREFIX}{i}": t for i, t in enumerate(changes)})
                     out[-1] = replace(out[-1], forecast={**out[-1].forecast, **kept})
+                    if svc.tier == "cold":  # why this shadow is sized as it is, in the decision's record
+                        out[-1] = replace(
+                            out[-1], clamps=", ".join(c for c in (out[-1].clamps, sizing.reason) if c)
+                        )
                 self.ruled_origin[(host, s.workload)] = fc.origin_s
+                if self._planning:
+                    self.sizing[(host, s.workload)] = sizing
 
     def restore(self, latest: list[ScalingDecision]) -> None:
         """Once, before the first plan: each shadow resource's calibration (its miss price), the step its
@@ -711,6 +749,7 @@ class ScalingLoop:
 
     async def before_takeover(self, svc: ServiceConfig, host: str) -> None:
         """Raise the new owner's limits to the demand's forecast before it takes the traffic."""
+        self.takeovers[svc.name] = host
         targets = self.targets.get(svc.name)
         s = self._shadow_now(svc, host)
         if not targets or s is None:
@@ -737,4 +776,6 @@ class ScalingLoop:
 
     async def after_release(self, svc: ServiceConfig, host: str) -> None:
         """The old owner goes back to the plan: plan again now rather than at the next interval."""
+        if self.takeovers.get(svc.name) == host:
+            del self.takeovers[svc.name]
         self.wake.set()

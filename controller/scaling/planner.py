@@ -96,6 +96,31 @@ def forecast_target(
     return target, shown, replace(state, allocation=a.allocation)
 
 
+@dataclass(frozen=True)
+class Sizing:
+    """Whether a shadow is sized to its service's forecast (warm) or held at the floor, and why."""
+
+    warm: bool
+    reason: str
+
+
+def tier_sizing(tier: str, serving: bool, primary_zone_degraded: str) -> Sizing:
+    """How a service's tier sizes one of its shadows (docs/pool.md). dedicated and shared: to the forecast
+    all along. cold: at the floor (what the pool's reserve on a shared host is for: room that other work
+    uses until a failure needs it) until it is `serving` the service (or taking it over), or its primary's
+    zone is degraded (`primary_zone_degraded`: why; "" while it is not): then to the forecast at once,
+    before the failure that degradation announces."""
+    if tier != "cold":
+        return Sizing(True, f"tier {tier}: sized to the forecast")
+    if serving:
+        return Sizing(True, "cold tier, serving the service: sized to the forecast")
+    if primary_zone_degraded:
+        return Sizing(
+            True, f"cold tier, pre-warmed: the primary's zone is degraded ({primary_zone_degraded})"
+        )
+    return Sizing(False, "cold tier: held at the floor until it takes over")
+
+
 def bounds(cfg: ScalingConfig, resource: str, s: ShadowNow, last_demand: float = math.nan) -> Bounds:
     if resource == "cpu":
         cap = s.host_cpu_cores or float("inf")

@@ -6,7 +6,15 @@ import pytest
 
 from controller.config import ScalingConfig
 from controller.scaling.override import Override
-from controller.scaling.planner import ShadowNow, Target, decide_resource, io_weight, recent_changes
+from controller.scaling.planner import (
+    ShadowNow,
+    Sizing,
+    Target,
+    decide_resource,
+    io_weight,
+    recent_changes,
+    tier_sizing,
+)
 from controller.store import SqliteStore
 
 CFG = ScalingConfig(cpu_floor_cores=0.1, memory_floor_bytes=64 * 2**20)
@@ -180,3 +188,13 @@ def test_store_keeps_decisions_and_overrides(tmp_path: Path) -> None:
     assert st.overrides()[("s1", "web")].by == "alice"
     st.set_override(Override("s1", "web", "clear"))
     assert st.overrides() == {}
+
+
+def test_a_cold_shadow_is_warm_only_while_serving_or_its_primarys_zone_is_degraded() -> None:
+    base = {"tier": "cold", "serving": False, "primary_zone_degraded": ""}
+    assert tier_sizing(**base) == Sizing(False, "cold tier: held at the floor until it takes over")
+    assert tier_sizing(**{**base, "serving": True}).warm
+    warm = tier_sizing(**{**base, "primary_zone_degraded": "az1: 2 of 3 hosts down"})
+    assert warm.warm and "pre-warmed" in warm.reason and "az1: 2 of 3 hosts down" in warm.reason
+    for tier in ("shared", "dedicated"):
+        assert tier_sizing(**{**base, "tier": tier}) == Sizing(True, f"tier {tier}: sized to the forecast")
